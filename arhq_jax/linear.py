@@ -1,0 +1,65 @@
+"""The pluggable linear interface.
+
+Every projection of a model (q, k, v, o, gate, up, down, and an untied lm_head) is a pytree object
+with ``__call__(x) -> y``: ``x`` is ``[..., in_features]`` in the compute dtype and ``y`` is
+``[..., out_features]`` in the same dtype. The model code never looks inside a linear, so a
+quantized linear (fake-quant, packed, Pallas kernel) replaces a ``Dense`` without touching it.
+
+Weights are kept in the Hugging Face layout ``W[out, in]``: quantization blocks run along ``in``
+(the contraction axis), exactly as in the checkpoint files.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+
+@runtime_checkable
+class Linear(Protocol):
+    """Anything a model can call as a projection."""
+
+    def __call__(self, x: jax.Array) -> jax.Array: ...
+
+    @property
+    def in_features(self) -> int: ...
+
+    @property
+    def out_features(self) -> int: ...
+
+
+@struct.dataclass
+class Dense:
+    """A float linear: ``y = x Wᵀ (+ b)``.
+
+    Attributes:
+      w: ``[out, in]``, the parameter dtype (f32 or bf16).
+      b: ``[out]`` or None.
+    """
+
+    w: jax.Array
+    b: jax.Array | None = None
+
+    @property
+    def in_features(self) -> int:
+        return self.w.shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return self.w.shape[0]
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        # Accumulate in f32 whatever the dtypes; HIGHEST so that GPU f32 is not silently TF32.
+        y = jnp.einsum(
+            "...k,nk->...n",
+            x,
+            self.w.astype(x.dtype),
+            precision=jax.lax.Precision.HIGHEST,
+            preferred_element_type=jnp.float32,
+        )
+        if self.b is not None:
+            y = y + self.b.astype(jnp.float32)
+        return y.astype(x.dtype)
