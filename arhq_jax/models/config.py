@@ -61,7 +61,8 @@ class ModelConfig:
     def __post_init__(self):
         if self.family not in SUPPORTED_FAMILIES:
             raise ValueError(
-                f"unsupported architecture {self.family!r}; supported: {', '.join(SUPPORTED_FAMILIES)}"
+                f"unsupported architecture {self.family!r}; "
+                f"supported: {', '.join(SUPPORTED_FAMILIES)}"
             )
         if self.rope_type not in SUPPORTED_ROPE_TYPES:
             raise ValueError(
