@@ -1,0 +1,263 @@
+"""SERQ (arXiv 2603.08185; acalabys/SERQ; methods.md §7): flattening, saliency permutation and a
+single quantized compensation matrix on the most salient input channels.
+
+    s      = max(|min_j|, |max_j|)                       per input channel (calibration)
+    order  = argsort(s) descending                       r = 128 most salient channels first
+    W̃      = (W diag(s))[:, order],   x̃ = (x / s)[order]
+    C      = Q_C(W̃[:, :r])                               int4 sym per output row, or MXFP4
+    W̃[:, :r] ← W̃[:, :r] − C                              group 0 then holds only the residual
+    W_main = Q_w(W̃)                                      RTN or GPTQ (on H of x̃), or MXFP4
+    y      = a·W_mainᵀ + a[:, :r]·Cᵀ,   a = Q_a(x̃)       both GEMMs read the SAME quantized a
+
+Faithfulness (checked against ``serq_quant/int_quant.py`` and ``utils/gptq_utils.py``):
+  - Follows the code: s is the absmax (SmoothQuant α = 1, no weight term); C uses SERQ's
+    sign-magnitude per-row int4 (range [−7, 7], ``int_variant="serq"``); the int main weight uses
+    the QuaRot/GPTQ quantizer (int4 sym g128, scale clamp ≥ 1e-5, ``int_variant="gptq"``) for both
+    RTN and GPTQ; GPTQ runs on the flattened, permuted, unquantized input's Hessian with no
+    act-order (refused); the int activation quantizer is SERQ's ``AsymPerGroupQuant``: per token,
+    groups of 128, range [min, max] *not* widened to 0, z = RNE(−min/scale) unclamped,
+    q = clip(RNE(x/scale) + z, 0, 2^b − 1), an all-zero group uses [−1, 1]. MXFP4 uses the OCP
+    floor rule of ``formats`` (SERQ's simulation adds f32 eps to the block max first; the CUDA
+    kernel uses the ceil rule).
+  - Differs (guards for cases where the reference divides by zero): a zero channel absmax gets
+    s = 1 (the reference raises); a constant non-zero activation group widens its range to
+    include 0; a width that is not a multiple of 128 pads each token's last group by repeating
+    its last element (min/max unchanged; the reference requires divisibility). Flattening and the
+    permutation are applied online, as in the code (the paper folds them).
+
+Statistics needed from calibration: per-channel min and max of the linear's input (one pass of the
+unquantized model), and for GPTQ the Hessian H of the *original* input (``serq_hessian`` maps it
+to x̃ exactly) or of x̃ directly.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from arhq_jax import formats as F
+from arhq_jax.methods.gptq import gptq_quantize
+
+HIGHEST = jax.lax.Precision.HIGHEST
+C_INT_FMT = F.resolve_format("int4", group_size=-1, int_variant="serq")
+MAIN_INT_FMT = F.resolve_format("int4", group_size=128, int_variant="gptq")
+ACT_GROUP = 128
+
+
+# ----------------------------------------------------------------------------------------------
+# Flattening and permutation
+# ----------------------------------------------------------------------------------------------
+
+
+def serq_flatten_scale(act_min, act_max) -> jax.Array:
+    """``s = max(|min|, |max|)`` ``[in]`` f32 (1 where the channel never fired)."""
+    lo, hi = jnp.asarray(act_min, jnp.float32), jnp.asarray(act_max, jnp.float32)
+    if lo.ndim != 1 or lo.shape != hi.shape:
+        raise ValueError(
+            f"act_min/act_max must be matching [in] vectors, got {lo.shape}, {hi.shape}"
+        )
+    if not bool(jnp.all(jnp.isfinite(lo) & jnp.isfinite(hi))):
+        raise ValueError("act_min/act_max contain NaN or Inf")
+    s = jnp.maximum(jnp.abs(lo), jnp.abs(hi))
+    return jnp.where(s > 0, s, 1.0)
+
+
+def serq_order(s) -> jax.Array:
+    """Saliency order ``argsort(s)`` descending (stable), int32 ``[in]``."""
+    return jnp.argsort(jnp.asarray(s), stable=True, descending=True).astype(jnp.int32)
+
+
+def serq_transform(w, s, perm) -> jax.Array:
+    """``W̃ = (W diag(s))[:, perm]`` f32 ``[out, in]``."""
+    w = jnp.asarray(w, jnp.float32)
+    return (w * jnp.asarray(s, jnp.float32)[None, :])[:, perm]
+
+
+def serq_input(x, s, perm) -> jax.Array:
+    """``x̃ = (x / s)[..., perm]`` in f32."""
+    return F.div(x, jnp.asarray(s, jnp.float32))[..., perm]
+
+
+def serq_hessian(h, s, perm) -> jax.Array:
+    """Hessian of x̃ from the Hessian of x: ``(H / (s sᵀ))[perm][:, perm]`` (exact)."""
+    h = jnp.asarray(h, jnp.float32)
+    s = jnp.asarray(s, jnp.float32)
+    return (h / (s[:, None] * s[None, :]))[perm][:, perm]
+
+
+def serq_compensate(w_t, r: int, c_fmt=C_INT_FMT):
+    """Split ``W̃ [out, in]``: ``(W_res, C)`` with ``C = Q_C(W̃[:, :r]) [out, r]`` and ``W_res`` =
+    W̃ with ``W̃[:, :r] − C`` in its first r columns (not yet quantized). ``W_res + [C, 0] = W̃``."""
+    w_t = jnp.asarray(w_t, jnp.float32)
+    if r == 0:
+        return w_t, jnp.zeros((w_t.shape[0], 0), jnp.float32)
+    c = F.fake_quant(w_t[:, :r], c_fmt)
+    return w_t.at[:, :r].add(-c), c
+
+
+# ----------------------------------------------------------------------------------------------
+# Activation quantizer
+# ----------------------------------------------------------------------------------------------
+
+
+@functools.partial(jax.jit, static_argnames=("bits", "group"))
+def serq_act_quant(x, bits: int = 4, group: int = ACT_GROUP) -> jax.Array:
+    """SERQ's asymmetric per-token group fake-quant (``AsymPerGroupQuant``) of ``x[..., K]``."""
+    x = jnp.asarray(x, jnp.float32)
+    k = x.shape[-1]
+    kp = -(-k // group) * group
+    xp = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, kp - k)], mode="edge")
+    xb = xp.reshape(*x.shape[:-1], kp // group, group)
+    qmax = 2**bits - 1
+    hi = jnp.max(xb, axis=-1, keepdims=True)
+    lo = jnp.min(xb, axis=-1, keepdims=True)
+    zero_grp = (hi == 0) & (lo == 0)
+    const = (hi == lo) & ~zero_grp  # guard: the reference would divide by zero
+    lo = jnp.where(zero_grp, -1.0, jnp.where(const, jnp.minimum(lo, 0.0), lo))
+    hi = jnp.where(zero_grp, 1.0, jnp.where(const, jnp.maximum(hi, 0.0), hi))
+    # F.div: a true f32 division (XLA rewrites x / broadcast(y) as x·(1/y), an ulp off at ties).
+    scale = F.div(hi - lo, qmax)
+    z = jnp.round(F.div(-lo, scale))
+    q = jnp.clip(jnp.round(F.div(xb, scale)) + z, 0, qmax)
+    return ((q - z) * scale).reshape(*x.shape[:-1], kp)[..., :k]
+
+
+def _act_quant(x, act: str | None):
+    if act is None:
+        return x
+    if act == "mxfp4":
+        return F.fake_quant(x, "mxfp4")
+    return serq_act_quant(x, bits=4 if act == "int4" else 8)
+
+
+# ----------------------------------------------------------------------------------------------
+# The linear
+# ----------------------------------------------------------------------------------------------
+
+
+@struct.dataclass
+class SERQLinear:
+    """SERQ projection: ``y = Q_a(x̃)·W_mainᵀ + Q_a(x̃)[..., :r]·Cᵀ (+ b)``, x̃ = (x/s)[perm].
+
+    Attributes:
+      s: ``[in]`` f32 flattening scale; perm: ``[in]`` int32 saliency order.
+      w_main: ``[out, in]`` f32 dequantized main weight (permuted, flattened, compensated).
+      c: ``[out, r]`` f32 dequantized compensation matrix.
+      b: ``[out]`` or None.
+      act: static activation quantizer: "int4", "int8" (SERQ asym per-token g128), "mxfp4", or
+        None (weight-only).
+    """
+
+    s: jax.Array
+    perm: jax.Array
+    w_main: jax.Array
+    c: jax.Array
+    b: jax.Array | None = None
+    act: str | None = struct.field(pytree_node=False, default="int4")
+
+    @property
+    def in_features(self) -> int:
+        return self.w_main.shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return self.w_main.shape[0]
+
+    @property
+    def rank(self) -> int:
+        return self.c.shape[1]
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        a = _act_quant(serq_input(x, self.s, self.perm), self.act)
+        mm = functools.partial(jnp.einsum, precision=HIGHEST, preferred_element_type=jnp.float32)
+        y = mm("...k,nk->...n", a, self.w_main)
+        if self.rank:
+            y = y + mm("...k,nk->...n", a[..., : self.rank], self.c)  # same quantized a
+        if self.b is not None:
+            y = y + self.b.astype(jnp.float32)
+        return y.astype(x.dtype)
+
+
+def serq_quantize(
+    w,
+    act_min,
+    act_max,
+    *,
+    path: str = "int",
+    r: int = 128,
+    w_quant: str = "rtn",
+    h=None,
+    act: str | None = "default",
+    w_fmt=None,
+    bias=None,
+    **gptq_kwargs,
+) -> SERQLinear:
+    """Build a ``SERQLinear`` from ``w [out, in]`` and the input's per-channel min/max.
+
+    Args:
+      path: ``"int"`` (C int4 sym per row; main int4 sym g128 by RTN or GPTQ) or ``"mxfp4"``
+        (C and main MXFP4 by RTN, no GPTQ).
+      r: number of salient channels compensated (128; 0 disables the compensation).
+      w_quant: ``"rtn"`` or ``"gptq"`` (int path only; needs ``h``).
+      h: ``[in, in]`` Hessian of the *original* input x (mapped to x̃ by ``serq_hessian``).
+      act: ``"default"`` (int4 for the int path, mxfp4 for the mxfp4 path), "int4", "int8"
+        (W4A8), "mxfp4", or None.
+      w_fmt: main weight format override (int path; default int4 sym g128, QuaRot quantizer).
+      bias: ``[out]`` or None. ``gptq_kwargs`` go to ``gptq_quantize`` (percdamp, block_size…).
+    """
+    w = jnp.asarray(w, jnp.float32)
+    if w.ndim != 2:
+        raise ValueError(f"w must be [out, in], got shape {w.shape}")
+    out, k = w.shape
+    s = serq_flatten_scale(act_min, act_max)
+    if s.shape != (k,):
+        raise ValueError(f"act_min/act_max must be [{k}], got {s.shape}")
+    if not bool(jnp.all(jnp.isfinite(w))):
+        raise ValueError("w contains NaN or Inf")
+    if path not in ("int", "mxfp4"):
+        raise ValueError(f"path must be 'int' or 'mxfp4', got {path!r}")
+    if not (isinstance(r, int) and 0 <= r <= k):
+        raise ValueError(f"r must be an int in [0, in={k}], got {r!r}")
+    if w_quant not in ("rtn", "gptq"):
+        raise ValueError(f"w_quant must be 'rtn' or 'gptq', got {w_quant!r}")
+    if act == "default":
+        act = "int4" if path == "int" else "mxfp4"
+    if act not in (None, "int4", "int8", "mxfp4"):
+        raise ValueError(f"act must be 'int4', 'int8', 'mxfp4' or None, got {act!r}")
+    if gptq_kwargs.get("act_order"):
+        raise ValueError("SERQ never combines GPTQ act-order with its saliency permutation")
+    if path == "mxfp4" and (w_quant != "rtn" or w_fmt is not None):
+        raise ValueError("the MXFP4 path quantizes C and the main weight with MXFP4 RTN only")
+    perm = serq_order(s)
+    w_t = serq_transform(w, s, perm)
+    c_fmt = C_INT_FMT if path == "int" else F.resolve_format("mxfp4")
+    w_res, c = serq_compensate(w_t, r, c_fmt)
+    main_fmt = F.resolve_format(w_fmt if w_fmt is not None else MAIN_INT_FMT)
+    if path == "mxfp4":
+        main_fmt = F.resolve_format("mxfp4")
+    if w_quant == "gptq":
+        if h is None:
+            raise ValueError("w_quant='gptq' needs h, the [in, in] Hessian of the input")
+        h = jnp.asarray(h, jnp.float32)
+        if h.shape != (k, k):
+            raise ValueError(f"h must be [{k}, {k}], got shape {h.shape}")
+        w_main = gptq_quantize(w_res, serq_hessian(h, s, perm), main_fmt, **gptq_kwargs).w_hat
+    else:
+        w_main = F.fake_quant(w_res, main_fmt)
+    b = None if bias is None else jnp.asarray(bias)
+    if b is not None and b.shape != (out,):
+        raise ValueError(f"bias must be [{out}], got shape {b.shape}")
+    return SERQLinear(s=s, perm=perm, w_main=w_main, c=c, b=b, act=act)
+
+
+def serq_effective_bits(in_features: int, r: int = 128, path: str = "int", w_fmt=None) -> float:
+    """Stored weight bits per element of W: main format + (r/in)·(bits of C per element)."""
+    if path == "mxfp4":
+        main, c_bits = F.bits_per_element("mxfp4"), F.bits_per_element("mxfp4")
+    else:
+        main = F.bits_per_element(w_fmt if w_fmt is not None else MAIN_INT_FMT, in_features)
+        c_bits = F.bits_per_element(C_INT_FMT, r) if r else 0.0
+    return main + (r / in_features) * c_bits
