@@ -92,7 +92,9 @@ def _abstract(obj, out: dict) -> None:
     """Collect ``{key: ShapeDtypeStruct}`` of every array reference in an encoded structure."""
     if isinstance(obj, dict):
         if "__array__" in obj:
-            out[obj["__array__"]] = jax.ShapeDtypeStruct(tuple(obj["shape"]), jnp.dtype(obj["dtype"]))
+            out[obj["__array__"]] = jax.ShapeDtypeStruct(
+                tuple(obj["shape"]), jnp.dtype(obj["dtype"])
+            )
             return
         for v in obj.values():
             _abstract(v, out)

@@ -56,7 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--calib-text", default=None, help="text file (default: pydoc part)")
     q.add_argument("--calib-tokens", type=int, default=16384)
     q.add_argument("--calib-seq-len", type=int, default=512)
-    q.add_argument("--sequential", action="store_true", help="calibrate on earlier-quantized layers")
+    q.add_argument(
+        "--sequential", action="store_true", help="calibrate on earlier-quantized layers"
+    )
     q.add_argument("--stats-dtype", default="float32", choices=("float32", "float64"))
     q.add_argument("--batch-size", type=int, default=8, help="calibration sequences per forward")
     q.add_argument("--out", required=True, help="checkpoint directory to write")
@@ -104,8 +106,11 @@ def _load(args):
 
     t0 = time.perf_counter()
     m = load_model(args.model)
-    print(f"loaded {args.model} ({m.cfg.family}, {m.cfg.num_layers} layers) in "
-          f"{time.perf_counter() - t0:.1f}s", file=sys.stderr)
+    print(
+        f"loaded {args.model} ({m.cfg.family}, {m.cfg.num_layers} layers) in "
+        f"{time.perf_counter() - t0:.1f}s",
+        file=sys.stderr,
+    )
     return m
 
 
@@ -193,8 +198,10 @@ def cmd_eval(args) -> int:
         print(json.dumps({k: r[k] for k in ("ppl", "kl", "top1", "tokens")}))
     else:
         what = args.quantized or args.model
-        print(f"{what}: ppl {r['ppl']:.4f}  KL {r['kl']:.5f}  top-1 {r['top1']:.4f}  "
-              f"({r['tokens']} predicted tokens; float ppl {res['float']['ppl']:.4f})")
+        print(
+            f"{what}: ppl {r['ppl']:.4f}  KL {r['kl']:.5f}  top-1 {r['top1']:.4f}  "
+            f"({r['tokens']} predicted tokens; float ppl {res['float']['ppl']:.4f})"
+        )
     return 0
 
 

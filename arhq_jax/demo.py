@@ -53,13 +53,17 @@ def run_demo(
     t_start = time.perf_counter()
     out = Path(out_dir)
     m = load_model(model)
-    print(f"model: {model} ({m.cfg.num_layers} layers, hidden {m.cfg.hidden_size}), "
-          f"loaded in {time.perf_counter() - t_start:.1f}s")
+    print(
+        f"model: {model} ({m.cfg.num_layers} layers, hidden {m.cfg.hidden_size}), "
+        f"loaded in {time.perf_counter() - t_start:.1f}s"
+    )
     corpus = load_corpus(m.tokenizer)
     calib = calibration_ids(corpus.calib, calib_tokens, seq_len)
     snr_ids = calibration_ids(corpus.eval, snr_tokens, seq_len)  # held-out: from the eval part
-    print(f"tokens: {len(corpus.calib)} calibration (using {calib.size}), "
-          f"{len(corpus.eval)} evaluation (disjoint)")
+    print(
+        f"tokens: {len(corpus.calib)} calibration (using {calib.size}), "
+        f"{len(corpus.eval)} evaluation (disjoint)"
+    )
 
     qmodels, rows, snr_rows, diag_rows = {}, [], [], []
     for method in methods:
@@ -86,7 +90,12 @@ def run_demo(
         )
 
     scores = evaluate_models(
-        qmodels, m.params, m.cfg, corpus.eval, seq_len=seq_len, max_chunks=max_chunks,
+        qmodels,
+        m.params,
+        m.cfg,
+        corpus.eval,
+        seq_len=seq_len,
+        max_chunks=max_chunks,
         progress=progress,
     )
     for r in rows:
@@ -99,19 +108,29 @@ def run_demo(
     print()
     print(title)
     print(report.text_table(table, COLUMNS))
-    print(f"(perplexity over {scores['float']['tokens']} predicted tokens, seq_len {seq_len}; "
-          f"SNR over {snr_ids.size} held-out tokens; total {time.perf_counter() - t_start:.0f}s)")
+    print(
+        f"(perplexity over {scores['float']['tokens']} predicted tokens, seq_len {seq_len}; "
+        f"SNR over {snr_ids.size} held-out tokens; total {time.perf_counter() - t_start:.0f}s)"
+    )
     wins = _pair_wins(snr_rows, "arhq", "svdquant")
     if wins is not None:
         print(f"ARHQ SNR >= SVDQuant SNR on {wins[0]}/{wins[1]} (layer, projection) pairs")
 
-    meta = {"title": title, "format": fmt, "rank": rank, "calib_tokens": int(calib.size),
-            "eval_tokens": scores["float"]["tokens"], "corpus": corpus.source}
+    meta = {
+        "title": title,
+        "format": fmt,
+        "rank": rank,
+        "calib_tokens": int(calib.size),
+        "eval_tokens": scores["float"]["tokens"],
+        "corpus": corpus.source,
+    }
     report.write_json(out / "summary.json", {"meta": meta, "table": table})
     report.write_csv(out / "summary.csv", table)
     report.write_csv(out / "layer_snr.csv", snr_rows)
     report.write_csv(out / "diagnostics.csv", diag_rows)
-    report.atomic_write(out / "summary.md", f"**{title}**\n\n" + report.markdown_table(table, COLUMNS) + "\n")
+    report.atomic_write(
+        out / "summary.md", f"**{title}**\n\n" + report.markdown_table(table, COLUMNS) + "\n"
+    )
     report.plot_snr_by_layer(out / "snr_by_layer.png", snr_rows, title)
     print(f"wrote {out}/summary.{{json,csv,md}}, layer_snr.csv, diagnostics.csv, snr_by_layer.png")
     return table

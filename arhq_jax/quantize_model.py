@@ -28,7 +28,7 @@ from arhq_jax.calibrate import LayerwiseRunner
 from arhq_jax.formats import dequantize
 from arhq_jax.models.config import GROUP_OF, INPUT_GROUPS, Layer, ModelConfig, Params
 from arhq_jax.qlinear import QuantLinear
-from arhq_jax.quant_config import QuantConfig
+from arhq_jax.quant_config import LOWRANK_METHODS, QuantConfig
 
 HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -149,6 +149,95 @@ def _quantize_group(layer, projs, g_of, smooth, qcfg, factor_dtype, timings, lay
     return new, diags
 
 
+class Calibration:
+    """What a method may ask of the calibration data while it quantizes one layer.
+
+    Wraps a ``LayerwiseRunner`` (None when the method needs no data and the mode is parallel:
+    then no forward pass runs at all).
+    """
+
+    def __init__(self, runner: LayerwiseRunner | None, cfg: ModelConfig):
+        self.runner = runner
+        self.cfg = cfg
+
+    def _need(self) -> LayerwiseRunner:
+        if self.runner is None:
+            raise ValueError("this method declared that it needs no calibration data")
+        return self.runner
+
+    def stats(self, layer: Layer, specs: dict, scales: dict | None = None) -> dict:
+        """Finalized streaming statistics, see ``_accumulate``."""
+        return _accumulate(self._need(), layer, specs, scales)
+
+    def alpha_search(self, layer: Layer, projs, m_x: dict, qcfg: QuantConfig) -> dict:
+        """Per projection ``(α*, s)`` of the smoothing grid (methods.md §2.3)."""
+        return _alpha_search(self._need(), layer, projs, m_x, qcfg)
+
+    def inputs(self, layer: Layer, group: str, max_tokens: int, seed: int = 0) -> np.ndarray:
+        """A uniform random sample of at most ``max_tokens`` real input tokens of ``group``:
+        f32 ``[n, D]`` (for methods whose objective needs the tokens themselves, e.g. AWQ)."""
+        runner = self._need()
+        xs = []
+        for captured, mask in runner.captures(layer):
+            x = np.asarray(captured[group], np.float32)
+            xs.append(x[np.asarray(mask)])
+        x = np.concatenate(xs)
+        if len(x) > max_tokens:
+            idx = np.random.default_rng(seed).choice(len(x), max_tokens, replace=False)
+            x = x[np.sort(idx)]
+        return x
+
+
+class LowRankMethod:
+    """RTN, SVDQuant and ARHQ, raw or smoothed (methods.md §1–§3)."""
+
+    def needs_calibration(self, qcfg: QuantConfig) -> bool:
+        return qcfg.setting == "smooth" or (qcfg.method == "arhq" and qcfg.uses_branch)
+
+    def quantize_stage(self, layer, groups, projs, calib, qcfg, layer_idx, timings):
+        """Quantize ``projs`` (of input ``groups``) of ``layer`` → (new layer, diagnostics)."""
+        need_g = qcfg.method == "arhq" and qcfg.uses_branch
+        t0 = time.perf_counter()
+        smooth, g_of = {}, {}
+        if qcfg.setting == "smooth":
+            spec = _stats_cfg(qcfg, g=False, absmax=True)
+            absmax = calib.stats(layer, {g: spec for g in groups})
+            smooth = calib.alpha_search(
+                layer, projs, {g: absmax[g]["absmax"] for g in groups}, qcfg
+            )
+            if need_g:
+                names = {p: f"{GROUP_OF[p]}:{p}" for p in projs}
+                spec = _stats_cfg(qcfg, g=True, absmax=False)
+                gs = calib.stats(
+                    layer,
+                    {n: spec for n in names.values()},
+                    {names[p]: smooth[p][1] for p in projs},
+                )
+                g_of = {p: gs[names[p]]["G"] for p in projs}
+        elif need_g:
+            spec = _stats_cfg(qcfg, g=True, absmax=False)
+            gs = calib.stats(layer, {g: spec for g in groups})
+            g_of = {p: gs[GROUP_OF[p]]["G"] for p in projs}
+        _block(g_of)
+        timings["calibration_s"] += time.perf_counter() - t0
+        factor_dtype = qcfg.factor_dtype or calib.cfg.param_dtype
+        new, diags = _quantize_group(
+            layer, projs, g_of, smooth, qcfg, factor_dtype, timings, layer_idx
+        )
+        return layer.replace(**new), diags
+
+
+def get_method(name: str):
+    """The layer quantizer of a method name (the low-rank family or a registered baseline)."""
+    if name in LOWRANK_METHODS:
+        return LowRankMethod()
+    from arhq_jax.methods import LAYER_METHODS
+
+    if name in LAYER_METHODS:
+        return LAYER_METHODS[name]
+    raise ValueError(f"unknown method {name!r}")
+
+
 def quantize_model(
     params: Params,
     cfg: ModelConfig,
@@ -169,14 +258,22 @@ def quantize_model(
       mesh: device mesh for the batch (default: all visible devices).
 
     Returns:
-      A ``QuantizeResult``; its ``params`` has ``QuantLinear`` projections where selected.
+      A ``QuantizeResult``; its ``params`` has quantized projections where selected.
     """
     qcfg.check_model(cfg)
-    factor_dtype = qcfg.factor_dtype or cfg.param_dtype
+    method = get_method(qcfg.method)
     timings = {"calibration_s": 0.0, "decomposition_s": 0.0, "packing_s": 0.0}
-    runner = LayerwiseRunner(params, cfg, calib_ids, batch_size=batch_size, mesh=mesh)
-    need_g = qcfg.method == "arhq" and qcfg.uses_branch
-    smooth_on = qcfg.setting == "smooth"
+    if hasattr(method, "prepare"):  # whole-model transforms (rotations, untying) before layers
+        t0 = time.perf_counter()
+        params = method.prepare(params, cfg, calib_ids, qcfg)
+        timings["calibration_s"] += time.perf_counter() - t0
+    # Data-free methods in parallel mode never run the model (no calibration forward at all).
+    runner = None
+    if qcfg.sequential or method.needs_calibration(qcfg):
+        t0 = time.perf_counter()
+        runner = LayerwiseRunner(params, cfg, calib_ids, batch_size=batch_size, mesh=mesh)
+        timings["calibration_s"] += time.perf_counter() - t0
+    calib = Calibration(runner, cfg)
     # Sequential mode recalibrates after each group; parallel mode reads all groups in one pass.
     stages = [(g,) for g in qcfg.groups] if qcfg.sequential else [qcfg.groups]
     layers, diags = [], []
@@ -190,38 +287,20 @@ def quantize_model(
         layer = fp_layer
         for groups in stages:
             projs = [p for g in groups for p in INPUT_GROUPS[g] if p in qcfg.projections]
-            t0 = time.perf_counter()
-            calib_layer = layer if qcfg.sequential else fp_layer
-            smooth, g_of = {}, {}
-            if smooth_on:
-                absmax = _accumulate(
-                    runner, calib_layer, {g: _stats_cfg(qcfg, g=False, absmax=True) for g in groups}
-                )
-                m_x = {g: absmax[g]["absmax"] for g in groups}
-                smooth = _alpha_search(runner, calib_layer, projs, m_x, qcfg)
-                if need_g:
-                    specs = {f"{GROUP_OF[p]}:{p}": _stats_cfg(qcfg, g=True, absmax=False) for p in projs}
-                    scales = {f"{GROUP_OF[p]}:{p}": smooth[p][1] for p in projs}
-                    gs = _accumulate(runner, calib_layer, specs, scales)
-                    g_of = {p: gs[f"{GROUP_OF[p]}:{p}"]["G"] for p in projs}
-            elif need_g:
-                gs = _accumulate(
-                    runner, calib_layer, {g: _stats_cfg(qcfg, g=True, absmax=False) for g in groups}
-                )
-                g_of = {p: gs[GROUP_OF[p]]["G"] for p in projs}
-            _block(g_of)
-            timings["calibration_s"] += time.perf_counter() - t0
-            new, d = _quantize_group(layer, projs, g_of, smooth, qcfg, factor_dtype, timings, li)
-            layer = layer.replace(**new)
+            layer, d = method.quantize_stage(layer, groups, projs, calib, qcfg, li, timings)
             diags += d
             bar.update(1)
         layers.append(layer)
-        t0 = time.perf_counter()
-        runner.advance(layer if qcfg.sequential else fp_layer)
-        timings["calibration_s"] += time.perf_counter() - t0
+        if runner is not None:
+            t0 = time.perf_counter()
+            runner.advance(layer if qcfg.sequential else fp_layer)
+            timings["calibration_s"] += time.perf_counter() - t0
     bar.close()
     qparams = params.replace(layers=tuple(layers))
-    return QuantizeResult(qparams, diags, timings, runner.num_tokens)
+    if hasattr(method, "finish"):  # e.g. a quantized lm_head
+        qparams = method.finish(qparams, cfg, calib, qcfg)
+    calib_tokens = 0 if runner is None else runner.num_tokens
+    return QuantizeResult(qparams, diags, timings, calib_tokens)
 
 
 def summarize(diags: list[dict]) -> dict:

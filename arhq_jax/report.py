@@ -76,7 +76,8 @@ def text_table(rows: Sequence[dict], columns: Sequence[tuple[str, str, str]]) ->
     widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
     out = []
     for j, row in enumerate(cells):
-        out.append("  ".join(c.rjust(w) if j else c.ljust(w) for c, w in zip(row, widths)))
+        pairs = zip(row, widths, strict=True)
+        out.append("  ".join(c.rjust(w) if j else c.ljust(w) for c, w in pairs))
         if j == 0:
             out.append("  ".join("-" * w for w in widths))
     return "\n".join(out)
@@ -97,7 +98,9 @@ def plot_snr_by_layer(path, snr_rows: Sequence[dict], title: str) -> None:
         rows = [r for r in snr_rows if r["method"] == m]
         layers = sorted({r["layer"] for r in rows})
         mean = [_mean(r["snr_db"] for r in rows if r["layer"] == ly) for ly in layers]
-        gain = [_mean(r["snr_db"] - r["baseline_db"] for r in rows if r["layer"] == ly) for ly in layers]
+        gain = [
+            _mean(r["snr_db"] - r["baseline_db"] for r in rows if r["layer"] == ly) for ly in layers
+        ]
         axes[0].plot(layers, mean, marker="o", ms=3, label=m)
         axes[1].plot(layers, gain, marker="o", ms=3, label=m)
     axes[0].set_ylabel("mean output SNR over projections (dB)")

@@ -177,13 +177,18 @@ def test_evaluate_models_matches_direct_perplexity(model):
     params, ids = model
     q = quantize_model(params, CFG, ids, QuantConfig(method="rtn"), progress=False).params
     tokens = ids.reshape(-1)
-    res = evaluate_models({"rtn": q}, params, CFG, tokens, seq_len=32, max_chunks=None,
-                          progress=False)
+    res = evaluate_models(
+        {"rtn": q}, params, CFG, tokens, seq_len=32, max_chunks=None, progress=False
+    )
+
     # numpy f64 reference on the same chunks, in the same batches of 2: the dynamic NVFP4
     # activation tensor scale is taken over the whole array passed, which couples a batch.
     def nll_and_logp(p):
         lg = np.concatenate(
-            [np.asarray(transformer.forward(p, CFG, jnp.asarray(ids[i : i + 2]))) for i in (0, 2, 4)]
+            [
+                np.asarray(transformer.forward(p, CFG, jnp.asarray(ids[i : i + 2])))
+                for i in (0, 2, 4)
+            ]
         ).astype(np.float64)[:, :-1]
         lg = lg - lg.max(-1, keepdims=True)
         logp = lg - np.log(np.exp(lg).sum(-1, keepdims=True))
