@@ -1,0 +1,194 @@
+"""Kernel 1: prepare the activations (kernels.md §2), reading x from HBM once.
+
+One program per block of ``bm`` rows loops over K in slabs of ``bk`` (a multiple of 32, so 16- and
+32-blocks align). Per slab it forms x_s = f32(x)·fl32(1/s) (see ``qlinear.smooth_input``),
+accumulates the low-rank down-projection
+t += x_s·A in f32 (no atomics: a program owns whole rows), and quantizes x_s to nvfp4/mxfp4.
+
+The slab is read as its even and odd elements (two stride-2 loads, kernels.md §3) and the
+activation operand is written as:
+  * ``"bf16"``: values code × block scale (exact in bf16; the nvfp4 tensor scale g_x is applied
+    later, on kernel 2's f32 accumulator), in per-slab order [even | odd], which is the order in
+    which kernel 2 consumes the low and high nibbles of the weights;
+  * ``"packed"``: canonical uint8 codes (element 2i in the low nibble) and scale bytes, the
+    Blackwell form, bit-identical to ``formats.quantize``.
+
+All arrays arrive padded (rows to bm, K to bk, r to a power of two >= 16); see ``fp4_matmul``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from pallas_kernels import codecs
+
+_HI = jax.lax.Precision.HIGHEST
+
+
+def expand_blocks(v: jax.Array, per_block: int) -> jax.Array:
+    """``[rows, nb]`` -> ``[rows, nb * per_block]``, each value repeated (broadcast + reshape)."""
+    rows, nb = v.shape
+    return jnp.broadcast_to(v[:, :, None], (rows, nb, per_block)).reshape(rows, nb * per_block)
+
+
+def block_amax(xe: jax.Array, xo: jax.Array, per_block: int) -> jax.Array:
+    """Block max of |x| ``[rows, nb]`` from the even/odd halves ``[rows, h]``; per_block = B/2."""
+    rows, h = xe.shape
+    nb = h // per_block
+    me = jnp.max(jnp.abs(xe).reshape(rows, nb, per_block), axis=-1)
+    mo = jnp.max(jnp.abs(xo).reshape(rows, nb, per_block), axis=-1)
+    return jnp.maximum(me, mo)
+
+
+def _quant_halves(xe, xo, g, act: str):
+    """Quantize one slab given as even/odd halves. Returns (codes_e, codes_o, scale f32, byte).
+
+    nvfp4 (formats.md §3): raw = (amax/6)/g, s = E4M3_RNE(clip(raw, 0, 448)), d = fl32(s·g),
+    codes = E2M1_RNE(clip(x/d, ±6)), all-zero codes when s = 0.
+    mxfp4 (§5, floor rule): e = floor(log2 amax) - 2; x·2^-e is exact and never needs the
+    subnormal 2^-127 (which the f32 flush-to-zero would turn into 0).
+    """
+    hb = 8 if act == "nvfp4" else 16  # elements of one block in each parity half
+    amax = block_amax(xe, xo, hb)
+    if act == "nvfp4":
+        raw = jnp.clip((amax / 6.0) / g, 0.0, 448.0)
+        s = codecs.e4m3_round(raw)
+        byte = codecs.e4m3_byte(s)
+        d = expand_blocks(s * g, hb)
+        live = d > 0
+        safe_d = jnp.where(live, d, 1.0)
+        ce = jnp.where(live, codecs.e2m1_code(jnp.clip(xe / safe_d, -6.0, 6.0)), 0)
+        co = jnp.where(live, codecs.e2m1_code(jnp.clip(xo / safe_d, -6.0, 6.0)), 0)
+        return ce, co, s, byte
+    byte = codecs.e8m0_floor_byte(amax)
+    inv = expand_blocks(jax.lax.bitcast_convert_type((254 - byte) << 23, jnp.float32), hb)
+    ce = codecs.e2m1_code(jnp.clip(xe * inv, -6.0, 6.0))
+    co = codecs.e2m1_code(jnp.clip(xo * inv, -6.0, 6.0))
+    return ce, co, codecs.e8m0_value(byte), byte
+
+
+def _act_kernel(*refs, has_s: bool, has_a: bool, act: str | None, form: str, bk: int):
+    it = iter(refs)
+    x_ref = next(it)
+    s_ref = next(it) if has_s else None
+    a_ref = next(it) if has_a else None
+    g_ref = next(it) if act == "nvfp4" else None
+    t_ref = next(it) if has_a else None
+    if act is not None:
+        outs = (next(it),) if form == "bf16" else (next(it), next(it))
+    bm = x_ref.shape[0]
+    h = bk // 2
+    nk = x_ref.shape[1] // bk
+    g = g_ref[...] if g_ref is not None else None
+    hb = 8 if act == "nvfp4" else 16
+    nb = h // hb
+
+    def body(kt, t):
+        k0 = kt * bk
+        xe = x_ref[:, pl.ds(k0, h, stride=2)].astype(jnp.float32)
+        xo = x_ref[:, pl.ds(k0 + 1, h, stride=2)].astype(jnp.float32)
+        if has_s:
+            xe = xe * s_ref[:, pl.ds(k0, h, stride=2)]
+            xo = xo * s_ref[:, pl.ds(k0 + 1, h, stride=2)]
+        if has_a:
+            ae = a_ref[pl.ds(k0, h, stride=2), :].astype(jnp.float32)
+            ao = a_ref[pl.ds(k0 + 1, h, stride=2), :].astype(jnp.float32)
+            t = t + jnp.dot(xe, ae, precision=_HI, preferred_element_type=jnp.float32)
+            t = t + jnp.dot(xo, ao, precision=_HI, preferred_element_type=jnp.float32)
+        if act is not None:
+            ce, co, s, byte = _quant_halves(xe, xo, g, act)
+            if form == "bf16":
+                (xa_ref,) = outs
+                sx = expand_blocks(s, hb)
+                xa_ref[:, pl.ds(k0, h)] = (codecs.e2m1_value(ce) * sx).astype(xa_ref.dtype)
+                xa_ref[:, pl.ds(k0 + h, h)] = (codecs.e2m1_value(co) * sx).astype(xa_ref.dtype)
+            else:
+                c_ref, sc_ref = outs
+                c_ref[:, pl.ds(kt * h, h)] = (ce | (co << 4)).astype(jnp.uint8)
+                sc_ref[:, pl.ds(kt * nb, nb)] = byte.astype(jnp.uint8)
+        return t
+
+    r = a_ref.shape[1] if has_a else 1
+    t = jax.lax.fori_loop(0, nk, body, jnp.zeros((bm, r), jnp.float32))
+    if has_a:
+        t_ref[...] = t
+
+
+def act_prepare_call(
+    x: jax.Array,
+    s: jax.Array | None,
+    a: jax.Array | None,
+    g: jax.Array | None,
+    *,
+    act: str | None,
+    form: str,
+    bm: int,
+    bk: int,
+    interpret: bool,
+    compiler_params=None,
+):
+    """Run kernel 1 on padded operands.
+
+    Args:
+      x: ``[Mp, Kp]`` f32/bf16, Mp % bm == 0, Kp % bk == 0.
+      s: ``[1, Kp]`` f32 reciprocal 1/s of the smoothing divisor (padding 1.0) or None.
+      a: ``[Kp, rp]`` down-projection (padding rows/columns 0) or None (rank 0).
+      g: ``[1, 1]`` f32 nvfp4 activation tensor scale (required when act == "nvfp4").
+      act: "nvfp4", "mxfp4" or None (then only t is computed).
+      form: "bf16" or "packed".
+    Returns:
+      dict with ``t`` ``[Mp, rp]`` f32 (when a is given) and either ``xa`` ``[Mp, Kp]`` bf16 in
+      per-slab [even | odd] order, or ``codes`` uint8 ``[Mp, Kp/2]`` and ``scale_bytes`` uint8
+      ``[Mp, Kp/B]`` (when act is given).
+    """
+    mp, kp = x.shape
+    if act == "nvfp4" and g is None:
+        raise ValueError("nvfp4 activations need the tensor scale g")
+    in_specs = [pl.BlockSpec((bm, kp), lambda i: (i, 0))]
+    args = [x]
+    if s is not None:
+        in_specs.append(pl.BlockSpec((1, kp), lambda i: (0, 0)))
+        args.append(s)
+    if a is not None:
+        in_specs.append(pl.BlockSpec(a.shape, lambda i: (0, 0)))
+        args.append(a)
+    if act == "nvfp4":
+        in_specs.append(pl.BlockSpec((1, 1), lambda i: (0, 0)))
+        args.append(g)
+    names, out_shape, out_specs = [], [], []
+    if a is not None:
+        names.append("t")
+        out_shape.append(jax.ShapeDtypeStruct((mp, a.shape[1]), jnp.float32))
+        out_specs.append(pl.BlockSpec((bm, a.shape[1]), lambda i: (i, 0)))
+    if act is not None:
+        if form == "bf16":
+            names.append("xa")
+            out_shape.append(jax.ShapeDtypeStruct((mp, kp), jnp.bfloat16))
+            out_specs.append(pl.BlockSpec((bm, kp), lambda i: (i, 0)))
+        else:
+            blk = 16 if act == "nvfp4" else 32
+            names += ["codes", "scale_bytes"]
+            out_shape.append(jax.ShapeDtypeStruct((mp, kp // 2), jnp.uint8))
+            out_specs.append(pl.BlockSpec((bm, kp // 2), lambda i: (i, 0)))
+            out_shape.append(jax.ShapeDtypeStruct((mp, kp // blk), jnp.uint8))
+            out_specs.append(pl.BlockSpec((bm, kp // blk), lambda i: (i, 0)))
+    if not names:
+        return {}
+    kernel = functools.partial(
+        _act_kernel, has_s=s is not None, has_a=a is not None, act=act, form=form, bk=bk
+    )
+    outs = pl.pallas_call(
+        kernel,
+        out_shape=tuple(out_shape),
+        grid=(mp // bm,),
+        in_specs=in_specs,
+        out_specs=tuple(out_specs),
+        interpret=interpret,
+        compiler_params=compiler_params,
+        name="arhq_act_prepare",
+    )(*args)
+    return dict(zip(names, outs, strict=True))

@@ -1,0 +1,108 @@
+"""In-register FP4 / FP8 codecs used inside the Pallas kernels (kernels.md §3).
+
+Everything here is integer and f32 arithmetic only: no float8/float4 casts (Triton has no e8m0 type
+and casts to e4m3 need CC >= 8.9; Mosaic GPU rejects float4/e8m0 casts below sm_100), no gathers,
+no concatenation. The functions take and return plain ``jax.Array`` values and work on any shape, so
+the same code runs in ``interpret=True`` on CPU and in the Triton lowering on GPU.
+
+Codes and scale bytes arrive as ``int32`` (upcast from the uint8 refs: Mosaic GPU refuses shifts on
+8-bit types). The formats themselves are defined in ``arhq_jax/formats.py`` (spec formats.md); this
+module is the kernel's own encode/decode and is tested against it bit for bit.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+_F32_ONE_HALF_BITS = 0x3F000000  # bits of 0.5f
+
+
+def _bits(v: jax.Array) -> jax.Array:
+    return jax.lax.bitcast_convert_type(v, jnp.int32)
+
+
+def _f32(bits: jax.Array) -> jax.Array:
+    return jax.lax.bitcast_convert_type(bits, jnp.float32)
+
+
+def e2m1_value(code: jax.Array) -> jax.Array:
+    """E2M1 code (int32 in [0, 15]) -> its f32 value (formats.md §1), -0 for code 8.
+
+    For m = code & 7 >= 2 the f32 bit pattern is (m << 22) + bits(0.5): the exponent field gets
+    (m >> 1) + 126 and the top mantissa bit gets m & 1. m = 0, 1 are 0 and 0.5.
+    """
+    m = code & 7
+    mag = jnp.where(m < 2, m.astype(jnp.float32) * 0.5, _f32((m << 22) + _F32_ONE_HALF_BITS))
+    return jnp.where(code >= 8, -mag, mag)
+
+
+def e2m1_code(v: jax.Array) -> jax.Array:
+    """f32 value already clipped to [-6, 6] -> E2M1 code (int32), RNE, -0 -> 8 (as ml_dtypes).
+
+    The magnitude code is the number of grid midpoints below |v|; a tie goes to the even mantissa
+    bit, hence ``>`` at midpoints whose lower neighbour is even and ``>=`` at the others.
+    """
+    a = jnp.abs(v)
+    m = (
+        (a > 0.25).astype(jnp.int32)
+        + (a >= 0.75).astype(jnp.int32)
+        + (a > 1.25).astype(jnp.int32)
+        + (a >= 1.75).astype(jnp.int32)
+        + (a > 2.5).astype(jnp.int32)
+        + (a >= 3.5).astype(jnp.int32)
+        + (a > 5.0).astype(jnp.int32)
+    )
+    # The sign bit, not ``v < 0``: -0.0 encodes as 0x8 like the ml_dtypes cast.
+    return m | jnp.where(_bits(v) < 0, 8, 0)
+
+
+def e4m3_value(byte: jax.Array) -> jax.Array:
+    """Non-negative E4M3 scale byte (int32) -> f32 (formats.md §2). Scales carry no sign or NaN.
+
+    Normal bytes map to f32 bits ((e + 120) << 23) | (m << 20); subnormals (e = 0) are m * 2**-9,
+    computed without f32 subnormals (XLA:CPU and GPUs may flush them).
+    """
+    e = (byte >> 3) & 0xF
+    m = byte & 7
+    normal = _f32(((e + 120) << 23) | (m << 20))
+    return jnp.where(e == 0, m.astype(jnp.float32) * (2.0**-9), normal)
+
+
+def e8m0_value(byte: jax.Array) -> jax.Array:
+    """E8M0 byte (int32) -> 2**(byte - 127) in f32. Byte 0 is 2**-127 (f32 bits 0x00400000)."""
+    return _f32(jnp.where(byte == 0, 0x00400000, byte << 23))
+
+
+def e4m3_round(v: jax.Array) -> jax.Array:
+    """Round f32 ``v`` in [0, 448] to the nearest E4M3 value, ties to even (the ml_dtypes cast).
+
+    The quantum of E4M3 near v is 2**(max(floor(log2 v), -6) - 3); y = v / quantum < 16 is exact
+    and is rounded to an integer by floor(y + 0.5) with ties moved down to the even integer, then
+    scaled back (exact: powers of two). (The magic-number trick (y + 1.5·2^23) - 1.5·2^23 is not
+    usable: XLA simplifies it away.)
+    """
+    exp = ((_bits(v) >> 23) & 0xFF) - 127
+    q = _f32((jnp.maximum(exp, -6) - 3 + 127) << 23)
+    y = v / q
+    r = jnp.floor(y + 0.5)
+    odd_tie = ((r - y) == 0.5) & ((r.astype(jnp.int32) & 1) == 1)
+    return jnp.where(odd_tie, r - 1.0, r) * q
+
+
+def e4m3_byte(s: jax.Array) -> jax.Array:
+    """An f32 that is exactly a non-negative E4M3 value -> its byte (int32)."""
+    b = _bits(s)
+    normal = ((((b >> 23) & 0xFF) - 120) << 3) | ((b >> 20) & 7)
+    sub = (s * 512.0).astype(jnp.int32)  # s = m * 2**-9 with m in 0..8 (8 is byte 0x08 = 2**-6)
+    return jnp.where(s < 2.0**-6, sub, normal)
+
+
+def e8m0_floor_byte(amax: jax.Array) -> jax.Array:
+    """MXFP4 floor-rule scale byte from a block max (formats.md §5): e = floor(log2 a) - 2.
+
+    With E the f32 biased exponent, floor(log2 a) = E - 127 for normal a, and the clamp e >= -127
+    covers a = 0 and subnormal a (both give byte 0). The upper clamp (e <= 127) cannot trigger.
+    """
+    biased = (_bits(amax) >> 23) & 0xFF
+    return jnp.maximum(biased - 2, 0)

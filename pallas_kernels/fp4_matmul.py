@@ -1,0 +1,473 @@
+"""Kernel 2: block-scaled FP4 GEMM with the fused low-rank epilogue, and the public entry point.
+
+    y = Q_a(x/s) · deq(W_res)ᵀ + ((x/s)·A)·Bᵀ (+ bias)                          (kernels.md §1)
+
+Kernel 2 has grid (Mp/bm, Np/bn) and a K loop inside the program (Triton: no scratch memory, the
+accumulator is the ``fori_loop`` carry). Per K tile it loads the packed weight tile ``[bn, bk/2]``
+and its scale bytes, decodes the low and high nibbles separately into bf16 (exact: E2M1 × E4M3 or
+× 2^e has at most 6 significant bits) and runs two dots, x_even·w_loᵀ + x_odd·w_hiᵀ (kernels.md
+§3, no interleave). The epilogue multiplies by g_x·g_w (nvfp4 per-tensor scales, applied to the
+f32 accumulator because they are not exact in bf16), adds t·Bᵀ and the bias while the tile is in
+registers, and stores the output once.
+
+Modes: W4A4 (activations from kernel 1, bf16 values in [even | odd] slab order) and W4A16
+(activations read directly with stride-2 loads and multiplied by fl32(1/s) in the kernel; f32
+operands at HIGHEST precision unless x is bf16 without smoothing, or ``a16_bf16=True`` requests the
+fast mode that rounds x/s to bf16 like ``qlinear.quant_matmul_ref(..., a16_bf16=True)``).
+
+Backends: ``interpret=True`` anywhere (CPU tests); on GPU the generic ``pallas_call`` is lowered
+by Triton (selected by ``compiler_params=pltriton.CompilerParams``, jax 0.9.1+; kernels.md §7).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+
+from arhq_jax import formats
+from arhq_jax.qlinear import smooth_input, smooth_reciprocal
+from pallas_kernels import codecs
+from pallas_kernels.act_quant import act_prepare_call, expand_blocks
+
+KERNEL_FORMATS = ("nvfp4", "mxfp4")
+_T_IN_KERNEL_MIN_M = 64  # t = (x/s)·A runs in kernel 1 above this M, in XLA at or below it
+_HI = jax.lax.Precision.HIGHEST
+
+
+def _gemm_kernel(
+    *refs,
+    mode: str,
+    has_s: bool,
+    has_g: bool,
+    has_lr: bool,
+    has_bias: bool,
+    w_fmt: str,
+    bk: int,
+    op_dtype,
+):
+    it = iter(refs)
+    x_ref = next(it)
+    s_ref = next(it) if has_s else None
+    c_ref = next(it)
+    sc_ref = next(it)
+    g_ref = next(it) if has_g else None
+    t_ref = next(it) if has_lr else None
+    b_ref = next(it) if has_lr else None
+    bias_ref = next(it) if has_bias else None
+    o_ref = next(it)
+
+    bm, bn = o_ref.shape
+    h = bk // 2
+    hb = 8 if w_fmt == "nvfp4" else 16  # bytes per scale block
+    nb = h // hb
+    nk = c_ref.shape[1] // h
+    dims = (((1,), (1,)), ((), ()))
+
+    def body(kt, acc):
+        c = c_ref[:, pl.ds(kt * h, h)].astype(jnp.int32)
+        sb = sc_ref[:, pl.ds(kt * nb, nb)].astype(jnp.int32)
+        if w_fmt == "nvfp4":
+            sw = codecs.e4m3_value(sb)
+        else:
+            sw = codecs.e8m0_value(sb)
+        sw = expand_blocks(sw, hb)
+        w_lo = (codecs.e2m1_value(c & 0xF) * sw).astype(op_dtype)
+        w_hi = (codecs.e2m1_value(c >> 4) * sw).astype(op_dtype)
+        k0 = kt * bk
+        if mode == "w4a4":
+            xe = x_ref[:, pl.ds(k0, h)]
+            xo = x_ref[:, pl.ds(k0 + h, h)]
+        else:
+            xe = x_ref[:, pl.ds(k0, h, stride=2)].astype(jnp.float32)
+            xo = x_ref[:, pl.ds(k0 + 1, h, stride=2)].astype(jnp.float32)
+            if has_s:
+                xe = xe * s_ref[:, pl.ds(k0, h, stride=2)]
+                xo = xo * s_ref[:, pl.ds(k0 + 1, h, stride=2)]
+        xe = xe.astype(op_dtype)
+        xo = xo.astype(op_dtype)
+        acc = acc + jax.lax.dot_general(
+            xe, w_lo, dims, precision=_HI, preferred_element_type=jnp.float32
+        )
+        return acc + jax.lax.dot_general(
+            xo, w_hi, dims, precision=_HI, preferred_element_type=jnp.float32
+        )
+
+    acc = jax.lax.fori_loop(0, nk, body, jnp.zeros((bm, bn), jnp.float32))
+    if has_g:
+        acc = acc * g_ref[...]
+    if has_lr:
+        acc = acc + jax.lax.dot_general(
+            t_ref[...],
+            b_ref[...].astype(jnp.float32),
+            dims,
+            precision=_HI,
+            preferred_element_type=jnp.float32,
+        )
+    if has_bias:
+        acc = acc + bias_ref[...].astype(jnp.float32)
+    o_ref[...] = acc.astype(o_ref.dtype)
+
+
+def _is_pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def _pad2(a: jax.Array, rows: int, cols: int, value=0) -> jax.Array:
+    """Pad a 2-D array at the end to ``[rows, cols]``; a no-op (no copy) when already that size."""
+    if a.shape == (rows, cols):
+        return a
+    return jnp.pad(a, ((0, rows - a.shape[0]), (0, cols - a.shape[1])), constant_values=value)
+
+
+def choose_tiles(m: int, n: int, k_pad: int, block_m=None, block_n=None, block_k=None):
+    """Default tiles (kernels.md §8), before any autotuning. Returns (bm, bn, bk, warps, stages).
+
+    bm follows M (16 for decode: Triton's dot needs >= 16 rows). For M <= 64 the layer is memory
+    bound and the grid has a single row of programs, so bn shrinks until there are about 256
+    programs to spread the weight stream over the SMs; prefill uses 128 x 128 tiles. bn and bk
+    prefer exact divisors of N and K so that no padding copy is needed.
+    """
+    bm = block_m or (16 if m <= 16 else 32 if m <= 32 else 64 if m <= 64 else 128)
+    if block_n:
+        bn = block_n
+    else:
+        target = 128 if m > 64 else max(16, min(128, _pow2_floor(max(n // 256, 1))))
+        cands = [c for c in (128, 64, 32, 16) if c <= target]
+        bn = next((c for c in cands if n % c == 0), target)
+    if block_k:
+        bk = block_k
+    else:
+        order = (256, 128, 64) if m <= 64 else (128, 256, 64)
+        bk = next((c for c in order if k_pad % c == 0), 128 if k_pad >= 128 else 64)
+    num_warps = 8 if bm * bn >= 128 * 128 else 4
+    return bm, bn, bk, num_warps, 3
+
+
+def _pow2_floor(v: int) -> int:
+    return 1 << (v.bit_length() - 1)
+
+
+def _check_backend(interpret: bool) -> None:
+    backend = jax.default_backend()
+    if not interpret and backend != "gpu":
+        raise ValueError(
+            f"the Pallas FP4 kernels need a GPU (Triton backend); on {backend!r} pass "
+            "interpret=True (or use the kernel='xla' path)"
+        )
+
+
+def _compiler_params(interpret: bool, num_warps: int, num_stages: int):
+    """Triton is selected by its CompilerParams (jax >= 0.9.1: no ``backend=`` argument)."""
+    if interpret:
+        return None
+    from jax.experimental.pallas import triton as pltriton
+
+    return pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+
+
+def _kernel_spec(fmt, what: str):
+    try:
+        spec = formats.resolve_format(fmt)
+    except ValueError as e:
+        raise ValueError(f"{what}: {e}") from None
+    if spec.name not in KERNEL_FORMATS:
+        raise ValueError(
+            f"{what} {spec.label!r} is not supported by the Pallas kernel "
+            f"(supported: {', '.join(KERNEL_FORMATS)}); use the kernel='xla' path"
+        )
+    if spec.scale_rule != "floor":
+        raise ValueError(f"{what}: the kernel quantizes mxfp4 with the floor rule only")
+    return spec
+
+
+def check_operands(x, w, a, b, smooth, bias):
+    """Validate shapes for ``fp4_lowrank_matmul``; returns (N, K, r). Raises ValueError."""
+    if not isinstance(w, formats.QTensor):
+        raise ValueError(f"w must be a formats.QTensor, got {type(w).__name__}")
+    _kernel_spec(w.spec, "weight format")
+    if len(w.shape) != 2 or w.axis != 1:
+        raise ValueError(
+            f"w must be a 2-D weight [out, in] quantized along in (axis 1), got shape {w.shape} "
+            f"axis {w.axis}"
+        )
+    n, k = w.shape
+    x = jnp.asarray(x)
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise ValueError(f"x must be floating point, got {x.dtype}")
+    if x.ndim < 1 or x.shape[-1] != k:
+        raise ValueError(f"shape mismatch: x {tuple(x.shape)} has last axis != in_features {k}")
+    if (a is None) != (b is None):
+        raise ValueError("give both low-rank factors a [in, r] and b [out, r], or neither")
+    r = 0
+    if a is not None:
+        if (
+            a.ndim != 2
+            or b.ndim != 2
+            or a.shape[0] != k
+            or b.shape[0] != n
+            or a.shape[1] != b.shape[1]
+        ):
+            raise ValueError(
+                f"low-rank factor shapes a {tuple(a.shape)}, b {tuple(b.shape)} do not match "
+                f"a [in={k}, r], b [out={n}, r]"
+            )
+        r = a.shape[1]
+    if smooth is not None and tuple(smooth.shape) != (k,):
+        raise ValueError(f"smooth must have shape ({k},), got {tuple(smooth.shape)}")
+    if bias is not None and tuple(bias.shape) != (n,):
+        raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
+    return n, k, r
+
+
+def fp4_lowrank_matmul(
+    x: jax.Array,
+    w: formats.QTensor,
+    a: jax.Array | None = None,
+    b: jax.Array | None = None,
+    smooth: jax.Array | None = None,
+    act_fmt=None,
+    *,
+    bias: jax.Array | None = None,
+    act_tensor_scale=None,
+    a16_bf16: bool = False,
+    interpret: bool = False,
+    block_m: int | None = None,
+    block_n: int | None = None,
+    block_k: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+) -> jax.Array:
+    """y = Q_a(x/s)·deq(w)ᵀ + ((x/s)·a)·bᵀ (+ bias) with the two Pallas kernels.
+
+    Equals ``qlinear.quant_matmul_ref`` with the same arguments up to the f32 summation order
+    (kernels.md §1; x/s is computed as x·fl32(1/s) by both, see ``qlinear.smooth_input``).
+
+    Args:
+      x: ``[..., K]`` f32 or bf16 (any M, including 1).
+      w: packed residual, a ``formats.QTensor`` of shape ``[N, K]`` in nvfp4 or mxfp4 (blocks
+        along K).
+      a, b: low-rank factors ``[K, r]`` and ``[N, r]`` (any float dtype, upcast to f32), or None
+        (rank 0: the branch is removed statically).
+      smooth: ``[K]`` divisor s, or None.
+      act_fmt: "nvfp4" / "mxfp4" (W4A4) or None (W4A16).
+      bias: ``[N]`` or None.
+      act_tensor_scale: static nvfp4 activation scale g_x; None computes max|x/s|/2688 (one small
+        XLA reduction over x before kernel 1).
+      a16_bf16: W4A16 fast mode: x/s rounded to bf16 before the MMA.
+      interpret: run the kernels in Pallas interpret mode (CPU).
+      block_m, block_n, block_k, num_warps, num_stages: tile overrides (powers of two; bk a
+        multiple of 32; bm, bn >= 16 for Triton's dot). Defaults from ``choose_tiles``.
+    Returns:
+      y ``[..., N]`` in x's dtype (f32 accumulation throughout).
+    Raises:
+      ValueError: mismatched shapes, a format the kernel does not support, bad tiles, or no GPU
+        without ``interpret=True``.
+    """
+    n, k, r = check_operands(x, w, a, b, smooth, bias)
+    act = None if act_fmt is None else _kernel_spec(act_fmt, "activation format").name
+    if act_tensor_scale is not None and act != "nvfp4":
+        raise ValueError("act_tensor_scale applies to nvfp4 activations only")
+    m = int(np.prod(x.shape[:-1]))
+    if m == 0:
+        return jnp.zeros((*x.shape[:-1], n), x.dtype)
+    bm, bn, bk, nw, ns = choose_tiles(m, n, w.codes.shape[1] * 2, block_m, block_n, block_k)
+    for name, v, lo in (("block_m", bm, 16), ("block_n", bn, 16), ("block_k", bk, 32)):
+        if not _is_pow2(v) or v < lo:
+            raise ValueError(f"{name} must be a power of two >= {lo}, got {v}")
+    _check_backend(interpret)
+    return _matmul_impl(
+        x,
+        w,
+        a,
+        b,
+        smooth,
+        bias,
+        act_tensor_scale,
+        act=act,
+        tiles=(bm, bn, bk),
+        warps=(num_warps or nw, num_stages or ns),
+        a16_bf16=a16_bf16,
+        interpret=interpret,
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("act", "tiles", "warps", "a16_bf16", "interpret"))
+def _matmul_impl(
+    x, w, a, b, smooth, bias, act_tensor_scale, *, act, tiles, warps, a16_bf16, interpret
+):
+    bm, bn, bk = tiles
+    cparams = _compiler_params(interpret, *warps)
+    n, k = w.shape
+    r = 0 if a is None else a.shape[1]
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k)
+    m = x2.shape[0]
+    wfmt = w.spec.name
+    blk = w.spec.block
+
+    # Padding (kernels.md §8). It is a no-op for aligned shapes (LLM widths are multiples of 64);
+    # padded codes, scale bytes, factor rows and activations are zero, so they add exact zeros.
+    mp, np_, kp = _round_up(m, bm), _round_up(n, bn), _round_up(k, bk)
+    rp = max(16, 1 << (r - 1).bit_length()) if r else 0
+    inv_s = None if smooth is None else _pad2(smooth_reciprocal(smooth).reshape(1, k), 1, kp, 1.0)
+    a2 = None if r == 0 else _pad2(a, kp, rp)
+    codes = _pad2(w.codes, np_, kp // 2)
+    sbytes = _pad2(jax.lax.bitcast_convert_type(w.scales, jnp.uint8), np_, kp // blk)
+
+    g_x = None
+    if act == "nvfp4":
+        g_x = _act_tensor_scale(x2, smooth, act_tensor_scale)
+    g = g_x
+    if wfmt == "nvfp4":
+        g_w = jnp.asarray(w.tensor_scale, jnp.float32).reshape(())
+        g = g_w if g is None else g * g_w
+
+    xp = _pad2(x2, mp, kp)
+    # For small M (decode) a single kernel-1 program would stream all of A [K, r] alone, so XLA's
+    # parallel GEMV computes t instead (the spec allows it); from M > 64 kernel 1 fuses it.
+    t_xla = r > 0 and m <= _T_IN_KERNEL_MIN_M
+    prep = act_prepare_call(
+        xp,
+        inv_s,
+        None if t_xla else a2,
+        None if g_x is None else g_x.reshape(1, 1),
+        act=act,
+        form="bf16",
+        bm=bm,
+        bk=bk,
+        interpret=interpret,
+        compiler_params=cparams,
+    )
+    if t_xla:
+        xs = xp.astype(jnp.float32) if inv_s is None else xp.astype(jnp.float32) * inv_s
+        prep["t"] = jnp.dot(xs, a2.astype(jnp.float32), precision=_HI)
+    if act is not None:
+        mode, xin, op_dtype, s_in = "w4a4", prep["xa"], jnp.bfloat16, None
+    else:
+        # bf16 x without smoothing is exact in bf16, so the fast MMA loses nothing.
+        exact_bf16 = x.dtype == jnp.bfloat16 and smooth is None
+        op_dtype = jnp.bfloat16 if (exact_bf16 or a16_bf16) else jnp.float32
+        mode, xin, s_in = "w4a16", xp, inv_s
+
+    args = [xin]
+    in_specs = [pl.BlockSpec((bm, kp), lambda i, j: (i, 0))]
+    if s_in is not None:
+        args.append(s_in)
+        in_specs.append(pl.BlockSpec((1, kp), lambda i, j: (0, 0)))
+    args += [codes, sbytes]
+    in_specs += [
+        pl.BlockSpec((bn, kp // 2), lambda i, j: (j, 0)),
+        pl.BlockSpec((bn, kp // blk), lambda i, j: (j, 0)),
+    ]
+    if g is not None:
+        args.append(g.reshape(1, 1))
+        in_specs.append(pl.BlockSpec((1, 1), lambda i, j: (0, 0)))
+    if r:
+        args += [prep["t"], _pad2(b, np_, rp)]
+        in_specs += [
+            pl.BlockSpec((bm, rp), lambda i, j: (i, 0)),
+            pl.BlockSpec((bn, rp), lambda i, j: (j, 0)),
+        ]
+    if bias is not None:
+        args.append(_pad2(bias.reshape(1, n), 1, np_))
+        in_specs.append(pl.BlockSpec((1, bn), lambda i, j: (0, j)))
+    kernel = functools.partial(
+        _gemm_kernel,
+        mode=mode,
+        has_s=s_in is not None,
+        has_g=g is not None,
+        has_lr=r > 0,
+        has_bias=bias is not None,
+        w_fmt=wfmt,
+        bk=bk,
+        op_dtype=op_dtype,
+    )
+    y = pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((mp, np_), x.dtype),
+        grid=(mp // bm, np_ // bn),
+        in_specs=in_specs,
+        out_specs=pl.BlockSpec((bm, bn), lambda i, j: (i, j)),
+        interpret=interpret,
+        compiler_params=cparams,
+        name="arhq_fp4_lowrank_gemm",
+    )(*args)
+    if (mp, np_) != (m, n):
+        y = y[:m, :n]
+    return y.reshape(*lead, n)
+
+
+def _act_tensor_scale(x2, smooth, static_scale):
+    """nvfp4 g_x: the static scale, or formats.nvfp4_tensor_scale(x/s) over all of x."""
+    if static_scale is not None:
+        return jnp.asarray(static_scale, jnp.float32).reshape(())
+    return formats.nvfp4_tensor_scale(smooth_input(x2, smooth))
+
+
+def quantize_activations(
+    x: jax.Array,
+    act_fmt,
+    smooth: jax.Array | None = None,
+    *,
+    tensor_scale=None,
+    interpret: bool = False,
+    block_m: int | None = None,
+    block_k: int | None = None,
+):
+    """Kernel 1 in its packed (Blackwell) form: quantize x/s like ``formats.quantize``.
+
+    Args:
+      x: ``[M, K]`` f32/bf16; smooth ``[K]`` or None; act_fmt "nvfp4" / "mxfp4".
+    Returns:
+      ``(codes uint8 [M, K_pad/2], scales [M, K_pad/B] in the storage dtype, g f32 scalar)``,
+      bit-identical to ``formats.quantize(smooth_input(x, smooth), act_fmt)``'s codes, scales and
+      tensor_scale.
+    """
+    spec = _kernel_spec(act_fmt, "activation format")
+    x = jnp.asarray(x)
+    if x.ndim != 2 or not jnp.issubdtype(x.dtype, jnp.floating):
+        raise ValueError(f"x must be a 2-D float array [M, K], got {x.dtype} {tuple(x.shape)}")
+    m, k = x.shape
+    if smooth is not None and tuple(smooth.shape) != (k,):
+        raise ValueError(f"smooth must have shape ({k},), got {tuple(smooth.shape)}")
+    if tensor_scale is not None and spec.name != "nvfp4":
+        raise ValueError("tensor_scale applies to nvfp4 activations only")
+    bm, _, bk, nw, ns = choose_tiles(m, 64, _round_up(k, 32), block_m, None, block_k)
+    _check_backend(interpret)
+    return _quantize_impl(
+        x, smooth, tensor_scale, spec=spec, tiles=(bm, bk), warps=(nw, ns), interpret=interpret
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "tiles", "warps", "interpret"))
+def _quantize_impl(x, smooth, tensor_scale, *, spec, tiles, warps, interpret):
+    bm, bk = tiles
+    m, k = x.shape
+    mp, kp = _round_up(m, bm), _round_up(k, bk)
+    inv_s = None if smooth is None else _pad2(smooth_reciprocal(smooth).reshape(1, k), 1, kp, 1.0)
+    g = _act_tensor_scale(x, smooth, tensor_scale) if spec.name == "nvfp4" else None
+    out = act_prepare_call(
+        _pad2(x, mp, kp),
+        inv_s,
+        None,
+        None if g is None else g.reshape(1, 1),
+        act=spec.name,
+        form="packed",
+        bm=bm,
+        bk=bk,
+        interpret=interpret,
+        compiler_params=_compiler_params(interpret, *warps),
+    )
+    k_pad = _round_up(k, spec.block)
+    codes = out["codes"][:m, : k_pad // 2]
+    sbytes = out["scale_bytes"][:m, : k_pad // spec.block]
+    scales = jax.lax.bitcast_convert_type(sbytes, spec.scale_dtype)
+    return codes, scales, (jnp.float32(1.0) if g is None else g)
