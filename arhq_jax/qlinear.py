@@ -66,6 +66,33 @@ def quant_matmul_ref(
       a16_bf16: weight-only fast mode: x/s rounded to bf16 before the main matmul (matches the
         kernel's ``a16_bf16``); the low-rank branch still reads f32 x/s.
     """
+    wd = formats.dequantize(w, jnp.float32)
+    return lowrank_matmul(
+        x,
+        wd,
+        a,
+        b,
+        smooth,
+        act_fmt,
+        bias=bias,
+        act_tensor_scale=act_tensor_scale,
+        a16_bf16=a16_bf16,
+    )
+
+
+def lowrank_matmul(
+    x: jax.Array,
+    wd: jax.Array,
+    a: jax.Array | None = None,
+    b: jax.Array | None = None,
+    smooth: jax.Array | None = None,
+    act_fmt=None,
+    *,
+    bias: jax.Array | None = None,
+    act_tensor_scale=None,
+    a16_bf16: bool = False,
+) -> jax.Array:
+    """``quant_matmul_ref`` on an already dequantized residual ``wd [N, K]`` (f32)."""
     xs = smooth_input(x, smooth)
     if act_fmt is not None:
         xq = formats.fake_quant(xs, act_fmt, tensor_scale=act_tensor_scale)
@@ -73,7 +100,6 @@ def quant_matmul_ref(
         xq = xs.astype(jnp.bfloat16).astype(jnp.float32)
     else:
         xq = xs
-    wd = formats.dequantize(w, jnp.float32)
     y = jnp.einsum("...k,nk->...n", xq, wd, precision=_HI, preferred_element_type=jnp.float32)
     if a is not None:
         t = jnp.einsum("...k,kr->...r", xs, a.astype(jnp.float32), precision=_HI)
@@ -261,3 +287,59 @@ def with_kernel(params, kernel: str, interpret: bool = False):
         return node
 
     return jax.tree_util.tree_map(switch, params, is_leaf=lambda n: isinstance(n, QuantLinear))
+
+
+@struct.dataclass
+class FakeQuantLinear:
+    """The simulation form of a ``QuantLinear``: the residual held dequantized in f32.
+
+    Same output as the packed linear (bit for bit on the jnp path), 8× the weight memory; it is
+    what reference implementations run, and the benchmarks' "fake-quant" forward.
+    """
+
+    w: jax.Array  # [out, in] f32, dequantized residual
+    a: jax.Array | None = None
+    b: jax.Array | None = None
+    smooth: jax.Array | None = None
+    bias: jax.Array | None = None
+    act_scale: jax.Array | None = None
+    act_fmt: formats.FormatSpec | str | None = struct.field(pytree_node=False, default=None)
+
+    @property
+    def in_features(self) -> int:
+        return self.w.shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return self.w.shape[0]
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return lowrank_matmul(
+            x,
+            self.w,
+            self.a,
+            self.b,
+            self.smooth,
+            self.act_fmt,
+            bias=self.bias,
+            act_tensor_scale=self.act_scale,
+        )
+
+
+def dequantized(params):
+    """Replace every ``QuantLinear`` of a pytree by its ``FakeQuantLinear``."""
+
+    def conv(node):
+        if isinstance(node, QuantLinear):
+            return FakeQuantLinear(
+                formats.dequantize(node.w, jnp.float32),
+                node.a,
+                node.b,
+                node.smooth,
+                node.bias,
+                node.act_scale,
+                act_fmt=node.act_fmt,
+            )
+        return node
+
+    return jax.tree_util.tree_map(conv, params, is_leaf=lambda n: isinstance(n, QuantLinear))

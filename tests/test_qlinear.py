@@ -10,7 +10,7 @@ import pytest
 
 from arhq_jax import formats
 from arhq_jax.linear import Dense, Linear
-from arhq_jax.qlinear import QuantLinear, with_kernel
+from arhq_jax.qlinear import FakeQuantLinear, QuantLinear, dequantized, with_kernel
 
 
 def _factors(rng, n_out, n_in, r, smooth=True, bias=True):
@@ -150,3 +150,18 @@ def test_bad_input_raises_value_error():
         QuantLinear.from_float(w, None, None, "nvfp4", "int8", kernel="pallas")
     with pytest.raises(ValueError, match="cannot quantize non-finite"):
         QuantLinear.from_float(np.full((4, 16), np.nan, np.float32), None, None, "nvfp4", None)
+
+
+def test_dequantized_form_equals_packed_bitwise():
+    """FakeQuantLinear (f32 residual) gives the packed QuantLinear's output bit for bit."""
+    k = jax.random.split(jax.random.key(7), 5)
+    w = jax.random.normal(k[0], (40, 96))
+    a, b = jax.random.normal(k[1], (96, 8)), jax.random.normal(k[2], (40, 8))
+    s = jnp.exp(jax.random.normal(k[3], (96,)) * 0.3)
+    ql = QuantLinear.from_float(w, a, b, "nvfp4", "nvfp4", smooth=s)
+    tree = {"p": ql, "other": Dense(w)}
+    fq = dequantized(tree)
+    assert isinstance(fq["p"], FakeQuantLinear) and isinstance(fq["other"], Dense)
+    assert fq["p"].w.dtype == jnp.float32 and fq["p"].w.shape == (40, 96)
+    x = jax.random.normal(k[4], (3, 5, 96))
+    np.testing.assert_array_equal(np.asarray(fq["p"](x)), np.asarray(ql(x)))
