@@ -1,0 +1,172 @@
+"""Hugging Face checkpoint directories ↔ (ModelConfig, Params) (models.md §3).
+
+A directory holds ``config.json`` and either ``model.safetensors`` or shards listed in
+``model.safetensors.index.json``. Tensors are streamed one at a time: each is read, checked against
+the config's shape and cast to the parameter dtype by ``params_from_tensors``.
+
+Writing mirrors transformers 5.x ``save_pretrained``: ``config.json`` + ``model.safetensors`` with
+the tied ``lm_head.weight`` omitted. Everything is written to a temporary directory beside the
+destination and renamed into place, so a failure leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from arhq_jax.models import family_of
+from arhq_jax.models.config import ModelConfig, Params
+from converters.safetensors_io import SafetensorsReader, write_safetensors
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+# Tensors that some checkpoints carry and that hold nothing we need.
+_IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
+
+
+def read_hf_config(path: str | Path) -> dict:
+    """``config.json`` of a HF directory, with a clear error for a missing file or foreign model."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"model directory not found: {path}")
+    cfg_file = path / CONFIG_FILE
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"{cfg_file} not found (a HF model directory needs {CONFIG_FILE})")
+    try:
+        d = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{cfg_file}: invalid JSON: {e}") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{cfg_file}: not a JSON object")
+    try:
+        family_of(d)
+    except ValueError as e:
+        raise ValueError(f"{cfg_file}: {e}") from None
+    return d
+
+
+def weight_files(path: str | Path) -> list[Path]:
+    """The safetensors files of a HF directory: the index's shards, or ``model.safetensors``."""
+    path = Path(path)
+    index = path / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{index}: not a safetensors index ({e!r})") from None
+        files = [path / f for f in dict.fromkeys(weight_map.values())]
+        for f in files:
+            if not f.is_file():
+                raise FileNotFoundError(f"{f} not found (listed in {index})")
+        return files
+    single = path / WEIGHTS_FILE
+    if single.is_file():
+        return [single]
+    raise FileNotFoundError(f"no weights in {path}: neither {WEIGHTS_FILE} nor {INDEX_FILE}")
+
+
+def params_from_getter(cfg: ModelConfig, get: Callable[[str], np.ndarray | None], names, where):
+    """Build params from HF-named tensors and reject tensors the model would silently drop.
+
+    ``names``: every tensor name the source holds; ``where``: the source, for error messages.
+    """
+    from arhq_jax.models.params import params_from_tensors
+
+    used: set[str] = set()
+
+    def tracked(name: str):
+        used.add(name)
+        return get(name)
+
+    # Shapes, dtypes, finiteness and a tied file's lm_head copy are checked there.
+    try:
+        params = params_from_tensors(cfg, tracked)
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+    unused = [n for n in names if n not in used and not n.endswith(_IGNORED_SUFFIXES)]
+    if unused:
+        more = f" and {len(unused) - 5} more" if len(unused) > 5 else ""
+        raise ValueError(
+            f"{where}: tensors not used by the {cfg.family} model (config mismatch?): "
+            f"{', '.join(unused[:5])}{more}"
+        )
+    return params
+
+
+def load_hf_dir(
+    path: str | Path, *, param_dtype: str = "float32", dtype: str | None = None
+) -> tuple[ModelConfig, Params]:
+    """Load a HF Llama/Qwen3 directory -> ``(cfg, params)`` with parameters in ``param_dtype``.
+
+    ``dtype`` is the compute dtype (default: ``param_dtype``).
+    """
+    from arhq_jax.models import config_from_hf
+
+    path = Path(path)
+    d = read_hf_config(path)
+    cfg = config_from_hf(d, param_dtype=param_dtype, dtype=dtype or param_dtype)
+    files = weight_files(path)
+    with SafetensorsReader(files) as reader:
+        params = params_from_getter(cfg, reader.get, reader.names(), path)
+    return cfg, params
+
+
+def _atomic_dir(dst: Path, overwrite: bool, fill: Callable[[Path], None]) -> Path:
+    """Run ``fill(tmp_dir)`` then rename the temporary directory to ``dst``."""
+    dst = Path(dst)
+    if dst.exists() and not overwrite:
+        raise FileExistsError(f"{dst} already exists (pass overwrite=True to replace it)")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.tmp-"))
+    try:
+        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
+        fill(tmp)
+        if dst.exists():
+            old = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.old-"))
+            os.rename(dst, old / "x")
+            try:
+                os.rename(tmp, dst)
+            except BaseException:
+                os.rename(old / "x", dst)  # put the previous output back
+                raise
+            finally:
+                shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dst
+
+
+def write_hf_files(cfg: ModelConfig, params: Params, out: Path, tokenizer=None) -> None:
+    """Write config.json + model.safetensors (+ tokenizer files) into the existing dir ``out``."""
+    from arhq_jax.models import config_to_hf
+    from arhq_jax.models.params import params_to_tensors
+
+    def tensors():
+        for name, arr in params_to_tensors(cfg, params):
+            if cfg.tie_word_embeddings and name == "lm_head.weight":
+                continue  # transformers 5.x omits the tied head
+            yield name, np.asarray(arr)
+
+    write_safetensors(out / WEIGHTS_FILE, tensors(), metadata={"format": "pt"})
+    (out / CONFIG_FILE).write_text(json.dumps(config_to_hf(cfg), indent=2, sort_keys=True) + "\n")
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(out))
+
+
+def save_hf_dir(
+    cfg: ModelConfig, params: Params, path: str | Path, *, tokenizer=None, overwrite: bool = False
+) -> Path:
+    """Write a HF directory transformers can load; atomic (temp dir + rename). Returns ``path``."""
+    return _atomic_dir(
+        Path(path), overwrite, lambda tmp: write_hf_files(cfg, params, tmp, tokenizer)
+    )

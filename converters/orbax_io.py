@@ -1,0 +1,136 @@
+"""Float parameters + config in an orbax checkpoint directory (models.md §5).
+
+Layout of ``DIR``::
+
+    DIR/metadata.json   {"format": "arhq-jax-float-params", "version": 1, "config": {...}}
+    DIR/params/         orbax StandardCheckpointer tree: {HF tensor name: array}
+    DIR/tokenizer/      optional, ``tokenizer.save_pretrained``
+
+The tree is keyed by HF tensor names, so it does not depend on the ``Params`` class layout and is
+rebuilt through the same ``params_from_tensors`` path as safetensors (shape checks included).
+Written to a temporary directory and renamed into place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+
+from arhq_jax.models.config import ModelConfig, Params
+
+FORMAT = "arhq-jax-float-params"
+VERSION = 1
+METADATA_FILE = "metadata.json"
+
+
+def config_to_dict(cfg: ModelConfig) -> dict:
+    d = dataclasses.asdict(cfg)
+    d["rope_scaling"] = None if cfg.rope_scaling is None else [list(kv) for kv in cfg.rope_scaling]
+    return d
+
+
+def config_from_dict(d: dict) -> ModelConfig:
+    d = dict(d)
+    names = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = set(d) - names
+    if unknown:
+        raise ValueError(f"unknown ModelConfig fields in metadata: {sorted(unknown)}")
+    if d.get("rope_scaling") is not None:
+        d["rope_scaling"] = tuple(tuple(kv) for kv in d["rope_scaling"])
+    for k in ("bos_token_id", "eos_token_id"):
+        if isinstance(d.get(k), list):  # several eos ids: a tuple keeps the config hashable
+            d[k] = tuple(d[k])
+    return ModelConfig(**d)
+
+
+def is_orbax_dir(path: str | Path) -> bool:
+    """Whether ``path`` is a directory written by ``save_orbax``."""
+    f = Path(path) / METADATA_FILE
+    if not f.is_file():
+        return False
+    try:
+        return json.loads(f.read_text()).get("format") == FORMAT
+    except (json.JSONDecodeError, AttributeError):
+        return False
+
+
+def write_orbax_files(cfg: ModelConfig, params: Params, out: Path, tokenizer=None) -> None:
+    """Fill the existing (empty) directory ``out``."""
+    import orbax.checkpoint as ocp
+
+    from arhq_jax.models.params import params_to_tensors
+
+    tree = {name: np.asarray(a) for name, a in params_to_tensors(cfg, params)}
+    if cfg.tie_word_embeddings:
+        tree.pop("lm_head.weight", None)
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(out.absolute() / "params", tree)
+        ckptr.wait_until_finished()
+    meta = {"format": FORMAT, "version": VERSION, "config": config_to_dict(cfg)}
+    (out / METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(out / "tokenizer"))
+
+
+def save_orbax(
+    cfg: ModelConfig, params: Params, path: str | Path, *, tokenizer=None, overwrite: bool = False
+) -> Path:
+    """Save float params + config (+ tokenizer) to the orbax directory ``path``, atomically."""
+    from converters.hf import _atomic_dir
+
+    return _atomic_dir(
+        Path(path), overwrite, lambda tmp: write_orbax_files(cfg, params, tmp, tokenizer)
+    )
+
+
+def read_orbax_metadata(path: str | Path) -> dict:
+    path = Path(path)
+    f = path / METADATA_FILE
+    if not f.is_file():
+        raise FileNotFoundError(f"{f} not found (not an arhq-jax orbax checkpoint)")
+    meta = json.loads(f.read_text())
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{f}: format {meta.get('format')!r}, expected {FORMAT!r}")
+    if meta.get("version") != VERSION:
+        raise ValueError(f"{f}: version {meta.get('version')}, this reader knows {VERSION}")
+    return meta
+
+
+def load_orbax(
+    path: str | Path, *, param_dtype: str | None = None, dtype: str | None = None
+) -> tuple[ModelConfig, Params]:
+    """Restore ``(cfg, params)``; ``param_dtype``/``dtype`` None keep the stored ones."""
+    import orbax.checkpoint as ocp
+
+    from converters.hf import params_from_getter
+
+    path = Path(path)
+    cfg = config_from_dict(read_orbax_metadata(path)["config"])
+    if param_dtype is not None:
+        cfg = cfg.replace(param_dtype=param_dtype, dtype=dtype or param_dtype)
+    elif dtype is not None:
+        cfg = cfg.replace(dtype=dtype)
+    ckpt = path.absolute() / "params"
+    if not ckpt.is_dir():
+        raise FileNotFoundError(f"{ckpt} not found (orbax parameter tree)")
+    with ocp.StandardCheckpointer() as ckptr:
+        meta = ckptr.metadata(ckpt).item_metadata.tree
+        # Restore onto abstract arrays of the stored shapes and dtypes (no restore warning).
+        target = {k: _sds(m) for k, m in meta.items()}
+        tree = ckptr.restore(ckpt, target)
+
+    def get(name):
+        a = tree.get(name)
+        return None if a is None else np.asarray(a)
+
+    params = params_from_getter(cfg, get, list(tree), path)
+    return cfg, params
+
+
+def _sds(m):
+    import jax
+
+    return jax.ShapeDtypeStruct(tuple(m.shape), m.dtype)

@@ -1,0 +1,224 @@
+"""The safetensors container: a validating header parser, a streaming reader, a streaming writer.
+
+Layout (models.md §3): an 8-byte little-endian header length n, n bytes of JSON mapping each name
+to ``{dtype, shape, data_offsets: [begin, end]}`` (offsets relative to the data start) plus an
+optional ``__metadata__`` (str → str), then the raw little-endian C-order data.
+
+safetensors 0.8 + numpy 2.4 cannot read F8 tensors (``np.float8_e4m3fn`` does not exist), so F8
+tensors are read from our own header through a memmap and viewed as the ``ml_dtypes`` type; the
+other dtypes go through ``safe_open(framework="numpy")``. Every file's header is validated first,
+so a truncated file is a ``ValueError`` naming the file rather than a Rust panic message.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import struct
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+from safetensors import safe_open
+
+DTYPES: dict[str, np.dtype] = {
+    "F64": np.dtype(np.float64),
+    "F32": np.dtype(np.float32),
+    "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "I64": np.dtype(np.int64),
+    "I32": np.dtype(np.int32),
+    "I16": np.dtype(np.int16),
+    "I8": np.dtype(np.int8),
+    "U64": np.dtype(np.uint64),
+    "U32": np.dtype(np.uint32),
+    "U16": np.dtype(np.uint16),
+    "U8": np.dtype(np.uint8),
+    "BOOL": np.dtype(np.bool_),
+    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
+    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
+    "F8_E8M0": np.dtype(ml_dtypes.float8_e8m0fnu),
+}
+DTYPE_NAMES: dict[np.dtype, str] = {v: k for k, v in DTYPES.items()}
+# Read through safe_open; the rest (F8) through our memmap.
+_SAFE_OPEN_DTYPES = frozenset(k for k in DTYPES if not k.startswith("F8_"))
+_MAX_HEADER = 100 * 2**20  # the Rust library's own limit
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: str  # safetensors dtype string, e.g. "BF16"
+    shape: tuple[int, ...]
+    begin: int  # absolute byte offsets in the file
+    end: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Header:
+    path: Path
+    tensors: dict[str, TensorInfo]
+    metadata: dict[str, str]
+
+
+def read_header(path: str | Path) -> Header:
+    """Parse and validate a safetensors header (sizes, dtypes, offsets against the file size)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"safetensors file not found: {path}")
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise ValueError(f"{path}: truncated safetensors file ({size} bytes, no header)")
+        (n,) = struct.unpack("<Q", raw)
+        if n > _MAX_HEADER:
+            raise ValueError(f"{path}: not a safetensors file (header length {n})")
+        if 8 + n > size:
+            raise ValueError(
+                f"{path}: truncated safetensors file (header needs {8 + n} bytes, file has {size})"
+            )
+        try:
+            doc = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path}: corrupt safetensors header: {e}") from None
+    if not isinstance(doc, dict):
+        raise ValueError(f"{path}: corrupt safetensors header (not a JSON object)")
+    metadata = doc.pop("__metadata__", None) or {}
+    start = 8 + n
+    tensors = {}
+    data_end = 0
+    for name, d in doc.items():
+        try:
+            dtype, shape, (b, e) = d["dtype"], tuple(int(s) for s in d["shape"]), d["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"{path}: corrupt safetensors entry for {name!r}: {d}") from None
+        if dtype not in DTYPES:
+            raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {dtype}")
+        nbytes = math.prod(shape) * DTYPES[dtype].itemsize
+        if e - b != nbytes or b < 0:
+            raise ValueError(
+                f"{path}: tensor {name!r} {dtype}{list(shape)} has {e - b} bytes, expected {nbytes}"
+            )
+        tensors[name] = TensorInfo(name, dtype, shape, start + b, start + e)
+        data_end = max(data_end, e)
+    if start + data_end > size:
+        raise ValueError(
+            f"{path}: truncated safetensors file ({size} bytes, the header needs "
+            f"{start + data_end})"
+        )
+    if start + data_end < size:
+        raise ValueError(
+            f"{path}: corrupt safetensors file ({size - start - data_end} bytes after the data)"
+        )
+    return Header(path, tensors, metadata)
+
+
+class SafetensorsReader:
+    """Streams tensors out of one or more safetensors files, one at a time.
+
+    ``get(name)`` returns a numpy array in the stored dtype (``ml_dtypes`` for BF16/F8), or None
+    when no file holds ``name``. Use as a context manager (or call ``close``).
+    """
+
+    def __init__(self, files: Iterable[str | Path]):
+        self._headers = [read_header(p) for p in files]
+        self._where: dict[str, Header] = {}
+        for h in self._headers:
+            for name in h.tensors:
+                if name in self._where:
+                    raise ValueError(
+                        f"tensor {name!r} is in both {self._where[name].path} and {h.path}"
+                    )
+                self._where[name] = h
+        self._handles: dict[Path, object] = {}
+
+    def names(self) -> list[str]:
+        return list(self._where)
+
+    def info(self, name: str) -> TensorInfo | None:
+        h = self._where.get(name)
+        return None if h is None else h.tensors[name]
+
+    def get(self, name: str) -> np.ndarray | None:
+        h = self._where.get(name)
+        if h is None:
+            return None
+        t = h.tensors[name]
+        if t.dtype in _SAFE_OPEN_DTYPES:
+            if h.path not in self._handles:
+                self._handles[h.path] = safe_open(str(h.path), framework="numpy")
+            return self._handles[h.path].get_tensor(name)
+        dtype = DTYPES[t.dtype]
+        if t.end == t.begin:
+            return np.zeros(t.shape, dtype)
+        raw = np.memmap(h.path, dtype=np.uint8, mode="r", offset=t.begin, shape=(t.end - t.begin,))
+        return np.array(raw).view(dtype).reshape(t.shape)
+
+    def close(self):
+        self._handles.clear()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def write_safetensors(
+    path: str | Path,
+    tensors: Iterable[tuple[str, np.ndarray]],
+    metadata: dict[str, str] | None = None,
+) -> Path:
+    """Write ``(name, array)`` pairs to ``path``, streaming: one tensor in memory at a time.
+
+    The data go to a temporary file first (the header, which precedes them, is only known at the
+    end); the final file is assembled beside ``path`` under a temporary name and renamed.
+    """
+    path = Path(path)
+    meta = {str(k): str(v) for k, v in (metadata or {}).items()}
+    entries: dict[str, dict] = {}
+    fd, data_tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".data")
+    final_tmp = None
+    try:
+        offset = 0
+        with os.fdopen(fd, "wb") as data:
+            for name, arr in tensors:
+                arr = np.asarray(arr)  # (not ascontiguousarray: it makes 0-d arrays 1-d)
+                if name in entries:
+                    raise ValueError(f"duplicate tensor name {name!r}")
+                if arr.dtype not in DTYPE_NAMES:
+                    raise ValueError(
+                        f"tensor {name!r}: dtype {arr.dtype} cannot be stored in safetensors "
+                        "(store FP4 as packed U8)"
+                    )
+                if arr.dtype.byteorder == ">":
+                    raise ValueError(f"tensor {name!r}: big-endian arrays are not supported")
+                buf = arr.tobytes(order="C")
+                data.write(buf)
+                entries[name] = {
+                    "dtype": DTYPE_NAMES[arr.dtype],
+                    "shape": list(arr.shape),
+                    "data_offsets": [offset, offset + len(buf)],
+                }
+                offset += len(buf)
+        doc = ({"__metadata__": meta} if meta else {}) | entries
+        header = json.dumps(doc, separators=(",", ":")).encode()
+        header += b" " * (-len(header) % 8)  # align the data start to 8 bytes, as safetensors does
+        fd2, final_tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        with os.fdopen(fd2, "wb") as out, open(data_tmp, "rb") as data:
+            out.write(struct.pack("<Q", len(header)))
+            out.write(header)
+            shutil.copyfileobj(data, out, 16 * 2**20)
+        os.replace(final_tmp, path)
+        final_tmp = None
+    finally:
+        os.unlink(data_tmp)
+        if final_tmp is not None:
+            os.unlink(final_tmp)
+    return path
