@@ -13,18 +13,14 @@ import torch
 from _reference import param_tensors, transformers_gguf_model
 
 from arhq_jax import eval as ev
-from converters import load_model, smollm2_gguf_path
+from converters import smollm2_gguf_path
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def ours():
-    try:
-        smollm2_gguf_path()
-    except FileNotFoundError as e:
-        pytest.skip(str(e))
-    return load_model("smollm2")
+def ours(smollm2):
+    return smollm2
 
 
 @pytest.fixture(scope="module")
