@@ -1,0 +1,379 @@
+"""Low-rank + residual splits of a weight: ARHQ, SVDQuant, smoothing (α search) and layer SNR.
+
+Spec: methods.md §2.2 (ARHQ raw), §2.3 (smoothing), §2.4 (SNR), §3 (SVDQuant as the ARHQ reference
+implements it). Every function is pure; matmuls run at ``precision=HIGHEST``; the f64 path is
+``with jax.enable_x64(True):`` around calls made with f64 inputs.
+
+A split is ``W = residual + B Aᵀ`` with ``B [out, r]`` and ``A [in, r]``; at run time
+``ŷ = Q_a(x/s)·Q_w(residual)ᵀ + ((x/s)·A)·Bᵀ`` (s ≡ 1 in the raw setting).
+
+**Smoothing is a three-pass streaming flow** over the calibration tokens of one input group:
+
+1. ``stats.update_stats`` with absmax kept → ``m_x`` (per input channel ``max_t |x_ti|``).
+2. Per projection, ``init_alpha_search`` then ``update_alpha_search(state, x_chunk, w, m_x,
+   w_fmt, act_fmt)`` on every chunk (all 21 α = k/20 at once) → ``select_alpha`` → α*, and
+   ``s = smooth_scales(m_x, weight_absmax(w), α*)``.
+3. ``stats.update_stats`` again on ``x / s`` → ``G_s`` (Q_a is nonlinear, so G_s is *not*
+   S⁻¹GS⁻¹), then ``arhq(w * s, G_s, r)`` (or ``svdquant(w * s, r)``). The branch can absorb 1/s
+   as ``A' = A / s[:, None]``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from arhq_jax.formats import fake_quant, resolve_format
+
+HIGHEST = jax.lax.Precision.HIGHEST
+# α grid of the reference: k/20 for k = 0..20.
+ALPHAS = tuple(k / 20 for k in range(21))
+# Floor of m_x and m_w before the powers (methods.md §2.3 step 1).
+SCALE_FLOOR = 1e-12
+# Relative tolerance of the symmetry check on G: max|G - Gᵀ| <= tol * max|G|.
+SYMMETRY_RTOL = 1e-4
+
+
+def _mm(a, b):
+    return jnp.matmul(a, b, precision=HIGHEST)
+
+
+@struct.dataclass
+class LowRankSplit:
+    """``W = residual + b @ a.T``.
+
+    Attributes:
+      b: ``[out, r]``, the storage dtype (the singular values are folded into B).
+      a: ``[in, r]``, the storage dtype.
+      residual: ``[out, in]`` in the compute dtype (f32, or f64), recomputed from the stored b, a.
+      objective: scalar, ``Σ_{i>r} σ_i(M)²`` (ARHQ: M = W G̃½; SVDQuant: M = W).
+      n_clamped: int32 scalar, eigenvalues of G raised to the floor (0 for SVDQuant).
+      max_abs_a: scalar, ``max |A|``.
+      branch_rel_norm: scalar, ``‖B Aᵀ‖_F / ‖W‖_F``.
+    """
+
+    b: jax.Array
+    a: jax.Array
+    residual: jax.Array
+    objective: jax.Array
+    n_clamped: jax.Array
+    max_abs_a: jax.Array
+    branch_rel_norm: jax.Array
+
+    @property
+    def rank(self) -> int:
+        return self.b.shape[1]
+
+    def branch(self) -> jax.Array:
+        """``B Aᵀ`` ``[out, in]`` in the residual's dtype."""
+        cd = self.residual.dtype
+        return _mm(self.b.astype(cd), self.a.astype(cd).T)
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _is_traced(*xs) -> bool:
+    return any(isinstance(x, jax.core.Tracer) for x in xs)
+
+
+def _compute_dtype(*xs):
+    for x in xs:
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            raise ValueError(f"expected a floating-point array, got dtype {x.dtype}")
+    return jnp.result_type(*[x.dtype for x in xs], jnp.float32)
+
+
+def _check_ranks(rank, ranks, w_shape) -> tuple[int, ...]:
+    if (rank is None) == (ranks is None):
+        raise ValueError("give exactly one of rank= and ranks=")
+    rs = (rank,) if ranks is None else tuple(ranks)
+    if not rs:
+        raise ValueError("ranks is empty")
+    k = min(w_shape)
+    for r in rs:
+        if isinstance(r, bool) or not isinstance(r, (int, np.integer)):
+            raise ValueError(f"rank must be an int, got {r!r}")
+        if r < 0 or r > k:
+            raise ValueError(f"rank {r} out of range [0, min(out, in) = {k}] for W of {w_shape}")
+    return tuple(int(r) for r in rs)
+
+
+def _check_w(w) -> None:
+    if w.ndim != 2:
+        raise ValueError(f"W must be [out, in], got shape {w.shape}")
+    if not _is_traced(w) and not bool(jnp.all(jnp.isfinite(w))):
+        raise ValueError("W contains NaN or Inf")
+
+
+def _check_g(g, d_in: int) -> None:
+    if g.ndim != 2 or g.shape[0] != g.shape[1]:
+        raise ValueError(f"G must be square [in, in], got shape {g.shape}")
+    if g.shape[0] != d_in:
+        raise ValueError(f"G is {g.shape} but W has in = {d_in}; G must be [{d_in}, {d_in}]")
+    if _is_traced(g):
+        return
+    if not bool(jnp.all(jnp.isfinite(g))):
+        raise ValueError("G contains NaN or Inf")
+    asym = float(jnp.max(jnp.abs(g - g.T))) if g.size else 0.0
+    scale = float(jnp.max(jnp.abs(g))) if g.size else 0.0
+    if asym > SYMMETRY_RTOL * scale:
+        raise ValueError(
+            f"G is not symmetric: max|G - Gᵀ| = {asym:.3g} > {SYMMETRY_RTOL:g} * max|G| = "
+            f"{SYMMETRY_RTOL * scale:.3g}"
+        )
+
+
+# ----------------------------------------------------------------------------- ARHQ / SVDQuant
+
+
+@jax.jit
+def _arhq_factor(w, g, eps, rel_eps):
+    """One eigh and one SVD (methods.md §2.2 steps 1–4); serves every rank."""
+    g = 0.5 * (g + g.T)
+    lam, u = jnp.linalg.eigh(g)  # ascending
+    floor = jnp.maximum(eps, rel_eps * lam[-1])
+    n_clamped = jnp.sum(lam < floor).astype(jnp.int32)
+    root = jnp.sqrt(jnp.maximum(lam, floor))
+    # Both roots explicitly, as the reference does (not U diag Uᵀ applied lazily to V_r).
+    g_half = _mm(u * root, u.T)
+    g_inv_half = _mm(u / root, u.T)
+    um, s, vt = jnp.linalg.svd(_mm(w, g_half), full_matrices=False)
+    return um, s, vt, g_inv_half, n_clamped
+
+
+@functools.partial(jax.jit, static_argnames=("r", "storage"))
+def _split(w, um, s, vt, right, n_clamped, r: int, storage):
+    """Factors of rank r from a thin SVD ``M = um diag(s) vt``; ``A = right @ V_r``.
+
+    ``right`` is G⁻½ (ARHQ) or None (SVDQuant, A = V_r).
+    """
+    cd = w.dtype
+    b = um[:, :r] * s[:r]
+    v_r = vt[:r].T
+    a = v_r if right is None else _mm(right, v_r)
+    if storage is not None:
+        b, a = b.astype(storage), a.astype(storage)
+    # Recompute the residual from the stored factors so their rounding lands in W_res.
+    branch = _mm(b.astype(cd), a.astype(cd).T)
+    residual = w - branch
+    objective = jnp.sum(jnp.square(s[r:]))
+    w_norm = jnp.linalg.norm(w)
+    rel = jnp.linalg.norm(branch) / jnp.maximum(w_norm, jnp.finfo(cd).tiny)
+    max_a = jnp.max(jnp.abs(a.astype(cd)), initial=0.0)
+    return LowRankSplit(b, a, residual, objective, n_clamped, max_a, rel)
+
+
+def _storage(dtype):
+    return None if dtype is None else jnp.dtype(dtype)
+
+
+def arhq(
+    w,
+    g,
+    rank: int | None = None,
+    eps: float = 1e-6,
+    rel_eps: float | None = None,
+    *,
+    ranks=None,
+    dtype=None,
+):
+    """ARHQ split of ``w`` under the activation-residual metric ``g`` (methods.md §2.2).
+
+    Minimises ``‖(W − L) G̃½‖_F²`` over rank-≤r L: with ``λ, U = eigh(sym(G))``,
+    ``λ̃ = max(λ, ε, ε_rel·λ_max)``, ``M = W G̃½ = U_m Σ V_mᵀ``: ``B = U_m[:, :r] Σ[:r]``,
+    ``A = G̃⁻½ V_m[:, :r]``, ``residual = W − B Aᵀ``, ``objective = Σ_{i>r} σ_i²``.
+
+    Args:
+      w: ``[out, in]`` float (bf16 is upcast; the compute dtype is f32, or f64 under x64 when w or
+        g is f64).
+      g: ``[in, in]`` symmetric PSD, e.g. ``stats.finalize(...)["G"]``.
+      rank: r with ``0 <= r <= min(out, in)``; give this or ``ranks``.
+      eps: absolute eigenvalue floor ε (> 0); no diagonal damping.
+      rel_eps: optional relative floor ε_rel (>= 0), times the largest eigenvalue.
+      ranks: a sequence of ranks; one eigh and one SVD serve them all.
+      dtype: storage dtype of B and A (e.g. the model's bf16); the residual is recomputed from the
+        cast factors. None keeps the compute dtype.
+
+    Returns:
+      A ``LowRankSplit``, or ``{rank: LowRankSplit}`` when ``ranks`` is given.
+
+    Raises:
+      ValueError: bad rank, shapes that disagree, G not square/symmetric, NaN/Inf (eager only),
+        eps <= 0 or rel_eps < 0.
+    """
+    w, g = jnp.asarray(w), jnp.asarray(g)
+    _check_w(w)
+    _check_g(g, w.shape[1])
+    rs = _check_ranks(rank, ranks, w.shape)
+    if not eps > 0:
+        raise ValueError(f"eps must be > 0, got {eps}")
+    if rel_eps is not None and not rel_eps >= 0:
+        raise ValueError(f"rel_eps must be >= 0 or None, got {rel_eps}")
+    cd = _compute_dtype(w, g)
+    w, g = w.astype(cd), g.astype(cd)
+    rel = 0.0 if rel_eps is None else rel_eps
+    um, s, vt, g_inv_half, n_cl = _arhq_factor(w, g, jnp.asarray(eps, cd), jnp.asarray(rel, cd))
+    st = _storage(dtype)
+    out = {r: _split(w, um, s, vt, g_inv_half, n_cl, r=r, storage=st) for r in rs}
+    return out if ranks is not None else out[rs[0]]
+
+
+@jax.jit
+def _svd(w):
+    return jnp.linalg.svd(w, full_matrices=False)
+
+
+def svdquant(w, rank: int | None = None, *, ranks=None, dtype=None):
+    """SVDQuant split as the ARHQ reference implements it (methods.md §3): the plain truncated
+    SVD of ``w`` (pass ``W diag(s)`` for the smooth setting), ``B = U_r Σ_r``, ``A = V_r``.
+
+    ``objective`` is ``Σ_{i>r} σ_i(W)²`` (the unweighted Frobenius error); ``n_clamped`` is 0.
+    Arguments and errors as in ``arhq``.
+    """
+    w = jnp.asarray(w)
+    _check_w(w)
+    rs = _check_ranks(rank, ranks, w.shape)
+    w = w.astype(_compute_dtype(w))
+    um, s, vt = _svd(w)
+    st = _storage(dtype)
+    zero = jnp.zeros((), jnp.int32)
+    out = {r: _split(w, um, s, vt, None, zero, r=r, storage=st) for r in rs}
+    return out if ranks is not None else out[rs[0]]
+
+
+# ----------------------------------------------------------------------------- smoothing
+
+
+def weight_absmax(w) -> jax.Array:
+    """``m_w[i] = max_o |W_oi|`` ``[in]`` for ``W [out, in]``."""
+    return jnp.max(jnp.abs(jnp.asarray(w)), axis=0)
+
+
+def smooth_scales(m_x, m_w, alpha) -> jax.Array:
+    """``s = max(m_x, 1e-12)^α / max(m_w, 1e-12)^(1−α)`` ``[in]``, no normalisation.
+
+    α = 0 gives ``1/m_w`` (not the identity). Smoothed operands are ``x / s`` and ``W * s``.
+    """
+    m_x, m_w = jnp.asarray(m_x), jnp.asarray(m_w)
+    cd = _compute_dtype(m_x, m_w)
+    m_x = jnp.maximum(m_x.astype(cd), SCALE_FLOOR)
+    m_w = jnp.maximum(m_w.astype(cd), SCALE_FLOOR)
+    alpha = jnp.asarray(alpha, cd)
+    return jnp.power(m_x, alpha) / jnp.power(m_w, 1.0 - alpha)
+
+
+@struct.dataclass
+class AlphaSearch:
+    """Streaming α-search state: ``errors [21]`` (Σ_t squared output error per α of ``ALPHAS``)
+    and ``count`` (int32 tokens seen)."""
+
+    errors: jax.Array
+    count: jax.Array
+
+
+def init_alpha_search(dtype=jnp.float32) -> AlphaSearch:
+    """An empty accumulator; ``dtype`` f64 needs ``jax.enable_x64(True)``."""
+    return AlphaSearch(jnp.zeros(len(ALPHAS), dtype), jnp.zeros((), jnp.int32))
+
+
+@functools.partial(jax.jit, static_argnames=("w_fmt", "act_fmt"))
+def _alpha_update(state, x, w, m_x, mask, act_tensor_scale, w_fmt, act_fmt):
+    d = w.shape[1]
+    x = x.reshape(-1, d).astype(jnp.float32)
+    if mask is not None:
+        # Zero rows give zero error and never raise a dynamic tensor scale.
+        x = jnp.where(mask.reshape(-1, 1), x, 0.0)
+    w, m_x = w.astype(jnp.float32), m_x.astype(jnp.float32)
+    y = _mm(x, w.T)
+    m_w = weight_absmax(w)
+
+    def err(alpha):
+        s = smooth_scales(m_x, m_w, alpha)
+        xs = x / s
+        xq = xs if act_fmt is None else fake_quant(xs, act_fmt, tensor_scale=act_tensor_scale)
+        wq = fake_quant(w * s, w_fmt)
+        diff = _mm(xq, wq.T) - y
+        return jnp.sum(jnp.square(diff))
+
+    # lax.map keeps one quantized copy of W alive at a time (21 at once would not fit for FFNs).
+    errs = jax.lax.map(err, jnp.asarray(ALPHAS, jnp.float32))
+    n = x.shape[0] if mask is None else jnp.sum(mask)
+    return AlphaSearch(state.errors + errs.astype(state.errors.dtype), state.count + n)
+
+
+def update_alpha_search(
+    state: AlphaSearch,
+    x_chunk,
+    w,
+    m_x,
+    w_fmt,
+    act_fmt,
+    *,
+    mask=None,
+    act_tensor_scale=None,
+    weight_1d: bool = True,
+) -> AlphaSearch:
+    """Add one chunk's ``err(α) = Σ_t ‖Q1d(x_t/s_α)·Q1d(W diag s_α)ᵀ − x_t Wᵀ‖²`` for all 21 α.
+
+    Reference parity: the weight quantizer runs in 1-D blocks along ``in`` even when ``w_fmt``
+    asks for 16×16 tiles (``weight_1d=False`` keeps the tiles), and the objective has no low-rank
+    branch.
+
+    Args:
+      state: from ``init_alpha_search`` or a previous update.
+      x_chunk: ``[..., in]`` tokens of the original (unsmoothed) space; chunks of 2,048 tokens in
+        the reference (a dynamic ``nvfp4`` activation tensor scale is taken over the chunk).
+      w: ``[out, in]``; m_x: ``[in]`` absmax of the calibration tokens (pass 1).
+      w_fmt, act_fmt: format names or ``FormatSpec`` (static); ``act_fmt=None`` skips Q_a.
+      mask: optional boolean ``x_chunk.shape[:-1]``; False tokens contribute nothing.
+      act_tensor_scale: optional fixed activation tensor scale (``nvfp4``).
+    """
+    x_chunk, w, m_x = jnp.asarray(x_chunk), jnp.asarray(w), jnp.asarray(m_x)
+    if w.ndim != 2 or x_chunk.ndim < 1 or x_chunk.shape[-1] != w.shape[1]:
+        raise ValueError(f"x_chunk {x_chunk.shape} and W {w.shape} disagree on in")
+    if m_x.shape != (w.shape[1],):
+        raise ValueError(f"m_x must be [{w.shape[1]}], got {m_x.shape}")
+    if mask is not None:
+        mask = jnp.asarray(mask, bool)
+        if mask.shape != x_chunk.shape[:-1]:
+            raise ValueError(
+                f"mask {mask.shape} must be x_chunk's leading shape {x_chunk.shape[:-1]}"
+            )
+    w_spec = resolve_format(w_fmt)
+    if weight_1d and w_spec.tile is not None:
+        w_spec = resolve_format(w_spec, tile=None)
+    a_spec = None if act_fmt is None else resolve_format(act_fmt)
+    return _alpha_update(
+        state, x_chunk, w, m_x, mask, act_tensor_scale, w_fmt=w_spec, act_fmt=a_spec
+    )
+
+
+def select_alpha(errors) -> float:
+    """α* = ``ALPHAS[argmin errors]``, the first minimum winning. Accepts an ``AlphaSearch``."""
+    if isinstance(errors, AlphaSearch):
+        errors = errors.errors
+    e = np.asarray(errors, np.float64)
+    if e.shape != (len(ALPHAS),):
+        raise ValueError(f"errors must be [{len(ALPHAS)}], got shape {e.shape}")
+    if not np.all(np.isfinite(e)):
+        raise ValueError("alpha-search errors contain NaN or Inf")
+    return ALPHAS[int(np.argmin(e))]
+
+
+# ----------------------------------------------------------------------------- SNR
+
+
+def snr_db(y, y_hat) -> jax.Array:
+    """``20·log10(‖y‖_F / max(‖ŷ − y‖_F, 1e−12))`` in dB over the whole block (f32 or f64)."""
+    y, y_hat = jnp.asarray(y), jnp.asarray(y_hat)
+    if y.shape != y_hat.shape:
+        raise ValueError(f"y {y.shape} and y_hat {y_hat.shape} differ in shape")
+    cd = _compute_dtype(y, y_hat)
+    y, y_hat = y.astype(cd), y_hat.astype(cd)
+    err = jnp.maximum(jnp.linalg.norm(y_hat - y), 1e-12)
+    return 20.0 * jnp.log10(jnp.linalg.norm(y) / err)
