@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from arhq_jax import decompose, stats
 from arhq_jax.calibrate import LayerwiseRunner
 from arhq_jax.formats import dequantize
+from arhq_jax.models import transformer
 from arhq_jax.models.config import GROUP_OF, INPUT_GROUPS, Layer, ModelConfig, Params
 from arhq_jax.qlinear import QuantLinear
 from arhq_jax.quant_config import LOWRANK_METHODS, QuantConfig
@@ -47,9 +48,13 @@ def _block(x):
     return jax.block_until_ready(x)
 
 
-def _stats_cfg(qcfg: QuantConfig, *, g: bool, absmax: bool) -> stats.StatsConfig:
+def _stats_cfg(qcfg: QuantConfig, *, g: bool, absmax: bool, h: bool = False) -> stats.StatsConfig:
     return stats.StatsConfig(
-        act_fmt=qcfg.act_fmt, keep_g=g, keep_absmax=absmax, dtype=qcfg.stats_dtype
+        act_fmt=qcfg.act_fmt if g else None,
+        keep_g=g,
+        keep_h=h,
+        keep_absmax=absmax,
+        dtype=qcfg.stats_dtype,
     )
 
 
@@ -82,7 +87,7 @@ def _alpha_search(runner, layer, projs, m_x, qcfg):
         p = name.split(":")[1]
         w = getattr(layer, p).w
         return decompose.update_alpha_search(
-            state, x, w, m_x[GROUP_OF[p]], qcfg.w_fmt, qcfg.act_fmt, mask=mask
+            state, x, w, m_x[GROUP_OF[p]], qcfg.w_spec, qcfg.act_fmt, mask=mask
         )
 
     searched = runner.accumulate(layer, init, update)
@@ -104,7 +109,34 @@ def _split(qcfg: QuantConfig, w_t: jax.Array, g: jax.Array | None, factor_dtype)
     return decompose.arhq(w_t, g, qcfg.rank, qcfg.eps, qcfg.rel_eps, dtype=factor_dtype)
 
 
-def _quantize_group(layer, projs, g_of, smooth, qcfg, factor_dtype, timings, layer_idx):
+def _pack_residual(qcfg: QuantConfig, residual, h, s, bias, split):
+    """The residual → ``QuantLinear``: RTN (``formats.quantize``) or GPTQ under ``h`` (the
+    Hessian of the input the residual sees, x/s)."""
+    a = None if split is None else split.a
+    b = None if split is None else split.b
+    if h is None:
+        return QuantLinear.from_float(
+            residual, a, b, qcfg.w_spec, qcfg.act_fmt, smooth=s, bias=bias
+        )
+    from arhq_jax.methods.gptq import gptq_quantize
+
+    w_spec = qcfg.w_spec
+    res = gptq_quantize(
+        residual,
+        h,
+        w_spec,
+        percdamp=qcfg.percdamp,
+        block_size=qcfg.block_size,
+        act_order=qcfg.act_order,
+        static_groups=qcfg.act_order and w_spec.block != -1,
+        mse_clip=qcfg.mse_clip,
+    )
+    # from_float validates shapes and formats; its RTN packing is replaced by GPTQ's.
+    ql = QuantLinear.from_float(residual, a, b, w_spec, qcfg.act_fmt, smooth=s, bias=bias)
+    return ql.replace(w=res.qtensor)
+
+
+def _quantize_group(layer, projs, g_of, smooth, qcfg, factor_dtype, timings, layer_idx, h_of):
     """Decompose and pack ``projs`` of ``layer``; returns ({proj: QuantLinear}, diagnostics)."""
     new, diags = {}, []
     for p in projs:
@@ -116,15 +148,7 @@ def _quantize_group(layer, projs, g_of, smooth, qcfg, factor_dtype, timings, lay
         split = _block(_split(qcfg, w_t, g_of.get(p), factor_dtype))
         t1 = time.perf_counter()
         residual = w_t if split is None else split.residual
-        ql = QuantLinear.from_float(
-            residual,
-            None if split is None else split.a,
-            None if split is None else split.b,
-            qcfg.w_fmt,
-            qcfg.act_fmt,
-            smooth=s,
-            bias=lin.b,
-        )
+        ql = _pack_residual(qcfg, residual, h_of.get(p), s, lin.b, split)
         deq = _block(dequantize(ql.w, jnp.float32))
         t2 = time.perf_counter()
         timings["decomposition_s"] += t1 - t0
@@ -181,48 +205,82 @@ class Calibration:
         for captured, mask in runner.captures(layer):
             x = np.asarray(captured[group], np.float32)
             xs.append(x[np.asarray(mask)])
-        x = np.concatenate(xs)
-        if len(x) > max_tokens:
-            idx = np.random.default_rng(seed).choice(len(x), max_tokens, replace=False)
-            x = x[np.sort(idx)]
-        return x
+        return _subsample(np.concatenate(xs), max_tokens, seed)
+
+    def _head_batches(self, final_norm):
+        """The lm_head input, ``rms_norm(h, final_norm)`` of the hidden states after the layers
+        the runner has been advanced through (all of them once the layer loop is done)."""
+        runner = self._need()
+        for h, valid in runner._batches:
+            x = transformer.rms_norm(h, final_norm, self.cfg.rms_norm_eps)
+            yield x, jnp.broadcast_to(valid[:, None], h.shape[:2])
+
+    def head_stats(self, final_norm, spec: stats.StatsConfig) -> dict:
+        """Finalized statistics of the lm_head input (see ``_head_batches``)."""
+        st = stats.init_stats(self.cfg.hidden_size, spec)
+        for x, mask in self._head_batches(final_norm):
+            st = stats.update_stats(st, x, spec, mask=mask)
+        return stats.finalize(st)
+
+    def head_inputs(self, final_norm, max_tokens: int, seed: int = 0) -> np.ndarray:
+        """A uniform random sample of at most ``max_tokens`` lm_head input tokens, f32 ``[n, H]``."""
+        xs = [np.asarray(x, np.float32)[np.asarray(m)] for x, m in self._head_batches(final_norm)]
+        return _subsample(np.concatenate(xs), max_tokens, seed)
+
+
+def _subsample(x: np.ndarray, max_tokens: int, seed: int) -> np.ndarray:
+    if len(x) > max_tokens:
+        idx = np.random.default_rng(seed).choice(len(x), max_tokens, replace=False)
+        x = x[np.sort(idx)]
+    return x
 
 
 class LowRankMethod:
     """RTN, SVDQuant and ARHQ, raw or smoothed (methods.md §1–§3)."""
 
     def needs_calibration(self, qcfg: QuantConfig) -> bool:
-        return qcfg.setting == "smooth" or (qcfg.method == "arhq" and qcfg.uses_branch)
+        return (
+            qcfg.setting == "smooth"
+            or (qcfg.method == "arhq" and qcfg.uses_branch)
+            or qcfg.residual_quant == "gptq"
+        )
 
     def quantize_stage(self, layer, groups, projs, calib, qcfg, layer_idx, timings):
-        """Quantize ``projs`` (of input ``groups``) of ``layer`` → (new layer, diagnostics)."""
+        """Quantize ``projs`` (of input ``groups``) of ``layer`` → (new layer, diagnostics).
+
+        With ``residual_quant="gptq"`` the residual is GPTQ-quantized under H of the input it
+        sees (x, or x/s per projection in the smooth setting), accumulated in the same pass as G.
+        """
         need_g = qcfg.method == "arhq" and qcfg.uses_branch
+        need_h = qcfg.residual_quant == "gptq"
         t0 = time.perf_counter()
-        smooth, g_of = {}, {}
+        smooth, g_of, h_of = {}, {}, {}
         if qcfg.setting == "smooth":
             spec = _stats_cfg(qcfg, g=False, absmax=True)
             absmax = calib.stats(layer, {g: spec for g in groups})
             smooth = calib.alpha_search(
                 layer, projs, {g: absmax[g]["absmax"] for g in groups}, qcfg
             )
-            if need_g:
+            if need_g or need_h:
                 names = {p: f"{GROUP_OF[p]}:{p}" for p in projs}
-                spec = _stats_cfg(qcfg, g=True, absmax=False)
+                spec = _stats_cfg(qcfg, g=need_g, absmax=False, h=need_h)
                 gs = calib.stats(
                     layer,
                     {n: spec for n in names.values()},
                     {names[p]: smooth[p][1] for p in projs},
                 )
-                g_of = {p: gs[names[p]]["G"] for p in projs}
-        elif need_g:
-            spec = _stats_cfg(qcfg, g=True, absmax=False)
+                g_of = {p: gs[names[p]]["G"] for p in projs} if need_g else {}
+                h_of = {p: gs[names[p]]["H"] for p in projs} if need_h else {}
+        elif need_g or need_h:
+            spec = _stats_cfg(qcfg, g=need_g, absmax=False, h=need_h)
             gs = calib.stats(layer, {g: spec for g in groups})
-            g_of = {p: gs[GROUP_OF[p]]["G"] for p in projs}
-        _block(g_of)
+            g_of = {p: gs[GROUP_OF[p]]["G"] for p in projs} if need_g else {}
+            h_of = {p: gs[GROUP_OF[p]]["H"] for p in projs} if need_h else {}
+        _block((g_of, h_of))
         timings["calibration_s"] += time.perf_counter() - t0
         factor_dtype = qcfg.factor_dtype or calib.cfg.param_dtype
         new, diags = _quantize_group(
-            layer, projs, g_of, smooth, qcfg, factor_dtype, timings, layer_idx
+            layer, projs, g_of, smooth, qcfg, factor_dtype, timings, layer_idx, h_of
         )
         return layer.replace(**new), diags
 
@@ -287,7 +345,9 @@ def quantize_model(
         layer = fp_layer
         for groups in stages:
             projs = [p for g in groups for p in INPUT_GROUPS[g] if p in qcfg.projections]
-            layer, d = method.quantize_stage(layer, groups, projs, calib, qcfg, li, timings)
+            # f64 statistics (and the decompositions that read them) need x64 switched on.
+            with jax.enable_x64(qcfg.stats_dtype == "float64"):
+                layer, d = method.quantize_stage(layer, groups, projs, calib, qcfg, li, timings)
             diags += d
             bar.update(1)
         layers.append(layer)

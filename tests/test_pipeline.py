@@ -254,3 +254,15 @@ def test_sharded_over_four_devices_matches_one():
     assert out["four"]["ppl"] == pytest.approx(out["one"]["ppl"], rel=1e-6)
     assert out["four"]["kl"] == pytest.approx(out["one"]["kl"], rel=1e-4, abs=1e-8)
     assert out["four"]["top1"] == out["one"]["top1"]
+
+
+def test_float64_statistics_agree_with_float32(model):
+    params, ids = model
+    kw = dict(method="arhq", rank=8, modules="ffn")
+    r32 = quantize_model(params, CFG, ids, QuantConfig(**kw), progress=False).params
+    r64 = quantize_model(params, CFG, ids, QuantConfig(stats_dtype="float64", **kw), progress=False)
+    up32, up64 = r32.layers[1].up_proj, r64.params.layers[1].up_proj
+    assert up64.a.dtype == jnp.float32  # factors are stored in the model dtype either way
+    l32 = np.asarray(up32.b) @ np.asarray(up32.a).T
+    l64 = np.asarray(up64.b) @ np.asarray(up64.a).T
+    np.testing.assert_allclose(l64, l32, atol=1e-4 * np.abs(l32).max())
