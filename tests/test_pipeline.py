@@ -92,7 +92,9 @@ def test_quantize_model_reconstructs_weights(model, method, setting):
             np.testing.assert_allclose(deq, ref, rtol=0, atol=1e-5 * np.abs(w).max())
     logits = transformer.forward(res.params, CFG, jnp.asarray(ids[:2]))
     assert np.isfinite(np.asarray(logits)).all()
-    assert res.timings["calibration_s"] > 0 and res.calib_tokens == ids.size
+    # Raw RTN and SVDQuant need no data: no calibration forward runs at all.
+    needs_data = method == "arhq" or setting == "smooth"
+    assert res.calib_tokens == (ids.size if needs_data else 0)
 
 
 def test_sequential_first_layer_equals_parallel(model):
