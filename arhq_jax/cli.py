@@ -7,14 +7,31 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
-from arhq_jax.quant_config import LINEAR_FORMATS, METHODS, MODULES, SETTINGS
+# OpenBLAS (scipy's LAPACK, which jax's CPU Cholesky/eigh call) busy-waits its worker threads;
+# on a shared or oversubscribed CPU that makes a 576×576 Cholesky take ~1 s instead of ~1 ms.
+# Must be set before scipy loads its OpenBLAS (jax imports scipy lazily, at the first linalg op).
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+from arhq_jax.quant_config import (  # noqa: E402
+    DEFAULT,
+    LINEAR_FORMATS,
+    METHODS,
+    MODULES,
+    RESIDUAL_QUANTS,
+    SETTINGS,
+)
 
 
 def _fmt_or_none(s: str) -> str | None:
     return None if s.lower() == "none" else s
+
+
+def _group(s: str) -> int:
+    return -1 if s.lower() in ("row", "channel", "token", "-1") else int(s)
 
 
 def _add_model(p):
@@ -43,21 +60,70 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("quantize", help="calibrate and quantize a model, save a checkpoint")
     _add_model(q)
     q.add_argument("--method", default="arhq", choices=METHODS)
-    q.add_argument("--setting", default="raw", choices=SETTINGS)
-    q.add_argument("--rank", type=int, default=32)
-    q.add_argument("--format", default="nvfp4", choices=LINEAR_FORMATS, help="weight format")
+    q.add_argument("--setting", default="raw", choices=SETTINGS, help="low-rank methods only")
+    q.add_argument(
+        "--rank",
+        type=int,
+        default=None,
+        help="low-rank branch rank (svdquant/arhq, default 32), or SERQ's number of compensated "
+        "channels (default 128)",
+    )
+    q.add_argument(
+        "--format",
+        default=DEFAULT,
+        choices=(DEFAULT, *LINEAR_FORMATS),
+        help="weight format (default: the method's native one: nvfp4 for rtn/svdquant/arhq, "
+        "int4 for gptq/resq, int8 for smoothquant, int4-asym for awq, mxfp4 for serq)",
+    )
     q.add_argument(
         "--act-format",
-        default="nvfp4",
+        default=DEFAULT,
         type=_fmt_or_none,
-        help=f"activation format ({', '.join(LINEAR_FORMATS)}) or 'none' for weight-only",
+        help=f"activation format ({', '.join(LINEAR_FORMATS)}), 'none' for weight-only, or "
+        "'default' (the method's native one)",
     )
+    q.add_argument(
+        "--group-size",
+        type=_group,
+        default=None,
+        help="int weight group along in: a positive int, or 'row' (-1, one per output row); "
+        "default: the method's (gptq/smoothquant: row, awq: 128, others 128)",
+    )
+    q.add_argument(
+        "--act-group-size",
+        type=_group,
+        default=None,
+        help="int activation group: a positive int, or 'token' (-1, one per token); default: "
+        "per token for smoothquant, 128 otherwise",
+    )
+    q.add_argument(
+        "--residual-quant",
+        default=None,
+        choices=RESIDUAL_QUANTS,
+        help="quantizer of the residual (svdquant/arhq), SERQ's main weight (int path) and "
+        "ResQ's weights: rtn or gptq (default: gptq for resq, rtn otherwise)",
+    )
+    q.add_argument("--alpha", type=float, default=None, help="SmoothQuant α (default 0.5)")
+    q.add_argument(
+        "--act-order", action="store_true", help="GPTQ act-order (static groups when grouped)"
+    )
+    q.add_argument("--percdamp", type=float, default=0.01, help="GPTQ damping (default 0.01)")
+    q.add_argument(
+        "--lm-head",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also quantize lm_head (default: yes for awq/awq-dh as FPRAG does, no otherwise)",
+    )
+    q.add_argument("--seed", type=int, default=0, help="ResQ rotations, AWQ token sampling")
     q.add_argument("--modules", default="all", choices=tuple(MODULES))
     q.add_argument("--calib-text", default=None, help="text file (default: pydoc part)")
     q.add_argument("--calib-tokens", type=int, default=16384)
     q.add_argument("--calib-seq-len", type=int, default=512)
     q.add_argument(
-        "--sequential", action="store_true", help="calibrate on earlier-quantized layers"
+        "--sequential",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="calibrate on earlier-quantized layers (default: on for gptq, awq, awq-dh, resq)",
     )
     q.add_argument("--stats-dtype", default="float32", choices=("float32", "float64"))
     q.add_argument("--batch-size", type=int, default=8, help="calibration sequences per forward")
@@ -147,6 +213,14 @@ def cmd_quantize(args) -> int:
         modules=args.modules,
         sequential=args.sequential,
         stats_dtype=args.stats_dtype,
+        group_size=args.group_size,
+        act_group_size=args.act_group_size,
+        residual_quant=args.residual_quant,
+        alpha=args.alpha,
+        act_order=args.act_order,
+        percdamp=args.percdamp,
+        quantize_lm_head=args.lm_head,
+        seed=args.seed,
     )
     m = _load(args)
     qcfg.check_model(m.cfg)

@@ -50,7 +50,7 @@ def _block(x):
 
 def _stats_cfg(qcfg: QuantConfig, *, g: bool, absmax: bool, h: bool = False) -> stats.StatsConfig:
     return stats.StatsConfig(
-        act_fmt=qcfg.act_fmt if g else None,
+        act_fmt=qcfg.act_spec if g else None,
         keep_g=g,
         keep_h=h,
         keep_absmax=absmax,
@@ -87,7 +87,7 @@ def _alpha_search(runner, layer, projs, m_x, qcfg):
         p = name.split(":")[1]
         w = getattr(layer, p).w
         return decompose.update_alpha_search(
-            state, x, w, m_x[GROUP_OF[p]], qcfg.w_spec, qcfg.act_fmt, mask=mask
+            state, x, w, m_x[GROUP_OF[p]], qcfg.w_spec, qcfg.act_spec, mask=mask
         )
 
     searched = runner.accumulate(layer, init, update)
@@ -116,7 +116,7 @@ def _pack_residual(qcfg: QuantConfig, residual, h, s, bias, split):
     b = None if split is None else split.b
     if h is None:
         return QuantLinear.from_float(
-            residual, a, b, qcfg.w_spec, qcfg.act_fmt, smooth=s, bias=bias
+            residual, a, b, qcfg.w_spec, qcfg.act_spec, smooth=s, bias=bias
         )
     from arhq_jax.methods.gptq import gptq_quantize
 
@@ -132,7 +132,7 @@ def _pack_residual(qcfg: QuantConfig, residual, h, s, bias, split):
         mse_clip=qcfg.mse_clip,
     )
     # from_float validates shapes and formats; its RTN packing is replaced by GPTQ's.
-    ql = QuantLinear.from_float(residual, a, b, w_spec, qcfg.act_fmt, smooth=s, bias=bias)
+    ql = QuantLinear.from_float(residual, a, b, w_spec, qcfg.act_spec, smooth=s, bias=bias)
     return ql.replace(w=res.qtensor)
 
 
@@ -223,7 +223,8 @@ class Calibration:
         return stats.finalize(st)
 
     def head_inputs(self, final_norm, max_tokens: int, seed: int = 0) -> np.ndarray:
-        """A uniform random sample of at most ``max_tokens`` lm_head input tokens, f32 ``[n, H]``."""
+        """A uniform random sample of at most ``max_tokens`` lm_head input tokens (f32
+        ``[n, H]``)."""
         xs = [np.asarray(x, np.float32)[np.asarray(m)] for x, m in self._head_batches(final_norm)]
         return _subsample(np.concatenate(xs), max_tokens, seed)
 

@@ -6,7 +6,6 @@ projection a packed NVFP4/MXFP4 QuantLinear with a rank-16 branch); the rest sta
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 from arhq_jax import eval as ev

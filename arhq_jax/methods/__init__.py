@@ -1,11 +1,27 @@
-"""The seed baselines as pure per-linear algorithms (methods.md §4–§8).
+"""The seed baselines as pure per-linear algorithms (methods.md §4–§8) and their pipeline adapters.
 
-Each module takes arrays (``W [out, in]`` in HF layout, calibration statistics) and returns arrays
-or pytrees; the whole-model pipeline (calibration, sequential order, CLI) lives elsewhere.
+Each algorithm module takes arrays (``W [out, in]`` in HF layout, calibration statistics) and
+returns arrays or pytrees:
 
 - ``gptq``: GPTQ (§5), also the residual quantizer of SVDQuant/ARHQ/SERQ/ResQ.
 - ``smoothquant``: SmoothQuant scales and their folding into norms and producers (§4).
 - ``awq``: FPRAG-AWQ and its dynamic-heuristic rounding (§6).
 - ``serq``: SERQ flattening, saliency permutation and single-matrix compensation (§7).
 - ``resq``: ResQ PCA bases, Haar rotations, mixed-precision quantizers, Hadamard (§8).
+
+``layer_methods`` and ``resq_method`` wrap them as layer quantizers of
+``arhq_jax.quantize_model`` (calibration, sequential order, model-level fusions); ``LAYER_METHODS``
+maps each ``--method`` name to its quantizer object.
 """
+
+from arhq_jax.methods.layer_methods import AWQMethod, GPTQMethod, SERQMethod, SmoothQuantMethod
+from arhq_jax.methods.resq_method import ResQMethod
+
+LAYER_METHODS = {
+    "gptq": GPTQMethod(),
+    "smoothquant": SmoothQuantMethod(),
+    "awq": AWQMethod("rne"),
+    "awq-dh": AWQMethod("dh"),
+    "serq": SERQMethod(),
+    "resq": ResQMethod(),
+}

@@ -42,6 +42,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from arhq_jax import formats as F
 from arhq_jax.formats import div
 
 HIGHEST = jax.lax.Precision.HIGHEST
@@ -137,13 +138,9 @@ def outlier_threshold(mu, knee_tolerance: float = 0.0) -> jax.Array:
     return a[kneedle_index(half, knee_tolerance)]
 
 
-@functools.partial(jax.jit, static_argnames=("group_size", "knee_tolerance", "max_flip"))
-def dh_quantize(w, mu, group_size: int = 128, knee_tolerance: float = 0.0, max_flip: float = 0.01):
-    """FPRAG's dynamic-heuristic rounding of ``w [out, in]`` given μ ``[in]`` (= E[x]/s).
-
-    Returns ``(w_hat [out, in] f32, flips [out] int32, outliers [in] bool)``.
-    """
-    w = jnp.asarray(w, jnp.float32)
+def _dh_codes(w, mu, group_size, knee_tolerance, max_flip):
+    """The DH rounding: ``(w_int [out, in_pad] after the flips, scale, zp (both [out, in_pad]),
+    flips [out] int32, outliers [in_pad] bool)``."""
     out, k = w.shape
     wp, w_div, w_int, scale, zp = _setup(w, group_size)
     kp = wp.shape[1]
@@ -161,20 +158,97 @@ def dh_quantize(w, mu, group_size: int = 128, knee_tolerance: float = 0.0, max_f
     valid &= ~outliers[None, :]
 
     cost = jnp.where(valid, jnp.abs(frac), -1.0)
-    order = jnp.argsort(cost, axis=1, stable=True, descending=True)
+    cap = int(max_flip * k)
+    m = min(cap + 1, kp)
+    if m < kp:
+        # Only the first min(K*, cap) sorted candidates are ever flipped, and |e − cumsum| is
+        # quasi-convex in K (valid impacts all share e's sign, so the f32 prefix sums move
+        # monotonically toward and past e): the best prefix length clipped to cap is found
+        # among the top cap + 1 candidates. top_k breaks ties by lower index, as the stable
+        # sort does.
+        _, order = jax.lax.top_k(cost, m)
+    else:
+        order = jnp.argsort(cost, axis=1, stable=True, descending=True)
     s_valid = jnp.take_along_axis(valid, order, axis=1)
     s_imp = jnp.where(s_valid, jnp.take_along_axis(impact, order, axis=1), 0.0)
     resid = jnp.abs(err[:, None] - jnp.cumsum(s_imp, axis=1))
     best_k = jnp.argmin(jnp.concatenate([jnp.abs(err)[:, None], resid], axis=1), axis=1)
-    chosen = (jnp.arange(kp)[None, :] < best_k[:, None]) & s_valid
-    cap = int(max_flip * k)
+    chosen = (jnp.arange(m)[None, :] < best_k[:, None]) & s_valid
     chosen &= jnp.cumsum(chosen.astype(jnp.int32), axis=1) <= cap
     s_dir = jnp.where(chosen, jnp.take_along_axis(flip_dir, order, axis=1), 0.0)
     rows = jnp.arange(out)[:, None]
     delta = jnp.zeros_like(w_int).at[rows, order].add(s_dir)
     w_int = jnp.clip(w_int + delta, 0, QMAX)
+    return w_int, scale, zp, jnp.sum(chosen, axis=1).astype(jnp.int32), outliers
+
+
+@functools.partial(jax.jit, static_argnames=("group_size", "knee_tolerance", "max_flip"))
+def dh_quantize(w, mu, group_size: int = 128, knee_tolerance: float = 0.0, max_flip: float = 0.01):
+    """FPRAG's dynamic-heuristic rounding of ``w [out, in]`` given μ ``[in]`` (= E[x]/s).
+
+    Returns ``(w_hat [out, in] f32, flips [out] int32, outliers [in] bool)``.
+    """
+    w = jnp.asarray(w, jnp.float32)
+    k = w.shape[1]
+    w_int, scale, zp, flips, outliers = _dh_codes(w, mu, group_size, knee_tolerance, max_flip)
     w_hat = ((w_int - zp) * scale)[:, :k]
-    return w_hat, jnp.sum(chosen, axis=1).astype(jnp.int32), outliers[:k]
+    return w_hat, flips, outliers[:k]
+
+
+@functools.partial(
+    jax.jit, static_argnames=("rounding", "group_size", "knee_tolerance", "max_flip")
+)
+def _final_codes(w_scaled, mu, *, rounding, group_size, knee_tolerance, max_flip):
+    if rounding == "dh":
+        w_int, scale, zp, _, _ = _dh_codes(w_scaled, mu, group_size, knee_tolerance, max_flip)
+    else:
+        _, _, w_int, scale, zp = _setup(w_scaled, group_size)
+    # One scale and zero point per group (they are constant over the group's columns).
+    return w_int.astype(jnp.uint8), scale[:, ::group_size], zp[:, ::group_size].astype(jnp.uint8)
+
+
+def awq_qtensor(
+    w,
+    s,
+    *,
+    mean_x=None,
+    rounding: str = "rne",
+    group_size: int = 128,
+    knee_tolerance: float = 0.0,
+    max_flip: float = 0.01,
+) -> F.QTensor:
+    """The packed ``Q(W diag s)`` of the chosen scale ``s [in]``: a ``QTensor`` in int4-asym
+    (``int_variant="fprag"``, group ``group_size``) whose ``dequantize`` is bit for bit the
+    quantized weight of the α search's winning candidate (before the division by s).
+
+    The runtime then computes ``(x/s)·deq(Q)ᵀ`` (``QuantLinear`` with ``smooth=s``), which is
+    ``x·ŵᵀ`` up to f32 rounding. The last group is zero-padded as in FPRAG's code.
+    """
+    w = jnp.asarray(w, jnp.float32)
+    s = jnp.asarray(s, jnp.float32)
+    out, k = w.shape
+    if s.shape != (k,):
+        raise ValueError(f"s must be [{k}], got shape {s.shape}")
+    mu = jnp.zeros((k,), jnp.float32) if mean_x is None else jnp.asarray(mean_x, jnp.float32) / s
+    codes, scale, zp = _final_codes(
+        w * s[None, :],
+        mu,
+        rounding=rounding,
+        group_size=int(group_size),
+        knee_tolerance=float(knee_tolerance),
+        max_flip=float(max_flip),
+    )
+    spec = F.resolve_format("int4-asym", group_size=int(group_size), int_variant="fprag")
+    return F.QTensor(
+        codes=F.pack_nibbles(codes),
+        scales=scale,
+        tensor_scale=jnp.float32(1.0),
+        zeros=zp,
+        shape=(out, k),
+        spec=spec,
+        axis=1,
+        dtype="float32",
+    )
 
 
 def dh_row_error(w, w_hat, mu) -> jax.Array:

@@ -20,8 +20,10 @@ Faithfulness (checked against ``get_basis.py``, ``hadamard_utils.py``, ``quant_u
     non-power-of-two Hadamard sizes use Paley I/II constructions (orders q+1, 2(q+1) for prime q)
     times a Sylvester power of two instead of QuaRot's hard-coded tables, so the matrix differs
     but is equally orthogonal and ±1/√n. Per-KV-head U_V, the online U_K on post-RoPE keys, the
-    per-head o_proj activation layout and the KV cache are model-level fusions for the pipeline;
-    this module gives the per-linear pieces (``resq_rotation`` also serves per-head bases).
+    per-head o_proj activation layout and the KV cache are model-level fusions for the pipeline
+    (``resq_method``); this module gives the per-linear pieces (``resq_rotation`` also serves
+    per-head bases; ``ResQLinear.perm`` is o_proj's online rearrangement; ``pack=True`` stores
+    the weight as packed ``QTensor`` s).
 
 Statistics needed from calibration: H = ΣxxᵀN⁻¹ of the q/k/v and gate/up inputs (summed over
 layers for ``full_shared``: (ΣH_attn + ΣH_mlp)/(2·L)), after RMSNorm γ has been fused into the
@@ -277,22 +279,35 @@ def hadamard_transform(x, axis: int = -1) -> jax.Array:
 # ----------------------------------------------------------------------------------------------
 
 
+def _weight(w) -> jax.Array:
+    """f32 ``[out, in]`` of an array, a packed ``QTensor`` or a mixed pair (low, high)."""
+    if isinstance(w, tuple):
+        return jnp.concatenate([F.dequantize(q, jnp.float32) for q in w], axis=1)
+    if isinstance(w, F.QTensor):
+        return F.dequantize(w, jnp.float32)
+    return w
+
+
 @struct.dataclass
 class ResQLinear:
-    """Rotated mixed-precision projection: ``y = Q_a(x R)·Ŵᵀ (+ b)``.
+    """Rotated mixed-precision projection: ``y = Q_a(x[perm] R)·Ŵᵀ (+ b)``.
 
-    R is ``rot`` (an online ``[in, in]`` rotation, or None when it is fused upstream), then an
+    ``perm`` (an online gather, e.g. o_proj's per-head high dims moved to the end) comes first,
+    then R: ``rot`` (an online ``[in, in]`` rotation, or None when it is fused upstream) and an
     online Hadamard when ``hadamard`` (down_proj). Q_a quantizes the first ``in − n_high``
     features with ``act_low`` and the last ``n_high`` with ``act_high`` (None: no act quant).
 
     Attributes:
-      w_hat: ``[out, in]`` f32 dequantized rotated weight (W R, mixed precision).
-      rot: ``[in, in]`` f32 or None; b: ``[out]`` or None.
+      w_hat: ``[out, in]`` rotated weight (W R, mixed precision): f32 dequantized, or packed
+        (``resq_quantize(pack=True)``): one ``QTensor``, or ``(q_low [out, in − n_high],
+        q_high [out, n_high])``.
+      rot: ``[in, in]`` f32 or None; b: ``[out]`` or None; perm: ``[in]`` int32 or None.
     """
 
-    w_hat: jax.Array
+    w_hat: object
     rot: jax.Array | None = None
     b: jax.Array | None = None
+    perm: jax.Array | None = None
     n_high: int = struct.field(pytree_node=False, default=0)
     hadamard: bool = struct.field(pytree_node=False, default=False)
     act_low: object = struct.field(pytree_node=False, default=A_LOW)
@@ -300,14 +315,19 @@ class ResQLinear:
 
     @property
     def in_features(self) -> int:
+        if isinstance(self.w_hat, tuple):
+            return sum(q.shape[1] for q in self.w_hat)
         return self.w_hat.shape[1]
 
     @property
     def out_features(self) -> int:
-        return self.w_hat.shape[0]
+        w = self.w_hat[0] if isinstance(self.w_hat, tuple) else self.w_hat
+        return w.shape[0]
 
     def __call__(self, x: jax.Array) -> jax.Array:
         xr = jnp.asarray(x, jnp.float32)
+        if self.perm is not None:
+            xr = xr[..., self.perm]
         if self.rot is not None:
             xr = jnp.matmul(xr, self.rot, precision=HIGHEST)
         if self.hadamard:
@@ -315,7 +335,11 @@ class ResQLinear:
         if self.act_low is not None:
             xr = mixed_act_quant(xr, self.n_high, self.act_low, self.act_high)
         y = jnp.einsum(
-            "...k,nk->...n", xr, self.w_hat, precision=HIGHEST, preferred_element_type=jnp.float32
+            "...k,nk->...n",
+            xr,
+            _weight(self.w_hat),
+            precision=HIGHEST,
+            preferred_element_type=jnp.float32,
         )
         if self.b is not None:
             y = y + self.b.astype(jnp.float32)
@@ -335,6 +359,8 @@ def resq_quantize(
     w_high=W_HIGH,
     act_low=A_LOW,
     act_high=A_HIGH,
+    perm=None,
+    pack: bool = False,
     **gptq_kwargs,
 ) -> ResQLinear:
     """Rotate ``w [out, in]`` by ``rot`` (and a Hadamard) and quantize it in mixed precision.
@@ -347,6 +373,10 @@ def resq_quantize(
       h: ``[in, in]`` Hessian of the *unrotated* input for GPTQ (rotated here), None for RTN.
       mse_clip: QuaRot's MSE clip of the weight scales (on in the reference).
       act_low/act_high: activation formats (None: weight-only).
+      perm: ``[in]`` online input gather applied before ``rot`` (the weight's columns and ``h``
+        are permuted to match), or None.
+      pack: store the weight packed (``QTensor`` s). RTN is then GPTQ under H = I, which is RTN
+        exactly (a diagonal inverse factor feeds no error forward).
     """
     w = jnp.asarray(w, jnp.float32)
     if w.ndim != 2:
@@ -354,6 +384,13 @@ def resq_quantize(
     out, k = w.shape
     if not bool(jnp.all(jnp.isfinite(w))):
         raise ValueError("w contains NaN or Inf")
+    if perm is not None:
+        perm = jnp.asarray(perm, jnp.int32)
+        if perm.shape != (k,) or not np.array_equal(np.sort(np.asarray(perm)), np.arange(k)):
+            raise ValueError(f"perm must be a permutation of range({k})")
+        w = w[:, perm]
+        if h is not None:
+            h = jnp.asarray(h, jnp.float32)[perm][:, perm]
     r = jnp.eye(k, dtype=jnp.float32)
     if rot is not None:
         rot = jnp.asarray(rot, jnp.float32)
@@ -363,17 +400,21 @@ def resq_quantize(
     if hadamard:
         r = hadamard_transform(r)  # R·Hᵀ: x R Hᵀ is the rotated-then-Hadamard input
     w_rot = jnp.matmul(w, r, precision=HIGHEST)
+    if h is None and pack:
+        h = jnp.eye(k, dtype=jnp.float32)
+        r = jnp.eye(k, dtype=jnp.float32)  # H = I stays I: no rotation of the Hessian needed
     if h is not None:
         h = jnp.asarray(h, jnp.float32)
         if h.shape != (k, k):
             raise ValueError(f"h must be [{k}, {k}], got shape {h.shape}")
         hr = rotate_hessian(h, r)
         if n_high:
-            w_hat = G.gptq_quantize(
+            res = G.gptq_quantize(
                 w_rot, hr, w_low, high_fmt=w_high, n_high=n_high, mse_clip=mse_clip, **gptq_kwargs
-            ).w_hat
+            )
         else:
-            w_hat = G.gptq_quantize(w_rot, hr, w_low, mse_clip=mse_clip, **gptq_kwargs).w_hat
+            res = G.gptq_quantize(w_rot, hr, w_low, mse_clip=mse_clip, **gptq_kwargs)
+        w_hat = res.qtensor if pack else res.w_hat
     else:
         w_hat = mixed_weight_rtn(w_rot, n_high, low_fmt=w_low, high_fmt=w_high, mse_clip=mse_clip)
     b = None if bias is None else jnp.asarray(bias)
@@ -381,6 +422,7 @@ def resq_quantize(
         w_hat=w_hat,
         rot=rot,
         b=b,
+        perm=perm,
         n_high=int(n_high),
         hadamard=bool(hadamard),
         act_low=act_low,

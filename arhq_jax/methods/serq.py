@@ -24,6 +24,9 @@ Faithfulness (checked against ``serq_quant/int_quant.py`` and ``utils/gptq_utils
     include 0; a width that is not a multiple of 128 pads each token's last group by repeating
     its last element (min/max unchanged; the reference requires divisibility). Flattening and the
     permutation are applied online, as in the code (the paper folds them).
+  - Extension (not in SERQ): an NVFP4 path built like the MXFP4 one (C, main weight and
+    activations in NVFP4, dynamic per-tensor activation scale), for comparisons in NVFP4 W4A4.
+  - Storage: ``pack=True`` keeps W_main and C as packed ``QTensor`` s (what the pipeline saves).
 
 Statistics needed from calibration: per-channel min and max of the linear's input (one pass of the
 unquantized model), and for GPTQ the Hessian H of the *original* input (``serq_hessian`` maps it
@@ -125,12 +128,21 @@ def serq_act_quant(x, bits: int = 4, group: int = ACT_GROUP) -> jax.Array:
     return ((q - z) * scale).reshape(*x.shape[:-1], kp)[..., :k]
 
 
+ACTS = ("int4", "int8", "mxfp4", "nvfp4")
+FP4_PATHS = ("mxfp4", "nvfp4")
+
+
 def _act_quant(x, act: str | None):
     if act is None:
         return x
-    if act == "mxfp4":
-        return F.fake_quant(x, "mxfp4")
+    if act in FP4_PATHS:
+        return F.fake_quant(x, act)
     return serq_act_quant(x, bits=4 if act == "int4" else 8)
+
+
+def _weight(w) -> jax.Array:
+    """f32 weight of a field that holds an array or a packed ``QTensor``."""
+    return F.dequantize(w, jnp.float32) if isinstance(w, F.QTensor) else w
 
 
 # ----------------------------------------------------------------------------------------------
@@ -144,11 +156,12 @@ class SERQLinear:
 
     Attributes:
       s: ``[in]`` f32 flattening scale; perm: ``[in]`` int32 saliency order.
-      w_main: ``[out, in]`` f32 dequantized main weight (permuted, flattened, compensated).
-      c: ``[out, r]`` f32 dequantized compensation matrix.
+      w_main: ``[out, in]`` main weight (permuted, flattened, compensated): f32 dequantized, or
+        the packed ``QTensor`` (``serq_quantize(pack=True)``).
+      c: ``[out, r]`` compensation matrix, f32 dequantized or a packed ``QTensor``.
       b: ``[out]`` or None.
-      act: static activation quantizer: "int4", "int8" (SERQ asym per-token g128), "mxfp4", or
-        None (weight-only).
+      act: static activation quantizer: "int4", "int8" (SERQ asym per-token g128), "mxfp4",
+        "nvfp4" (the NVFP4 extension), or None (weight-only).
     """
 
     s: jax.Array
@@ -173,9 +186,9 @@ class SERQLinear:
     def __call__(self, x: jax.Array) -> jax.Array:
         a = _act_quant(serq_input(x, self.s, self.perm), self.act)
         mm = functools.partial(jnp.einsum, precision=HIGHEST, preferred_element_type=jnp.float32)
-        y = mm("...k,nk->...n", a, self.w_main)
+        y = mm("...k,nk->...n", a, _weight(self.w_main))
         if self.rank:
-            y = y + mm("...k,nk->...n", a[..., : self.rank], self.c)  # same quantized a
+            y = y + mm("...k,nk->...n", a[..., : self.rank], _weight(self.c))  # same quantized a
         if self.b is not None:
             y = y + self.b.astype(jnp.float32)
         return y.astype(x.dtype)
@@ -193,20 +206,24 @@ def serq_quantize(
     act: str | None = "default",
     w_fmt=None,
     bias=None,
+    pack: bool = False,
     **gptq_kwargs,
 ) -> SERQLinear:
     """Build a ``SERQLinear`` from ``w [out, in]`` and the input's per-channel min/max.
 
     Args:
-      path: ``"int"`` (C int4 sym per row; main int4 sym g128 by RTN or GPTQ) or ``"mxfp4"``
-        (C and main MXFP4 by RTN, no GPTQ).
+      path: ``"int"`` (C int4 sym per row; main int4 sym g128 by RTN or GPTQ), ``"mxfp4"``
+        (C and main MXFP4 by RTN, no GPTQ) or ``"nvfp4"`` (the same with NVFP4: an extension for
+        comparisons in NVFP4, not in the paper).
       r: number of salient channels compensated (128; 0 disables the compensation).
       w_quant: ``"rtn"`` or ``"gptq"`` (int path only; needs ``h``).
       h: ``[in, in]`` Hessian of the *original* input x (mapped to x̃ by ``serq_hessian``).
-      act: ``"default"`` (int4 for the int path, mxfp4 for the mxfp4 path), "int4", "int8"
-        (W4A8), "mxfp4", or None.
+      act: ``"default"`` (int4 for the int path, the path's format for the FP4 paths), "int4",
+        "int8" (W4A8), "mxfp4", "nvfp4", or None.
       w_fmt: main weight format override (int path; default int4 sym g128, QuaRot quantizer).
       bias: ``[out]`` or None. ``gptq_kwargs`` go to ``gptq_quantize`` (percdamp, block_size…).
+      pack: store ``w_main`` and ``c`` as packed ``QTensor`` s (dequantizing them gives the f32
+        arrays of ``pack=False`` bit for bit).
     """
     w = jnp.asarray(w, jnp.float32)
     if w.ndim != 2:
@@ -217,36 +234,41 @@ def serq_quantize(
         raise ValueError(f"act_min/act_max must be [{k}], got {s.shape}")
     if not bool(jnp.all(jnp.isfinite(w))):
         raise ValueError("w contains NaN or Inf")
-    if path not in ("int", "mxfp4"):
-        raise ValueError(f"path must be 'int' or 'mxfp4', got {path!r}")
+    if path not in ("int", *FP4_PATHS):
+        raise ValueError(f"path must be 'int', 'mxfp4' or 'nvfp4', got {path!r}")
     if not (isinstance(r, int) and 0 <= r <= k):
         raise ValueError(f"r must be an int in [0, in={k}], got {r!r}")
     if w_quant not in ("rtn", "gptq"):
         raise ValueError(f"w_quant must be 'rtn' or 'gptq', got {w_quant!r}")
     if act == "default":
-        act = "int4" if path == "int" else "mxfp4"
-    if act not in (None, "int4", "int8", "mxfp4"):
-        raise ValueError(f"act must be 'int4', 'int8', 'mxfp4' or None, got {act!r}")
+        act = "int4" if path == "int" else path
+    if act is not None and act not in ACTS:
+        raise ValueError(f"act must be one of {ACTS} or None, got {act!r}")
     if gptq_kwargs.get("act_order"):
         raise ValueError("SERQ never combines GPTQ act-order with its saliency permutation")
-    if path == "mxfp4" and (w_quant != "rtn" or w_fmt is not None):
-        raise ValueError("the MXFP4 path quantizes C and the main weight with MXFP4 RTN only")
+    if path in FP4_PATHS and (w_quant != "rtn" or w_fmt is not None):
+        raise ValueError(
+            f"the {path.upper()} path quantizes C and the main weight with {path.upper()} RTN only"
+        )
     perm = serq_order(s)
     w_t = serq_transform(w, s, perm)
-    c_fmt = C_INT_FMT if path == "int" else F.resolve_format("mxfp4")
+    c_fmt = C_INT_FMT if path == "int" else F.resolve_format(path)
     w_res, c = serq_compensate(w_t, r, c_fmt)
+    if pack and r:
+        c = F.quantize(w_t[:, :r], c_fmt)  # dequantize(quantize) == fake_quant bit for bit
     main_fmt = F.resolve_format(w_fmt if w_fmt is not None else MAIN_INT_FMT)
-    if path == "mxfp4":
-        main_fmt = F.resolve_format("mxfp4")
+    if path in FP4_PATHS:
+        main_fmt = F.resolve_format(path)
     if w_quant == "gptq":
         if h is None:
             raise ValueError("w_quant='gptq' needs h, the [in, in] Hessian of the input")
         h = jnp.asarray(h, jnp.float32)
         if h.shape != (k, k):
             raise ValueError(f"h must be [{k}, {k}], got shape {h.shape}")
-        w_main = gptq_quantize(w_res, serq_hessian(h, s, perm), main_fmt, **gptq_kwargs).w_hat
+        res = gptq_quantize(w_res, serq_hessian(h, s, perm), main_fmt, **gptq_kwargs)
+        w_main = res.qtensor if pack else res.w_hat
     else:
-        w_main = F.fake_quant(w_res, main_fmt)
+        w_main = F.quantize(w_res, main_fmt) if pack else F.fake_quant(w_res, main_fmt)
     b = None if bias is None else jnp.asarray(bias)
     if b is not None and b.shape != (out,):
         raise ValueError(f"bias must be [{out}], got shape {b.shape}")
@@ -255,8 +277,8 @@ def serq_quantize(
 
 def serq_effective_bits(in_features: int, r: int = 128, path: str = "int", w_fmt=None) -> float:
     """Stored weight bits per element of W: main format + (r/in)·(bits of C per element)."""
-    if path == "mxfp4":
-        main, c_bits = F.bits_per_element("mxfp4"), F.bits_per_element("mxfp4")
+    if path in FP4_PATHS:
+        main, c_bits = F.bits_per_element(path), F.bits_per_element(path)
     else:
         main = F.bits_per_element(w_fmt if w_fmt is not None else MAIN_INT_FMT, in_features)
         c_bits = F.bits_per_element(C_INT_FMT, r) if r else 0.0

@@ -1,0 +1,279 @@
+"""Every method on SmolLM2-135M in one table: native formats and NVFP4 W4A4 at matched extra bits.
+
+    .venv/bin/python benchmarks/compare.py                      # the full table (~20 min, 2 cores)
+    .venv/bin/python benchmarks/compare.py --only gptq,awq      # rows whose name starts so
+
+Calibration: the first ``--calib-tokens`` tokens of the pydoc calibration part (60 %); evaluation:
+``--max-chunks`` chunks of ``--seq-len`` from the disjoint pydoc evaluation part. Per row:
+perplexity, KL and top-1 agreement against the float model (same chunks), the stored size of the
+whole model (MiB) and of the seven quantized projections (bits per weight, every stored array
+counted: codes, scales, zero points, factors, smoothing and permutation vectors), and the wall time
+of ``quantize_model`` (calibration + decomposition + packing, compilation included).
+
+Low-rank rows store their factors in bf16 (r·(in + out)·16 extra bits per projection). The
+"≙ SERQ" and "≙ ResQ" rows give SVDQuant/ARHQ the rank whose extra bits match SERQ's compensation
+matrix (r = 128 channels, MXFP4) and ResQ's 8-bit subspace (d/8 columns at 8 instead of 4 bits).
+
+Writes ``benchmarks/results/compare.md`` and ``compare.json`` (rewritten after every row).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # see arhq_jax/cli.py
+
+import argparse  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import jax  # noqa: E402
+
+from arhq_jax import formats as F  # noqa: E402
+from arhq_jax import report  # noqa: E402
+from arhq_jax.checkpoint import tree_nbytes  # noqa: E402
+from arhq_jax.models.config import PROJECTIONS  # noqa: E402
+from arhq_jax.pipeline import calibration_ids, evaluate_models, load_corpus  # noqa: E402
+from arhq_jax.quant_config import QuantConfig  # noqa: E402
+from arhq_jax.quantize_model import quantize_model  # noqa: E402
+
+FACTOR = "bfloat16"
+COLUMNS = (
+    ("name", "method", "s"),
+    ("formats", "W / A", "s"),
+    ("calib", "calib", "s"),
+    ("bits", "bits/w", ".2f"),
+    ("mib", "MiB", ".1f"),
+    ("ppl", "ppl", ".3f"),
+    ("kl", "KL", ".4f"),
+    ("top1", "top-1", ".4f"),
+    ("quant_s", "quantize s", ".0f"),
+)
+
+
+def _shapes(cfg):
+    return [cfg.linear_shapes()[p] for p in PROJECTIONS]
+
+
+def rank_bits(cfg) -> float:
+    """Extra bits per projection weight of one bf16 rank: 16·Σ(in + out)/Σ(in·out)."""
+    s = _shapes(cfg)
+    return 16 * sum(o + i for o, i in s) / sum(o * i for o, i in s)
+
+
+def serq_extra_bits(cfg, r: int = 128) -> float:
+    """SERQ (MXFP4 path): the [out, r] MXFP4 compensation matrix per projection, plus its f32
+    flattening scale and int32 permutation per input channel."""
+    s = _shapes(cfg)
+    extra = sum(r * F.bits_per_element("mxfp4") * o + 64 * i for o, i in s)
+    return extra / sum(o * i for o, i in s)
+
+
+def resq_extra_bits(cfg) -> float:
+    """ResQ: d/8 input columns at 8 instead of 4 bits (and a second per-row scale) in every
+    projection but down_proj."""
+    s = cfg.linear_shapes()
+    n_hi = cfg.hidden_size // 8  # o_proj: num_heads·head_dim/8, = hidden/8 for these models
+    extra = sum(s[p][0] * (4 * n_hi + 32) for p in PROJECTIONS if p != "down_proj")
+    extra += 32 * s["o_proj"][1]  # o_proj's int32 input permutation
+    return extra / sum(o * i for o, i in s.values())
+
+
+def runs(cfg) -> list[dict]:
+    """The rows: name, QuantConfig arguments, and which comparison they belong to."""
+    r_serq = max(1, round(serq_extra_bits(cfg) / rank_bits(cfg)))
+    r_resq = max(1, round(resq_extra_bits(cfg) / rank_bits(cfg)))
+    lr = {"factor_dtype": FACTOR}
+    nv = {"w_fmt": "nvfp4", "act_fmt": "nvfp4"}
+    return [
+        # NVFP4 W4A4: the low-rank family at ARHQ's rank.
+        {"name": "rtn", "kw": dict(method="rtn", **nv)},
+        {"name": "svdquant r32", "kw": dict(method="svdquant", rank=32, **nv, **lr)},
+        {"name": "arhq r32", "kw": dict(method="arhq", rank=32, **nv, **lr)},
+        {
+            "name": "arhq r32 + gptq residual",
+            "kw": dict(method="arhq", rank=32, residual_quant="gptq", sequential=True, **nv, **lr),
+        },
+        # GPTQ: native int4 per-channel weight-only, and NVFP4 W4A4.
+        {
+            "name": "rtn int4 w-only",
+            "kw": dict(method="rtn", w_fmt="int4", act_fmt=None, group_size=-1),
+        },
+        {"name": "gptq", "kw": dict(method="gptq")},
+        {"name": "gptq nvfp4", "kw": dict(method="gptq", **nv)},
+        # SmoothQuant: native W8A8, and NVFP4 W4A4.
+        {
+            "name": "rtn int8 W8A8",
+            "kw": dict(
+                method="rtn", w_fmt="int8", act_fmt="int8", group_size=-1, act_group_size=-1
+            ),
+        },
+        {"name": "smoothquant", "kw": dict(method="smoothquant")},
+        {"name": "smoothquant nvfp4", "kw": dict(method="smoothquant", **nv)},
+        # FPRAG-AWQ: native int4-asym g128 weight-only (lm_head quantized too, as FPRAG does).
+        {
+            "name": "rtn int4-asym g128 w-only",
+            "kw": dict(method="rtn", w_fmt="int4-asym", act_fmt=None),
+        },
+        {"name": "awq", "kw": dict(method="awq")},
+        {"name": "awq-dh", "kw": dict(method="awq-dh")},
+        {"name": "awq, lm_head float", "kw": dict(method="awq", quantize_lm_head=False)},
+        # SERQ: native MXFP4 W4A4 (r = 128), its NVFP4 variant, low-rank at matched extra bits.
+        {"name": "rtn mxfp4", "kw": dict(method="rtn", w_fmt="mxfp4", act_fmt="mxfp4")},
+        {"name": "serq r128", "kw": dict(method="serq")},
+        {"name": "serq r128 nvfp4", "kw": dict(method="serq", **nv)},
+        {
+            "name": f"svdquant r{r_serq} (≙ SERQ bits)",
+            "kw": dict(method="svdquant", rank=r_serq, **nv, **lr),
+        },
+        {
+            "name": f"arhq r{r_serq} (≙ SERQ bits)",
+            "kw": dict(method="arhq", rank=r_serq, **nv, **lr),
+        },
+        # ResQ: native int4 with the top 1/8 at int8, low-rank at matched extra bits.
+        {
+            "name": "rtn int4 W4A4",
+            "kw": dict(
+                method="rtn", w_fmt="int4", act_fmt="int4", group_size=-1, act_group_size=-1
+            ),
+        },
+        {"name": "resq", "kw": dict(method="resq")},
+        {
+            "name": f"svdquant r{r_resq} (≙ ResQ bits)",
+            "kw": dict(method="svdquant", rank=r_resq, **nv, **lr),
+        },
+        {
+            "name": f"arhq r{r_resq} (≙ ResQ bits)",
+            "kw": dict(method="arhq", rank=r_resq, **nv, **lr),
+        },
+    ]
+
+
+def projection_bits(params, cfg) -> float:
+    """Stored bits per weight of the seven projections of every layer."""
+    nbytes = sum(tree_nbytes(getattr(ly, p)) for ly in params.layers for p in PROJECTIONS)
+    n = cfg.num_layers * sum(o * i for o, i in _shapes(cfg))
+    return 8 * nbytes / n
+
+
+def _formats(q: QuantConfig) -> str:
+    w = q.w_fmt
+    if q.group_size is not None and F.resolve_format(q.w_fmt).is_int:
+        w += f" g{q.group_size}" if q.group_size > 0 else " row"
+    if q.method == "resq":
+        w, a = "int4+int8 row", "int4+int8 token"
+        return f"{w} / {a}"
+    a = q.act_fmt or "16-bit"
+    if q.act_group_size is not None:
+        a += " token" if q.act_group_size == -1 else f" g{q.act_group_size}"
+    return f"{w} / {a}"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--calib-tokens", type=int, default=4096)
+    ap.add_argument("--calib-seq-len", type=int, default=512)
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--max-chunks", type=int, default=8)
+    ap.add_argument("--only", default=None, help="comma-separated row-name prefixes")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    args = ap.parse_args(argv)
+
+    from converters import load_model
+
+    t_start = time.perf_counter()
+    m = load_model(args.model)
+    corpus = load_corpus(m.tokenizer)
+    calib = calibration_ids(corpus.calib, args.calib_tokens, args.calib_seq_len)
+    eval_kw = dict(seq_len=args.seq_len, max_chunks=args.max_chunks, progress=False)
+    fp = evaluate_models({}, m.params, m.cfg, corpus.eval, **eval_kw)["float"]
+    fp_bits = 8 * jax.numpy.dtype(m.cfg.param_dtype).itemsize
+    rows = [
+        {
+            "name": "float",
+            "formats": m.cfg.param_dtype,
+            "calib": "–",
+            "bits": fp_bits,
+            "mib": tree_nbytes(m.params) / 2**20,
+            **fp,
+            "kl": 0.0,
+            "top1": 1.0,
+            "quant_s": 0.0,
+        }
+    ]
+    print(
+        f"{args.model}: loaded and float-evaluated in {time.perf_counter() - t_start:.0f}s; "
+        f"float ppl {fp['ppl']:.3f} on {fp['tokens']} tokens; {calib.size} calibration tokens"
+    )
+    only = None if args.only is None else [s.strip() for s in args.only.split(",")]
+    todo = [r for r in runs(m.cfg) if only is None or any(r["name"].startswith(o) for o in only)]
+    meta = {
+        "model": args.model,
+        "calib_tokens": int(calib.size),
+        "eval_tokens": fp["tokens"],
+        "seq_len": args.seq_len,
+        "corpus": corpus.source,
+        "factor_dtype": FACTOR,
+        "devices": f"{jax.device_count()} x {jax.devices()[0].platform}",
+    }
+    out = Path(args.out)
+    qmodels = {}
+    for i, run in enumerate(todo):
+        qcfg = QuantConfig(**run["kw"])
+        print(f"[{i + 1}/{len(todo)}] {run['name']}: {qcfg.label()} ...", flush=True)
+        t0 = time.perf_counter()
+        res = quantize_model(m.params, m.cfg, calib, qcfg, progress=False)
+        quant_s = time.perf_counter() - t0
+        qmodels[run["name"]] = res.params
+        row = {
+            "name": run["name"],
+            "formats": _formats(qcfg),
+            "calib": "seq" if qcfg.sequential else "par",
+            "rank": qcfg.rank if (qcfg.uses_branch or qcfg.method == "serq") else 0,
+            "bits": projection_bits(res.params, m.cfg),
+            "mib": tree_nbytes(res.params) / 2**20,
+            "quant_s": quant_s,
+            "timings": {k: round(v, 2) for k, v in res.timings.items()},
+            "config": qcfg.to_dict(),
+        }
+        rows.append(row)
+        print(f"    {row['bits']:.2f} bits/w  {row['mib']:.1f} MiB  {quant_s:.0f}s", flush=True)
+        _write(out, rows, meta, time.perf_counter() - t_start)
+    # One evaluation pass: the float logits of each chunk are computed once for every model.
+    print(f"evaluating {len(qmodels)} models ...", flush=True)
+    scores = evaluate_models(qmodels, m.params, m.cfg, corpus.eval, **{**eval_kw, "progress": True})
+    for row in rows[1:]:
+        row.update(scores[row["name"]])
+    _write(out, rows, meta, time.perf_counter() - t_start)
+    print()
+    print(report.text_table(rows, COLUMNS))
+    print(f"total {time.perf_counter() - t_start:.0f}s; wrote {out}/compare.{{md,json}}")
+    return 0
+
+
+def _write(out: Path, rows, meta, total_s) -> None:
+    meta = {**meta, "total_s": round(total_s, 1)}
+    report.write_json(out / "compare.json", {"meta": meta, "rows": rows})
+    title = (
+        f"SmolLM2-135M, {meta['calib_tokens']} calibration tokens, {meta['eval_tokens']} "
+        f"evaluation tokens (pydoc, disjoint); KL and top-1 against the float model"
+    )
+    notes = (
+        "\n\nbits/w: stored bits per weight of the seven projections (codes, scales, zero points, "
+        "bf16 low-rank factors, smoothing/permutation vectors). MiB: the whole model (f32 "
+        "embeddings; ResQ adds an untied, rotated lm_head, AWQ a quantized one). calib: "
+        "sequential (seq) or parallel (par) calibration. quantize s: wall time of "
+        f"quantize_model, compilation included ({meta['devices']}).\n"
+    )
+    report.atomic_write(
+        out / "compare.md", f"**{title}**\n\n" + report.markdown_table(rows, COLUMNS) + notes
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
