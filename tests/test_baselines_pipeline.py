@@ -3,49 +3,24 @@ model level, checkpoint round trips, and format errors."""
 
 from __future__ import annotations
 
-import os
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from _tiny import CFG
 
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # see arhq_jax/cli.py (busy-waiting BLAS)
-
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-
-from arhq_jax import checkpoint, cli  # noqa: E402
-from arhq_jax.calibrate import LayerwiseRunner  # noqa: E402
-from arhq_jax.formats import QTensor, dequantize, fake_quant  # noqa: E402
-from arhq_jax.linear import Dense  # noqa: E402
-from arhq_jax.methods import LAYER_METHODS, resq, serq  # noqa: E402
-from arhq_jax.methods.layer_methods import OutSplitLinear, smoothquant_fold  # noqa: E402
-from arhq_jax.models import transformer  # noqa: E402
-from arhq_jax.models.config import GROUP_OF, PROJECTIONS, ModelConfig  # noqa: E402
-from arhq_jax.models.params import random_params  # noqa: E402
-from arhq_jax.qlinear import QuantLinear  # noqa: E402
-from arhq_jax.quant_config import QuantConfig  # noqa: E402
-from arhq_jax.quantize_model import Calibration, quantize_model  # noqa: E402
-
-# The tiny random Llama of tests/test_pipeline.py.
-CFG = ModelConfig(
-    family="llama",
-    vocab_size=128,
-    hidden_size=64,
-    intermediate_size=96,
-    num_layers=2,
-    num_heads=4,
-    num_kv_heads=2,
-    head_dim=16,
-    rms_norm_eps=1e-5,
-    rope_theta=10000.0,
-    tie_word_embeddings=True,
-)
-
-
-@pytest.fixture(scope="module")
-def model():
-    params = random_params(CFG, jax.random.key(0), std=0.08)
-    ids = np.asarray(jax.random.randint(jax.random.key(1), (6, 32), 0, CFG.vocab_size), np.int32)
-    return params, ids
+from arhq_jax import checkpoint, cli
+from arhq_jax.calibrate import LayerwiseRunner
+from arhq_jax.formats import QTensor, dequantize, fake_quant
+from arhq_jax.linear import Dense
+from arhq_jax.methods import LAYER_METHODS, resq, serq
+from arhq_jax.methods.layer_methods import OutSplitLinear, smoothquant_fold
+from arhq_jax.models import transformer
+from arhq_jax.models.config import GROUP_OF, PROJECTIONS
+from arhq_jax.models.params import random_params
+from arhq_jax.qlinear import QuantLinear
+from arhq_jax.quant_config import QuantConfig
+from arhq_jax.quantize_model import Calibration, quantize_model
 
 
 def _logits(params, ids):

@@ -8,43 +8,21 @@ import subprocess
 import sys
 import textwrap
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _tiny import CFG
 
 from arhq_jax import checkpoint
 from arhq_jax.calibrate import LayerwiseRunner
 from arhq_jax.formats import dequantize, fake_quant
 from arhq_jax.linear import Dense
 from arhq_jax.models import transformer
-from arhq_jax.models.config import PROJECTIONS, ModelConfig
-from arhq_jax.models.params import random_params
+from arhq_jax.models.config import PROJECTIONS
 from arhq_jax.pipeline import calibration_ids, evaluate_models
 from arhq_jax.qlinear import QuantLinear
 from arhq_jax.quant_config import QuantConfig
 from arhq_jax.quantize_model import _accumulate, _stats_cfg, quantize_model
-
-CFG = ModelConfig(
-    family="llama",
-    vocab_size=128,
-    hidden_size=64,
-    intermediate_size=96,
-    num_layers=2,
-    num_heads=4,
-    num_kv_heads=2,
-    head_dim=16,
-    rms_norm_eps=1e-5,
-    rope_theta=10000.0,
-    tie_word_embeddings=True,
-)
-
-
-@pytest.fixture(scope="module")
-def model():
-    params = random_params(CFG, jax.random.key(0), std=0.08)
-    ids = np.asarray(jax.random.randint(jax.random.key(1), (6, 32), 0, CFG.vocab_size), np.int32)
-    return params, ids
 
 
 def test_calibration_g_matches_direct_computation(model):
@@ -218,7 +196,7 @@ SHARDED = textwrap.dedent(
     from arhq_jax.quant_config import QuantConfig
     from arhq_jax.quantize_model import _accumulate, _stats_cfg, quantize_model
     from arhq_jax.models.params import random_params
-    import tests.test_pipeline as T
+    import tests._tiny as T
     assert len(jax.devices()) == 4
     params = random_params(T.CFG, jax.random.key(0), std=0.08)
     ids = np.asarray(jax.random.randint(jax.random.key(1), (6, 32), 0, T.CFG.vocab_size), np.int32)
