@@ -1,109 +1,116 @@
-"""Quantized checkpoints: an orbax array store plus a JSON description of the model pytree.
+"""Quantized checkpoints: a Hugging Face directory in the ecosystem's own layout (docs/checkpoint.md).
 
-Layout of a checkpoint directory::
+::
 
-    DIR/meta.json    format version, model config, quantization recipe, the pytree's structure
-    DIR/arrays/      orbax StandardCheckpointer: one flat dict of arrays (uint8 codes, float8
-                     scales, f32 tensor scales, factors, float parameters)
+    DIR/config.json        the model's HF config + ``quantization_config`` (compressed-tensors'
+                           nvfp4-pack-quantized when every quantized linear is expressible in it,
+                           else ``{"quant_method": "arhq-jax"}``) + ``arhq_jax``: format version,
+                           recipe, source fingerprint, one entry per linear (checkpoint_schema)
+    DIR/model.safetensors  HF tensor names (sharded with model.safetensors.index.json past
+                           ``max_shard_bytes``)
+    DIR/lora/              the low-rank branches as a PEFT LoRA adapter (lora_A = Aᵀ, lora_B = B,
+                           scaling 1), when any linear has one
+    DIR/tokenizer files    when the source has a tokenizer
+    DIR/manifest.json      the marker, and the sha256 and size of every other file
 
-The structure is encoded generically: every ``flax.struct`` dataclass node records its class
-(restricted to this project's packages) and its fields; arrays become references into the flat
-dict (with shape and dtype, so orbax can restore into an abstract tree); static fields (format
-specs, shapes) become JSON. So any linear that follows the pytree conventions (``QuantLinear``,
-the baselines' linears) saves and loads without code here.
-
-Writes go to a temporary sibling directory that is renamed into place at the end: an interrupted
-save leaves no half-written checkpoint.
+Loading verifies the manifest first (a changed, missing, extra or truncated file is a named
+``CheckpointError``), then decodes field by field (``checkpoint_schema``): nothing read from the
+files is ever resolved to code. Saving writes into a temporary sibling directory renamed into
+place at the end (``out_dir``), so nothing is left half-written and nothing the program did not
+write is touched.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib
+import hashlib
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 
-from arhq_jax.models.config import ModelConfig, Params
+from arhq_jax import ct_nvfp4, out_dir
+from arhq_jax.checkpoint_schema import (
+    CheckpointError,
+    decode_linear,
+    encode_linear,
+)
+from arhq_jax.linear import Dense
+from arhq_jax.lora_adapter import write_adapter
+from arhq_jax.models.config import PROJECTIONS, ModelConfig, Params
+from arhq_jax.models.params import (
+    EMBED,
+    FINAL_NORM,
+    LM_HEAD,
+    expected_tensors,
+    has_bias,
+    linear_key,
+    norm_key,
+)
 
-FORMAT_VERSION = 1
-_ALLOWED_MODULES = ("arhq_jax.", "pallas_kernels.", "converters.")
+FORMAT = "arhq-jax-checkpoint"
+FORMAT_VERSION = 2
+MANIFEST = out_dir.MANIFEST
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+LORA_DIR = "lora"
+DEFAULT_SHARD_BYTES = 5 * 2**30  # transformers' default max_shard_size
+_DTYPES = ("float32", "bfloat16", "float16")
+NORMS = ("input_norm", "post_norm")
 
-
-# ----------------------------------------------------------------------------- encoding
-
-
-def _qualname(obj) -> str:
-    cls = type(obj)
-    return f"{cls.__module__}:{cls.__qualname__}"
-
-
-def _resolve(name: str):
-    module, _, qual = name.partition(":")
-    if not module.startswith(_ALLOWED_MODULES):
-        raise ValueError(f"checkpoint refers to a class outside arhq-jax: {name!r}")
-    obj = importlib.import_module(module)
-    for part in qual.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
-def _encode(node, arrays: dict):
-    """Pytree node → JSON-able structure; arrays are moved into ``arrays``."""
-    if node is None or isinstance(node, (bool, int, float, str)):
-        return node
-    if isinstance(node, (jax.Array, np.ndarray, np.generic)):
-        key = f"t{len(arrays):05d}"
-        arr = np.asarray(node)
-        arrays[key] = arr
-        return {"__array__": key, "shape": list(arr.shape), "dtype": arr.dtype.name}
-    if isinstance(node, (list, tuple)):
-        return {"__seq__": type(node).__name__, "items": [_encode(x, arrays) for x in node]}
-    if isinstance(node, dict):
-        return {"__dict__": {str(k): _encode(v, arrays) for k, v in node.items()}}
-    if dataclasses.is_dataclass(node):
-        fields = {f.name: _encode(getattr(node, f.name), arrays) for f in dataclasses.fields(node)}
-        return {"__class__": _qualname(node), "fields": fields}
-    raise TypeError(f"cannot save a {type(node).__name__} in a checkpoint")
+__all__ = [
+    "CheckpointError",
+    "FORMAT_VERSION",
+    "check_out",
+    "fingerprint",
+    "load",
+    "read_meta",
+    "save",
+    "tree_nbytes",
+]
 
 
-def _decode(obj, arrays: dict):
-    if obj is None or isinstance(obj, (bool, int, float, str)):
-        return obj
-    if "__array__" in obj:
-        return arrays[obj["__array__"]]
-    if "__seq__" in obj:
-        items = [_decode(x, arrays) for x in obj["items"]]
-        return tuple(items) if obj["__seq__"] == "tuple" else items
-    if "__dict__" in obj:
-        return {k: _decode(v, arrays) for k, v in obj["__dict__"].items()}
-    cls = _resolve(obj["__class__"])
-    return cls(**{k: _decode(v, arrays) for k, v in obj["fields"].items()})
+# ----------------------------------------------------------------------------- provenance
 
 
-def _abstract(obj, out: dict) -> None:
-    """Collect ``{key: ShapeDtypeStruct}`` of every array reference in an encoded structure."""
-    if isinstance(obj, dict):
-        if "__array__" in obj:
-            out[obj["__array__"]] = jax.ShapeDtypeStruct(
-                tuple(obj["shape"]), jnp.dtype(obj["dtype"])
-            )
-            return
-        for v in obj.values():
-            _abstract(v, out)
-    elif isinstance(obj, list):
-        for v in obj:
-            _abstract(v, out)
+def fingerprint(cfg: ModelConfig, params: Params) -> dict:
+    """The source model's identity: a digest of its architecture and of its weights.
+
+    The weight digest hashes every tensor's name, shape and a strided sample of at most 4,096 of
+    its values as f32 (cheap for a 70B model, and independent of the parameter dtype for
+    bf16-representable weights): it tells one model from another of the same shapes.
+    """
+    arch = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("param_dtype", "dtype")}
+    h = hashlib.sha256()
+    for name, x in _float_tensors(cfg, params):
+        x = np.asarray(jax.device_get(x)).reshape(-1)
+        step = max(1, x.size // 4096)
+        h.update(f"{name}:{list(np.shape(x))}".encode())
+        h.update(np.ascontiguousarray(x[::step].astype(np.float32)).tobytes())
+    return {
+        "config_sha256": hashlib.sha256(json.dumps(arch, sort_keys=True).encode()).hexdigest(),
+        "weights_sha256": h.hexdigest(),
+    }
 
 
-# ----------------------------------------------------------------------------- save / load
+def _float_tensors(cfg: ModelConfig, params: Params):
+    yield EMBED, params.embed
+    for i, layer in enumerate(params.layers):
+        for n in ("input_norm", "post_norm", "q_norm", "k_norm"):
+            if getattr(layer, n, None) is not None:
+                yield norm_key(i, n), getattr(layer, n)
+        for p in PROJECTIONS:
+            lin = getattr(layer, p)
+            if isinstance(lin, Dense):
+                yield linear_key(i, p) + ".weight", lin.w
+    yield FINAL_NORM, params.final_norm
+    if isinstance(params.lm_head, Dense):
+        yield LM_HEAD, params.lm_head.w
+
+
+# ----------------------------------------------------------------------------- save
 
 
 def tree_nbytes(tree) -> int:
@@ -111,101 +118,329 @@ def tree_nbytes(tree) -> int:
     return int(sum(np.asarray(x).nbytes for x in jax.tree.leaves(tree)))
 
 
-def save(path, params: Params, cfg: ModelConfig, *, quant: dict | None = None) -> int:
-    """Save ``params`` (float or quantized) with its config to the directory ``path``.
+def _linears(cfg: ModelConfig, params: Params):
+    for i, layer in enumerate(params.layers):
+        for p in PROJECTIONS:
+            yield linear_key(i, p), getattr(layer, p)
+    if params.lm_head is not None:
+        yield "lm_head", params.lm_head
+
+
+def _np(x) -> np.ndarray:
+    return np.asarray(jax.device_get(x))
+
+
+def save(
+    path,
+    params: Params,
+    cfg: ModelConfig,
+    *,
+    quant: dict | None = None,
+    tokenizer=None,
+    source: dict | None = None,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+) -> int:
+    """Write ``params`` (float or quantized) as a checkpoint directory ``path``.
 
     Args:
-      quant: the recipe and anything else to record (method, settings, formats, source model).
+      quant: the recipe (method, settings, formats…), recorded as data.
+      tokenizer: a transformers tokenizer to store beside the weights, or None.
+      source: ``{"model": str, "fingerprint": fingerprint(cfg, float_params)}`` of the model the
+        checkpoint was made from (checked on load), or None.
+      max_shard_bytes: shard ``model.safetensors`` past this many bytes.
 
     Returns:
-      The bytes of the stored arrays.
+      The bytes of the stored tensors (model and adapter).
     Raises:
-      FileExistsError: ``path`` exists and is not an arhq-jax checkpoint (never overwritten).
+      FileExistsError: ``path`` exists and is not an arhq-jax checkpoint (nothing is touched).
     """
-    path = Path(path).absolute()
-    if path.exists() and not (path / "meta.json").exists():
-        raise FileExistsError(f"{path} exists and is not an arhq-jax checkpoint; not overwriting")
-    arrays: dict = {}
-    structure = _encode(params, arrays)
-    meta = {
-        "format": "arhq-jax-checkpoint",
-        "format_version": FORMAT_VERSION,
-        "model_config": dataclasses.asdict(cfg),
-        "quant": quant or {},
-        "structure": structure,
-        "nbytes": int(sum(a.nbytes for a in arrays.values())),
+    from arhq_jax.models import config_to_hf
+    from converters.safetensors_io import SafetensorsWriter
+
+    if len(params.layers) != cfg.num_layers:
+        raise ValueError(f"params have {len(params.layers)} layers, config says {cfg.num_layers}")
+    modules, lora, nbytes, kinds = {}, [], 0, {}
+    with out_dir.replacing(path, FORMAT, FORMAT_VERSION) as tmp:
+        shards: list = []
+
+        def add(name, arr):
+            nonlocal nbytes
+            arr = np.asarray(arr)
+            if not shards or (
+                shards[-1].nbytes and shards[-1].nbytes + arr.nbytes > max_shard_bytes
+            ):
+                shards.append(SafetensorsWriter(tmp / f".shard-{len(shards):05d}.safetensors"))
+            shards[-1].add(name, arr)
+            nbytes += arr.nbytes
+
+        try:
+            add(EMBED, _np(params.embed))
+            for i, layer in enumerate(params.layers):
+                for n in ("input_norm", "post_norm", "q_norm", "k_norm"):
+                    if getattr(layer, n, None) is not None:
+                        add(norm_key(i, n), _np(getattr(layer, n)))
+                for p in PROJECTIONS:
+                    _add_linear(linear_key(i, p), getattr(layer, p), add, modules, lora, kinds)
+            add(FINAL_NORM, _np(params.final_norm))
+            if params.lm_head is not None:
+                _add_linear("lm_head", params.lm_head, add, modules, lora, kinds)
+            _close_shards(tmp, shards)
+        except BaseException:
+            for w in shards:
+                w.abort()
+            raise
+        if lora:
+            nbytes += write_adapter(tmp / LORA_DIR, lora)
+        hf = config_to_hf(cfg)
+        hf["quantization_config"] = _quantization_config(modules, kinds)
+        hf["arhq_jax"] = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "param_dtype": jax.numpy.dtype(cfg.param_dtype).name,
+            "dtype": jax.numpy.dtype(cfg.dtype).name,
+            "recipe": quant or {},
+            "source": source or {},
+            "modules": modules,
+        }
+        if not kinds.get("quantized"):
+            hf.pop("quantization_config")
+        (tmp / CONFIG_FILE).write_text(json.dumps(hf, indent=1, sort_keys=True) + "\n")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+    return nbytes
+
+
+def check_out(path) -> None:
+    """Raise FileExistsError unless ``path`` may become a checkpoint (absent, empty, or one of
+    ours); call it before long work so that a refused ``--out`` costs nothing."""
+    out_dir.check_replaceable(Path(path).absolute(), FORMAT)
+
+
+def _add_linear(prefix, lin, add, modules, lora, kinds) -> None:
+    enc = encode_linear(prefix, lin)
+    for name, arr in enc.tensors:
+        add(name, arr)
+    lora += enc.lora
+    modules[prefix] = enc.entry
+    kind = enc.entry["kind"]
+    kinds[kind] = kinds.get(kind, 0) + 1
+    if kind != "dense":
+        kinds["quantized"] = kinds.get("quantized", 0) + 1
+
+
+def _close_shards(tmp: Path, shards) -> int:
+    """Name the shards as transformers does and write the index (several shards only)."""
+    n = len(shards)
+    if n == 1:
+        shards[0].path = tmp / WEIGHTS_FILE
+        shards[0].close({"format": "pt"})
+        return 1
+    weight_map, total = {}, 0
+    for i, w in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+        w.path = tmp / name
+        total += w.nbytes
+        weight_map.update(dict.fromkeys(w.entries, name))
+        w.close({"format": "pt"})
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (tmp / INDEX_FILE).write_text(json.dumps(index, indent=1, sort_keys=True) + "\n")
+    return n
+
+
+def _quantization_config(modules: dict, kinds: dict) -> dict:
+    """compressed-tensors' block when every quantized linear is ``ct-nvfp4``, else our own."""
+    quantized = {k: e for k, e in modules.items() if e["kind"] != "dense"}
+    if quantized and all(e["kind"] == "ct-nvfp4" for e in quantized.values()):
+        w4a4 = {e["w4a4"] for e in quantized.values()}
+        if len(w4a4) == 1:
+            ignore = [k for k, e in modules.items() if e["kind"] == "dense"]
+            return ct_nvfp4.quantization_config(ignore=ignore, w4a4=w4a4.pop())
+    return {
+        "quant_method": "arhq-jax",
+        "note": "arhq-jax's own layout (see config.json 'arhq_jax'); only arhq-jax reads it",
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
-    try:
-        with ocp.StandardCheckpointer() as ckptr:
-            ckptr.save(tmp / "arrays", arrays)
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return meta["nbytes"]
+
+
+# ----------------------------------------------------------------------------- load
 
 
 def read_meta(path) -> dict:
-    """The checkpoint's ``meta.json``, checked for format and version."""
+    """The checkpoint's ``config.json`` after the manifest check: every file's sha256."""
     path = Path(path)
-    meta_file = path / "meta.json"
-    if not meta_file.is_file():
-        raise FileNotFoundError(f"not an arhq-jax checkpoint: {meta_file} is missing")
+    out_dir.verify(path, FORMAT)
+    cfg_file = path / CONFIG_FILE
     try:
-        meta = json.loads(meta_file.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{meta_file} is truncated or not JSON: {e}") from None
-    if meta.get("format") != "arhq-jax-checkpoint":
-        raise ValueError(f"{path} is not an arhq-jax checkpoint (format {meta.get('format')!r})")
+        hf = json.loads(cfg_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{cfg_file}: not JSON: {e}") from None
+    if not isinstance(hf, dict) or not isinstance(hf.get("arhq_jax"), dict):
+        raise CheckpointError(f"{cfg_file}: no 'arhq_jax' section (not an arhq-jax checkpoint)")
+    meta = hf["arhq_jax"]
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{cfg_file}: format {meta.get('format')!r}, expected {FORMAT!r}")
     if meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(
-            f"{path} has checkpoint format version {meta.get('format_version')}; this arhq-jax "
+        raise CheckpointError(
+            f"{path} has checkpoint format version {meta.get('format_version')!r}; this arhq-jax "
             f"reads version {FORMAT_VERSION}"
         )
-    return meta
+    for key, typ in (("modules", dict), ("recipe", dict), ("source", dict)):
+        if not isinstance(meta.get(key), typ):
+            raise CheckpointError(f"{cfg_file}: 'arhq_jax.{key}' must be a JSON object")
+    for key in ("param_dtype", "dtype"):
+        if meta.get(key) not in _DTYPES:
+            raise CheckpointError(f"{cfg_file}: 'arhq_jax.{key}' must be one of {_DTYPES}")
+    return hf
 
 
-def load(path, *, expect_config: ModelConfig | None = None) -> tuple[Params, ModelConfig, dict]:
-    """Load a checkpoint → ``(params, cfg, quant)``.
+def load(
+    path,
+    *,
+    expect_config: ModelConfig | None = None,
+    expect_fingerprint: dict | None = None,
+) -> tuple[Params, ModelConfig, dict]:
+    """Load a checkpoint → ``(params, cfg, recipe)``.
 
     Args:
       expect_config: if given, the checkpoint must have been made from a model with this
-        architecture (dtype fields aside), else ValueError.
+        architecture (dtype fields aside).
+      expect_fingerprint: if given, the recorded source fingerprint must equal it.
+    Raises:
+      CheckpointError (a ValueError) naming the problem; FileNotFoundError for a missing dir.
     """
-    path = Path(path).absolute()
-    meta = read_meta(path)
-    cfg_dict = dict(meta["model_config"])
-    for k, v in cfg_dict.items():
-        if isinstance(v, list):
-            cfg_dict[k] = _tuplify(v)
-    cfg = ModelConfig(**cfg_dict)
+    from arhq_jax.models import config_from_hf
+    from converters.safetensors_io import SafetensorsReader
+
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"quantized checkpoint not found: {path}")
+    hf = read_meta(path)
+    meta = hf["arhq_jax"]
+    try:
+        cfg = config_from_hf(hf, param_dtype=meta["param_dtype"], dtype=meta["dtype"])
+    except (ValueError, TypeError, KeyError) as e:
+        raise CheckpointError(f"{path / CONFIG_FILE}: {e}") from None
+    _check_source(path, cfg, meta, expect_config, expect_fingerprint)
+    files = _weight_files(path)
+    lora_file = path / LORA_DIR / "adapter_model.safetensors"
+    try:
+        with SafetensorsReader(files) as reader, _maybe_reader(lora_file) as lreader:
+            get, used = _getter(reader, path)
+            get_lora, used_lora = (None, set()) if lreader is None else _getter(lreader, lora_file)
+            params = _assemble(cfg, meta["modules"], get, get_lora)
+            _check_all_used(reader, used, path)
+            if lreader is not None:
+                _check_all_used(lreader, used_lora, lora_file)
+    except CheckpointError:
+        raise
+    except ValueError as e:  # the safetensors reader's named errors
+        raise CheckpointError(str(e)) from None
+    return params, cfg, meta["recipe"]
+
+
+def _check_source(path, cfg, meta, expect_config, expect_fingerprint) -> None:
     if expect_config is not None:
         ignore = {"param_dtype", "dtype"}
         a = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ignore}
         b = {k: v for k, v in dataclasses.asdict(expect_config).items() if k not in ignore}
         if a != b:
             diff = sorted(k for k in a if a[k] != b.get(k))
-            raise ValueError(
+            raise CheckpointError(
                 f"checkpoint {path} was made from another model (config differs in {diff})"
             )
-    abstract: dict = {}
-    _abstract(meta["structure"], abstract)
-    if not (path / "arrays").is_dir():
-        raise FileNotFoundError(f"checkpoint {path} has no arrays/ directory")
-    with ocp.StandardCheckpointer() as ckptr:
-        arrays = ckptr.restore(path / "arrays", abstract)
-    params = _decode(meta["structure"], arrays)
-    return params, cfg, meta.get("quant", {})
+    if expect_fingerprint is not None:
+        got = meta["source"].get("fingerprint")
+        if got != expect_fingerprint:
+            what = meta["source"].get("model", "an unrecorded model")
+            raise CheckpointError(
+                f"checkpoint {path} was made from another model ({what!s:.80}: its weights "
+                "digest differs from --model's); pass --allow-other-source to use it anyway"
+            )
 
 
-def _tuplify(v):
-    return tuple(_tuplify(x) for x in v) if isinstance(v, list) else v
+def _weight_files(path: Path) -> list[Path]:
+    from converters.hf import weight_files
+
+    try:
+        return weight_files(path)
+    except (FileNotFoundError, ValueError) as e:
+        raise CheckpointError(str(e)) from None
+
+
+class _NoReader:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _maybe_reader(file: Path):
+    from converters.safetensors_io import SafetensorsReader
+
+    return SafetensorsReader([file]) if file.is_file() else _NoReader()
+
+
+def _getter(reader, where):
+    used: set[str] = set()
+
+    def get(name: str) -> np.ndarray:
+        x = reader.get(name)
+        if x is None:
+            raise CheckpointError(f"{where}: tensor {name!r} is missing")
+        used.add(name)
+        return np.asarray(x)
+
+    return get, used
+
+
+def _check_all_used(reader, used: set, where) -> None:
+    extra = [n for n in reader.names() if n not in used]
+    if extra:
+        more = f" and {len(extra) - 3} more" if len(extra) > 3 else ""
+        raise CheckpointError(f"{where}: unexpected tensors {', '.join(extra[:3])}{more}")
+
+
+def _assemble(cfg: ModelConfig, modules: dict, get, get_lora) -> Params:
+    import jax.numpy as jnp
+
+    from arhq_jax.models.config import Layer
+
+    pdt = jnp.dtype(cfg.param_dtype).name
+    shapes = cfg.linear_shapes()
+    hf_shapes = expected_tensors(cfg)
+
+    def tensor(name):
+        shape = hf_shapes[name]
+        x = get(name)
+        if x.dtype.name != pdt or tuple(x.shape) != tuple(shape):
+            raise CheckpointError(
+                f"tensor {name!r}: {x.dtype.name}{list(x.shape)}, expected {pdt}{list(shape)}"
+            )
+        if not np.isfinite(x.astype(np.float32)).all():
+            raise CheckpointError(f"tensor {name!r} has non-finite values")
+        return jnp.asarray(x)
+
+    def linear(prefix, shape, bias):
+        if prefix not in modules:
+            raise CheckpointError(f"config.json: no entry for module {prefix!r}")
+        return decode_linear(prefix, modules[prefix], get, get_lora, shape, pdt if bias else None)
+
+    expected = {linear_key(i, p) for i in range(cfg.num_layers) for p in PROJECTIONS}
+    extra = set(modules) - expected - {"lm_head"}
+    if extra:
+        raise CheckpointError(f"config.json: unknown modules {sorted(extra)[:3]}")
+    embed = tensor(EMBED)
+    norms = ("input_norm", "post_norm", "q_norm", "k_norm") if cfg.qk_norm else NORMS
+    layers = []
+    for i in range(cfg.num_layers):
+        kw = {n: tensor(norm_key(i, n)) for n in norms}
+        for p in PROJECTIONS:
+            kw[p] = linear(linear_key(i, p), shapes[p], has_bias(cfg, p))
+        layers.append(Layer(**kw))
+    final_norm = tensor(FINAL_NORM)
+    lm_head = None
+    if "lm_head" in modules:
+        lm_head = linear("lm_head", (cfg.vocab_size, cfg.hidden_size), False)
+    elif not cfg.tie_word_embeddings:
+        raise CheckpointError("config.json: the model has an lm_head but no entry for it")
+    return Params(embed=embed, layers=tuple(layers), final_norm=final_norm, lm_head=lm_head)

@@ -43,6 +43,15 @@ def _add_model(p):
     )
 
 
+def _add_quantized(p):
+    p.add_argument("--quantized", default=None, help="quantized checkpoint directory")
+    p.add_argument(
+        "--allow-other-source",
+        action="store_true",
+        help="use a checkpoint whose recorded source model differs from --model",
+    )
+
+
 def _add_kernel(p):
     p.add_argument(
         "--kernel",
@@ -131,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="perplexity (and KL/top-1 against the float model)")
     _add_model(e)
-    e.add_argument("--quantized", default=None, help="quantized checkpoint directory")
+    _add_quantized(e)
     e.add_argument("--text", default=None, help="text file (default: pydoc evaluation part)")
     e.add_argument("--seq-len", type=int, default=512)
     e.add_argument("--max-chunks", type=int, default=40)
@@ -141,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="generate text from a prompt")
     _add_model(g)
-    g.add_argument("--quantized", default=None)
+    _add_quantized(g)
     g.add_argument("--prompt", required=True)
     g.add_argument("--max-new-tokens", type=int, default=64)
     g.add_argument("--temperature", type=float, default=0.0)
@@ -186,7 +195,8 @@ def _quantized(args, m):
 
     if args.quantized is None:
         return m.params, None
-    params, _, quant = checkpoint.load(args.quantized, expect_config=m.cfg)
+    fp = None if args.allow_other_source else checkpoint.fingerprint(m.cfg, m.params)
+    params, _, quant = checkpoint.load(args.quantized, expect_config=m.cfg, expect_fingerprint=fp)
     if getattr(args, "kernel", "xla") != "xla":
         params = with_kernel(params, args.kernel, interpret=_no_gpu())
     return params, quant
@@ -222,6 +232,7 @@ def cmd_quantize(args) -> int:
         quantize_lm_head=args.lm_head,
         seed=args.seed,
     )
+    checkpoint.check_out(args.out)  # refuse a foreign --out before any work
     m = _load(args)
     qcfg.check_model(m.cfg)
     corpus = load_corpus(m.tokenizer, args.calib_text, None)
@@ -234,7 +245,10 @@ def cmd_quantize(args) -> int:
         "calib_source": corpus.source,
         "timings": res.timings,
     }
-    nbytes = checkpoint.save(args.out, res.params, m.cfg, quant=quant)
+    source = {"model": str(args.model), "fingerprint": checkpoint.fingerprint(m.cfg, m.params)}
+    nbytes = checkpoint.save(
+        args.out, res.params, m.cfg, quant=quant, tokenizer=m.tokenizer, source=source
+    )
     fp_bytes = checkpoint.tree_nbytes(m.params)
     t = res.timings
     print(

@@ -170,55 +170,84 @@ class SafetensorsReader:
         self.close()
 
 
+class SafetensorsWriter:
+    """Write one safetensors file tensor by tensor: one tensor in memory at a time.
+
+    The data go to a temporary file first (the header, which precedes them, is only known at the
+    end); ``close`` assembles the final file beside ``path`` under a temporary name and renames it,
+    ``abort`` removes every temporary. ``nbytes`` is the data written so far (for sharding).
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.entries: dict[str, dict] = {}
+        self.nbytes = 0
+        fd, self._data_tmp = tempfile.mkstemp(
+            dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".data"
+        )
+        self._data = os.fdopen(fd, "wb")
+
+    def add(self, name: str, arr) -> None:
+        arr = np.asarray(arr)  # (not ascontiguousarray: it makes 0-d arrays 1-d)
+        if name in self.entries:
+            raise ValueError(f"duplicate tensor name {name!r}")
+        if arr.dtype not in DTYPE_NAMES:
+            raise ValueError(
+                f"tensor {name!r}: dtype {arr.dtype} cannot be stored in safetensors "
+                "(store FP4 as packed U8)"
+            )
+        if arr.dtype.byteorder == ">":
+            raise ValueError(f"tensor {name!r}: big-endian arrays are not supported")
+        buf = arr.tobytes(order="C")
+        self._data.write(buf)
+        self.entries[name] = {
+            "dtype": DTYPE_NAMES[arr.dtype],
+            "shape": list(arr.shape),
+            "data_offsets": [self.nbytes, self.nbytes + len(buf)],
+        }
+        self.nbytes += len(buf)
+
+    def close(self, metadata: dict[str, str] | None = None) -> Path:
+        meta = {str(k): str(v) for k, v in (metadata or {}).items()}
+        final_tmp = None
+        try:
+            self._data.close()
+            doc = ({"__metadata__": meta} if meta else {}) | self.entries
+            header = json.dumps(doc, separators=(",", ":")).encode()
+            header += b" " * (-len(header) % 8)  # align the data start to 8 bytes, as safetensors
+            fd2, final_tmp = tempfile.mkstemp(
+                dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp"
+            )
+            with os.fdopen(fd2, "wb") as out, open(self._data_tmp, "rb") as data:
+                out.write(struct.pack("<Q", len(header)))
+                out.write(header)
+                shutil.copyfileobj(data, out, 16 * 2**20)
+            os.replace(final_tmp, self.path)
+            final_tmp = None
+        finally:
+            self.abort()
+            if final_tmp is not None:
+                os.unlink(final_tmp)
+        return self.path
+
+    def abort(self) -> None:
+        """Remove the temporary data file (idempotent)."""
+        self._data.close()
+        if os.path.exists(self._data_tmp):
+            os.unlink(self._data_tmp)
+
+
 def write_safetensors(
     path: str | Path,
     tensors: Iterable[tuple[str, np.ndarray]],
     metadata: dict[str, str] | None = None,
 ) -> Path:
-    """Write ``(name, array)`` pairs to ``path``, streaming: one tensor in memory at a time.
-
-    The data go to a temporary file first (the header, which precedes them, is only known at the
-    end); the final file is assembled beside ``path`` under a temporary name and renamed.
-    """
-    path = Path(path)
-    meta = {str(k): str(v) for k, v in (metadata or {}).items()}
-    entries: dict[str, dict] = {}
-    fd, data_tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".data")
-    final_tmp = None
+    """Write ``(name, array)`` pairs to ``path``, streaming (see ``SafetensorsWriter``)."""
+    w = SafetensorsWriter(path)
     try:
-        offset = 0
-        with os.fdopen(fd, "wb") as data:
-            for name, arr in tensors:
-                arr = np.asarray(arr)  # (not ascontiguousarray: it makes 0-d arrays 1-d)
-                if name in entries:
-                    raise ValueError(f"duplicate tensor name {name!r}")
-                if arr.dtype not in DTYPE_NAMES:
-                    raise ValueError(
-                        f"tensor {name!r}: dtype {arr.dtype} cannot be stored in safetensors "
-                        "(store FP4 as packed U8)"
-                    )
-                if arr.dtype.byteorder == ">":
-                    raise ValueError(f"tensor {name!r}: big-endian arrays are not supported")
-                buf = arr.tobytes(order="C")
-                data.write(buf)
-                entries[name] = {
-                    "dtype": DTYPE_NAMES[arr.dtype],
-                    "shape": list(arr.shape),
-                    "data_offsets": [offset, offset + len(buf)],
-                }
-                offset += len(buf)
-        doc = ({"__metadata__": meta} if meta else {}) | entries
-        header = json.dumps(doc, separators=(",", ":")).encode()
-        header += b" " * (-len(header) % 8)  # align the data start to 8 bytes, as safetensors does
-        fd2, final_tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(fd2, "wb") as out, open(data_tmp, "rb") as data:
-            out.write(struct.pack("<Q", len(header)))
-            out.write(header)
-            shutil.copyfileobj(data, out, 16 * 2**20)
-        os.replace(final_tmp, path)
-        final_tmp = None
-    finally:
-        os.unlink(data_tmp)
-        if final_tmp is not None:
-            os.unlink(final_tmp)
-    return path
+        for name, arr in tensors:
+            w.add(name, arr)
+    except BaseException:
+        w.abort()
+        raise
+    return w.close(metadata)

@@ -132,12 +132,15 @@ def test_checkpoint_roundtrip_gives_identical_logits(model, tmp_path):
     # Another model, another format version, a missing file: clear errors.
     with pytest.raises(ValueError, match="made from another model"):
         checkpoint.load(out, expect_config=CFG.replace(num_layers=3))
-    meta = json.loads((out / "meta.json").read_text())
-    meta["format_version"] = 99
-    (out / "meta.json").write_text(json.dumps(meta))
+    meta = json.loads((out / "config.json").read_text())
+    meta["arhq_jax"]["format_version"] = 99
+    (out / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="config.json: .* bytes, the manifest says"):
+        checkpoint.load(out)  # the manifest catches the edit first
+    checkpoint.out_dir.write_manifest(out, checkpoint.FORMAT, checkpoint.FORMAT_VERSION)
     with pytest.raises(ValueError, match="format version 99"):
         checkpoint.load(out)
-    with pytest.raises(FileNotFoundError, match="meta.json is missing"):
+    with pytest.raises(FileNotFoundError, match="not found"):
         checkpoint.load(tmp_path / "nowhere")
 
 
@@ -147,9 +150,10 @@ def test_interrupted_save_leaves_nothing(model, tmp_path, monkeypatch):
     def boom(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(checkpoint.ocp.StandardCheckpointer, "save", boom)
+    monkeypatch.setattr(checkpoint, "write_adapter", boom)
+    res = quantize_model(params, CFG, model[1], QuantConfig(method="arhq", rank=4), progress=False)
     with pytest.raises(KeyboardInterrupt):
-        checkpoint.save(tmp_path / "ckpt", params, CFG)
+        checkpoint.save(tmp_path / "ckpt", res.params, CFG)
     assert list(tmp_path.iterdir()) == []
 
 

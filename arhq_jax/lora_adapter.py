@@ -1,0 +1,78 @@
+"""The low-rank branches as a PEFT LoRA adapter (``adapter_config.json`` +
+``adapter_model.safetensors``), so that "NVFP4 base + LoRA" is exactly the quantized model.
+
+PEFT computes ``base(x) + lora_B(lora_A(x)) · lora_alpha / r``; with lora_A = Aᵀ ``[r, in]``,
+lora_B = B ``[out, r]`` and lora_alpha = r (per module through ``alpha_pattern`` when ranks
+differ) that is ``x Wᵀ + (x A) Bᵀ``. Tensor names follow PEFT's saved form
+``base_model.model.<module>.lora_{A,B}.weight``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+_SUFFIX_A = ".lora_A.weight"
+_PREFIX = "base_model.model."
+
+
+def adapter_config(ranks: dict[str, int]) -> dict:
+    """PEFT's LoraConfig as saved, for ``{module name: rank}``."""
+    short = {m.rsplit(".", 1)[-1] for m in ranks}
+    uniform = len(set(ranks.values())) == 1
+    r = max(ranks.values())
+    # Short names ("q_proj") when every module of those names has a branch, else full names.
+    targets = sorted(short) if _covers(ranks, short) else sorted(ranks)
+    cfg = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": None,
+        "r": r,
+        "lora_alpha": r,
+        "target_modules": targets,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "use_rslora": False,
+        "use_dora": False,
+        "init_lora_weights": True,
+        "modules_to_save": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+    }
+    if not uniform:
+        cfg["rank_pattern"] = {f"^{m}$": k for m, k in ranks.items() if k != r}
+        cfg["alpha_pattern"] = dict(cfg["rank_pattern"])
+    return cfg
+
+
+def _covers(ranks: dict[str, int], short: set[str]) -> bool:
+    """True when the modules with a branch are all the layer projections of those names."""
+    layers = {m.split(".")[2] for m in ranks if m.startswith("model.layers.")}
+    if any(not m.startswith("model.layers.") for m in ranks):
+        return False
+    return len(ranks) == len(layers) * len(short) and all(
+        m.rsplit(".", 1)[-1] in short for m in ranks
+    )
+
+
+def write_adapter(d: Path, tensors: list[tuple[str, np.ndarray]]) -> int:
+    """Write the adapter into the new directory ``d``; returns the tensor bytes."""
+    from converters.safetensors_io import write_safetensors
+
+    d.mkdir()
+    ranks = {
+        n[len(_PREFIX) : -len(_SUFFIX_A)]: int(x.shape[0])
+        for n, x in tensors
+        if n.endswith(_SUFFIX_A)
+    }
+    write_safetensors(d / ADAPTER_WEIGHTS, tensors, metadata={"format": "pt"})
+    (d / ADAPTER_CONFIG).write_text(
+        json.dumps(adapter_config(ranks), indent=1, sort_keys=True) + "\n"
+    )
+    return int(sum(np.asarray(x).nbytes for _, x in tensors))
