@@ -1,4 +1,6 @@
-"""Quantized checkpoints: a Hugging Face directory in the ecosystem's own layout (docs/checkpoint.md).
+"""Quantized checkpoints: Hugging Face directories in the ecosystem's own layout.
+
+See docs/checkpoint.md for every tensor name, dtype and shape.
 
 ::
 

@@ -91,6 +91,8 @@ _SERQ_ACTS = ("int4", "int8", "mxfp4", "nvfp4")
 _FLOAT_DTYPES = ("float32", "bfloat16", "float16")
 _ARRAY_DTYPES = (*_FLOAT_DTYPES, "int32", "uint8", "int8", "float8_e4m3fn", "float8_e8m0fnu")
 _QT_PARTS = ("codes", "scales", "tensor_scale", "zeros")
+_QT_KEYS = {"shape", "axis", "dtype", "format", "zeros"}
+_REQUIRED = (ARRAY, QTENSOR, WEIGHT, INT, BOOL, PARTS)
 
 
 def lora_names(prefix: str) -> tuple[str, str]:
@@ -181,7 +183,7 @@ def _encode_obj(prefix: str, obj, out: Encoded) -> dict:
 
 def _encode_field(name: str, cat: str, v, out: Encoded):
     if v is None:
-        if cat in (ARRAY, QTENSOR, WEIGHT, INT, BOOL, PARTS):
+        if cat in _REQUIRED:
             raise ValueError(f"{name}: required field is None")
         return None
     if cat in (ARRAY, OPT_ARRAY) or (cat == WEIGHT and not isinstance(v, (formats.QTensor, tuple))):
@@ -308,7 +310,7 @@ def _array(name: str, d, get: Getter) -> jax.Array:
 
 def _qtensor(name: str, d, get: Getter) -> formats.QTensor:
     d = _keys(d, {"qtensor"}, {"qtensor"}, name)["qtensor"]
-    _keys(d, {"shape", "axis", "dtype", "format", "zeros"}, {"shape", "axis", "dtype", "format", "zeros"}, name)  # fmt: skip
+    _keys(d, _QT_KEYS, _QT_KEYS, name)
     shape = _shape(d["shape"], f"{name}.shape")
     _expect(len(shape) >= 1 and math.prod(shape) > 0, name, "empty QTensor shape")
     axis = _type(d["axis"], int, f"{name}.axis")
