@@ -256,6 +256,8 @@ def _quantization_config(modules: dict, kinds: dict) -> dict:
         w4a4 = {e["w4a4"] for e in quantized.values()}
         if len(w4a4) == 1:
             ignore = [k for k, e in modules.items() if e["kind"] == "dense"]
+            if "lm_head" not in modules:  # tied: transformers still has an lm_head Linear
+                ignore.append("lm_head")
             return ct_nvfp4.quantization_config(ignore=ignore, w4a4=w4a4.pop())
     return {
         "quant_method": "arhq-jax",
