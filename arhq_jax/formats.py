@@ -286,15 +286,16 @@ def nvfp4_tensor_scale(x: jax.Array, spec: str | FormatSpec | None = None) -> ja
 
     With t = max|x| over the finite elements (NaN/Inf are ignored: their blocks become NaN on
     their own); pass a calibrated amax as ``x`` to get a static activation scale:
-      * "ct" (default nvfp4): the encode global scale gs = fl(2688 / max(t, 2^-126)), 1 when that
-        is not finite (t = 0 or t < ~8e-36), as compressed-tensors' ``generate_gparam``;
+      * "ct" (default nvfp4): the encode global scale gs = fl(2688 · fl(1 / max(t, 2^-126))), 1
+        when that is not finite (t = 0 or t < ~8e-36), exactly as compressed-tensors'
+        ``generate_gparam`` (torch evaluates ``2688 / t`` as ``t.reciprocal() * 2688``);
       * "modelopt" ("nvfp4-modelopt"): the decode multiplier g = fl(t / 2688), 1 when t = 0.
     """
     spec = _nvfp4_spec(spec)
     a = jnp.abs(jnp.asarray(x).astype(jnp.float32))
     t = jnp.max(jnp.where(jnp.isfinite(a), a, 0.0), initial=0.0)
     if spec.convention == "ct":
-        gs = div(NVFP4_TENSOR_DIVISOR, jnp.maximum(t, jnp.float32(F32_TINY)))
+        gs = div(1.0, jnp.maximum(t, jnp.float32(F32_TINY))) * jnp.float32(NVFP4_TENSOR_DIVISOR)
         return jnp.where(jnp.isfinite(gs), gs, jnp.float32(1.0))
     return jnp.where(t > 0, div(t, NVFP4_TENSOR_DIVISOR), jnp.float32(1.0))
 

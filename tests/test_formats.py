@@ -83,7 +83,7 @@ def ref_nvfp4_ct(x, gs=None):
     if gs is None:
         t = np.float32(np.abs(x).max())
         with np.errstate(over="ignore", divide="ignore"):
-            gs = F32(2688) / np.maximum(t, np.finfo(F32).tiny)
+            gs = (F32(1) / np.maximum(t, np.finfo(F32).tiny)) * F32(2688)  # torch's 2688 / t
         gs = F32(1) if not np.isfinite(gs) else gs
     gs = F32(gs)
     xb = _pad_last(x, 16).reshape(*x.shape[:-1], -1, 16)
@@ -684,6 +684,8 @@ def test_nvfp4_ct_matches_numpy_reference():
 def test_nvfp4_conventions_differ_and_tensor_scales():
     x = np.array(N1 + N2 + N3, F32)
     assert float(F.nvfp4_tensor_scale(x)) == 256.0  # gs = 2688 / 10.5
+    # gs = fl(2688 · fl(1/t)) as torch computes 2688 / t, not fl(2688 / t): 1536.0001 for t = 1.75
+    assert F.nvfp4_tensor_scale(np.float32(1.75)) == (F32(1) / F32(1.75)) * F32(2688) != 1536
     assert float(F.nvfp4_tensor_scale(x, "nvfp4-modelopt")) == 2.0**-8
     assert float(F.nvfp4_tensor_scale(np.float32(10.5))) == 256.0  # a calibrated amax
     assert float(F.nvfp4_tensor_scale(np.zeros(4, F32))) == 1.0
