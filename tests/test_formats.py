@@ -705,15 +705,18 @@ def test_nvfp4_conventions_differ_and_tensor_scales():
     # Where the powers of two make both conventions exact, they agree bit for bit.
     assert_bitwise(F.fake_quant(x, "nvfp4"), F.fake_quant(x, "nvfp4-modelopt"))
     # On bf16-like weights the decode d = fl(s / gs) differs from fl(s * g) by an ulp on many
-    # blocks (how many depends on amax: 0 % for seeds 0 and 3, 51 % of the values for seed 2).
+    # blocks (how many depends on amax: 77 % of the values for this seed).
     rng = np.random.default_rng(2)
     w = np.asarray(jnp.asarray(rng.standard_normal((64, 256)) * 0.02, jnp.bfloat16), F32)
     a, b = np.asarray(F.fake_quant(w, "nvfp4")), np.asarray(F.fake_quant(w, "nvfp4-modelopt"))
-    assert 0.3 < np.mean(a != b) < 0.7
-    ca = np.asarray(J_unpack_nibbles(F.quantize(w, "nvfp4").codes))
-    cb = np.asarray(J_unpack_nibbles(F.quantize(w, "nvfp4-modelopt").codes))
-    same = ca == cb
-    assert 0 < np.sum(~same) < 0.01 * w.size  # codes move only at (near-)ties
+    assert 0.1 < np.mean(a != b) < 0.95
+    qa, qb = F.quantize(w, "nvfp4"), F.quantize(w, "nvfp4-modelopt")
+    same_s = np.repeat(u8(qa.scales) == u8(qb.scales), 16, axis=-1)
+    assert 0 < np.sum(~same_s) < 0.01 * w.size  # block scales move only at (near-)ties
+    same = same_s & (
+        np.asarray(J_unpack_nibbles(qa.codes)) == np.asarray(J_unpack_nibbles(qb.codes))
+    )
+    assert 0 < np.sum(~same) < 0.01 * w.size  # and so do codes
     assert np.all(np.abs(a - b)[same] <= 2.0**-23 * np.abs(b)[same])  # the rest: one ulp
 
 
