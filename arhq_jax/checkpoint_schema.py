@@ -452,7 +452,7 @@ def decode_linear(
         w4a4 = _type(entry["w4a4"], bool, f"{prefix}.w4a4")
         wdt = _type(entry["dtype"], str, f"{prefix}.dtype")
         _expect(wdt in _FLOAT_DTYPES, prefix, f"unsupported dtype {wdt!r}")
-        raw = {k: get(f"{prefix}.{k}") for k in ct_nvfp4.CT_WEIGHT_TENSORS}
+        raw = {k: get(f"{prefix}.{k}") for k in ct_nvfp4.WEIGHT_KEYS}
         for k, x in raw.items():
             _checked(x, f"{prefix}.{k}", x.dtype.name, None)  # finite scales
         try:
@@ -465,7 +465,7 @@ def decode_linear(
             x = get(n)
             _checked(x, n, "float32", None)
             try:
-                act_scale = jnp.asarray(ct_nvfp4.act_scale_from_ct(x))
+                act_scale = jnp.asarray(ct_nvfp4.act_scale_from_input_global_scale(x))
             except ValueError as e:
                 raise CheckpointError(f"{n}: {e}") from None
             act_fmt = w.spec

@@ -331,7 +331,8 @@ def update_alpha_search(
       w: ``[out, in]``; m_x: ``[in]`` absmax of the calibration tokens (pass 1).
       w_fmt, act_fmt: format names or ``FormatSpec`` (static); ``act_fmt=None`` skips Q_a.
       mask: optional boolean ``x_chunk.shape[:-1]``; False tokens contribute nothing.
-      act_tensor_scale: optional fixed activation tensor scale (``nvfp4``).
+      act_tensor_scale: optional fixed activation tensor scale (``nvfp4``), in the activation
+        format's convention (``formats.nvfp4_tensor_scale`` of a calibrated amax).
     """
     x_chunk, w, m_x = jnp.asarray(x_chunk), jnp.asarray(w), jnp.asarray(m_x)
     if w.ndim != 2 or x_chunk.ndim < 1 or x_chunk.shape[-1] != w.shape[1]:

@@ -14,6 +14,13 @@ Layers of this module, from the bottom up:
   GPTQ fits a group once with ``block_params`` and quantizes column by column with the others;
 * the array API: ``fake_quant``, ``quantize`` -> ``QTensor``, ``dequantize``.
 
+nvfp4 has two tensor-scale conventions (``FormatSpec.convention``, docs/formats.md): "nvfp4" is
+compressed-tensors' (the tensor scale is the encode global scale gs = 2688/amax, the block decode
+is fl(s / gs); what the exported checkpoint holds and compressed-tensors/vLLM decode), and
+"nvfp4-modelopt" is ModelOpt's and spec §3's (the tensor scale is the decode multiplier
+g = amax/2688, the block decode is fl(s · g); bit-identical with ModelOpt's reference). Both have
+``spec.name == "nvfp4"``.
+
 Non-finite values: a NaN or ±Inf anywhere in a block makes the whole dequantized block NaN (its
 stored scale is NaN: e4m3 0x7F, e8m0 0xFF, f32 NaN), and the nvfp4 tensor maximum ignores them.
 ``quantize`` called eagerly rejects them with a ValueError instead.
@@ -49,11 +56,22 @@ from arhq_jax.elements import (
 )
 
 FORMAT_NAMES = ("nvfp4", "nvfp4-paper", "mxfp4", "int4", "int8")
-_ALIASES = {"int4-asym": ("int4", False), "int8-asym": ("int8", False)}
+# Extra names: each resolves to a FORMAT_NAMES entry with fixed options.
+_ALIASES = {
+    "int4-asym": ("int4", {"symmetric": False}),
+    "int8-asym": ("int8", {"symmetric": False}),
+    "nvfp4-modelopt": ("nvfp4", {"convention": "modelopt"}),
+}
 INT_VARIANTS = ("default", "fprag", "serq", "gptq")
+# nvfp4 tensor-scale conventions (docs/formats.md): "ct" = compressed-tensors (the default, what
+# the exported nvfp4-pack-quantized checkpoint holds), "modelopt" = ModelOpt / spec §3
+# (bit-identical with ModelOpt's reference and the spec's §10 vectors).
+NVFP4_CONVENTIONS = ("ct", "modelopt")
 
 E4M3_MAX = 448.0
 NVFP4_TENSOR_DIVISOR = 2688.0  # 6 * 448
+F32_TINY = float(np.finfo(np.float32).tiny)  # 2^-126
+CT_ZERO_BLOCK_SCALE = 0.125  # compressed-tensors' placeholder for a block scale that rounds to 0
 _PAPER_FLOOR = 1e-12
 
 
@@ -77,6 +95,11 @@ class FormatSpec:
       int_variant: "default" (formats.md §6), "fprag" (asym: no range widening, scale >= 1e-8,
         RNE after adding z), "serq" (sym: range [-2^(b-1)+1, 2^(b-1)-1] with sign-magnitude
         codes), "gptq" (GPTQ/QuaRot code: amax (sym) or hi-lo (asym) clamped at >= 1e-5).
+      convention: nvfp4 only (None elsewhere): "ct" (default; compressed-tensors: the tensor scale
+        is the encode global scale gs = 2688/amax, decode d = fl(s / gs), placeholder scale 0.125
+        for blocks whose scale rounds to 0, -0.0 encodes as 0x0) or "modelopt" (spec §3: the
+        tensor scale is the decode multiplier g = amax/2688, d = fl(s · g), flushed blocks store 0).
+        Resolve "nvfp4-modelopt" for the latter; its label is "nvfp4-modelopt".
     """
 
     name: str
@@ -86,8 +109,18 @@ class FormatSpec:
     tile: tuple[int, int] | None = None
     scale_rule: str = "floor"
     int_variant: str = "default"
+    convention: str | None = None
 
     def __post_init__(self):
+        if self.name == "nvfp4":
+            if self.convention is None:
+                object.__setattr__(self, "convention", "ct")
+            if self.convention not in NVFP4_CONVENTIONS:
+                raise ValueError(
+                    f"nvfp4 convention must be one of {NVFP4_CONVENTIONS}, got {self.convention!r}"
+                )
+        elif self.convention is not None:
+            raise ValueError(f"convention applies to nvfp4 only, not {self.name}")
         if self.name not in FORMAT_NAMES:
             raise ValueError(f"unknown format {self.name!r}; known: {_known_names()}")
         is_int = self.name in ("int4", "int8")
@@ -134,8 +167,15 @@ class FormatSpec:
 
     @property
     def label(self) -> str:
-        """Short display name, e.g. "int4-asym", "nvfp4-paper"."""
+        """Short display name, e.g. "int4-asym", "nvfp4-paper", "nvfp4-modelopt"."""
+        if self.name == "nvfp4" and self.convention == "modelopt":
+            return "nvfp4-modelopt"
         return self.name + ("-asym" if self.is_int and not self.symmetric else "")
+
+    @property
+    def nvfp4_ct(self) -> bool:
+        """True for nvfp4 in the compressed-tensors convention (the default nvfp4)."""
+        return self.name == "nvfp4" and self.convention == "ct"
 
     @property
     def scale_dtype(self):
@@ -155,14 +195,23 @@ def _known_names() -> str:
     return ", ".join(FORMAT_NAMES + tuple(_ALIASES))
 
 
-_OVERRIDE_KEYS = ("block", "group_size", "symmetric", "tile", "scale_rule", "int_variant")
+_OVERRIDE_KEYS = (
+    "block",
+    "group_size",
+    "symmetric",
+    "tile",
+    "scale_rule",
+    "int_variant",
+    "convention",
+)
 
 
 def resolve_format(fmt: str | FormatSpec, **overrides) -> FormatSpec:
-    """Resolve a name ("nvfp4", "int4-asym", ...) or a FormatSpec, applying ``overrides``.
+    """Resolve a name ("nvfp4", "nvfp4-modelopt", "int4-asym", ...) or a FormatSpec.
 
     Overrides: block / group_size (int only), symmetric (int only), tile (nvfp4-paper only),
-    scale_rule (mxfp4 only), int_variant (int only). Anything invalid raises ValueError.
+    scale_rule (mxfp4 only), int_variant (int only), convention (nvfp4 only: "ct" or
+    "modelopt"). Anything invalid raises ValueError.
     """
     bad = sorted(set(overrides) - set(_OVERRIDE_KEYS))
     if bad:
@@ -175,7 +224,7 @@ def resolve_format(fmt: str | FormatSpec, **overrides) -> FormatSpec:
         return dataclasses.replace(fmt, **overrides) if overrides else fmt
     if not isinstance(fmt, str):
         raise ValueError(f"format must be a name or a FormatSpec, got {type(fmt).__name__}")
-    name, symmetric = _ALIASES.get(fmt, (fmt, True))
+    name, fixed = _ALIASES.get(fmt, (fmt, {}))
     if name not in FORMAT_NAMES:
         raise ValueError(f"unknown format {fmt!r}; known: {_known_names()}")
     if "block" in overrides and name not in ("int4", "int8"):
@@ -188,8 +237,8 @@ def resolve_format(fmt: str | FormatSpec, **overrides) -> FormatSpec:
         name=name,
         bits=8 if name == "int8" else 4,
         block={"nvfp4": 16, "nvfp4-paper": 16, "mxfp4": 32}.get(name, 128),
-        symmetric=symmetric,
     )
+    base.update(fixed)
     base.update(overrides)
     return FormatSpec(**base)
 
@@ -225,14 +274,38 @@ def bits_per_element(fmt: str | FormatSpec, k: int | None = None) -> float:
 # ----------------------------------------------------------------------------------------------
 
 
-def nvfp4_tensor_scale(x: jax.Array) -> jax.Array:
-    """nvfp4 decode multiplier g = max|x| / 2688 (f32 scalar); 1 when the max is 0.
+def _nvfp4_spec(spec) -> FormatSpec:
+    spec = resolve_format("nvfp4" if spec is None else spec)
+    if spec.name != "nvfp4":
+        raise ValueError(f"an nvfp4 tensor scale needs an nvfp4 format, got {spec.label}")
+    return spec
 
-    Non-finite elements are ignored (their blocks become NaN on their own).
+
+def nvfp4_tensor_scale(x: jax.Array, spec: str | FormatSpec | None = None) -> jax.Array:
+    """The nvfp4 tensor scale of ``x`` (f32 scalar) in ``spec``'s convention (default "nvfp4").
+
+    With t = max|x| over the finite elements (NaN/Inf are ignored: their blocks become NaN on
+    their own); pass a calibrated amax as ``x`` to get a static activation scale:
+      * "ct" (default nvfp4): the encode global scale gs = fl(2688 · fl(1 / max(t, 2^-126))), 1
+        when that is not finite (t = 0 or t < ~8e-36), exactly as compressed-tensors'
+        ``generate_gparam`` (torch evaluates ``2688 / t`` as ``t.reciprocal() * 2688``);
+      * "modelopt" ("nvfp4-modelopt"): the decode multiplier g = fl(t / 2688), 1 when t = 0.
     """
+    spec = _nvfp4_spec(spec)
     a = jnp.abs(jnp.asarray(x).astype(jnp.float32))
     t = jnp.max(jnp.where(jnp.isfinite(a), a, 0.0), initial=0.0)
+    if spec.convention == "ct":
+        gs = div(1.0, jnp.maximum(t, jnp.float32(F32_TINY))) * jnp.float32(NVFP4_TENSOR_DIVISOR)
+        return jnp.where(jnp.isfinite(gs), gs, jnp.float32(1.0))
     return jnp.where(t > 0, div(t, NVFP4_TENSOR_DIVISOR), jnp.float32(1.0))
+
+
+def nvfp4_decode_scale(tensor_scale, spec: str | FormatSpec | None = None) -> jax.Array:
+    """f32 multiplier that approximates the tensor part of the decode (1/gs for "ct", g for
+    "modelopt"); used where the tensor scale is applied to an f32 accumulator (kernels)."""
+    spec = _nvfp4_spec(spec)
+    ts = jnp.asarray(tensor_scale, jnp.float32)
+    return div(1.0, ts) if spec.convention == "ct" else ts
 
 
 def _mx_multiplier(byte: jax.Array) -> jax.Array:
@@ -246,11 +319,15 @@ def _mx_multiplier(byte: jax.Array) -> jax.Array:
 def scale_multiplier(scale: jax.Array, spec: FormatSpec, tensor_scale=None) -> jax.Array:
     """f32 decode multiplier ``d[..., nblocks, 1]`` from stored scales ``[..., nblocks]``.
 
-    nvfp4: fl32(s * g); mxfp4: 2^e (0 stands for 2^-127, see module doc); others: the f32 scale.
+    nvfp4 "ct": fl32(s / gs); "modelopt": fl32(s * g); mxfp4: 2^e (0 stands for 2^-127, see
+    module doc); others: the f32 scale.
     """
     if spec.name == "nvfp4":
         g = jnp.float32(1.0) if tensor_scale is None else jnp.asarray(tensor_scale, jnp.float32)
-        d = scale.astype(jnp.float32) * g
+        if spec.convention == "ct":
+            d = div(scale.astype(jnp.float32), g)
+        else:
+            d = scale.astype(jnp.float32) * g
     elif spec.name == "mxfp4":
         d = _mx_multiplier(jax.lax.bitcast_convert_type(scale, jnp.uint8))
     else:
@@ -278,19 +355,30 @@ def block_params(xb: jax.Array, spec: FormatSpec, tensor_scale=None):
         float8_e8m0fnu mxfp4, f32 otherwise);
       d: f32 decode multiplier ``[..., nblocks, 1]`` (see ``scale_multiplier``);
       zero: uint8 zero point ``[..., nblocks, 1]`` for asymmetric int, else None.
-    ``tensor_scale`` (nvfp4 only) is the decode multiplier g; None computes it from ``xb`` (padding
-    zeros do not change it). Blocks holding a NaN/Inf get a NaN scale (and zero point 0).
+    ``tensor_scale`` (nvfp4 only) is gs ("ct") or g ("modelopt"), see ``nvfp4_tensor_scale``;
+    None computes it from ``xb`` (padding zeros do not change it). Blocks holding a NaN/Inf get a
+    NaN scale (and zero point 0).
+
+    nvfp4 "ct" follows compressed-tensors' ``calculate_qparams``: raw = fl(gs · fl(a / 6)),
+    s = E4M3(clip(raw, 0, 448)), and s = 0.125 where that rounds to 0 (its placeholder);
+    "modelopt" (spec §3): raw = fl(fl(a / 6) / g), s = E4M3(clip(raw, 0, 448)).
     """
     xb = jnp.asarray(xb, jnp.float32)
     bad = jnp.any(~jnp.isfinite(xb), axis=-1)
     a = jnp.max(jnp.abs(xb), axis=-1)
     zero = None
     if spec.name == "nvfp4":
-        g = nvfp4_tensor_scale(xb) if tensor_scale is None else jnp.asarray(tensor_scale)
+        g = nvfp4_tensor_scale(xb, spec) if tensor_scale is None else jnp.asarray(tensor_scale)
         g = g.astype(jnp.float32)
-        raw = div(div(a, 6.0), g)
-        raw = jnp.where(bad, jnp.nan, jnp.clip(raw, 0.0, E4M3_MAX))  # clip: the cast overflows
-        scale = raw.astype(jnp.float8_e4m3fn)
+        if spec.convention == "ct":
+            raw = g * div(a, 6.0)
+        else:
+            raw = div(div(a, 6.0), g)
+        raw = jnp.clip(raw, 0.0, E4M3_MAX)  # clip: the cast overflows
+        if spec.convention == "ct":
+            raw = raw.astype(jnp.float8_e4m3fn).astype(jnp.float32)
+            raw = jnp.where(raw == 0, jnp.float32(CT_ZERO_BLOCK_SCALE), raw)
+        scale = jnp.where(bad, jnp.nan, raw).astype(jnp.float8_e4m3fn)
         return scale, scale_multiplier(scale, spec, g), None
     if spec.name == "nvfp4-paper":
         y = div(jnp.maximum(a, jnp.float32(_PAPER_FLOOR)), 6.0)
@@ -303,8 +391,10 @@ def block_params(xb: jax.Array, spec: FormatSpec, tensor_scale=None):
         if spec.scale_rule == "floor":
             e = jnp.frexp(a)[1] - 3
         else:
-            mant, ex = jnp.frexp(div(a, 6.0))
-            e = ex - (mant == 0.5)  # ceil(log2 y): exact powers of two stay
+            # a/6 is subnormal (flushed to 0) below 6 * 2^-126: divide a * 2^64 instead.
+            small = a < jnp.float32(2.0**-100)
+            mant, ex = jnp.frexp(div(jnp.where(small, a * pow2(64), a), 6.0))
+            e = ex - (mant == 0.5) - jnp.where(small, 64, 0)  # ceil(log2 y): powers of 2 stay
         e = jnp.where(a > 0, jnp.clip(e, -127, 127), -127)
         byte = jnp.where(bad, 0xFF, e + 127).astype(jnp.uint8)
         scale = jax.lax.bitcast_convert_type(byte, jnp.float8_e8m0fnu)
@@ -346,6 +436,10 @@ def quantize_blocks(xb: jax.Array, d: jax.Array, zero, spec: FormatSpec) -> jax.
     ``d`` and ``zero`` broadcast against ``xb`` (``[..., nblocks, 1]``). Codes are the unpacked
     storage codes: uint8 E2M1 codes (fp4), two's-complement nibbles (int4 sym), sign-magnitude
     (serq), unsigned (asym), int8 (int8 sym). NaN blocks (d NaN) get code 0.
+
+    nvfp4 "ct" takes the sign bit from x as compressed-tensors does (``torch.sign``): -0.0 gives
+    0x0, a negative nonzero x that rounds to zero gives 0x8; the other fp4 formats use the
+    sign bit of x / d (the ml_dtypes cast: -0.0 gives 0x8).
     """
     xb = jnp.asarray(xb, jnp.float32)
     d = jnp.asarray(d, jnp.float32)
@@ -359,6 +453,10 @@ def quantize_blocks(xb: jax.Array, d: jax.Array, zero, spec: FormatSpec) -> jax.
             codes = e2m1_encode_ties_down(v)
         else:
             codes = e2m1_encode(v)
+        if spec.nvfp4_ct:
+            bits = jax.lax.bitcast_convert_type(xb, jnp.int32)
+            neg = (bits < 0) & ((bits & 0x7FFFFFFF) != 0)  # bits: immune to denormal flushing
+            codes = (codes & 7) | jnp.where(neg, jnp.uint8(8), jnp.uint8(0))
         if spec.name == "nvfp4":
             dead = dead | (d == 0)  # flushed block (s = 0): all codes 0
         return jnp.where(dead, jnp.uint8(0), codes)
@@ -399,8 +497,10 @@ def dequantize_blocks(codes: jax.Array, d: jax.Array, zero, spec: FormatSpec) ->
     if spec.name in ("nvfp4", "nvfp4-paper", "mxfp4"):
         v = e2m1_decode(codes)
         if spec.name == "mxfp4":
-            # 2^-127 as two normal factors (d = 0 stands for it).
-            return jnp.where(d == 0, (v * pow2(-64)) * pow2(-63), v * d)
+            # 2^-127 as two normal factors (d = 0 stands for it). The barrier keeps XLA from
+            # folding them into one (subnormal, hence flushed) constant 2^-127.
+            tiny = jax.lax.optimization_barrier(v * pow2(-64))
+            return jnp.where(d == 0, tiny * pow2(-63), v * d)
         return v * d
     q = int_code_values(codes, spec).astype(jnp.float32)
     if not spec.symmetric:
@@ -489,7 +589,7 @@ def _quant_core(x, spec: FormatSpec, axis: int, tensor_scale):
     """Shared by fake_quant and quantize: (codes [..., K_pad], scale, d, zero, g, moved shape)."""
     x32 = jnp.moveaxis(x.astype(jnp.float32), axis, -1)
     if spec.name == "nvfp4":
-        g = nvfp4_tensor_scale(x32) if tensor_scale is None else tensor_scale
+        g = nvfp4_tensor_scale(x32, spec) if tensor_scale is None else tensor_scale
         g = jnp.asarray(g, jnp.float32).reshape(())
     else:
         g = jnp.float32(1.0)
@@ -523,7 +623,8 @@ def fake_quant(x, fmt, axis: int = -1, *, tensor_scale=None, **overrides) -> jax
     """Quantize-dequantize ``x`` (any float dtype/shape) along ``axis``; same shape and dtype.
 
     Computed in f32 from the f32 upcast; NaN/Inf make their block NaN. ``tensor_scale`` (nvfp4
-    only) fixes the decode multiplier g instead of the dynamic max|x|/2688. Jit-able with ``fmt``
+    only) fixes the tensor scale (gs for "nvfp4", g for "nvfp4-modelopt", see
+    ``nvfp4_tensor_scale``) instead of the dynamic one from max|x|. Jit-able with ``fmt``
     static; equals ``dequantize(quantize(x, ...))`` bit for bit.
     """
     spec = resolve_format(fmt, **overrides)
@@ -546,7 +647,9 @@ class QTensor:
         int8: int8 (sym) / uint8 (asym) ``[..., K_pad]``. 16x16 tiles: ``[N_pad, K_pad/2]``.
       scales: storage dtype (float8_e4m3fn nvfp4, float8_e8m0fnu mxfp4, f32 otherwise),
         ``[..., K_pad/B]``, or ``[N_pad/16, K_pad/16]`` for tiles.
-      tensor_scale: f32 scalar, nvfp4's g (1.0 for other formats).
+      tensor_scale: f32 scalar: nvfp4 "ct" the encode global scale gs = 2688/amax (stored by
+        compressed-tensors as ``weight_global_scale``), nvfp4 "modelopt" the decode multiplier
+        g = amax/2688 (ModelOpt's ``weight_scale_2``); 1.0 for other formats.
       zeros: uint8 ``[..., K_pad/B]`` (asymmetric int) or None.
       shape: true shape of the original array (static); spec, axis (non-negative), dtype (the
         original dtype name) are static too.
@@ -667,6 +770,8 @@ __all__ = [
     "fake_quant",
     "int_code_values",
     "int_limits",
+    "NVFP4_CONVENTIONS",
+    "nvfp4_decode_scale",
     "nvfp4_tensor_scale",
     "pack_nibbles",
     "padded_length",

@@ -62,7 +62,9 @@ def quant_matmul_ref(
       smooth: ``[K]`` divisor s, or None.
       act_fmt: activation format (name or FormatSpec) or None (weight-only, W4A16).
       bias: ``[N]`` or None.
-      act_tensor_scale: static nvfp4 activation scale; None = dynamic max|x/s|/2688 over all of x.
+      act_tensor_scale: static nvfp4 activation tensor scale in the activation format's
+        convention (``formats.nvfp4_tensor_scale`` of a calibrated amax: gs = 2688/amax for
+        "nvfp4", g = amax/2688 for "nvfp4-modelopt"); None = dynamic, from max|x/s| over all of x.
       a16_bf16: weight-only fast mode: x/s rounded to bf16 before the main matmul (matches the
         kernel's ``a16_bf16``); the low-rank branch still reads f32 x/s.
     """
@@ -119,8 +121,9 @@ class QuantLinear:
       b: ``[out, r]`` up-projection, or None.
       smooth: ``[in]`` f32 smoothing divisor s (the runtime computes x·fl32(1/s)), or None.
       bias: ``[out]`` or None.
-      act_scale: static nvfp4 activation tensor scale (f32 scalar), or None for the dynamic
-        max|x/s|/2688.
+      act_scale: static nvfp4 activation tensor scale (f32 scalar) in ``act_fmt``'s convention
+        (gs = 2688/amax for "nvfp4", what compressed-tensors stores as ``input_global_scale``;
+        g = amax/2688 for "nvfp4-modelopt"), or None for the dynamic scale from max|x/s|.
       act_fmt: (static) activation format name/FormatSpec, or None for weight-only (W4A16).
       kernel: (static) "xla" (plain jnp) or "pallas".
       interpret: (static) run the Pallas kernels in interpret mode (CPU).

@@ -19,7 +19,8 @@ Usage::
     out = finalize(st)                          # {"G": [d, d], "absmax": [d], "count": N}
 
 For ``nvfp4`` the activation tensor scale is dynamic over the chunk passed (pass a fixed
-``tensor_scale`` to decouple tokens). Masked tokens are zeroed before quantization, which leaves
+``tensor_scale``, in the format's convention (``formats.nvfp4_tensor_scale`` of a calibrated
+amax), to decouple tokens). Masked tokens are zeroed before quantization, which leaves
 every block and tensor maximum unchanged, so padding never enters any statistic.
 """
 

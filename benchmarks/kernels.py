@@ -149,7 +149,8 @@ def scaled_matmul_fn(act_fmt):
         xs = x.astype(jnp.float32) * (1.0 / s)
         qx = formats.quantize(xs, "nvfp4")
         y = jax.nn.scaled_matmul(f4(qx)[None], w4[None], qx.scales[None], ws[None])[0]
-        y = y * (qx.tensor_scale * gw)
+        # The tensor parts of the decodes (fl(1/gs) for nvfp4, g for nvfp4-modelopt).
+        y = y * (formats.nvfp4_decode_scale(qx.tensor_scale) * gw)
         if a is not None:
             y = y + (xs @ a.astype(jnp.float32)) @ b.astype(jnp.float32).T
         return y.astype(x.dtype)
@@ -228,7 +229,8 @@ def run_variants(x, qs, w16s, a, b, s, fmt, act, tuned, args) -> dict:
         w4s = [f4(q) for q in qs]
         try:
             f = jax.jit(lambda x, w4s, qs, a, b, s: tuple(
-                fn(x, w4, q.scales, q.tensor_scale, a, b, s) for w4, q in zip(w4s, qs, strict=True)
+                fn(x, w4, q.scales, formats.nvfp4_decode_scale(q.tensor_scale, q.spec), a, b, s)
+                for w4, q in zip(w4s, qs, strict=True)
             ))  # fmt: skip
             times["scaled_matmul"] = time_call(f, x, w4s, qs, a, b, s, reps=args.reps)
         except Exception as e:

@@ -7,9 +7,10 @@ t += x_s·A in f32 (no atomics: a program owns whole rows), and quantizes x_s to
 
 The slab is read as its even and odd elements (two stride-2 loads, kernels.md §3) and the
 activation operand is written as:
-  * ``"bf16"``: values code × block scale (exact in bf16; the nvfp4 tensor scale g_x is applied
-    later, on kernel 2's f32 accumulator), in per-slab order [even | odd], which is the order in
-    which kernel 2 consumes the low and high nibbles of the weights;
+  * ``"bf16"``: values code × block scale (exact in bf16; the nvfp4 tensor part of the decode,
+    1/gs_x or g_x, is applied later, on kernel 2's f32 accumulator), in per-slab order
+    [even | odd], which is the order in which kernel 2 consumes the low and high nibbles of the
+    weights;
   * ``"packed"``: canonical uint8 codes (element 2i in the low nibble) and scale bytes, the
     Blackwell form, bit-identical to ``formats.quantize``.
 
@@ -44,26 +45,38 @@ def block_amax(xe: jax.Array, xo: jax.Array, per_block: int) -> jax.Array:
     return jnp.maximum(me, mo)
 
 
-def _quant_halves(xe, xo, g, act: str):
+def _quant_halves(xe, xo, g, act: str, interpret: bool):
     """Quantize one slab given as even/odd halves. Returns (codes_e, codes_o, scale f32, byte).
 
-    nvfp4 (formats.md §3): raw = (amax/6)/g, s = E4M3_RNE(clip(raw, 0, 448)), d = fl32(s·g),
-    codes = E2M1_RNE(clip(x/d, ±6)), all-zero codes when s = 0.
+    ``act`` is a format label: "nvfp4" (compressed-tensors convention, g = gs), "nvfp4-modelopt"
+    (g is the decode multiplier) or "mxfp4". Bit for bit as ``formats.block_params`` /
+    ``quantize_blocks``; every division is correctly rounded (``codecs.div_rn``).
+    nvfp4 "ct": raw = gs·fl(amax/6), s = E4M3_RNE(clip(raw, 0, 448)) or 0.125 where that is 0,
+    d = fl(s/gs), codes = E2M1_RNE(clip(x/d, ±6)) with the sign of a negative nonzero x.
+    nvfp4-modelopt (formats.md §3): raw = (amax/6)/g, s as above (0 kept), d = fl32(s·g),
+    all-zero codes when s = 0.
     mxfp4 (§5, floor rule): e = floor(log2 amax) - 2; x·2^-e is exact and never needs the
     subnormal 2^-127 (which the f32 flush-to-zero would turn into 0).
     """
-    hb = 8 if act == "nvfp4" else 16  # elements of one block in each parity half
+    hb = 16 if act == "mxfp4" else 8  # elements of one block in each parity half
     amax = block_amax(xe, xo, hb)
-    if act == "nvfp4":
-        raw = jnp.clip((amax / 6.0) / g, 0.0, 448.0)
-        s = codecs.e4m3_round(raw)
+    if act != "mxfp4":
+        ct = act == "nvfp4"
+        a6 = codecs.div_rn(amax, 6.0, interpret=interpret)
+        raw = g * a6 if ct else codecs.div_rn(a6, g, interpret=interpret)
+        s = codecs.e4m3_round(jnp.clip(raw, 0.0, 448.0))
+        if ct:
+            s = jnp.where(s == 0, 0.125, s)  # compressed-tensors' placeholder
         byte = codecs.e4m3_byte(s)
-        d = expand_blocks(s * g, hb)
+        d = codecs.div_rn(s, g, interpret=interpret) if ct else s * g
+        d = expand_blocks(d, hb)
         live = d > 0
         safe_d = jnp.where(live, d, 1.0)
-        ce = jnp.where(live, codecs.e2m1_code(jnp.clip(xe / safe_d, -6.0, 6.0)), 0)
-        co = jnp.where(live, codecs.e2m1_code(jnp.clip(xo / safe_d, -6.0, 6.0)), 0)
-        return ce, co, s, byte
+        ve = jnp.clip(codecs.div_rn(xe, safe_d, interpret=interpret), -6.0, 6.0)
+        vo = jnp.clip(codecs.div_rn(xo, safe_d, interpret=interpret), -6.0, 6.0)
+        ce = codecs.e2m1_code(ve, xe if ct else None)
+        co = codecs.e2m1_code(vo, xo if ct else None)
+        return jnp.where(live, ce, 0), jnp.where(live, co, 0), s, byte
     byte = codecs.e8m0_floor_byte(amax)
     inv = expand_blocks(jax.lax.bitcast_convert_type((254 - byte) << 23, jnp.float32), hb)
     ce = codecs.e2m1_code(jnp.clip(xe * inv, -6.0, 6.0))
@@ -71,12 +84,14 @@ def _quant_halves(xe, xo, g, act: str):
     return ce, co, codecs.e8m0_value(byte), byte
 
 
-def _act_kernel(*refs, has_s: bool, has_a: bool, act: str | None, form: str, bk: int):
+def _act_kernel(
+    *refs, has_s: bool, has_a: bool, act: str | None, form: str, bk: int, interpret: bool
+):
     it = iter(refs)
     x_ref = next(it)
     s_ref = next(it) if has_s else None
     a_ref = next(it) if has_a else None
-    g_ref = next(it) if act == "nvfp4" else None
+    g_ref = next(it) if _is_nv(act) else None
     t_ref = next(it) if has_a else None
     if act is not None:
         outs = (next(it),) if form == "bf16" else (next(it), next(it))
@@ -84,7 +99,7 @@ def _act_kernel(*refs, has_s: bool, has_a: bool, act: str | None, form: str, bk:
     h = bk // 2
     nk = x_ref.shape[1] // bk
     g = g_ref[...] if g_ref is not None else None
-    hb = 8 if act == "nvfp4" else 16
+    hb = 8 if _is_nv(act) else 16
     nb = h // hb
 
     def body(kt, t):
@@ -100,7 +115,7 @@ def _act_kernel(*refs, has_s: bool, has_a: bool, act: str | None, form: str, bk:
             t = t + jnp.dot(xe, ae, precision=_HI, preferred_element_type=jnp.float32)
             t = t + jnp.dot(xo, ao, precision=_HI, preferred_element_type=jnp.float32)
         if act is not None:
-            ce, co, s, byte = _quant_halves(xe, xo, g, act)
+            ce, co, s, byte = _quant_halves(xe, xo, g, act, interpret)
             if form == "bf16":
                 (xa_ref,) = outs
                 sx = expand_blocks(s, hb)
@@ -116,6 +131,10 @@ def _act_kernel(*refs, has_s: bool, has_a: bool, act: str | None, form: str, bk:
     t = jax.lax.fori_loop(0, nk, body, jnp.zeros((bm, r), jnp.float32))
     if has_a:
         t_ref[...] = t
+
+
+def _is_nv(act: str | None) -> bool:
+    return act in ("nvfp4", "nvfp4-modelopt")
 
 
 def act_prepare_call(
@@ -137,8 +156,9 @@ def act_prepare_call(
       x: ``[Mp, Kp]`` f32/bf16, Mp % bm == 0, Kp % bk == 0.
       s: ``[1, Kp]`` f32 reciprocal 1/s of the smoothing divisor (padding 1.0) or None.
       a: ``[Kp, rp]`` down-projection (padding rows/columns 0) or None (rank 0).
-      g: ``[1, 1]`` f32 nvfp4 activation tensor scale (required when act == "nvfp4").
-      act: "nvfp4", "mxfp4" or None (then only t is computed).
+      g: ``[1, 1]`` f32 nvfp4 activation tensor scale, in the convention of ``act`` (gs for
+        "nvfp4", g for "nvfp4-modelopt"); required for both.
+      act: "nvfp4", "nvfp4-modelopt", "mxfp4" or None (then only t is computed).
       form: "bf16" or "packed".
     Returns:
       dict with ``t`` ``[Mp, rp]`` f32 (when a is given) and either ``xa`` ``[Mp, Kp]`` bf16 in
@@ -146,7 +166,7 @@ def act_prepare_call(
       ``[Mp, Kp/B]`` (when act is given).
     """
     mp, kp = x.shape
-    if act == "nvfp4" and g is None:
+    if _is_nv(act) and g is None:
         raise ValueError("nvfp4 activations need the tensor scale g")
     in_specs = [pl.BlockSpec((bm, kp), lambda i: (i, 0))]
     args = [x]
@@ -156,7 +176,7 @@ def act_prepare_call(
     if a is not None:
         in_specs.append(pl.BlockSpec(a.shape, lambda i: (0, 0)))
         args.append(a)
-    if act == "nvfp4":
+    if _is_nv(act):
         in_specs.append(pl.BlockSpec((1, 1), lambda i: (0, 0)))
         args.append(g)
     names, out_shape, out_specs = [], [], []
@@ -170,7 +190,7 @@ def act_prepare_call(
             out_shape.append(jax.ShapeDtypeStruct((mp, kp), jnp.bfloat16))
             out_specs.append(pl.BlockSpec((bm, kp), lambda i: (i, 0)))
         else:
-            blk = 16 if act == "nvfp4" else 32
+            blk = 16 if _is_nv(act) else 32
             names += ["codes", "scale_bytes"]
             out_shape.append(jax.ShapeDtypeStruct((mp, kp // 2), jnp.uint8))
             out_specs.append(pl.BlockSpec((bm, kp // 2), lambda i: (i, 0)))
@@ -179,7 +199,13 @@ def act_prepare_call(
     if not names:
         return {}
     kernel = functools.partial(
-        _act_kernel, has_s=s is not None, has_a=a is not None, act=act, form=form, bk=bk
+        _act_kernel,
+        has_s=s is not None,
+        has_a=a is not None,
+        act=act,
+        form=form,
+        bk=bk,
+        interpret=interpret,
     )
     outs = pl.pallas_call(
         kernel,

@@ -6,14 +6,24 @@ no concatenation. The functions take and return plain ``jax.Array`` values and w
 the same code runs in ``interpret=True`` on CPU and in the Triton lowering on GPU.
 
 Codes and scale bytes arrive as ``int32`` (upcast from the uint8 refs: Mosaic GPU refuses shifts on
-8-bit types). The formats themselves are defined in ``arhq_jax/formats.py`` (spec formats.md); this
-module is the kernel's own encode/decode and is tested against it bit for bit.
+8-bit types).
+
+Divisions: Triton lowers an f32 ``/`` to PTX ``div.full.f32`` (approximate, up to 2 ulp), which
+would move block scales and E2M1 roundings at ties. Every quantizer division goes through
+``div_rn``: PTX ``div.rn.f32`` (IEEE, correctly rounded) by inline assembly on GPU, and
+``formats.div`` (correctly rounded on XLA:CPU) in interpret mode. Divisions by powers of two are
+multiplications by the exact reciprocal instead.
+
+The formats themselves are defined in ``arhq_jax/formats.py`` (spec formats.md); this module is the
+kernel's own encode/decode and is tested against it bit for bit.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
+from arhq_jax.elements import div as _xla_div
 
 _F32_ONE_HALF_BITS = 0x3F000000  # bits of 0.5f
 
@@ -24,6 +34,30 @@ def _bits(v: jax.Array) -> jax.Array:
 
 def _f32(bits: jax.Array) -> jax.Array:
     return jax.lax.bitcast_convert_type(bits, jnp.float32)
+
+
+def div_rn(x: jax.Array, y, *, interpret: bool) -> jax.Array:
+    """Correctly rounded f32 ``x / y`` (numpy broadcasting) inside a kernel.
+
+    ``interpret=False`` (Triton): inline PTX ``div.rn.f32``; ``interpret=True``: ``formats.div``.
+    """
+    x = jnp.asarray(x, jnp.float32)
+    y = jnp.asarray(y, jnp.float32)
+    if interpret:
+        return _xla_div(x, y)
+    from jax.experimental.pallas import triton as pltriton
+
+    shape = jnp.broadcast_shapes(x.shape, y.shape)
+    x = jnp.broadcast_to(x, shape)
+    y = jnp.broadcast_to(y, shape)
+    [q] = pltriton.elementwise_inline_asm(
+        "div.rn.f32 $0, $1, $2;",
+        args=[x, y],
+        constraints="=f,f,f",
+        pack=1,
+        result_shape_dtypes=[jax.ShapeDtypeStruct(shape, jnp.float32)],
+    )
+    return q
 
 
 def e2m1_value(code: jax.Array) -> jax.Array:
@@ -37,11 +71,13 @@ def e2m1_value(code: jax.Array) -> jax.Array:
     return jnp.where(code >= 8, -mag, mag)
 
 
-def e2m1_code(v: jax.Array) -> jax.Array:
+def e2m1_code(v: jax.Array, sign_of: jax.Array | None = None) -> jax.Array:
     """f32 value already clipped to [-6, 6] -> E2M1 code (int32), RNE, -0 -> 8 (as ml_dtypes).
 
     The magnitude code is the number of grid midpoints below |v|; a tie goes to the even mantissa
     bit, hence ``>`` at midpoints whose lower neighbour is even and ``>=`` at the others.
+    ``sign_of`` (nvfp4 "ct"): take the sign from this array instead, set only for a negative
+    nonzero value (compressed-tensors: -0.0 -> 0x0, a negative value rounding to zero -> 0x8).
     """
     a = jnp.abs(v)
     m = (
@@ -53,6 +89,9 @@ def e2m1_code(v: jax.Array) -> jax.Array:
         + (a >= 3.5).astype(jnp.int32)
         + (a > 5.0).astype(jnp.int32)
     )
+    if sign_of is not None:
+        b = _bits(sign_of)
+        return m | jnp.where((b < 0) & ((b & 0x7FFFFFFF) != 0), 8, 0)
     # The sign bit, not ``v < 0``: -0.0 encodes as 0x8 like the ml_dtypes cast.
     return m | jnp.where(_bits(v) < 0, 8, 0)
 
@@ -82,9 +121,9 @@ def e4m3_round(v: jax.Array) -> jax.Array:
     scaled back (exact: powers of two). (The magic-number trick (y + 1.5·2^23) - 1.5·2^23 is not
     usable: XLA simplifies it away.)
     """
-    exp = ((_bits(v) >> 23) & 0xFF) - 127
-    q = _f32((jnp.maximum(exp, -6) - 3 + 127) << 23)
-    y = v / q
+    exp = jnp.maximum(((_bits(v) >> 23) & 0xFF) - 127, -6) - 3
+    q = _f32((exp + 127) << 23)
+    y = v * _f32((127 - exp) << 23)  # v / q, exact (Triton's f32 ``/`` is approximate)
     r = jnp.floor(y + 0.5)
     odd_tie = ((r - y) == 0.5) & ((r.astype(jnp.int32) & 1) == 1)
     return jnp.where(odd_tie, r - 1.0, r) * q

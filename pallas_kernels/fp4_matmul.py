@@ -6,9 +6,10 @@ Kernel 2 has grid (Mp/bm, Np/bn) and a K loop inside the program (Triton: no scr
 accumulator is the ``fori_loop`` carry). Per K tile it loads the packed weight tile ``[bn, bk/2]``
 and its scale bytes, decodes the low and high nibbles separately into bf16 (exact: E2M1 × E4M3 or
 × 2^e has at most 6 significant bits) and runs two dots, x_even·w_loᵀ + x_odd·w_hiᵀ (kernels.md
-§3, no interleave). The epilogue multiplies by g_x·g_w (nvfp4 per-tensor scales, applied to the
-f32 accumulator because they are not exact in bf16), adds t·Bᵀ and the bias while the tile is in
-registers, and stores the output once.
+§3, no interleave). The epilogue multiplies by the tensor parts of the nvfp4 decodes
+(fl(1/gs_x)·fl(1/gs_w), or g_x·g_w for nvfp4-modelopt; applied to the f32 accumulator because they
+are not exact in bf16), adds t·Bᵀ and the bias while the tile is in registers, and stores the
+output once.
 
 Modes: W4A4 (activations from kernel 1, bf16 values in [even | odd] slab order) and W4A16
 (activations read directly with stride-2 loads and multiplied by fl32(1/s) in the kernel; f32
@@ -33,7 +34,8 @@ from arhq_jax.qlinear import smooth_input, smooth_reciprocal
 from pallas_kernels import codecs
 from pallas_kernels.act_quant import act_prepare_call, expand_blocks
 
-KERNEL_FORMATS = ("nvfp4", "mxfp4")
+KERNEL_FORMATS = ("nvfp4", "mxfp4")  # by FormatSpec.name: both nvfp4 conventions
+_NV_LABELS = ("nvfp4", "nvfp4-modelopt")
 _T_IN_KERNEL_MIN_M = 64  # t = (x/s)·A runs in kernel 1 above this M, in XLA at or below it
 _HI = jax.lax.Precision.HIGHEST
 
@@ -259,8 +261,9 @@ def fp4_lowrank_matmul(
       smooth: ``[K]`` divisor s, or None.
       act_fmt: "nvfp4" / "mxfp4" (W4A4) or None (W4A16).
       bias: ``[N]`` or None.
-      act_tensor_scale: static nvfp4 activation scale g_x; None computes max|x/s|/2688 (one small
-        XLA reduction over x before kernel 1).
+      act_tensor_scale: static nvfp4 activation tensor scale in the activation format's
+        convention (gs_x = 2688/amax for "nvfp4", g_x = amax/2688 for "nvfp4-modelopt"); None
+        computes it from max|x/s| (one small XLA reduction over x before kernel 1).
       a16_bf16: W4A16 fast mode: x/s rounded to bf16 before the MMA.
       interpret: run the kernels in Pallas interpret mode (CPU).
       block_m, block_n, block_k, num_warps, num_stages: tile overrides (powers of two; bk a
@@ -272,8 +275,8 @@ def fp4_lowrank_matmul(
         without ``interpret=True``.
     """
     n, k, r = check_operands(x, w, a, b, smooth, bias)
-    act = None if act_fmt is None else _kernel_spec(act_fmt, "activation format").name
-    if act_tensor_scale is not None and act != "nvfp4":
+    act = None if act_fmt is None else _kernel_spec(act_fmt, "activation format").label
+    if act_tensor_scale is not None and act not in _NV_LABELS:
         raise ValueError("act_tensor_scale applies to nvfp4 activations only")
     m = int(np.prod(x.shape[:-1]))
     if m == 0:
@@ -322,12 +325,14 @@ def _matmul_impl(
     codes = _pad2(w.codes, np_, kp // 2)
     sbytes = _pad2(jax.lax.bitcast_convert_type(w.scales, jnp.uint8), np_, kp // blk)
 
-    g_x = None
-    if act == "nvfp4":
-        g_x = _act_tensor_scale(x2, smooth, act_tensor_scale)
-    g = g_x
+    # The nvfp4 tensor parts of the decode (1/gs for "nvfp4", g for "nvfp4-modelopt") are applied
+    # to the f32 accumulator: the block values code·s stay exact in bf16.
+    g_x, g = None, None
+    if act in _NV_LABELS:
+        g_x = _act_tensor_scale(x2, smooth, act_tensor_scale, act)
+        g = formats.nvfp4_decode_scale(g_x, act)
     if wfmt == "nvfp4":
-        g_w = jnp.asarray(w.tensor_scale, jnp.float32).reshape(())
+        g_w = formats.nvfp4_decode_scale(jnp.asarray(w.tensor_scale).reshape(()), w.spec)
         g = g_w if g is None else g * g_w
 
     xp = _pad2(x2, mp, kp)
@@ -405,11 +410,12 @@ def _matmul_impl(
     return y.reshape(*lead, n)
 
 
-def _act_tensor_scale(x2, smooth, static_scale):
-    """nvfp4 g_x: the static scale, or formats.nvfp4_tensor_scale(x/s) over all of x."""
+def _act_tensor_scale(x2, smooth, static_scale, act: str):
+    """nvfp4 activation tensor scale in ``act``'s convention: the static scale, or
+    formats.nvfp4_tensor_scale(x/s) over all of x."""
     if static_scale is not None:
         return jnp.asarray(static_scale, jnp.float32).reshape(())
-    return formats.nvfp4_tensor_scale(smooth_input(x2, smooth))
+    return formats.nvfp4_tensor_scale(smooth_input(x2, smooth), act)
 
 
 def quantize_activations(
@@ -453,13 +459,14 @@ def _quantize_impl(x, smooth, tensor_scale, *, spec, tiles, warps, interpret):
     m, k = x.shape
     mp, kp = _round_up(m, bm), _round_up(k, bk)
     inv_s = None if smooth is None else _pad2(smooth_reciprocal(smooth).reshape(1, k), 1, kp, 1.0)
-    g = _act_tensor_scale(x, smooth, tensor_scale) if spec.name == "nvfp4" else None
+    nv = spec.name == "nvfp4"
+    g = _act_tensor_scale(x, smooth, tensor_scale, spec.label) if nv else None
     out = act_prepare_call(
         _pad2(x, mp, kp),
         inv_s,
         None,
         None if g is None else g.reshape(1, 1),
-        act=spec.name,
+        act=spec.label,
         form="packed",
         bm=bm,
         bk=bk,

@@ -1,5 +1,9 @@
 """An independent numpy / ml_dtypes implementation of nvfp4 and mxfp4 (spec/formats.md §3, §5, §7).
 
+"nvfp4" is the compressed-tensors convention (written from compressed-tensors' own arithmetic:
+gs = fl(2688·fl(1/amax)), s = E4M3(gs·fl(a/6)) or 0.125, d = fl(s/gs), sign from torch.sign(x));
+"nvfp4-modelopt" is spec §3 (g = amax/2688, s = E4M3((a/6)/g), d = fl(s·g)).
+
 Used by test_kernels.py and test_qlinear.py as the float64 reference: it shares no code with
 ``arhq_jax.formats`` or the kernels. All quantization arithmetic is numpy float32, as the spec says.
 """
@@ -10,7 +14,7 @@ import ml_dtypes
 import numpy as np
 
 E2M1 = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6, -0.0, -0.5, -1, -1.5, -2, -3, -4, -6], np.float32)
-BLOCK = {"nvfp4": 16, "mxfp4": 32}
+BLOCK = {"nvfp4": 16, "nvfp4-modelopt": 16, "mxfp4": 32}
 
 
 def e2m1_codes(v: np.ndarray) -> np.ndarray:
@@ -30,14 +34,27 @@ def _blocks(x: np.ndarray, b: int) -> np.ndarray:
 def quantize(x: np.ndarray, fmt: str, tensor_scale=None):
     """Quantize f32 ``x[..., K]`` along the last axis. Returns (codes [..., K_pad], d [..., nb, 1]).
 
-    d is the f32 decode multiplier per block (nvfp4: fl32(s·g); mxfp4: 2^e as float64 so that
-    2^-127 stays exact).
+    d is the f32 decode multiplier per block (nvfp4: fl32(s/gs); nvfp4-modelopt: fl32(s·g);
+    mxfp4: 2^e as float64 so that 2^-127 stays exact).
     """
     x = np.asarray(x, np.float32)
     xb = _blocks(x, BLOCK[fmt])
     amax = np.abs(xb).max(-1)
-    with np.errstate(divide="ignore", invalid="ignore"):
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         if fmt == "nvfp4":
+            if tensor_scale is None:
+                t = np.maximum(np.float32(np.abs(x).max()), np.finfo(np.float32).tiny)
+                gs = (np.float32(1) / t) * np.float32(2688)
+                gs = gs if np.isfinite(gs) else np.float32(1)
+            else:
+                gs = np.float32(tensor_scale)
+            raw = gs * (amax / np.float32(6))
+            s = np.clip(raw, 0, 448).astype(ml_dtypes.float8_e4m3fn).astype(np.float32)
+            s = np.where(s == 0, np.float32(0.125), s)
+            d = (s / gs).astype(np.float32)[..., None]
+            mag = e2m1_codes(np.abs(np.clip(xb / d, -6, 6))) & 7
+            codes = mag | np.where(np.sign(xb) < 0, 8, 0).astype(np.uint8)
+        elif fmt == "nvfp4-modelopt":
             if tensor_scale is None:
                 t = np.float32(np.abs(x).max())
                 g = t / np.float32(2688) if t > 0 else np.float32(1)
@@ -61,7 +78,7 @@ def fake_quant(x: np.ndarray, fmt: str, tensor_scale=None) -> np.ndarray:
     b = BLOCK[fmt]
     k = x.shape[-1]
     v = E2M1[codes].astype(np.float64).reshape(d.shape[:-1] + (b,)) * d.astype(np.float64)
-    if fmt == "nvfp4":
+    if fmt != "mxfp4":
         v = v.astype(np.float32).astype(np.float64)  # value · d rounded to f32, as stored
     return v.reshape(x.shape[:-1] + (-1,))[..., :k]
 
@@ -69,15 +86,17 @@ def fake_quant(x: np.ndarray, fmt: str, tensor_scale=None) -> np.ndarray:
 def decode_weight(codes: np.ndarray, scales: np.ndarray, g: float, fmt: str, k: int) -> np.ndarray:
     """Decode packed ``codes [N, K_pad/2]`` (element 2i in the low nibble) to float64 ``[N, k]``.
 
-    ``scales`` is the raw storage array (float8_e4m3fn or float8_e8m0fnu, as numpy/ml_dtypes).
+    ``scales`` is the raw storage array (float8_e4m3fn or float8_e8m0fnu, as numpy/ml_dtypes);
+    ``g`` the tensor scale in ``fmt``'s convention (gs for "nvfp4", g for "nvfp4-modelopt").
     """
     codes = np.asarray(codes, np.uint8)
     nib = np.stack([codes & 0xF, codes >> 4], axis=-1).reshape(codes.shape[0], -1)
     v = E2M1[nib].astype(np.float64)
     b = BLOCK[fmt]
-    if fmt == "nvfp4":
+    if fmt != "mxfp4":
         s = np.asarray(scales).astype(np.float32)
-        d = (s * np.float32(g)).astype(np.float32)
+        d = s / np.float32(g) if fmt == "nvfp4" else s * np.float32(g)
+        d = d.astype(np.float32)
         w = (v.reshape(v.shape[0], -1, b) * d[..., None]).astype(np.float32)
     else:
         e = np.asarray(scales).view(np.uint8).astype(np.int64) - 127

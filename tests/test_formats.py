@@ -75,6 +75,29 @@ def ref_nvfp4(x, g=None):
     return y, s[..., 0], q.view(np.uint8)
 
 
+def ref_nvfp4_ct(x, gs=None):
+    """compressed-tensors' NVFP4 arithmetic written out in numpy f32 (generate_gparam,
+    calculate_qparams, _quantize / _dequantize, cast_to_fp4, pack_fp4_to_uint8)."""
+    x = np.asarray(x, F32)
+    k = x.shape[-1]
+    if gs is None:
+        t = np.float32(np.abs(x).max())
+        with np.errstate(over="ignore", divide="ignore"):
+            gs = (F32(1) / np.maximum(t, np.finfo(F32).tiny)) * F32(2688)  # torch's 2688 / t
+        gs = F32(1) if not np.isfinite(gs) else gs
+    gs = F32(gs)
+    xb = _pad_last(x, 16).reshape(*x.shape[:-1], -1, 16)
+    a = np.abs(xb).max(-1, keepdims=True)
+    s = np.clip(gs * (a / F32(6)), -448, 448).astype(E4M3).astype(F32)
+    s = np.where(s == 0, F32(0.125), s)
+    d = (s / gs).astype(F32)
+    v = np.clip(xb / d, -6, 6)
+    mag = np.abs(v).astype(FP4).view(np.uint8)  # RNE, as cast_to_fp4's thresholds
+    code = mag | np.where(np.sign(xb) < 0, 8, 0).astype(np.uint8)  # torch.sign: -0.0 -> +
+    y = (F.E2M1_VALUES[code] * d).reshape(*x.shape[:-1], -1)[..., :k]
+    return y, s[..., 0].astype(E4M3), code, gs
+
+
 _CB = np.array([-6, -4, -3, -2, -1.5, -1, -0.5, 0, 0.5, 1, 1.5, 2, 3, 4, 6], np.float64)
 
 
@@ -258,8 +281,9 @@ N3 = [0.859375, 0.5, -0.3, 0.2, 0.1, 0.05, -0.6, 0.7] + [0] * 7 + [-0.859375]
 
 
 def test_nvfp4_n1_n2_n3():
+    """Spec §10 vectors: the ModelOpt convention ("nvfp4-modelopt")."""
     x = np.array(N1 + N2 + N3, F32)
-    q = F.quantize(x, "nvfp4")
+    q = F.quantize(x, "nvfp4-modelopt")
     assert float(q.tensor_scale) == 2.0**-8
     np.testing.assert_array_equal(u8(q.scales), [0x7E, 0x63, 0x61])
     assert np.asarray(q.scales).astype(F32).tolist() == [448, 44, 36]
@@ -274,15 +298,15 @@ def test_nvfp4_n1_n2_n3():
           0.84375, 0.5625, -0.28125, 0.2109375, 0.0703125, 0.0703125, -0.5625, 0.5625]  # fmt: skip
     xh += [0] * 7 + [-0.84375]
     np.testing.assert_array_equal(np.asarray(F.dequantize(q)), np.array(xh, F32))
-    assert_bitwise(F.fake_quant(x, "nvfp4"), F.dequantize(q))
-    assert_bitwise(F.fake_quant(x, "nvfp4"), ref_nvfp4(x)[0])
+    assert_bitwise(F.fake_quant(x, "nvfp4-modelopt"), F.dequantize(q))
+    assert_bitwise(F.fake_quant(x, "nvfp4-modelopt"), ref_nvfp4(x)[0])
 
 
 def test_nvfp4_n4_subnormal_and_flushed_scales():
     x = np.array(
         [2688, -1344] + [0] * 14 + [0.01, -0.004] + [0] * 14 + [0.0005, 0.0001] + [0] * 14, F32
     )
-    q = F.quantize(x, "nvfp4")
+    q = F.quantize(x, "nvfp4-modelopt")
     assert float(q.tensor_scale) == 1.0
     np.testing.assert_array_equal(u8(q.scales), [0x7E, 0x01, 0x00])
     assert np.asarray(q.scales).astype(F32)[1] == 2.0**-9
@@ -353,6 +377,31 @@ def test_mxfp4_m2_m3():
         q = F.quantize(np.zeros(32, F32), "mxfp4", scale_rule=rule)
         assert u8(q.scales).tolist() == [0x00]  # 2^-127, never 0xFF
         assert_bitwise(F.dequantize(q), np.zeros(32, F32))
+
+
+@pytest.mark.parametrize("rule", ["floor", "ceil"])
+def test_mxfp4_tiny_blocks_byte_zero(rule):
+    """Blocks near the bottom of f32 (amax < 2^-124 floor, < 6·2^-126 ceil): E8M0 byte 0x00 or
+    0x01 as the OCP rule gives, and values value·2^-127 that are normal f32 survive (only
+    results that are themselves subnormal flush to 0). Regressions: XLA folded 2^-64·2^-63 into a
+    flushed constant (floor: everything 0); a/6 flushed to 0 gave byte 0x7F (ceil)."""
+    t = F32(2.0**-126)
+    x = np.zeros((4, 32), F32)
+    x[0, :4] = [3 * t, -t, 2 * t, 2.5 * t]  # floor: byte 0
+    x[1, :3] = [5 * t, -4 * t, 3 * t]  # ceil: a/6 = 0.83·2^-126 -> byte 1
+    x[2, :3] = [2.5 * t, -2 * t, 1.5 * t]  # ceil: byte 0
+    x[3, :3] = [1.2 * t, t, -1.1 * t]  # ceil: log2(a/6) < -128, clamped to byte 0
+    want, want_byte = ref_mxfp4(x, rule)
+    q = F.quantize(x, "mxfp4", scale_rule=rule)
+    got_byte = u8(q.scales)[:, 0]
+    np.testing.assert_array_equal(got_byte, want_byte[:, 0])
+    assert got_byte.max() <= 1
+    y = np.asarray(F.dequantize(q))
+    sub = (want != 0) & (np.abs(want) < t)
+    np.testing.assert_array_equal(y[~sub], want[~sub])
+    assert not y[sub].any()
+    assert np.count_nonzero(y) >= 5  # normal results exist and are not flushed
+    assert_bitwise(F.fake_quant(x, "mxfp4", scale_rule=rule), y)
 
 
 def test_mxfp4_clipping_band():
@@ -430,10 +479,11 @@ def test_cast_checks():
     # A bf16 input is quantized from its f32 upcast: equal to the f32 numpy reference.
     rng = np.random.default_rng(11)
     xb = jnp.asarray(rand_weights(rng, (32, 64))).astype(jnp.bfloat16)
-    y = F.fake_quant(xb, "nvfp4")
-    want = ref_nvfp4(np.asarray(xb.astype(jnp.float32)))[0]
-    assert y.dtype == jnp.bfloat16
-    assert_bitwise(y, np.asarray(jnp.asarray(want).astype(jnp.bfloat16)))
+    for fmt, ref in (("nvfp4-modelopt", ref_nvfp4), ("nvfp4", ref_nvfp4_ct)):
+        y = F.fake_quant(xb, fmt)
+        want = ref(np.asarray(xb.astype(jnp.float32)))[0]
+        assert y.dtype == jnp.bfloat16
+        assert_bitwise(y, np.asarray(jnp.asarray(want).astype(jnp.bfloat16)))
 
 
 # ------------------------------------------------------------------------------------------
@@ -444,7 +494,8 @@ def test_cast_checks():
 @pytest.mark.parametrize(
     "fmt,kw,scale_bytes_or_values",
     [
-        ("nvfp4", {}, ("u8", 0x00)),
+        ("nvfp4-modelopt", {}, ("u8", 0x00)),
+        ("nvfp4", {}, ("u8", 0x20)),  # compressed-tensors' placeholder 0.125
         ("nvfp4-paper", {}, ("f", F32(1e-12))),
         ("mxfp4", {}, ("u8", 0x00)),
         ("int4", {}, ("f", 1.0)),
@@ -465,7 +516,7 @@ def test_all_zero_blocks(fmt, kw, scale_bytes_or_values):
     if fmt == "int4-asym":
         # lo=-1, hi=1: scale = fl32(2/15) rounds up, so -lo/scale = 7.4999995 and z = 7.
         assert np.all(np.asarray(q.zeros)[1:] == 7)
-    want_g = F32(3) / F32(2688) if fmt == "nvfp4" else F32(1)
+    want_g = {"nvfp4-modelopt": F32(3) / F32(2688), "nvfp4": F32(2688) / F32(3)}.get(fmt, F32(1))
     assert np.asarray(q.tensor_scale) == want_g
     q0 = F.quantize(np.zeros((2, 40), F32), fmt, **kw)  # all-zero tensor: g = 1 for nvfp4
     assert float(q0.tensor_scale) == 1.0
@@ -477,7 +528,7 @@ def test_nvfp4_e4m3_saturation_with_static_tensor_scale():
     # not NaN), and elements above 6*d clip to 6.
     x = np.array([100, -50, 1, 0.5] + [0] * 12 + [0.2, 0.1] + [0] * 14, F32)
     g = 2.0**-6
-    q = F.quantize(x, "nvfp4", tensor_scale=g)
+    q = F.quantize(x, "nvfp4-modelopt", tensor_scale=g)
     assert float(q.tensor_scale) == g
     assert u8(q.scales).tolist() == [0x7E, 0x41]  # 448, and 0.2/6*64 = 2.133 -> 2.25
     y = np.asarray(F.dequantize(q))
@@ -487,8 +538,9 @@ def test_nvfp4_e4m3_saturation_with_static_tensor_scale():
     # Boundary raws just above 448: 449..464 would cast to 448, 465 to NaN without the clip.
     for raw in (449.0, 464.0, 465.0, 1e6):
         xx = np.array([raw * 6] + [0] * 15, F32)
-        qq = F.quantize(xx, "nvfp4", tensor_scale=1.0)
-        assert u8(qq.scales).tolist() == [0x7E]
+        for fmt in ("nvfp4-modelopt", "nvfp4"):
+            qq = F.quantize(xx, fmt, tensor_scale=1.0)
+            assert u8(qq.scales).tolist() == [0x7E]
 
 
 @pytest.mark.parametrize(
@@ -597,14 +649,79 @@ def test_nvfp4_matches_numpy_reference():
     for shape in ((48, 256), (7, 3, 50)):
         x = rand_weights(rng, shape)
         y, s, _ = ref_nvfp4(x)
-        assert_bitwise(F.fake_quant(x, "nvfp4"), y)
-        q = F.quantize(x, "nvfp4")
+        assert_bitwise(F.fake_quant(x, "nvfp4-modelopt"), y)
+        q = F.quantize(x, "nvfp4-modelopt")
         np.testing.assert_array_equal(u8(q.scales), s.view(np.uint8))
         assert (s.astype(F32) < 2.0**-6).any() and (s.astype(F32) == 0).any()  # tiny blocks occur
     # axis=0 and a static tensor scale.
     x = rand_weights(rng, (64, 40))
-    assert_bitwise(F.fake_quant(x, "nvfp4", axis=0), ref_nvfp4(x.T)[0].T)
-    assert_bitwise(F.fake_quant(x, "nvfp4", tensor_scale=0.01), ref_nvfp4(x, 0.01)[0])
+    assert_bitwise(F.fake_quant(x, "nvfp4-modelopt", axis=0), ref_nvfp4(x.T)[0].T)
+    assert_bitwise(F.fake_quant(x, "nvfp4-modelopt", tensor_scale=0.01), ref_nvfp4(x, 0.01)[0])
+
+
+def test_nvfp4_ct_matches_numpy_reference():
+    """The default nvfp4 (compressed-tensors convention) against compressed-tensors' arithmetic
+    written out in numpy: scales, codes (sign rule included), decoded values, tensor scale."""
+    rng = np.random.default_rng(15)
+    for shape in ((48, 256), (7, 3, 50)):
+        x = rand_weights(rng, shape)
+        x.reshape(-1)[::7] *= F32(1e-4)  # negative values that round to zero (code 0x8)
+        x.reshape(-1)[3::11] = F32(-0.0)  # -0.0 encodes as 0x0
+        y, s, code, gs = ref_nvfp4_ct(x)
+        q = F.quantize(x, "nvfp4")
+        assert float(q.tensor_scale) == float(gs)
+        np.testing.assert_array_equal(u8(q.scales), s.view(np.uint8))
+        got = np.asarray(J_unpack_nibbles(q.codes)).reshape(code.shape)
+        np.testing.assert_array_equal(got, code)
+        assert (code == 8).any() and (s.astype(F32) == 0.125).any()
+        assert_bitwise(F.dequantize(q), y)
+        assert_bitwise(F.fake_quant(x, "nvfp4"), y)
+    x = rand_weights(rng, (64, 40))
+    assert_bitwise(F.fake_quant(x, "nvfp4", axis=0), ref_nvfp4_ct(x.T)[0].T)
+    assert_bitwise(F.fake_quant(x, "nvfp4", tensor_scale=300.0), ref_nvfp4_ct(x, 300.0)[0])
+
+
+def test_nvfp4_conventions_differ_and_tensor_scales():
+    x = np.array(N1 + N2 + N3, F32)
+    assert float(F.nvfp4_tensor_scale(x)) == 256.0  # gs = 2688 / 10.5
+    # gs = fl(2688 · fl(1/t)) as torch computes 2688 / t, not fl(2688 / t): 1536.0001 for t = 1.75
+    assert F.nvfp4_tensor_scale(np.float32(1.75)) == (F32(1) / F32(1.75)) * F32(2688) != 1536
+    assert float(F.nvfp4_tensor_scale(x, "nvfp4-modelopt")) == 2.0**-8
+    assert float(F.nvfp4_tensor_scale(np.float32(10.5))) == 256.0  # a calibrated amax
+    assert float(F.nvfp4_tensor_scale(np.zeros(4, F32))) == 1.0
+    assert float(F.nvfp4_tensor_scale(np.float32(1e-37))) == 1.0  # 2688/amax overflows: 1
+    assert float(F.nvfp4_decode_scale(256.0)) == 2.0**-8
+    assert float(F.nvfp4_decode_scale(2.0**-8, "nvfp4-modelopt")) == 2.0**-8
+    spec = F.resolve_format("nvfp4-modelopt")
+    assert spec.name == "nvfp4" and spec.convention == "modelopt" and spec.label == spec_label(spec)
+    assert (
+        F.resolve_format("nvfp4").convention == "ct" and F.resolve_format("nvfp4").label == "nvfp4"
+    )
+    assert F.resolve_format("nvfp4", convention="modelopt") == spec
+    with pytest.raises(ValueError, match="convention"):
+        F.resolve_format("nvfp4", convention="fp8")
+    with pytest.raises(ValueError, match="convention applies to nvfp4 only"):
+        F.resolve_format("mxfp4", convention="ct")
+    # Where the powers of two make both conventions exact, they agree bit for bit.
+    assert_bitwise(F.fake_quant(x, "nvfp4"), F.fake_quant(x, "nvfp4-modelopt"))
+    # On bf16-like weights the decode d = fl(s / gs) differs from fl(s * g) by an ulp on many
+    # blocks (how many depends on amax: 77 % of the values for this seed).
+    rng = np.random.default_rng(2)
+    w = np.asarray(jnp.asarray(rng.standard_normal((64, 256)) * 0.02, jnp.bfloat16), F32)
+    a, b = np.asarray(F.fake_quant(w, "nvfp4")), np.asarray(F.fake_quant(w, "nvfp4-modelopt"))
+    assert 0.1 < np.mean(a != b) < 0.95
+    qa, qb = F.quantize(w, "nvfp4"), F.quantize(w, "nvfp4-modelopt")
+    same_s = np.repeat(u8(qa.scales) == u8(qb.scales), 16, axis=-1)
+    assert 0 < np.sum(~same_s) < 0.01 * w.size  # block scales move only at (near-)ties
+    same = same_s & (
+        np.asarray(J_unpack_nibbles(qa.codes)) == np.asarray(J_unpack_nibbles(qb.codes))
+    )
+    assert 0 < np.sum(~same) < 0.01 * w.size  # and so do codes
+    assert np.all(np.abs(a - b)[same] <= 2.0**-23 * np.abs(b)[same])  # the rest: one ulp
+
+
+def spec_label(spec) -> str:
+    return "nvfp4-modelopt" if spec.convention == "modelopt" else "nvfp4"
 
 
 def test_dynamic_tensor_scale_couples_the_batch():

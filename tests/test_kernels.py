@@ -4,6 +4,7 @@ activation quantization, an independent float64 check, the Triton lowering, and 
 from __future__ import annotations
 
 import functools
+import re
 
 import _fp4_numpy as npq
 import jax
@@ -98,19 +99,31 @@ M2 = [0.1, -0.05, 0.03] + [0] * 29
 
 
 def test_kernel1_golden_vectors():
-    """formats.md §10: N1-N4 (nvfp4) and M1-M3 (mxfp4) codes, packed bytes and scale bytes."""
+    """formats.md §10: N1-N4 (nvfp4-modelopt) and M1-M3 (mxfp4) codes, packed bytes and scale
+    bytes; the compressed-tensors convention on the same vectors."""
     q = functools.partial(quantize_activations, interpret=True)
-    codes, scales, g = q(jnp.asarray([N1 + N2 + N3], jnp.float32), "nvfp4")
+    codes, scales, g = q(jnp.asarray([N1 + N2 + N3], jnp.float32), "nvfp4-modelopt")
     assert float(g) == 2.0**-8
     assert _bytes(scales).tolist() == [[0x7E, 0x63, 0x61]]
     assert np.asarray(codes)[0, :8].tolist() == [0xE7, 0x45, 0x23, 0x0A, 0x90, 0xF4, 0x06, 0x6A]
     nib = np.stack([np.asarray(codes) & 15, np.asarray(codes) >> 4], -1).reshape(-1)
     assert nib[16:32].tolist() == [7, 0xD, 3, 1, 2, 0xC, 5, 0, 0xF, 6, 0, 7, 0xB, 5, 4, 9]
     assert nib[32:48].tolist() == [7, 6, 0xC, 3, 1, 1, 0xE, 6, 0, 0, 0, 0, 0, 0, 0, 0xF]
-    codes, scales, g = q(jnp.asarray([N4], jnp.float32), "nvfp4")
+    codes, scales, g = q(jnp.asarray([N4], jnp.float32), "nvfp4-modelopt")
     assert float(g) == 1.0 and _bytes(scales).tolist() == [[0x7E, 0x01, 0x00]]
     nib = np.stack([np.asarray(codes) & 15, np.asarray(codes) >> 4], -1).reshape(-1)
     assert nib[[0, 1, 16, 17, 32, 33]].tolist() == [7, 0xD, 7, 0xC, 0, 0]
+    # compressed-tensors convention: gs = 256 makes N1-N3 identical; N4's flushed block stores
+    # the placeholder 0.125 (0x20), and a negative value rounding to zero there encodes as 0x8.
+    codes_ct, scales_ct, g = q(jnp.asarray([N1 + N2 + N3], jnp.float32), "nvfp4")
+    assert float(g) == 256.0 and _bytes(scales_ct).tolist() == [[0x7E, 0x63, 0x61]]
+    x4 = np.array([N4], np.float32)
+    x4[0, 34] = -1e-4
+    codes_ct, scales_ct, g = q(jnp.asarray(x4), "nvfp4")
+    assert float(g) == (np.float32(1) / np.float32(2688)) * np.float32(2688)
+    assert _bytes(scales_ct).tolist() == [[0x7E, 0x01, 0x20]]
+    nib = np.stack([np.asarray(codes_ct) & 15, np.asarray(codes_ct) >> 4], -1).reshape(-1)
+    assert nib[[0, 1, 16, 17, 32, 33, 34, 35]].tolist() == [7, 0xD, 7, 0xC, 0, 0, 8, 0]
     codes, scales, _ = q(jnp.asarray([M1, M2, [0.0] * 32], jnp.float32), "mxfp4")
     assert _bytes(scales)[:, 0].tolist() == [0x7F, 0x79, 0x00]
     nib = np.stack([np.asarray(codes) & 15, np.asarray(codes) >> 4], -1).reshape(3, -1)
@@ -121,15 +134,19 @@ def test_kernel1_golden_vectors():
 @pytest.mark.parametrize(
     "fmt,smooth,k,static_g",
     [("nvfp4", False, 200, False), ("nvfp4", True, 320, False), ("nvfp4", True, 200, True),
+     ("nvfp4-modelopt", True, 320, False), ("nvfp4-modelopt", True, 200, True),
      ("mxfp4", False, 200, False), ("mxfp4", True, 448, False)],
 )  # fmt: skip
 def test_kernel1_packed_equals_formats_quantize(fmt, smooth, k, static_g):
     rng = np.random.default_rng(k)
     x = rng.standard_normal((33, k)) * np.exp(2 * rng.standard_normal((33, 1)))
     grid = np.round(rng.standard_normal((16, k)) * 8) / 8  # many exact E2M1 ties
-    x = jnp.asarray(np.concatenate([x, grid]), jnp.float32)
+    tiny = rng.standard_normal((4, k)) * 1e-3  # negative values rounding to zero, -0.0, zeros
+    tiny[:, ::5] = -0.0
+    tiny[0, :32] = 0.0
+    x = jnp.asarray(np.concatenate([x, grid, tiny]), jnp.float32)
     s = jnp.asarray(np.exp(rng.standard_normal(k) * 0.3), jnp.float32) if smooth else None
-    ts = 0.01 if static_g else None
+    ts = None if not static_g else (100.0 if fmt == "nvfp4" else 0.01)
     f = jax.jit(
         functools.partial(quantize_activations, act_fmt=fmt, tensor_scale=ts, interpret=True)
     )
@@ -158,6 +175,8 @@ CASES = [
     (128, 80, 224, 64, "mxfp4", None, True, True, "float32", (64, 64, 32)),
     (7, 200, 320, 16, "nvfp4", "nvfp4", True, True, "bfloat16", None),
     (128, 96, 200, 64, "mxfp4", None, False, False, "bfloat16", (64, 32, 64)),
+    (7, 200, 320, 16, "nvfp4-modelopt", "nvfp4-modelopt", True, True, "float32", None),
+    (128, 160, 320, 16, "nvfp4-modelopt", "nvfp4", False, False, "float32", (64, 32, 64)),
 ]
 
 
@@ -182,8 +201,8 @@ def test_matmul_batched_static_scale_and_fast_a16():
     """Leading batch axes, a static nvfp4 activation scale, and the bf16-activation W4A16 mode."""
     x, w, a, b, s, _ = make_case(12, 96, 200, 16, "nvfp4", smooth=True, seed=3)
     x3 = x.reshape(3, 4, 200)
-    y = fp4_lowrank_matmul(x3, w, a, b, s, "nvfp4", act_tensor_scale=0.02, interpret=True)
-    y_ref = quant_matmul_ref(x3, w, a, b, s, "nvfp4", act_tensor_scale=0.02)
+    y = fp4_lowrank_matmul(x3, w, a, b, s, "nvfp4", act_tensor_scale=50.0, interpret=True)
+    y_ref = quant_matmul_ref(x3, w, a, b, s, "nvfp4", act_tensor_scale=50.0)
     assert y.shape == (3, 4, 96) and rel_err(y, y_ref) <= 1e-6
     y = fp4_lowrank_matmul(x, w, a, b, s, None, a16_bf16=True, interpret=True)
     y_ref = quant_matmul_ref(x, w, a, b, s, None, a16_bf16=True)
@@ -209,7 +228,22 @@ def test_matmul_matches_numpy_float64(wf, af):
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("m,af,r", [(1, "nvfp4", 32), (256, "mxfp4", 16), (16, None, 0)])
+def _triton_ir_strings(text: str) -> dict[str, set[bytes]]:
+    """Printable strings of each Triton kernel's serialized IR (MLIR bytecode) in an export."""
+    out = {}
+    for blob, name in re.findall(r'ir = "(.*?)", name = "(\w+)"', text, flags=re.S):
+        raw = re.sub(
+            rb"\\([0-9A-Fa-f]{2}|\\|\")",
+            lambda m: bytes([int(m[1], 16)]) if len(m[1]) == 2 else m[1],
+            blob.encode("latin-1"),
+        )
+        out[name] = set(re.findall(rb"[ -~]{4,}", raw))
+    return out
+
+
+@pytest.mark.parametrize(
+    "m,af,r", [(1, "nvfp4", 32), (256, "mxfp4", 16), (16, None, 0), (1, "nvfp4-modelopt", 0)]
+)
 def test_kernels_lower_to_triton(m, af, r):
     from jax import export
 
@@ -227,6 +261,11 @@ def test_kernels_lower_to_triton(m, af, r):
     text = exp.mlir_module()
     assert "arhq_fp4_lowrank_gemm" in text
     assert ("arhq_act_prepare" in text) == (af is not None or m > 64)
+    if af is not None and af.startswith("nvfp4"):
+        # Every division of the nvfp4 quantizer is PTX div.rn.f32 (Triton's own f32 division,
+        # arith.divf -> div.full.f32, is approximate and would move scales and ties).
+        ir = _triton_ir_strings(text)["arhq_act_prepare"]
+        assert b"div.rn.f32 $0, $1, $2;" in ir and b"divf" not in ir
 
 
 # ---------------------------------------------------------------------------------------------
@@ -282,10 +321,14 @@ def test_gpu_matmul_matches_jnp_path(case):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
-@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
+@pytest.mark.parametrize("fmt", ["nvfp4", "nvfp4-modelopt", "mxfp4"])
 def test_gpu_kernel1_packed_equals_formats_quantize(fmt):
+    """On the GPU the in-kernel divisions must be correctly rounded (div.rn.f32) for this to hold
+    at exact ties (the grid rows) and for the block scales."""
     rng = np.random.default_rng(1)
-    x = jnp.asarray(rng.standard_normal((64, 512)) * np.exp(rng.standard_normal(512)), jnp.float32)
+    x = rng.standard_normal((64, 512)) * np.exp(rng.standard_normal(512))
+    grid = np.round(rng.standard_normal((64, 512)) * 8) / 8
+    x = jnp.asarray(np.concatenate([x, grid, x * 1e-3]), jnp.float32)
     codes, scales, _ = quantize_activations(x, fmt)
     want = formats.quantize(x, fmt)
     np.testing.assert_array_equal(np.asarray(codes), np.asarray(want.codes))

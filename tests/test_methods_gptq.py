@@ -101,14 +101,28 @@ def test_matches_numpy_reference_int4_groups():
     assert res.qtensor.codes.shape == (OUT, K // 2) and res.qtensor.scales.shape == (OUT, 2)
 
 
-def test_matches_numpy_reference_nvfp4():
+def _np_nvfp4_ct_fit(xg, gs):
+    """compressed-tensors' block scale: E4M3(gs·(a/6)), 0.125 where 0; decode fl(s/gs)."""
+    raw = np.float32(gs) * (np.abs(xg).max(1).astype(np.float32) / np.float32(6.0))
+    s = np.clip(raw, 0, 448).astype(ml_dtypes.float8_e4m3fn).astype(np.float32)
+    s = np.where(s == 0, np.float32(0.125), s)
+    return (s / np.float32(gs)).astype(np.float32).astype(np.float64)
+
+
+@pytest.mark.parametrize("fmt", ["nvfp4", "nvfp4-modelopt"])
+def test_matches_numpy_reference_nvfp4(fmt):
     w, _, h = _problem(2)
-    res = gptq_quantize(w, h, "nvfp4", block_size=32)
-    g = float(np.abs(w).max()) / 2688.0
-    ref = np_gptq(w, h, lambda xg: _np_nvfp4_fit(xg, g), _np_nvfp4_qdq, 16)
+    res = gptq_quantize(w, h, fmt, block_size=32)
+    amax = np.float32(np.abs(w).max())
+    if fmt == "nvfp4":
+        g = float((np.float32(1) / amax) * np.float32(2688))  # gs, as compressed-tensors
+        ref = np_gptq(w, h, lambda xg: _np_nvfp4_ct_fit(xg, g), _np_nvfp4_qdq, 16)
+    else:
+        g = float(amax / np.float32(2688))
+        ref = np_gptq(w, h, lambda xg: _np_nvfp4_fit(xg, g), _np_nvfp4_qdq, 16)
     _assert_same_weights(res.w_hat, ref, w)
     # The tensor scale is fixed from the original W.
-    assert float(res.qtensor.tensor_scale) == pytest.approx(g, rel=1e-7)
+    assert float(res.qtensor.tensor_scale) == g
     np.testing.assert_array_equal(np.asarray(F.dequantize(res.qtensor)), np.asarray(res.w_hat))
 
 

@@ -36,7 +36,7 @@ def _weight64(lin: QuantLinear) -> np.ndarray:
     w = lin.w
     if w.spec.name in npq.BLOCK:
         codes, scales = np.asarray(w.codes), np.asarray(w.scales)
-        return npq.decode_weight(codes, scales, float(w.tensor_scale), w.spec.name, w.shape[1])
+        return npq.decode_weight(codes, scales, float(w.tensor_scale), w.spec.label, w.shape[1])
     return np.asarray(formats.dequantize(w, jnp.float32), np.float64)
 
 
@@ -69,13 +69,13 @@ def test_static_activation_scale_and_factor_dtype():
     rng = np.random.default_rng(7)
     w, a, b, s, _ = _factors(rng, 40, 96, 16, bias=False)
     lin = QuantLinear.from_float(
-        w, a, b, "nvfp4", "nvfp4", smooth=s, factor_dtype=jnp.bfloat16, act_scale=0.005
+        w, a, b, "nvfp4", "nvfp4", smooth=s, factor_dtype=jnp.bfloat16, act_scale=200.0
     )
     assert lin.a.dtype == jnp.bfloat16 and lin.b.dtype == jnp.bfloat16 and lin.rank == 16
     x = _x(rng, (6, 96))
     a16 = np.asarray(lin.a, np.float32)
     b16 = np.asarray(lin.b, np.float32)
-    y64 = npq.lowrank_matmul(x, _weight64(lin), a16, b16, s, "nvfp4", tensor_scale=0.005)
+    y64 = npq.lowrank_matmul(x, _weight64(lin), a16, b16, s, "nvfp4", tensor_scale=200.0)
     assert _rel(lin(jnp.asarray(x)), y64) <= 1e-5
     # A different static scale gives a different result (the scale is used, not recomputed).
     y_dyn = npq.lowrank_matmul(x, _weight64(lin), a16, b16, s, "nvfp4")

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from arhq_jax import formats as F
 from arhq_jax.formats import fake_quant
 from arhq_jax.stats import StatsConfig, finalize, init_stats, update_stats
 
@@ -80,7 +81,8 @@ def test_nvfp4_tensor_scale_dynamic_per_chunk_or_fixed():
     )
     _close(chunked["G"], _numpy_ref(x, e)["G"])
     # Fixed tensor scale: chunking no longer matters.
-    ts = float(np.abs(x).max()) / 2688.0
+    ts = float(F.nvfp4_tensor_scale(x))  # gs = 2688/amax (compressed-tensors convention)
+    assert ts == pytest.approx(2688.0 / float(np.abs(x).max()), rel=1e-6)
     fixed_one = _stream(x, cfg, 128, tensor_scale=ts)
     fixed_chunked = _stream(x, cfg, 32, tensor_scale=ts)
     _close(fixed_chunked["G"], fixed_one["G"])

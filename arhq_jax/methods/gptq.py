@@ -442,7 +442,8 @@ def gptq_quantize(
       block_size: lazy-batch width (> 0); must be a multiple or a divisor of the group size.
       act_order: quantize columns by decreasing H_ii; with groups it needs ``static_groups``.
       static_groups: fit every group on the original W before the loop.
-      tensor_scale: nvfp4 only, the fixed decode multiplier g (default: from the original W).
+      tensor_scale: nvfp4 only, the fixed tensor scale in the format's convention (gs for
+        "nvfp4", g for "nvfp4-modelopt"; default: ``formats.nvfp4_tensor_scale`` of the original W).
       mse_clip: QuaRot's MSE range-shrinking search for the int group scales.
       high_fmt, n_high: mixed precision (ResQ): the last ``n_high`` input columns use
         ``high_fmt``; both formats must be per-row int (group −1).
@@ -507,7 +508,7 @@ def gptq_quantize(
     in_pad = -(-k // unit) * unit
     ts = jnp.float32(1.0)
     if spec.name == "nvfp4":
-        ts = F.nvfp4_tensor_scale(w) if tensor_scale is None else jnp.float32(tensor_scale)
+        ts = F.nvfp4_tensor_scale(w, spec) if tensor_scale is None else jnp.float32(tensor_scale)
         if not (np.isfinite(float(ts)) and float(ts) > 0):
             raise ValueError(f"tensor_scale must be positive and finite, got {float(ts)}")
     qout, cout, scales, zeros, loss, perm, extra = _gptq_core(
