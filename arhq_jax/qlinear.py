@@ -119,8 +119,9 @@ class QuantLinear:
       b: ``[out, r]`` up-projection, or None.
       smooth: ``[in]`` f32 smoothing divisor s (the runtime computes x·fl32(1/s)), or None.
       bias: ``[out]`` or None.
-      act_scale: static nvfp4 activation tensor scale (f32 scalar), or None for the dynamic
-        max|x/s|/2688.
+      act_scale: static nvfp4 activation global scale (f32 scalar, as
+        ``formats.nvfp4_tensor_scale`` returns it; calibrated, see ``arhq_jax.global_scales``), or
+        None for the dynamic scale of max|x/s| over the whole call.
       act_fmt: (static) activation format name/FormatSpec, or None for weight-only (W4A16).
       kernel: (static) "xla" (plain jnp) or "pallas".
       interpret: (static) run the Pallas kernels in interpret mode (CPU).
@@ -194,14 +195,17 @@ class QuantLinear:
         factor_dtype=None,
         *,
         act_scale=None,
+        w_tensor_scale=None,
         kernel: str = "xla",
         interpret: bool = False,
     ) -> QuantLinear:
         """Quantize a float residual ``w_res [out, in]`` (``formats.quantize`` along in), wrap it.
 
         ``a [in, r]`` / ``b [out, r]`` are stored in ``factor_dtype`` (default: as given);
-        ``smooth [in]`` must be positive and finite. Raises ValueError on mismatched shapes,
-        unknown formats or kernels.
+        ``smooth [in]`` must be positive and finite. ``act_scale``: static nvfp4 activation
+        global scale (None: dynamic); ``w_tensor_scale``: nvfp4 weight global scale (None: from
+        ``w_res``; pass a joint one to share it across fused partitions). Raises ValueError on
+        mismatched shapes, unknown formats or kernels.
         """
         w_res = jnp.asarray(w_res)
         if w_res.ndim != 2:
@@ -240,7 +244,7 @@ class QuantLinear:
             act_scale = jnp.asarray(act_scale, jnp.float32).reshape(())
         if kernel not in KERNELS:
             raise ValueError(f"unknown kernel {kernel!r}; supported: {', '.join(KERNELS)}")
-        w = formats.quantize(w_res, w_fmt, axis=-1)
+        w = formats.quantize(w_res, w_fmt, axis=-1, tensor_scale=w_tensor_scale)
         lin = cls(
             w=w,
             a=a,
