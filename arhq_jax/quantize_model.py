@@ -381,7 +381,8 @@ def quantize_model(
 
     Args:
       params, cfg: the float model.
-      calib_ids: ``[S, L]`` int calibration token ids (equal-length sequences).
+      calib_ids: ``[S, L]`` int calibration token ids (equal-length sequences); None only for a
+        data-free recipe (parallel mode, no statistics, dynamic or no activation scales).
       qcfg: the recipe (method, setting, rank, formats, modules, sequential).
       batch_size: calibration sequences per forward.
       mesh: device mesh for the batch (default: all visible devices).
@@ -399,6 +400,11 @@ def quantize_model(
     # Data-free methods in parallel mode never run the model (no calibration forward at all).
     runner = None
     if qcfg.sequential or method.needs_calibration(qcfg):
+        if calib_ids is None:
+            why = (
+                " (static nvfp4 activation scales are calibrated)" if qcfg.static_act_scale else ""
+            )
+            raise ValueError(f"{qcfg.label()} needs calibration tokens{why}; calib_ids is None")
         t0 = time.perf_counter()
         runner = LayerwiseRunner(params, cfg, calib_ids, batch_size=batch_size, mesh=mesh)
         timings["calibration_s"] += time.perf_counter() - t0
