@@ -17,6 +17,7 @@ import time
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 from arhq_jax.quant_config import (  # noqa: E402
+    ACT_SCALES,
     DEFAULT,
     LINEAR_FORMATS,
     METHODS,
@@ -135,6 +136,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="calibrate on earlier-quantized layers (default: on for gptq, awq, awq-dh, resq)",
     )
     q.add_argument("--stats-dtype", default="float32", choices=("float32", "float64"))
+    q.add_argument(
+        "--act-scale",
+        default=None,
+        choices=ACT_SCALES,
+        help="nvfp4 activations: static (default; calibrated global scale per linear input, "
+        "outputs independent of the batch) or dynamic (max|x| of each call)",
+    )
+    q.add_argument(
+        "--fused-w-scale",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="nvfp4 weights: one weight global scale for the fused q/k/v and gate/up partitions "
+        "(default: on for rtn, svdquant, arhq, gptq, smoothquant)",
+    )
     q.add_argument("--batch-size", type=int, default=8, help="calibration sequences per forward")
     q.add_argument("--out", required=True, help="checkpoint directory to write")
 
@@ -231,6 +246,8 @@ def cmd_quantize(args) -> int:
         percdamp=args.percdamp,
         quantize_lm_head=args.lm_head,
         seed=args.seed,
+        act_scale=args.act_scale,
+        fused_w_scale=args.fused_w_scale,
     )
     checkpoint.check_out(args.out)  # refuse a foreign --out before any work
     m = _load(args)

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from arhq_jax.formats import fake_quant, resolve_format
+from arhq_jax.formats import fake_quant, nvfp4_tensor_scale, resolve_format
 
 HIGHEST = jax.lax.Precision.HIGHEST
 # α grid of the reference: k/20 for k = 0..20.
@@ -281,8 +281,8 @@ def init_alpha_search(dtype=jnp.float32) -> AlphaSearch:
     return AlphaSearch(jnp.zeros(len(ALPHAS), dtype), jnp.zeros((), jnp.int32))
 
 
-@functools.partial(jax.jit, static_argnames=("w_fmt", "act_fmt"))
-def _alpha_update(state, x, w, m_x, mask, act_tensor_scale, w_fmt, act_fmt):
+@functools.partial(jax.jit, static_argnames=("w_fmt", "act_fmt", "static_act"))
+def _alpha_update(state, x, w, m_x, mask, act_tensor_scale, w_fmt, act_fmt, static_act=False):
     d = w.shape[1]
     x = x.reshape(-1, d).astype(jnp.float32)
     if mask is not None:
@@ -295,7 +295,10 @@ def _alpha_update(state, x, w, m_x, mask, act_tensor_scale, w_fmt, act_fmt):
     def err(alpha):
         s = smooth_scales(m_x, m_w, alpha)
         xs = x / s
-        xq = xs if act_fmt is None else fake_quant(xs, act_fmt, tensor_scale=act_tensor_scale)
+        ts = act_tensor_scale
+        if static_act:  # the static scale of x/s_α over the calibration set: amax = max m_x/s_α
+            ts = nvfp4_tensor_scale(m_x / s)
+        xq = xs if act_fmt is None else fake_quant(xs, act_fmt, tensor_scale=ts)
         wq = fake_quant(w * s, w_fmt)
         diff = _mm(xq, wq.T) - y
         return jnp.sum(jnp.square(diff))
@@ -316,6 +319,7 @@ def update_alpha_search(
     *,
     mask=None,
     act_tensor_scale=None,
+    static_act_scale: bool = False,
     weight_1d: bool = True,
 ) -> AlphaSearch:
     """Add one chunk's ``err(α) = Σ_t ‖Q1d(x_t/s_α)·Q1d(W diag s_α)ᵀ − x_t Wᵀ‖²`` for all 21 α.
@@ -333,6 +337,9 @@ def update_alpha_search(
       mask: optional boolean ``x_chunk.shape[:-1]``; False tokens contribute nothing.
       act_tensor_scale: optional fixed activation tensor scale (``nvfp4``), in the activation
         format's convention (``formats.nvfp4_tensor_scale`` of a calibrated amax).
+      static_act_scale: ``nvfp4`` activations only: quantize x/s_α with the static scale of its
+        calibration amax, ``nvfp4_tensor_scale(m_x / s_α)`` (what the runtime will use), not
+        the dynamic scale of the chunk.
     """
     x_chunk, w, m_x = jnp.asarray(x_chunk), jnp.asarray(w), jnp.asarray(m_x)
     if w.ndim != 2 or x_chunk.ndim < 1 or x_chunk.shape[-1] != w.shape[1]:
@@ -349,8 +356,19 @@ def update_alpha_search(
     if weight_1d and w_spec.tile is not None:
         w_spec = resolve_format(w_spec, tile=None)
     a_spec = None if act_fmt is None else resolve_format(act_fmt)
+    static_act = bool(static_act_scale) and a_spec is not None and a_spec.name == "nvfp4"
+    if static_act and act_tensor_scale is not None:
+        raise ValueError("give act_tensor_scale or static_act_scale, not both")
     return _alpha_update(
-        state, x_chunk, w, m_x, mask, act_tensor_scale, w_fmt=w_spec, act_fmt=a_spec
+        state,
+        x_chunk,
+        w,
+        m_x,
+        mask,
+        act_tensor_scale,
+        w_fmt=w_spec,
+        act_fmt=a_spec,
+        static_act=static_act,
     )
 
 

@@ -197,14 +197,17 @@ class QuantLinear:
         factor_dtype=None,
         *,
         act_scale=None,
+        w_tensor_scale=None,
         kernel: str = "xla",
         interpret: bool = False,
     ) -> QuantLinear:
         """Quantize a float residual ``w_res [out, in]`` (``formats.quantize`` along in), wrap it.
 
         ``a [in, r]`` / ``b [out, r]`` are stored in ``factor_dtype`` (default: as given);
-        ``smooth [in]`` must be positive and finite. Raises ValueError on mismatched shapes,
-        unknown formats or kernels.
+        ``smooth [in]`` must be positive and finite. ``act_scale``: static nvfp4 activation
+        global scale (None: dynamic); ``w_tensor_scale``: nvfp4 weight global scale (None: from
+        ``w_res``; pass a joint one to share it across fused partitions). Raises ValueError on
+        mismatched shapes, unknown formats or kernels.
         """
         w_res = jnp.asarray(w_res)
         if w_res.ndim != 2:
@@ -243,7 +246,7 @@ class QuantLinear:
             act_scale = jnp.asarray(act_scale, jnp.float32).reshape(())
         if kernel not in KERNELS:
             raise ValueError(f"unknown kernel {kernel!r}; supported: {', '.join(KERNELS)}")
-        w = formats.quantize(w_res, w_fmt, axis=-1)
+        w = formats.quantize(w_res, w_fmt, axis=-1, tensor_scale=w_tensor_scale)
         lin = cls(
             w=w,
             a=a,

@@ -20,6 +20,11 @@ BASELINE_METHODS = ("gptq", "smoothquant", "awq", "awq-dh", "serq", "resq")
 METHODS = LOWRANK_METHODS + BASELINE_METHODS
 SETTINGS = ("raw", "smooth")
 RESIDUAL_QUANTS = ("rtn", "gptq")
+# nvfp4 activation tensor scale: calibrated once per linear input, or max|x| of each call.
+ACT_SCALES = ("static", "dynamic")
+# Methods whose projections are plain NVFP4 ``QuantLinear`` s, where q/k/v and gate/up are the
+# fused partitions a serving engine stores with one weight global scale.
+FUSED_SCALE_METHODS = ("rtn", "svdquant", "arhq", "gptq", "smoothquant")
 MODULES = {
     "attn": ("q_proj", "k_proj", "v_proj", "o_proj"),
     "ffn": ("gate_proj", "up_proj", "down_proj"),
@@ -132,6 +137,15 @@ class QuantConfig:
       mse_clip: QuaRot's MSE clip of per-row int weight scales in GPTQ (None: on for ResQ only).
       quantize_lm_head: also quantize lm_head (None: FPRAG-AWQ yes, others no).
       seed: ResQ's random rotations.
+      act_scale: nvfp4 activations only: ``"static"`` (default there: each quantized linear
+        stores the global scale of its input amax measured on the calibration set, one per
+        input group, so outputs never depend on batch composition) or ``"dynamic"`` (max|x| of
+        every call, over the whole batch); None for recipes without nvfp4 activations (giving a
+        value there is an error).
+      fused_w_scale: nvfp4 weights only: one weight global scale shared by the fused partitions
+        q/k/v and gate/up (computed jointly over the residuals that get quantized), as serving
+        engines store them; None: on for rtn, svdquant, arhq, gptq and smoothquant with nvfp4
+        weights, off otherwise. True where it does not apply is an error.
     """
 
     method: str = "arhq"
@@ -155,6 +169,8 @@ class QuantConfig:
     mse_clip: bool | None = None
     quantize_lm_head: bool | None = None
     seed: int = 0
+    act_scale: str | None = None
+    fused_w_scale: bool | None = None
 
     def __post_init__(self):
         _one_of("method", self.method, METHODS)
@@ -188,6 +204,7 @@ class QuantConfig:
                 "residual, which is zero for weight-only quantization (use svdquant there)"
             )
         self._check_formats(mf)
+        self._resolve_scales()
         if self.setting == "smooth" and self.method not in LOWRANK_METHODS:
             raise ValueError(
                 f"setting 'smooth' applies to {', '.join(LOWRANK_METHODS)} only; {self.method} "
@@ -256,6 +273,30 @@ class QuantConfig:
                     f"act group size must be a positive int or -1, got {self.act_group_size}"
                 )
         resolve_format(self.w_fmt)
+
+    def _resolve_scales(self) -> None:
+        if self.act_fmt is not None and resolve_format(self.act_fmt).name == "nvfp4":
+            if self.act_scale is None:
+                object.__setattr__(self, "act_scale", "static")
+            _one_of("activation scale", self.act_scale, ACT_SCALES)
+        elif self.act_scale is not None:
+            what = "weight-only" if self.act_fmt is None else f"activations in {self.act_fmt}"
+            raise ValueError(f"act_scale applies to nvfp4 activations only; this recipe is {what}")
+        applies = resolve_format(self.w_fmt).name == "nvfp4" and self.method in FUSED_SCALE_METHODS
+        if self.fused_w_scale is None:
+            object.__setattr__(self, "fused_w_scale", applies)
+        elif not isinstance(self.fused_w_scale, bool):
+            raise ValueError(f"fused_w_scale must be True or False, got {self.fused_w_scale!r}")
+        elif self.fused_w_scale and not applies:
+            raise ValueError(
+                "fused_w_scale applies to nvfp4 weights of "
+                f"{', '.join(FUSED_SCALE_METHODS)}; not to {self.method} with {self.w_fmt} weights"
+            )
+
+    @property
+    def static_act_scale(self) -> bool:
+        """True when nvfp4 activations use a calibrated static global scale."""
+        return self.act_scale == "static"
 
     @property
     def w_spec(self):
@@ -326,6 +367,8 @@ class QuantConfig:
         w = self.w_fmt
         if self.group_size is not None and resolve_format(self.w_fmt).is_int:
             w += f"-g{self.group_size}" if self.group_size > 0 else "-row"
+        if self.act_scale == "dynamic":
+            act += "-dyn"
         setting = f"-{self.setting}" if self.method in LOWRANK_METHODS else ""
         return f"{self.method}{rank}{res}{setting}-{w}/{act}"
 

@@ -3,10 +3,14 @@
 For every decoder layer and every selected input group:
 
 1. *Calibrate*: stream the group's input through ``arhq_jax.stats`` (G = EᵀE/N for ARHQ; in the
-   smooth setting first absmax, then the 21-point α search per projection, then G on x/s).
+   smooth setting first absmax, then the 21-point α search per projection, then G on x/s). With
+   static nvfp4 activation scales (the default) the input amax comes first and fixes the
+   activation global scale (one per input group, per projection when smoothed), and G is taken
+   with that static quantizer.
 2. *Decompose*: per projection, W (or W·s) → residual + B Aᵀ (``arhq``/``svdquant``; RTN keeps W).
-3. *Pack*: the residual → ``QTensor`` in the weight format, wrapped with A, B and s in a
-   ``QuantLinear`` that replaces the float projection.
+3. *Pack*: the residual → ``QTensor`` in the weight format (nvfp4: one weight global scale for
+   the fused q/k/v and gate/up partitions by default), wrapped with A, B, s and the static
+   activation scale in a ``QuantLinear`` that replaces the float projection.
 
 By default every layer is calibrated on the unquantized model (the reference's *parallel* mode);
 ``sequential=True`` calibrates layer l on a model whose earlier layers (and, within the layer, the
@@ -23,12 +27,12 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from arhq_jax import decompose, stats
+from arhq_jax import decompose, global_scales, stats
 from arhq_jax.calibrate import LayerwiseRunner
 from arhq_jax.formats import dequantize
 from arhq_jax.models import transformer
 from arhq_jax.models.config import GROUP_OF, INPUT_GROUPS, Layer, ModelConfig, Params
-from arhq_jax.qlinear import QuantLinear
+from arhq_jax.qlinear import QuantLinear, smooth_input
 from arhq_jax.quant_config import LOWRANK_METHODS, QuantConfig
 
 HIGHEST = jax.lax.Precision.HIGHEST
@@ -58,12 +62,21 @@ def _stats_cfg(qcfg: QuantConfig, *, g: bool, absmax: bool, h: bool = False) -> 
     )
 
 
-def _accumulate(runner: LayerwiseRunner, layer: Layer, specs: dict, scales: dict | None = None):
+def _accumulate(
+    runner: LayerwiseRunner,
+    layer: Layer,
+    specs: dict,
+    scales: dict | None = None,
+    tensor_scales: dict | None = None,
+):
     """Stream ``specs`` = {state name: StatsConfig} over the calibration batches → finalized stats.
 
     A name is ``group`` or ``group:proj``; when ``scales`` has an entry for the name, the input is
-    divided by it first (G of the smoothed space)."""
+    smoothed first, as the runtime does it (``smooth_input``: x·fl32(1/s), G of the smoothed
+    space); ``tensor_scales[name]`` fixes the nvfp4 activation scale of E = x − Q(x) (the static
+    runtime quantizer; default dynamic over each batch)."""
     scales = scales or {}
+    tensor_scales = tensor_scales or {}
     shapes = runner.cfg.linear_shapes()
     init = {
         name: stats.init_stats(shapes[INPUT_GROUPS[name.split(":")[0]][0]][1], scfg)
@@ -73,21 +86,33 @@ def _accumulate(runner: LayerwiseRunner, layer: Layer, specs: dict, scales: dict
     def update(name, state, x, mask):
         s = scales.get(name)
         if s is not None:
-            x = x.astype(jnp.float32) / s
-        return stats.update_stats(state, x, specs[name], mask=mask)
+            x = smooth_input(x, s)
+        return stats.update_stats(
+            state, x, specs[name], mask=mask, tensor_scale=tensor_scales.get(name)
+        )
 
     return {k: stats.finalize(v) for k, v in runner.accumulate(layer, init, update).items()}
 
 
 def _alpha_search(runner, layer, projs, m_x, qcfg):
-    """Per projection: the α* of the smoothing grid and its scale s ``[in]`` (methods.md §2.3)."""
+    """Per projection: the α* of the smoothing grid and its scale s ``[in]`` (methods.md §2.3).
+
+    With static nvfp4 activation scales each candidate α quantizes x/s_α with the static scale
+    of its amax over the calibration set (from ``m_x``), as the runtime will."""
     init = {f"{GROUP_OF[p]}:{p}": decompose.init_alpha_search() for p in projs}
 
     def update(name, state, x, mask):
         p = name.split(":")[1]
         w = getattr(layer, p).w
         return decompose.update_alpha_search(
-            state, x, w, m_x[GROUP_OF[p]], qcfg.w_spec, qcfg.act_spec, mask=mask
+            state,
+            x,
+            w,
+            m_x[GROUP_OF[p]],
+            qcfg.w_spec,
+            qcfg.act_spec,
+            mask=mask,
+            static_act_scale=qcfg.static_act_scale,
         )
 
     searched = runner.accumulate(layer, init, update)
@@ -109,14 +134,16 @@ def _split(qcfg: QuantConfig, w_t: jax.Array, g: jax.Array | None, factor_dtype)
     return decompose.arhq(w_t, g, qcfg.rank, qcfg.eps, qcfg.rel_eps, dtype=factor_dtype)
 
 
-def _pack_residual(qcfg: QuantConfig, residual, h, s, bias, split):
+def _pack_residual(qcfg: QuantConfig, residual, h, s, bias, split, act_scale=None, w_scale=None):
     """The residual → ``QuantLinear``: RTN (``formats.quantize``) or GPTQ under ``h`` (the
-    Hessian of the input the residual sees, x/s)."""
+    Hessian of the input the residual sees, x/s); ``act_scale`` the static nvfp4 activation
+    scale (None: dynamic), ``w_scale`` the nvfp4 weight global scale (None: the residual's own)."""
     a = None if split is None else split.a
     b = None if split is None else split.b
+    kw = {"smooth": s, "bias": bias, "act_scale": act_scale}
     if h is None:
         return QuantLinear.from_float(
-            residual, a, b, qcfg.w_spec, qcfg.act_spec, smooth=s, bias=bias
+            residual, a, b, qcfg.w_spec, qcfg.act_spec, w_tensor_scale=w_scale, **kw
         )
     from arhq_jax.methods.gptq import gptq_quantize
 
@@ -130,29 +157,41 @@ def _pack_residual(qcfg: QuantConfig, residual, h, s, bias, split):
         act_order=qcfg.act_order,
         static_groups=qcfg.act_order and w_spec.block != -1,
         mse_clip=qcfg.mse_clip,
+        tensor_scale=w_scale,
     )
     # from_float validates shapes and formats; its RTN packing is replaced by GPTQ's.
-    ql = QuantLinear.from_float(residual, a, b, w_spec, qcfg.act_spec, smooth=s, bias=bias)
+    ql = QuantLinear.from_float(residual, a, b, w_spec, qcfg.act_spec, **kw)
     return ql.replace(w=res.qtensor)
 
 
-def _quantize_group(layer, projs, g_of, smooth, qcfg, factor_dtype, timings, layer_idx, h_of):
-    """Decompose and pack ``projs`` of ``layer``; returns ({proj: QuantLinear}, diagnostics)."""
-    new, diags = {}, []
+def _quantize_group(layer, projs, g_of, smooth, qcfg, factor_dtype, timings, layer_idx, h_of, act):
+    """Decompose and pack ``projs`` of ``layer``; returns ({proj: QuantLinear}, diagnostics).
+
+    ``act``: {proj: static activation scale}. Every projection is split first, so that the fused
+    partitions (q/k/v, gate/up) can share one nvfp4 weight global scale of their residuals."""
+    new, diags, splits = {}, [], {}
     for p in projs:
-        lin = getattr(layer, p)
-        w = lin.w.astype(jnp.float32)
+        w = getattr(layer, p).w.astype(jnp.float32)
         alpha, s = smooth.get(p, (None, None))
         w_t = w if s is None else w * s[None, :]
         t0 = time.perf_counter()
         split = _block(_split(qcfg, w_t, g_of.get(p), factor_dtype))
+        timings["decomposition_s"] += time.perf_counter() - t0
+        splits[p] = (split, w_t if split is None else split.residual)
+    fused = qcfg.fused_w_scale and qcfg.w_spec.name == "nvfp4"
+    w_scales = global_scales.fused_weight_scales(
+        {p: r for p, (_, r) in splits.items()}, GROUP_OF, fused
+    )
+    for p in projs:
+        lin = getattr(layer, p)
+        alpha, s = smooth.get(p, (None, None))
+        split, residual = splits[p]
         t1 = time.perf_counter()
-        residual = w_t if split is None else split.residual
-        ql = _pack_residual(qcfg, residual, h_of.get(p), s, lin.b, split)
+        ql = _pack_residual(
+            qcfg, residual, h_of.get(p), s, lin.b, split, act.get(p), w_scales.get(p)
+        )
         deq = _block(dequantize(ql.w, jnp.float32))
-        t2 = time.perf_counter()
-        timings["decomposition_s"] += t1 - t0
-        timings["packing_s"] += t2 - t1
+        timings["packing_s"] += time.perf_counter() - t1
         d = {
             "layer": layer_idx,
             "proj": p,
@@ -189,9 +228,15 @@ class Calibration:
             raise ValueError("this method declared that it needs no calibration data")
         return self.runner
 
-    def stats(self, layer: Layer, specs: dict, scales: dict | None = None) -> dict:
+    def stats(
+        self,
+        layer: Layer,
+        specs: dict,
+        scales: dict | None = None,
+        tensor_scales: dict | None = None,
+    ) -> dict:
         """Finalized streaming statistics, see ``_accumulate``."""
-        return _accumulate(self._need(), layer, specs, scales)
+        return _accumulate(self._need(), layer, specs, scales, tensor_scales)
 
     def alpha_search(self, layer: Layer, projs, m_x: dict, qcfg: QuantConfig) -> dict:
         """Per projection ``(α*, s)`` of the smoothing grid (methods.md §2.3)."""
@@ -244,6 +289,7 @@ class LowRankMethod:
             qcfg.setting == "smooth"
             or (qcfg.method == "arhq" and qcfg.uses_branch)
             or qcfg.residual_quant == "gptq"
+            or qcfg.static_act_scale
         )
 
     def quantize_stage(self, layer, groups, projs, calib, qcfg, layer_idx, timings):
@@ -251,37 +297,61 @@ class LowRankMethod:
 
         With ``residual_quant="gptq"`` the residual is GPTQ-quantized under H of the input it
         sees (x, or x/s per projection in the smooth setting), accumulated in the same pass as G.
+        With static nvfp4 activation scales, the amax of every quantized input (x per group, or
+        x/s per projection) is measured first, so that G = E{EᵀE} is taken with the very
+        quantizer the runtime applies (E = x − Q(x; static scale)).
         """
         need_g = qcfg.method == "arhq" and qcfg.uses_branch
         need_h = qcfg.residual_quant == "gptq"
+        static = qcfg.static_act_scale
         t0 = time.perf_counter()
-        smooth, g_of, h_of = {}, {}, {}
+        smooth, g_of, h_of, act = {}, {}, {}, {}
         if qcfg.setting == "smooth":
             spec = _stats_cfg(qcfg, g=False, absmax=True)
             absmax = calib.stats(layer, {g: spec for g in groups})
             smooth = calib.alpha_search(
                 layer, projs, {g: absmax[g]["absmax"] for g in groups}, qcfg
             )
+            names = {p: f"{GROUP_OF[p]}:{p}" for p in projs}
+            if static:  # exact amax of x·fl32(1/s) from the absmax of x (global_scales)
+                act = {
+                    p: global_scales.act_scale(
+                        global_scales.smoothed_amax(absmax[GROUP_OF[p]]["absmax"], smooth[p][1])
+                    )
+                    for p in projs
+                }
             if need_g or need_h:
-                names = {p: f"{GROUP_OF[p]}:{p}" for p in projs}
                 spec = _stats_cfg(qcfg, g=need_g, absmax=False, h=need_h)
                 gs = calib.stats(
                     layer,
                     {n: spec for n in names.values()},
                     {names[p]: smooth[p][1] for p in projs},
+                    {names[p]: act[p] for p in act},
                 )
                 g_of = {p: gs[names[p]]["G"] for p in projs} if need_g else {}
                 h_of = {p: gs[names[p]]["H"] for p in projs} if need_h else {}
-        elif need_g or need_h:
-            spec = _stats_cfg(qcfg, g=need_g, absmax=False, h=need_h)
-            gs = calib.stats(layer, {g: spec for g in groups})
+        else:
+            gs = {}
+            if static:  # pass 1: the amax (with H when only H is needed: it ignores the scale)
+                spec = _stats_cfg(qcfg, g=False, absmax=True, h=need_h and not need_g)
+                gs = calib.stats(layer, {g: spec for g in groups})
+                scale = {
+                    g: global_scales.act_scale(global_scales.amax(gs[g]["absmax"])) for g in groups
+                }
+                act = {p: scale[GROUP_OF[p]] for p in projs}
+                if need_g:
+                    spec = _stats_cfg(qcfg, g=True, absmax=False, h=need_h)
+                    gs = calib.stats(layer, {g: spec for g in groups}, None, scale)
+            elif need_g or need_h:
+                spec = _stats_cfg(qcfg, g=need_g, absmax=False, h=need_h)
+                gs = calib.stats(layer, {g: spec for g in groups})
             g_of = {p: gs[GROUP_OF[p]]["G"] for p in projs} if need_g else {}
             h_of = {p: gs[GROUP_OF[p]]["H"] for p in projs} if need_h else {}
-        _block((g_of, h_of))
+        _block((g_of, h_of, act))
         timings["calibration_s"] += time.perf_counter() - t0
         factor_dtype = qcfg.factor_dtype or calib.cfg.param_dtype
         new, diags = _quantize_group(
-            layer, projs, g_of, smooth, qcfg, factor_dtype, timings, layer_idx, h_of
+            layer, projs, g_of, smooth, qcfg, factor_dtype, timings, layer_idx, h_of, act
         )
         return layer.replace(**new), diags
 
@@ -311,7 +381,8 @@ def quantize_model(
 
     Args:
       params, cfg: the float model.
-      calib_ids: ``[S, L]`` int calibration token ids (equal-length sequences).
+      calib_ids: ``[S, L]`` int calibration token ids (equal-length sequences); None only for a
+        data-free recipe (parallel mode, no statistics, dynamic or no activation scales).
       qcfg: the recipe (method, setting, rank, formats, modules, sequential).
       batch_size: calibration sequences per forward.
       mesh: device mesh for the batch (default: all visible devices).
@@ -329,6 +400,11 @@ def quantize_model(
     # Data-free methods in parallel mode never run the model (no calibration forward at all).
     runner = None
     if qcfg.sequential or method.needs_calibration(qcfg):
+        if calib_ids is None:
+            why = (
+                " (static nvfp4 activation scales are calibrated)" if qcfg.static_act_scale else ""
+            )
+            raise ValueError(f"{qcfg.label()} needs calibration tokens{why}; calib_ids is None")
         t0 = time.perf_counter()
         runner = LayerwiseRunner(params, cfg, calib_ids, batch_size=batch_size, mesh=mesh)
         timings["calibration_s"] += time.perf_counter() - t0

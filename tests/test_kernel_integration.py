@@ -24,7 +24,10 @@ def _two_quantized_layers(smollm2, fmt, act):
     cfg, fp = smollm2.cfg, smollm2.params
     two = fp.replace(layers=fp.layers[:2])
     qcfg = QuantConfig(method="svdquant", rank=16, w_fmt=fmt, act_fmt=act)
-    q2 = quantize_model(two, cfg.replace(num_layers=2), None, qcfg, progress=False).params
+    calib = None  # data-free, except for nvfp4 W4A4's static activation scales (calibrated)
+    if qcfg.static_act_scale:
+        calib = ev.split_tokens(ev.load_text_tokens(smollm2.tokenizer))[0][:256].reshape(2, 128)
+    q2 = quantize_model(two, cfg.replace(num_layers=2), calib, qcfg, progress=False).params
     return cfg, fp, fp.replace(layers=q2.layers + fp.layers[2:])
 
 
@@ -51,6 +54,7 @@ def test_pallas_and_xla_agree_on_real_activations_w4a4(smollm2, fmt):
     rounding flips, so two correct paths drift apart by a few 1e-3 in perplexity.)
     """
     cfg, fp, q = _two_quantized_layers(smollm2, fmt, fmt)
+    assert (q.layers[0].q_proj.act_scale is not None) == (fmt == "nvfp4")  # static nvfp4 scale
     ids = ev.split_tokens(ev.load_text_tokens(smollm2.tokenizer))[1][:96].reshape(1, 96)
     h = transformer.embed(fp, cfg, jnp.asarray(ids))
     pos = jnp.arange(96)[None]

@@ -15,10 +15,10 @@ from _tiny import CFG
 
 from arhq_jax import checkpoint
 from arhq_jax.calibrate import LayerwiseRunner
-from arhq_jax.formats import dequantize, fake_quant
+from arhq_jax.formats import dequantize, fake_quant, nvfp4_tensor_scale
 from arhq_jax.linear import Dense
 from arhq_jax.models import transformer
-from arhq_jax.models.config import PROJECTIONS
+from arhq_jax.models.config import INPUT_GROUPS, PROJECTIONS
 from arhq_jax.pipeline import calibration_ids, evaluate_models
 from arhq_jax.qlinear import QuantLinear
 from arhq_jax.quant_config import QuantConfig
@@ -55,6 +55,7 @@ def test_quantize_model_reconstructs_weights(model, method, setting):
     qcfg = QuantConfig(method=method, setting=setting, rank=8, w_fmt="nvfp4", act_fmt="nvfp4")
     res = quantize_model(params, CFG, ids, qcfg, progress=False)
     for fp_layer, q_layer in zip(params.layers, res.params.layers, strict=True):
+        resids = {}
         for p in PROJECTIONS:
             ql = getattr(q_layer, p)
             assert isinstance(ql, QuantLinear)
@@ -65,13 +66,27 @@ def test_quantize_model_reconstructs_weights(model, method, setting):
             assert (ql.a is None) == (method == "rtn")
             # The packed residual is the RTN of W·s − B Aᵀ: compare before packing via fake_quant.
             resid = w * s[None, :] - branch
+            resids[p] = resid
+            # Under the weight global scale the fused partitions share (checked below).
+            ts = ql.w.tensor_scale
             deq = np.asarray(dequantize(ql.w, jnp.float32), np.float64)
-            ref = np.asarray(fake_quant(jnp.asarray(resid, jnp.float32), "nvfp4"), np.float64)
-            np.testing.assert_allclose(deq, ref, rtol=0, atol=1e-5 * np.abs(w).max())
+            ref = fake_quant(jnp.asarray(resid, jnp.float32), "nvfp4", tensor_scale=ts)
+            np.testing.assert_allclose(deq, np.asarray(ref), rtol=0, atol=1e-5 * np.abs(w).max())
+        for group, projs in INPUT_GROUPS.items():
+            amax = max(np.abs(resids[p]).max() for p in projs)
+            want = float(nvfp4_tensor_scale(jnp.float32(amax)))
+            for p in projs:
+                got = float(getattr(q_layer, p).w.tensor_scale)
+                np.testing.assert_allclose(got, want, rtol=1e-6, err_msg=f"{group} {p}")
+            assert len({float(getattr(q_layer, p).w.tensor_scale) for p in projs}) == 1
     logits = transformer.forward(res.params, CFG, jnp.asarray(ids[:2]))
     assert np.isfinite(np.asarray(logits)).all()
-    # Raw RTN and SVDQuant need no data: no calibration forward runs at all.
+    # Static nvfp4 activation scales are calibrated: every method reads the data now.
+    assert res.calib_tokens == ids.size
+    # Raw RTN and SVDQuant with dynamic scales need no data: no calibration forward at all.
+    dyn = QuantConfig(method=method, setting=setting, rank=8, act_scale="dynamic")
     needs_data = method == "arhq" or setting == "smooth"
+    res = quantize_model(params, CFG, ids, dyn, progress=False)
     assert res.calib_tokens == (ids.size if needs_data else 0)
 
 

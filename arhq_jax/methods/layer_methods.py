@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from arhq_jax import formats as F
+from arhq_jax import global_scales as GS
 from arhq_jax.methods import awq, serq, smoothquant
 from arhq_jax.methods.gptq import gptq_quantize
 from arhq_jax.models.config import GROUP_OF, INPUT_GROUPS
@@ -89,8 +90,11 @@ def gptq_spec(qcfg) -> F.FormatSpec:
     return F.resolve_format(spec, int_variant="gptq") if spec.is_int else spec
 
 
-def gptq_linear(w, h, qcfg, bias=None):
-    """GPTQ of ``w [out, in]`` under ``h`` → (``QuantLinear``, ``GPTQResult``)."""
+def gptq_linear(w, h, qcfg, bias=None, *, act_scale=None, w_scale=None):
+    """GPTQ of ``w [out, in]`` under ``h`` → (``QuantLinear``, ``GPTQResult``).
+
+    ``act_scale``: static nvfp4 activation global scale (None: dynamic); ``w_scale``: nvfp4
+    weight global scale (None: from ``w``; a joint one shares it across fused partitions)."""
     spec = gptq_spec(qcfg)
     res = gptq_quantize(
         w,
@@ -101,25 +105,56 @@ def gptq_linear(w, h, qcfg, bias=None):
         act_order=qcfg.act_order,
         static_groups=qcfg.act_order and spec.block != -1,
         mse_clip=qcfg.mse_clip,
+        tensor_scale=w_scale,
     )
-    return QuantLinear(w=res.qtensor, bias=bias, act_fmt=qcfg.act_spec), res
+    if act_scale is not None:
+        act_scale = jnp.asarray(act_scale, jnp.float32).reshape(())
+    return QuantLinear(w=res.qtensor, bias=bias, act_scale=act_scale, act_fmt=qcfg.act_spec), res
+
+
+def _static_act_scales(qcfg, st: dict, projs) -> dict:
+    """{proj: static nvfp4 activation scale} from the groups' absmax, or {} (dynamic/other)."""
+    if not qcfg.static_act_scale:
+        return {}
+    scale = {g: GS.act_scale(GS.amax(v["absmax"])) for g, v in st.items()}
+    return {p: scale[GROUP_OF[p]] for p in projs}
+
+
+def _fused_w_scales(qcfg, weights: dict) -> dict:
+    """{proj: nvfp4 weight global scale shared by its fused partitions}, or {} when off."""
+    return GS.fused_weight_scales(
+        weights, GROUP_OF, qcfg.fused_w_scale and qcfg.w_spec.name == "nvfp4"
+    )
 
 
 class GPTQMethod:
-    """GPTQ (methods.md §5) on H = XᵀX/N of each input group (sequential by default)."""
+    """GPTQ (methods.md §5) on H = XᵀX/N of each input group (sequential by default).
+
+    NVFP4 activations get the static scale of the group's amax (same pass as H); NVFP4 weights
+    of fused partitions share the global scale of their joint amax."""
 
     def needs_calibration(self, qcfg) -> bool:
         return True
 
     def quantize_stage(self, layer, groups, projs, calib, qcfg, layer_idx, timings):
+        static = qcfg.static_act_scale
         with _timed(timings, "calibration_s"):
-            st = _group_stats(calib, layer, groups, qcfg, keep_h=True)
+            st = _group_stats(calib, layer, groups, qcfg, keep_h=True, keep_absmax=static)
+        act = _static_act_scales(qcfg, st, projs)
+        w_scales = _fused_w_scales(qcfg, {p: getattr(layer, p).w for p in projs})
         new, diags = {}, []
         for p in projs:
             lin = getattr(layer, p)
             w = _f32(lin.w)
             with _timed(timings, "decomposition_s"):
-                ql, res = gptq_linear(w, st[GROUP_OF[p]]["H"], qcfg, lin.b)
+                ql, res = gptq_linear(
+                    w,
+                    st[GROUP_OF[p]]["H"],
+                    qcfg,
+                    lin.b,
+                    act_scale=act.get(p),
+                    w_scale=w_scales.get(p),
+                )
                 jax.block_until_ready(res.w_hat)
             new[p] = ql
             diags.append(
@@ -166,7 +201,9 @@ class SmoothQuantMethod:
     gate/up (one scale per group), then RTN of every projection (o and down unsmoothed).
 
     Int activations are quantized per token by default (SmoothQuant's dynamic per-token O1
-    setting, ``act_group_size=-1``).
+    setting, ``act_group_size=-1``). NVFP4 activations get the static scale of the input the
+    quantizer sees (measured on the folded layer, one per group); NVFP4 weights of fused
+    partitions share the global scale of their joint amax (of W·s).
     """
 
     def needs_calibration(self, qcfg) -> bool:
@@ -180,15 +217,32 @@ class SmoothQuantMethod:
             with _timed(timings, "calibration_s"):
                 st = _group_stats(calib, layer, fold, qcfg, keep_absmax=True)
             layer, scales = smoothquant_fold(layer, {g: st[g]["absmax"] for g in fold}, qcfg.alpha)
+        act_scales = {}
+        if qcfg.static_act_scale:  # the folded norms' output is what the quantizer reads
+            with _timed(timings, "calibration_s"):
+                st = _group_stats(calib, layer, groups, qcfg, keep_absmax=True)
+            act_scales = _static_act_scales(qcfg, st, projs)
         act = qcfg.act_spec  # int: per token by default (act_group_size -1)
+        w_ts = {}
+        for p in projs:
+            s = scales.get(GROUP_OF[p])
+            w = _f32(getattr(fp, p).w)
+            w_ts[p] = w if s is None else w * s[None, :]  # quantize the f32 product
+        w_scales = _fused_w_scales(qcfg, w_ts)
         new, diags = {}, []
         with _timed(timings, "packing_s"):
             for p in projs:
                 s = scales.get(GROUP_OF[p])
-                w = _f32(getattr(fp, p).w)
-                w_t = w if s is None else w * s[None, :]  # quantize the f32 product
+                w_t = w_ts[p]
                 ql = QuantLinear.from_float(
-                    w_t, None, None, qcfg.w_spec, act, bias=getattr(fp, p).b
+                    w_t,
+                    None,
+                    None,
+                    qcfg.w_spec,
+                    act,
+                    bias=getattr(fp, p).b,
+                    act_scale=act_scales.get(p),
+                    w_tensor_scale=w_scales.get(p),
                 )
                 new[p] = ql
                 diags.append(
@@ -285,11 +339,17 @@ SERQ_PATHS = {"mxfp4": "mxfp4", "int4": "int", "nvfp4": "nvfp4"}
 
 
 def serq_linear(w, st, qcfg, bias=None):
-    """SERQ of ``w [out, in]`` from the input's min/max (and H for GPTQ) → packed SERQLinear."""
+    """SERQ of ``w [out, in]`` from the input's min/max (and H for GPTQ) → packed SERQLinear.
+
+    NVFP4 activations: the static scale of x̃'s calibration amax (exact from min/max) unless
+    ``qcfg.act_scale == "dynamic"``."""
     path = SERQ_PATHS[qcfg.w_fmt]
     w_fmt = None
     if path == "int" and qcfg.group_size is not None:
         w_fmt = F.resolve_format(serq.MAIN_INT_FMT, group_size=qcfg.group_size)
+    act_scale = None
+    if qcfg.static_act_scale:
+        act_scale = GS.act_scale(serq.serq_input_amax(st["min"], st["max"]))
     gptq = qcfg.residual_quant == "gptq"
     kw = {"percdamp": qcfg.percdamp, "block_size": qcfg.block_size} if gptq else {}
     return serq.serq_quantize(
@@ -304,6 +364,7 @@ def serq_linear(w, st, qcfg, bias=None):
         w_fmt=w_fmt,
         bias=bias,
         pack=True,
+        act_scale=act_scale,
         **kw,
     )
 

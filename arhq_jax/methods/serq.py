@@ -25,7 +25,8 @@ Faithfulness (checked against ``serq_quant/int_quant.py`` and ``utils/gptq_utils
     its last element (min/max unchanged; the reference requires divisibility). Flattening and the
     permutation are applied online, as in the code (the paper folds them).
   - Extension (not in SERQ): an NVFP4 path built like the MXFP4 one (C, main weight and
-    activations in NVFP4, dynamic per-tensor activation scale), for comparisons in NVFP4 W4A4.
+    activations in NVFP4), for comparisons in NVFP4 W4A4; its activation tensor scale is static
+    (calibrated, ``serq_input_amax``) in the pipeline by default, or dynamic per call.
   - Storage: ``pack=True`` keeps W_main and C as packed ``QTensor`` s (what the pipeline saves).
 
 Statistics needed from calibration: per-channel min and max of the linear's input (one pass of the
@@ -84,6 +85,15 @@ def serq_input(x, s, perm) -> jax.Array:
     return F.div(x, jnp.asarray(s, jnp.float32))[..., perm]
 
 
+def serq_input_amax(act_min, act_max) -> jax.Array:
+    """Exact amax of ``serq_input`` over the calibration tokens with these per-channel min/max
+    (f32 scalar): division by a positive s is monotone, so it is ``max_j div(max|x_j|, s_j)``
+    (1 when any channel fired, since s is that max)."""
+    lo, hi = jnp.asarray(act_min, jnp.float32), jnp.asarray(act_max, jnp.float32)
+    m = jnp.maximum(jnp.abs(lo), jnp.abs(hi))
+    return jnp.max(F.div(m, serq_flatten_scale(act_min, act_max)))
+
+
 def serq_hessian(h, s, perm) -> jax.Array:
     """Hessian of x̃ from the Hessian of x: ``(H / (s sᵀ))[perm][:, perm]`` (exact)."""
     h = jnp.asarray(h, jnp.float32)
@@ -132,11 +142,11 @@ ACTS = ("int4", "int8", "mxfp4", "nvfp4")
 FP4_PATHS = ("mxfp4", "nvfp4")
 
 
-def _act_quant(x, act: str | None):
+def _act_quant(x, act: str | None, tensor_scale=None):
     if act is None:
         return x
     if act in FP4_PATHS:
-        return F.fake_quant(x, act)
+        return F.fake_quant(x, act, tensor_scale=tensor_scale)
     return serq_act_quant(x, bits=4 if act == "int4" else 8)
 
 
@@ -160,6 +170,7 @@ class SERQLinear:
         the packed ``QTensor`` (``serq_quantize(pack=True)``).
       c: ``[out, r]`` compensation matrix, f32 dequantized or a packed ``QTensor``.
       b: ``[out]`` or None.
+      act_scale: static nvfp4 activation global scale (f32 scalar) or None (dynamic).
       act: static activation quantizer: "int4", "int8" (SERQ asym per-token g128), "mxfp4",
         "nvfp4" (the NVFP4 extension), or None (weight-only).
     """
@@ -169,6 +180,7 @@ class SERQLinear:
     w_main: jax.Array
     c: jax.Array
     b: jax.Array | None = None
+    act_scale: jax.Array | None = None
     act: str | None = struct.field(pytree_node=False, default="int4")
 
     @property
@@ -184,7 +196,7 @@ class SERQLinear:
         return self.c.shape[1]
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        a = _act_quant(serq_input(x, self.s, self.perm), self.act)
+        a = _act_quant(serq_input(x, self.s, self.perm), self.act, self.act_scale)
         mm = functools.partial(jnp.einsum, precision=HIGHEST, preferred_element_type=jnp.float32)
         y = mm("...k,nk->...n", a, _weight(self.w_main))
         if self.rank:
@@ -207,6 +219,7 @@ def serq_quantize(
     w_fmt=None,
     bias=None,
     pack: bool = False,
+    act_scale=None,
     **gptq_kwargs,
 ) -> SERQLinear:
     """Build a ``SERQLinear`` from ``w [out, in]`` and the input's per-channel min/max.
@@ -224,6 +237,8 @@ def serq_quantize(
       bias: ``[out]`` or None. ``gptq_kwargs`` go to ``gptq_quantize`` (percdamp, block_size…).
       pack: store ``w_main`` and ``c`` as packed ``QTensor`` s (dequantizing them gives the f32
         arrays of ``pack=False`` bit for bit).
+      act_scale: static nvfp4 activation global scale (nvfp4 activations only; e.g.
+        ``global_scales.act_scale(serq_input_amax(act_min, act_max))``); None: dynamic.
     """
     w = jnp.asarray(w, jnp.float32)
     if w.ndim != 2:
@@ -244,6 +259,10 @@ def serq_quantize(
         act = "int4" if path == "int" else path
     if act is not None and act not in ACTS:
         raise ValueError(f"act must be one of {ACTS} or None, got {act!r}")
+    if act_scale is not None:
+        if act != "nvfp4":
+            raise ValueError(f"act_scale applies to nvfp4 activations only, not {act}")
+        act_scale = jnp.asarray(act_scale, jnp.float32).reshape(())
     if gptq_kwargs.get("act_order"):
         raise ValueError("SERQ never combines GPTQ act-order with its saliency permutation")
     if path in FP4_PATHS and (w_quant != "rtn" or w_fmt is not None):
@@ -272,7 +291,7 @@ def serq_quantize(
     b = None if bias is None else jnp.asarray(bias)
     if b is not None and b.shape != (out,):
         raise ValueError(f"bias must be [{out}], got shape {b.shape}")
-    return SERQLinear(s=s, perm=perm, w_main=w_main, c=c, b=b, act=act)
+    return SERQLinear(s=s, perm=perm, w_main=w_main, c=c, b=b, act_scale=act_scale, act=act)
 
 
 def serq_effective_bits(in_features: int, r: int = 128, path: str = "int", w_fmt=None) -> float:

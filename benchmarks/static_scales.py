@@ -1,0 +1,93 @@
+"""Static vs dynamic NVFP4 activation scales on SmolLM2-135M (issue 9, item 2).
+
+    python benchmarks/static_scales.py [--calib-tokens 16384] [--out benchmarks/results/...]
+
+Quantizes NVFP4 W4A4 with RTN and ARHQ (rank 32) three ways: today's recipe (dynamic activation
+scale, one weight global scale per projection), dynamic + fused weight scales, and the new
+default (static activation scales, fused weight scales). Scores each on the pydoc evaluation part
+as ``arhq-jax eval`` does (seq-len 512, 16 chunks, batch 2), then the batch dependence of the
+issue's command (RTN, seq-len 256, 4 chunks, batch 1 vs 4).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from arhq_jax.pipeline import calibration_ids, evaluate_models, load_corpus
+from arhq_jax.quant_config import QuantConfig
+from arhq_jax.quantize_model import quantize_model
+from converters import load_model
+
+VARIANTS = {
+    "dynamic (today)": {"act_scale": "dynamic", "fused_w_scale": False},
+    "dynamic + fused W scale": {"act_scale": "dynamic", "fused_w_scale": True},
+    "static + fused W scale": {"act_scale": "static", "fused_w_scale": True},
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--calib-tokens", type=int, default=16384)
+    ap.add_argument("--methods", default="rtn,arhq")
+    ap.add_argument("--out", default="benchmarks/results/static_scales.json")
+    args = ap.parse_args()
+    m = load_model("smollm2")
+    corpus = load_corpus(m.tokenizer)
+    calib = calibration_ids(corpus.calib, args.calib_tokens, 512)
+    models, rows = {}, []
+    for method in args.methods.split(","):
+        for vname, kw in VARIANTS.items():
+            qcfg = QuantConfig(method=method, rank=32, w_fmt="nvfp4", act_fmt="nvfp4", **kw)
+            t0 = time.perf_counter()
+            res = quantize_model(m.params, m.cfg, calib, qcfg, progress=False)
+            name = f"{method} | {vname}"
+            models[name] = res.params
+            rows.append({"model": name, "quantize_s": round(time.perf_counter() - t0, 1)})
+            print(f"quantized {name} in {rows[-1]['quantize_s']}s", flush=True)
+    scores = evaluate_models(
+        models,
+        m.params,
+        m.cfg,
+        corpus.eval,
+        seq_len=512,
+        max_chunks=16,
+        batch_size=2,
+        progress=False,
+    )
+    for r in rows:
+        r.update(scores[r["model"]])
+    batch = {}
+    for name in [n for n in models if n.startswith("rtn")]:
+        for bs in (1, 4):
+            s = evaluate_models(
+                {"q": models[name]},
+                m.params,
+                m.cfg,
+                corpus.eval,
+                seq_len=256,
+                max_chunks=4,
+                batch_size=bs,
+                progress=False,
+            )
+            batch[f"{name} | batch {bs}"] = s["q"]["ppl"]
+    out = {
+        "calib_tokens": int(calib.size),
+        "float_ppl": scores["float"]["ppl"],
+        "eval": "pydoc[60%:], seq_len 512, 16 chunks, batch 2",
+        "rows": rows,
+        "batch_dependence": {"eval": "seq_len 256, 4 chunks", "ppl": batch},
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
+    print(f"float ppl {out['float_ppl']:.4f}; {calib.size} calibration tokens")
+    for r in rows:
+        print(f"{r['model']:42s} ppl {r['ppl']:.4f}  KL {r['kl']:.5f}  top-1 {r['top1']:.4f}")
+    for k, v in batch.items():
+        print(f"{k:52s} ppl {v:.4f}")
+
+
+if __name__ == "__main__":
+    main()
