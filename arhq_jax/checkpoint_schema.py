@@ -67,7 +67,15 @@ _CLASSES: dict[str, tuple[type, dict[str, str]]] = {
     ),
     "serq": (
         SERQLinear,
-        {"s": ARRAY, "perm": ARRAY, "w_main": WEIGHT, "c": WEIGHT, "b": OPT_ARRAY, "act": OPT_ACT},
+        {
+            "s": ARRAY,
+            "perm": ARRAY,
+            "w_main": WEIGHT,
+            "c": WEIGHT,
+            "b": OPT_ARRAY,
+            "act_scale": OPT_ARRAY,
+            "act": OPT_ACT,
+        },
     ),
     "resq": (
         ResQLinear,
@@ -292,7 +300,7 @@ def decode_format(d, where: str) -> formats.FormatSpec:
                 _expect(v == [16, 16], where, f"tile must be [16, 16] or null, got {v!r}")
                 v = (16, 16)
         else:
-            _type(v, (str, int, bool), f"{where}.{k}")
+            _type(v, (str, int, bool, type(None)), f"{where}.{k}")
         kw[k] = v
     try:
         return formats.FormatSpec(**kw)
