@@ -24,6 +24,8 @@ from arhq_jax.models.config import ModelConfig, Params
 FORMAT = "arhq-jax-float-params"
 VERSION = 1
 METADATA_FILE = "metadata.json"
+# Everything ``write_orbax_files`` puts in a directory.
+ORBAX_ENTRIES = frozenset({METADATA_FILE, "params", "tokenizer"})
 
 
 def config_to_dict(cfg: ModelConfig) -> dict:
@@ -91,7 +93,12 @@ def read_orbax_metadata(path: str | Path) -> dict:
     f = path / METADATA_FILE
     if not f.is_file():
         raise FileNotFoundError(f"{f} not found (not an arhq-jax orbax checkpoint)")
-    meta = json.loads(f.read_text())
+    try:
+        meta = json.loads(f.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{f}: invalid JSON: {e}") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{f}: not a JSON object")
     if meta.get("format") != FORMAT:
         raise ValueError(f"{f}: format {meta.get('format')!r}, expected {FORMAT!r}")
     if meta.get("version") != VERSION:
