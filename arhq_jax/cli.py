@@ -92,6 +92,16 @@ def _add_model(p):
     )
 
 
+def _add_kernel(p):
+    p.add_argument(
+        "--kernel",
+        choices=("xla", "pallas"),
+        default="xla",
+        help="quantized linears through plain jnp (xla) or the Pallas kernel (interpret mode "
+        "on CPU; default: xla)",
+    )
+
+
 def _add_allow_long(p):
     p.add_argument(
         "--allow-long",
@@ -106,16 +116,6 @@ def _add_weights_only(p):
         action="store_true",
         help="run the --quantized model with activations unquantized (what any consumer of the "
         "weights gets)",
-    )
-
-
-def _add_kernel(p):
-    p.add_argument(
-        "--kernel",
-        choices=("xla", "pallas"),
-        default="xla",
-        help="quantized linears through plain jnp (xla) or the Pallas kernel (interpret mode "
-        "on CPU; default: xla)",
     )
 
 
