@@ -99,7 +99,11 @@ def evaluate_models(
     the reference. ``source`` names the text in errors; ``seq_len`` beyond the model's
     ``max_position_embeddings`` is a ValueError unless ``allow_long``.
     """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+    if (
+        isinstance(batch_size, bool)
+        or not isinstance(batch_size, (int, np.integer))
+        or batch_size < 1
+    ):
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     cfg.check_positions(seq_len, f"seq_len {seq_len}", allow_long=allow_long)
     if seq_len >= 2 and len(eval_tokens) < seq_len:

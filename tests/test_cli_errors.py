@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import _tiny_cli as T
+import numpy as np
 import pytest
 
 from arhq_jax import checkpoint
@@ -319,3 +320,43 @@ def test_no_traceback_in_a_real_process(files):
     assert p.returncode == 2
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and "has no tokenizer" in lines[0] and str(files["notok"]) in lines[0]
+
+
+# ------------------------------------------------------------------ the library checks behind
+
+
+def test_library_checks(files, tmp_path):
+    from arhq_jax.models.generate import generate
+    from converters.safetensors_io import read_header
+
+    cfg = T.config()
+    assert cfg.check_positions(256, "n") is None
+    with pytest.raises(ValueError, match="n needs 257 positions.*max_position_embeddings 256"):
+        cfg.check_positions(257, "n")
+    assert "257" in cfg.check_positions(257, "n", allow_long=True)
+    params = T.params(cfg)
+    ids = np.arange(1, 9, dtype=np.int32)
+    with pytest.raises(ValueError, match="max_position_embeddings 256"):
+        generate(params, cfg, ids, 249)
+    for bad in ({"temperature": float("nan")}, {"temperature": float("inf")}, {"top_p": 0.0}):
+        with pytest.raises(ValueError, match="temperature"):
+            generate(params, cfg, ids, 2, **bad)
+    tokens = np.arange(600, dtype=np.int32) % cfg.vocab_size
+    for bs in (0, -1, 1.5):
+        with pytest.raises(ValueError, match="batch_size"):
+            evaluate_models({}, params, cfg, tokens, seq_len=64, batch_size=bs, progress=False)
+    with pytest.raises(ValueError, match="seq_len 300 needs 300"):
+        evaluate_models({}, params, cfg, tokens, seq_len=300, progress=False)
+    with pytest.raises(ValueError, match="my text is too short: it has 600 tokens"):
+        evaluate_models({}, params, cfg, tokens, seq_len=601, allow_long=True, source="my text",
+                        progress=False)  # fmt: skip
+    assert load_model(files["notok"]).tokenizer is None
+    with pytest.raises(ValueError, match="has no tokenizer"):
+        load_model(files["notok"], require_tokenizer=True)
+    # A safetensors header whose entries leave a hole in the data (one name overwritten).
+    a = np.ones(4, np.float32)
+    write_safetensors(tmp_path / "x.safetensors", [("a", a), ("b", a), ("c", a)])
+    raw = (tmp_path / "x.safetensors").read_bytes()
+    (tmp_path / "y.safetensors").write_bytes(raw.replace(b'"b"', b'"c"', 1))
+    with pytest.raises(ValueError, match=r"y.safetensors: corrupt .*overlapping or missing"):
+        read_header(tmp_path / "y.safetensors")
