@@ -124,10 +124,19 @@ def load_orbax(
     if not ckpt.is_dir():
         raise FileNotFoundError(f"{ckpt} not found (orbax parameter tree)")
     with ocp.StandardCheckpointer() as ckptr:
-        meta = ckptr.metadata(ckpt).item_metadata.tree
-        # Restore onto abstract arrays of the stored shapes and dtypes (no restore warning).
-        target = {k: _sds(m) for k, m in meta.items()}
-        tree = ckptr.restore(ckpt, target)
+        try:
+            item = ckptr.metadata(ckpt).item_metadata
+            if item is None or not isinstance(item.tree, dict):
+                raise ValueError("no parameter tree in its metadata")
+            # Restore onto abstract arrays of the stored shapes and dtypes (no restore warning).
+            target = {k: _sds(m) for k, m in item.tree.items()}
+            tree = ckptr.restore(ckpt, target)
+        except (ValueError, OSError, RuntimeError, KeyError) as e:
+            # orbax / tensorstore on a truncated or corrupt file (RuntimeError: tensorstore's).
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+            raise ValueError(
+                f"{ckpt}: unreadable orbax checkpoint, truncated or corrupt ({first})"
+            ) from None
 
     def get(name):
         a = tree.get(name)
