@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -25,6 +26,54 @@ from arhq_jax.quant_config import (  # noqa: E402
     RESIDUAL_QUANTS,
     SETTINGS,
 )
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (``arhq-jax <cmd>: error: ...``, exit 2), no usage dump."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _int_at_least(lo: int):
+    """argparse ``type=``: an int ≥ ``lo``."""
+
+    def parse(s: str) -> int:
+        try:
+            v = int(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {s!r}") from None
+        if v < lo:
+            raise argparse.ArgumentTypeError(f"must be >= {lo}, got {v}")
+        return v
+
+    return parse
+
+
+def _float_in(lo: float, hi: float = math.inf, *, lo_open: bool = False, hi_open: bool = False):
+    """argparse ``type=``: a finite float in the interval [lo, hi] (open ends as given)."""
+    interval = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open or hi == math.inf else ']'}"
+
+    def parse(s: str) -> float:
+        try:
+            v = float(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
+        ok = (
+            math.isfinite(v)
+            and (v > lo if lo_open else v >= lo)
+            and (v < hi if hi_open else v <= hi)
+        )
+        if not ok:
+            raise argparse.ArgumentTypeError(f"must be a finite number in {interval}, got {s}")
+        return v
+
+    return parse
+
+
+_POS = _int_at_least(1)
+_NONNEG = _int_at_least(0)
+_SEQ_LEN = _int_at_least(2)
 
 
 def _fmt_or_none(s: str) -> str | None:
@@ -63,8 +112,25 @@ def _add_kernel(p):
     )
 
 
+def _add_allow_long(p):
+    p.add_argument(
+        "--allow-long",
+        action="store_true",
+        help="allow sequences beyond the model's max_position_embeddings (with a warning)",
+    )
+
+
+def _add_weights_only(p):
+    p.add_argument(
+        "--weights-only",
+        action="store_true",
+        help="run the --quantized model with activations unquantized (what any consumer of the "
+        "weights gets)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="arhq-jax", description=__doc__.splitlines()[0])
+    ap = _Parser(prog="arhq-jax", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
 
     q = sub.add_parser("quantize", help="calibrate and quantize a model, save a checkpoint")
@@ -73,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--setting", default="raw", choices=SETTINGS, help="low-rank methods only")
     q.add_argument(
         "--rank",
-        type=int,
+        type=_NONNEG,
         default=None,
         help="low-rank branch rank (svdquant/arhq, default 32), or SERQ's number of compensated "
         "channels (default 128)",
@@ -113,11 +179,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="quantizer of the residual (svdquant/arhq), SERQ's main weight (int path) and "
         "ResQ's weights: rtn or gptq (default: gptq for resq, rtn otherwise)",
     )
-    q.add_argument("--alpha", type=float, default=None, help="SmoothQuant α (default 0.5)")
+    q.add_argument(
+        "--alpha", type=_float_in(0, 1), default=None, help="SmoothQuant α (default 0.5)"
+    )
     q.add_argument(
         "--act-order", action="store_true", help="GPTQ act-order (static groups when grouped)"
     )
-    q.add_argument("--percdamp", type=float, default=0.01, help="GPTQ damping (default 0.01)")
+    q.add_argument(
+        "--percdamp",
+        type=_float_in(0, lo_open=True),
+        default=0.01,
+        help="GPTQ damping (default 0.01)",
+    )
     q.add_argument(
         "--lm-head",
         action=argparse.BooleanOptionalAction,
@@ -127,8 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--seed", type=int, default=0, help="ResQ rotations, AWQ token sampling")
     q.add_argument("--modules", default="all", choices=tuple(MODULES))
     q.add_argument("--calib-text", default=None, help="text file (default: pydoc part)")
-    q.add_argument("--calib-tokens", type=int, default=16384)
-    q.add_argument("--calib-seq-len", type=int, default=512)
+    q.add_argument("--calib-tokens", type=_POS, default=16384)
+    q.add_argument("--calib-seq-len", type=_SEQ_LEN, default=512)
     q.add_argument(
         "--sequential",
         action=argparse.BooleanOptionalAction,
@@ -150,44 +223,54 @@ def build_parser() -> argparse.ArgumentParser:
         help="nvfp4 weights: one weight global scale for the fused q/k/v and gate/up partitions "
         "(default: on for rtn, svdquant, arhq, gptq, smoothquant)",
     )
-    q.add_argument("--batch-size", type=int, default=8, help="calibration sequences per forward")
+    q.add_argument("--batch-size", type=_POS, default=8, help="calibration sequences per forward")
+    _add_allow_long(q)
     q.add_argument("--out", required=True, help="checkpoint directory to write")
 
     e = sub.add_parser("eval", help="perplexity (and KL/top-1 against the float model)")
     _add_model(e)
     _add_quantized(e)
     e.add_argument("--text", default=None, help="text file (default: pydoc evaluation part)")
-    e.add_argument("--seq-len", type=int, default=512)
-    e.add_argument("--max-chunks", type=int, default=40)
-    e.add_argument("--batch-size", type=int, default=2)
+    e.add_argument("--seq-len", type=_SEQ_LEN, default=512)
+    e.add_argument("--max-chunks", type=_POS, default=40)
+    e.add_argument("--batch-size", type=_POS, default=2)
     e.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_weights_only(e)
+    _add_allow_long(e)
     _add_kernel(e)
 
     g = sub.add_parser("generate", help="generate text from a prompt")
     _add_model(g)
     _add_quantized(g)
     g.add_argument("--prompt", required=True)
-    g.add_argument("--max-new-tokens", type=int, default=64)
-    g.add_argument("--temperature", type=float, default=0.0)
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--max-new-tokens", type=_POS, default=64)
+    g.add_argument("--temperature", type=_float_in(0), default=0.0, help="0: greedy")
+    g.add_argument("--top-p", type=_float_in(0, 1, lo_open=True), default=1.0)
+    g.add_argument("--top-k", type=_NONNEG, default=0, help="0: off")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    _add_weights_only(g)
+    _add_allow_long(g)
     _add_kernel(g)
 
     c = sub.add_parser("convert", help="convert a HF directory or .gguf to a HF dir or orbax dir")
     c.add_argument("src", help="HF model directory, .gguf file, or 'smollm2'")
     c.add_argument("dst", help="output directory (orbax if it ends with .orbax, else HF)")
     c.add_argument("--dtype", default=None, choices=(None, "float32", "bfloat16"))
+    c.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace dst if it is a directory that convert wrote (anything else is refused)",
+    )
 
     d = sub.add_parser("demo", help="SmolLM2-135M: RTN vs SVDQuant vs ARHQ, NVFP4 W4A4, r=32")
     d.add_argument("--out", default="runs/demo")
     d.add_argument("--format", default="nvfp4", choices=LINEAR_FORMATS)
     d.add_argument("--methods", default="rtn,svdquant,arhq")
-    d.add_argument("--rank", type=int, default=32)
-    d.add_argument("--calib-tokens", type=int, default=16384)
-    d.add_argument("--max-chunks", type=int, default=16)
-    d.add_argument("--seq-len", type=int, default=512)
+    d.add_argument("--rank", type=_NONNEG, default=32)
+    d.add_argument("--calib-tokens", type=_POS, default=16384)
+    d.add_argument("--max-chunks", type=_POS, default=16)
+    d.add_argument("--seq-len", type=_SEQ_LEN, default=512)
     return ap
 
 
@@ -195,7 +278,7 @@ def _load(args):
     from converters import load_model
 
     t0 = time.perf_counter()
-    m = load_model(args.model)
+    m = load_model(args.model, require_tokenizer=True)
     print(
         f"loaded {args.model} ({m.cfg.family}, {m.cfg.num_layers} layers) in "
         f"{time.perf_counter() - t0:.1f}s",
@@ -204,14 +287,26 @@ def _load(args):
     return m
 
 
+def _positions(args, cfg, n: int, what: str) -> None:
+    """``cfg.check_positions``: beyond max_position_embeddings an error, or with --allow-long a
+    one-line warning."""
+    warning = cfg.check_positions(n, what, allow_long=args.allow_long)
+    if warning:
+        print(f"arhq-jax {args.cmd}: warning: {warning}", file=sys.stderr)
+
+
 def _quantized(args, m):
     from arhq_jax import checkpoint
-    from arhq_jax.qlinear import with_kernel
+    from arhq_jax.qlinear import weights_only, with_kernel
 
     if args.quantized is None:
+        if args.weights_only:
+            raise ValueError("--weights-only applies to a --quantized checkpoint")
         return m.params, None
     fp = None if args.allow_other_source else checkpoint.fingerprint(m.cfg, m.params)
     params, _, quant = checkpoint.load(args.quantized, expect_config=m.cfg, expect_fingerprint=fp)
+    if args.weights_only:
+        params = weights_only(params)
     if getattr(args, "kernel", "xla") != "xla":
         params = with_kernel(params, args.kernel, interpret=_no_gpu())
     return params, quant
@@ -252,8 +347,10 @@ def cmd_quantize(args) -> int:
     checkpoint.check_out(args.out)  # refuse a foreign --out before any work
     m = _load(args)
     qcfg.check_model(m.cfg)
+    _positions(args, m.cfg, args.calib_seq_len, f"--calib-seq-len {args.calib_seq_len}")
     corpus = load_corpus(m.tokenizer, args.calib_text, None)
-    ids = calibration_ids(corpus.calib, args.calib_tokens, args.calib_seq_len)
+    source = "calibration text" + (f" {args.calib_text}" if args.calib_text else "")
+    ids = calibration_ids(corpus.calib, args.calib_tokens, args.calib_seq_len, source=source)
     res = quantize_model(m.params, m.cfg, ids, qcfg, batch_size=args.batch_size)
     quant = {
         **qcfg.to_dict(),
@@ -284,6 +381,7 @@ def cmd_eval(args) -> int:
     from arhq_jax.pipeline import evaluate_models, load_corpus
 
     m = _load(args)
+    _positions(args, m.cfg, args.seq_len, f"--seq-len {args.seq_len}")
     params, quant = _quantized(args, m)
     corpus = load_corpus(m.tokenizer, None, args.text)
     models = {} if quant is None else {"quantized": params}
@@ -295,6 +393,8 @@ def cmd_eval(args) -> int:
         seq_len=args.seq_len,
         max_chunks=args.max_chunks,
         batch_size=args.batch_size,
+        source=f"--text {args.text}" if args.text else "the pydoc evaluation text",
+        allow_long=args.allow_long,
     )
     r = res["quantized" if quant is not None else "float"]
     if quant is None:
@@ -303,6 +403,7 @@ def cmd_eval(args) -> int:
         print(json.dumps({k: r[k] for k in ("ppl", "kl", "top1", "tokens")}))
     else:
         what = args.quantized or args.model
+        what += " (weights only)" if args.weights_only else ""
         print(
             f"{what}: ppl {r['ppl']:.4f}  KL {r['kl']:.5f}  top-1 {r['top1']:.4f}  "
             f"({r['tokens']} predicted tokens; float ppl {res['float']['ppl']:.4f})"
@@ -323,6 +424,15 @@ def cmd_generate(args) -> int:
             [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
         )
     ids = np.asarray([m.tokenizer(text)["input_ids"]], np.int32)
+    if ids.size == 0:
+        raise ValueError("--prompt gives no tokens")
+    n_new = args.max_new_tokens
+    _positions(
+        args,
+        m.cfg,
+        ids.shape[1] + n_new,
+        f"prompt ({ids.shape[1]} tokens) + --max-new-tokens {n_new}",
+    )
     out = generate(
         params,
         m.cfg,
@@ -333,6 +443,7 @@ def cmd_generate(args) -> int:
         top_k=args.top_k,
         seed=args.seed,
         eos_token_id=m.cfg.eos_token_id,
+        allow_long=args.allow_long,
     )
     new = np.asarray(out)[0, ids.shape[1] :]
     print(m.tokenizer.decode(new, skip_special_tokens=True))
@@ -342,7 +453,7 @@ def cmd_generate(args) -> int:
 def cmd_convert(args) -> int:
     from converters import convert
 
-    convert(args.src, args.dst, param_dtype=args.dtype)
+    convert(args.src, args.dst, param_dtype=args.dtype, overwrite=args.overwrite)
     print(f"wrote {args.dst}")
     return 0
 
@@ -371,13 +482,32 @@ COMMANDS = {
 }
 
 
+def _fail(cmd: str, message) -> int:
+    lines = [line.strip() for line in str(message).splitlines() if line.strip()]
+    print(f"arhq-jax {cmd}: error: {'; '.join(lines) or type(message).__name__}", file=sys.stderr)
+    return 2
+
+
 def main(argv=None) -> int:
+    """Run a command; bad input is one line on stderr and exit 2.
+
+    The expected failures are the library's: ValueError for a bad value or a malformed file (the
+    converters and loaders name the file; UnicodeDecodeError and JSON errors are ValueErrors),
+    OSError for a missing, unreadable or existing path, and XLA running out of memory. Anything
+    else is a bug and keeps its traceback.
+    """
+    from jax.errors import JaxRuntimeError
+
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.cmd](args)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
-        print(f"arhq-jax {args.cmd}: error: {e}", file=sys.stderr)
-        return 2
+    except (ValueError, OSError) as e:
+        return _fail(args.cmd, e)
+    except JaxRuntimeError as e:
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        first = str(e).splitlines()[0][:200]
+        return _fail(args.cmd, f"out of memory ({first}); use smaller sizes")
 
 
 if __name__ == "__main__":

@@ -43,11 +43,21 @@ def load_text_tokens(tokenizer, text_file: str | Path | None = None) -> np.ndarr
         text = pydoc_corpus()
     else:
         path = Path(text_file)
+        if path.is_dir():
+            raise IsADirectoryError(f"text file {path} is a directory")
         if not path.is_file():
             raise FileNotFoundError(f"text file not found: {path}")
-        text = path.read_text(encoding="utf-8")
-    if not text:
-        raise ValueError(f"empty text ({text_file or 'pydoc corpus'})")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(
+                f"text file {path} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset "
+                f"{e.start})"
+            ) from None
+    if not text.strip():
+        raise ValueError(
+            f"text file {text_file} is empty or blank" if text_file else "empty corpus"
+        )
     ids = tokenizer(text)["input_ids"]
     return np.asarray(ids, dtype=np.int32)
 

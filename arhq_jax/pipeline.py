@@ -44,10 +44,13 @@ def load_corpus(tokenizer, calib_text=None, eval_text=None) -> Corpus:
     return Corpus(np.asarray(calib, np.int32), np.asarray(evl, np.int32), source)
 
 
-def calibration_ids(tokens: np.ndarray, n_tokens: int, seq_len: int) -> np.ndarray:
+def calibration_ids(
+    tokens: np.ndarray, n_tokens: int, seq_len: int, *, source: str = "calibration text"
+) -> np.ndarray:
     """The first ``n_tokens`` calibration tokens as ``[n_tokens // seq_len, seq_len]``.
 
-    Raises ValueError when the text is too short, saying how many tokens it has.
+    Raises ValueError when the text (named ``source`` in the message) is too short, saying how
+    many tokens it has.
     """
     if seq_len < 2 or n_tokens < seq_len:
         raise ValueError(
@@ -57,7 +60,7 @@ def calibration_ids(tokens: np.ndarray, n_tokens: int, seq_len: int) -> np.ndarr
     need = n_seq * seq_len
     if len(tokens) < need:
         raise ValueError(
-            f"calibration text is too short: it has {len(tokens)} tokens, {need} were asked for "
+            f"{source} is too short: it has {len(tokens)} tokens, {need} were asked for "
             f"({n_seq} sequences of {seq_len}); give a longer --calib-text or fewer --calib-tokens"
         )
     return np.asarray(tokens[:need], np.int32).reshape(n_seq, seq_len)
@@ -86,13 +89,28 @@ def evaluate_models(
     batch_size: int = 2,
     mesh=None,
     progress: bool = True,
+    source: str = "evaluation text",
+    allow_long: bool = False,
 ) -> dict[str, dict]:
     """Perplexity, KL from ``ref`` and top-1 agreement of each model (and ppl of ``ref``).
 
     The chunks follow ``eval.make_chunks`` (GPTQ protocol); the batch of chunks is sharded over
     the mesh's devices. Returns ``{name: {"ppl", "kl", "top1", "tokens"}}`` with ``"float"`` for
-    the reference.
+    the reference. ``source`` names the text in errors; ``seq_len`` beyond the model's
+    ``max_position_embeddings`` is a ValueError unless ``allow_long``.
     """
+    if (
+        isinstance(batch_size, bool)
+        or not isinstance(batch_size, (int, np.integer))
+        or batch_size < 1
+    ):
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    cfg.check_positions(seq_len, f"seq_len {seq_len}", allow_long=allow_long)
+    if seq_len >= 2 and len(eval_tokens) < seq_len:
+        raise ValueError(
+            f"{source} is too short: it has {len(eval_tokens)} tokens, one chunk of seq_len "
+            f"{seq_len} needs {seq_len}"
+        )
     mesh = data_mesh() if mesh is None else mesh
     chunks = ev.make_chunks(eval_tokens, seq_len, max_chunks)
     fwd = ev._jitted_forward()

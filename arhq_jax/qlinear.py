@@ -349,3 +349,31 @@ def dequantized(params):
         return node
 
     return jax.tree_util.tree_map(conv, params, is_leaf=lambda n: isinstance(n, QuantLinear))
+
+
+def weights_only(params):
+    """The same model with every quantized linear's activations left unquantized (W4A16 form).
+
+    What any consumer of the stored weights gets: the packed/dequantized weights, low-rank
+    factors, smoothing divisors, permutations and rotations are kept as they are; only the
+    activation quantizer is switched off (``QuantLinear`` / ``FakeQuantLinear``: ``act_fmt`` and
+    the static ``act_scale`` → None; ``SERQLinear``: ``act`` → None; ``ResQLinear``: ``act_low``
+    → None, which disables its mixed activation quantizer, ``act_high`` then being unused, as
+    in ResQ's own weight-only linears). ``OutSplitLinear`` parts are reached through the pytree.
+    A pure function of the pytree; float leaves and other nodes are returned unchanged.
+    """
+    from arhq_jax.methods.resq import ResQLinear
+    from arhq_jax.methods.serq import SERQLinear
+
+    kinds = (QuantLinear, FakeQuantLinear, SERQLinear, ResQLinear)
+
+    def strip(node):
+        if isinstance(node, (QuantLinear, FakeQuantLinear)):
+            return node.replace(act_fmt=None, act_scale=None)
+        if isinstance(node, SERQLinear):
+            return node.replace(act=None)
+        if isinstance(node, ResQLinear):
+            return node.replace(act_low=None)
+        return node
+
+    return jax.tree_util.tree_map(strip, params, is_leaf=lambda n: isinstance(n, kinds))

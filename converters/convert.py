@@ -53,16 +53,21 @@ def convert(
       src: "smollm2", a HF directory, a .gguf file or an orbax directory of float params.
       dst: output directory; a HF directory unless ``format="orbax"`` or it ends with ``.orbax``.
       param_dtype: dtype of the written parameters; None keeps the source's (f32 for GGUF).
-      overwrite: replace an existing ``dst`` (atomically) instead of raising FileExistsError.
+      overwrite: replace an existing ``dst`` (atomically) instead of raising FileExistsError;
+        only a directory that ``convert`` (``save_hf_dir`` / ``save_orbax``) wrote and that holds
+        nothing else, never the source itself or a directory holding it.
       tokenizer: also write the source's tokenizer, when it has one.
     """
-    from converters.hf import save_hf_dir
+    from converters.hf import check_replaceable, save_hf_dir
     from converters.orbax_io import save_orbax
 
     fmt = output_format(dst, format)
     dst = Path(dst)
-    if dst.exists() and not overwrite:
-        raise FileExistsError(f"{dst} already exists (pass overwrite=True to replace it)")
+    check_replaceable(dst, overwrite)  # before the (slow) load; checked again at the rename
+    if dst.exists() and str(src) != "smollm2":
+        s, d = Path(src).resolve(), dst.resolve()
+        if s == d or d in s.parents:
+            raise FileExistsError(f"{dst} holds the source {src}; write the conversion elsewhere")
     dtype = param_dtype or stored_param_dtype(src)
     m = load_model(src, param_dtype=dtype, tokenizer=tokenizer)
     save = save_hf_dir if fmt == "hf" else save_orbax

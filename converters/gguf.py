@@ -77,8 +77,9 @@ def _reader(path: str | Path):
         raise FileNotFoundError(f"GGUF file not found: {path}")
     try:
         return GGUFReader(str(path))
-    except (ValueError, OSError, IndexError) as e:
-        raise ValueError(f"{path}: not a readable GGUF file ({e})") from None
+    except (ValueError, OSError, IndexError, KeyError, OverflowError) as e:
+        # gguf's parser fails on a truncated or corrupt file with whatever numpy raises.
+        raise ValueError(f"{path}: not a readable GGUF file, truncated or corrupt ({e})") from None
 
 
 def gguf_hf_config(reader, path) -> dict:
@@ -156,8 +157,11 @@ def load_gguf(
 
     path = Path(path)
     reader = _reader(path)
-    d = gguf_hf_config(reader, path)
-    cfg = config_from_hf(d, param_dtype=param_dtype, dtype=dtype or param_dtype)
+    try:
+        d = gguf_hf_config(reader, path)
+        cfg = config_from_hf(d, param_dtype=param_dtype, dtype=dtype or param_dtype)
+    except ValueError as e:  # (UnicodeDecodeError included: a corrupt metadata string)
+        raise ValueError(e if str(e).startswith(str(path)) else f"{path}: {e}") from None
 
     by_hf = {}
     unknown = []
@@ -186,12 +190,20 @@ def load_gguf(
     return cfg, params
 
 
+def gguf_has_tokenizer(path: str | Path) -> bool:
+    """Whether the GGUF at ``path`` carries tokenizer metadata (``tokenizer.ggml.model``)."""
+    return "tokenizer.ggml.model" in _reader(path).fields
+
+
 @functools.lru_cache(maxsize=4)
 def _tokenizer(path: str, mtime_ns: int):
     from transformers import AutoTokenizer
 
     p = Path(path)
-    return AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
+    try:
+        return AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
+    except (ValueError, KeyError, TypeError, IndexError) as e:  # transformers' GGUF parser
+        raise ValueError(f"{p}: cannot build its tokenizer: {e}") from None
 
 
 def load_gguf_tokenizer(path: str | Path):

@@ -27,6 +27,8 @@ from converters.safetensors_io import SafetensorsReader, write_safetensors
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+# The marker in model.safetensors' metadata of a directory written by ``write_hf_files``.
+WRITER_KEY, WRITER, FILES_KEY = "arhq_jax.writer", "converters.save_hf_dir", "arhq_jax.files"
 # Tensors that some checkpoints carry and that hold nothing we need.
 _IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
 
@@ -111,18 +113,64 @@ def load_hf_dir(
 
     path = Path(path)
     d = read_hf_config(path)
-    cfg = config_from_hf(d, param_dtype=param_dtype, dtype=dtype or param_dtype)
+    try:
+        cfg = config_from_hf(d, param_dtype=param_dtype, dtype=dtype or param_dtype)
+    except (ValueError, TypeError) as e:  # a wrong value or type in the JSON (int([..]), ...)
+        raise ValueError(f"{path / CONFIG_FILE}: {e}") from None
     files = weight_files(path)
     with SafetensorsReader(files) as reader:
         params = params_from_getter(cfg, reader.get, reader.names(), path)
     return cfg, params
 
 
-def _atomic_dir(dst: Path, overwrite: bool, fill: Callable[[Path], None]) -> Path:
-    """Run ``fill(tmp_dir)`` then rename the temporary directory to ``dst``."""
+def check_replaceable(dst: str | Path, overwrite: bool) -> None:
+    """Raise FileExistsError unless ``dst`` may be written: it does not exist, or ``overwrite``
+    is set and ``dst`` is a directory these converters wrote (``written_by_converters``)."""
     dst = Path(dst)
-    if dst.exists() and not overwrite:
-        raise FileExistsError(f"{dst} already exists (pass overwrite=True to replace it)")
+    if not (dst.exists() or dst.is_symlink()):
+        return
+    if not overwrite:
+        raise FileExistsError(
+            f"{dst} already exists (overwrite=True, --overwrite, replaces a directory that "
+            "convert wrote)"
+        )
+    if dst.is_symlink() or not written_by_converters(dst):
+        raise FileExistsError(
+            f"{dst} exists and is not a model directory written by arhq-jax convert; refusing to "
+            "replace it"
+        )
+
+
+def written_by_converters(path: str | Path) -> bool:
+    """Whether ``path`` is a directory that ``save_hf_dir`` / ``save_orbax`` wrote, holding
+    nothing else: a HF directory whose ``model.safetensors`` carries our writer marker and the
+    list of files written with it, or an orbax directory of ours (``metadata.json`` format)
+    with only ``metadata.json``, ``params/`` and ``tokenizer/``."""
+    from converters.orbax_io import ORBAX_ENTRIES, is_orbax_dir
+    from converters.safetensors_io import read_header
+
+    path = Path(path)
+    if not path.is_dir():
+        return False
+    entries = {p.name for p in path.iterdir()}
+    if is_orbax_dir(path):
+        return entries <= ORBAX_ENTRIES
+    try:
+        meta = read_header(path / WEIGHTS_FILE).metadata
+        files = json.loads(meta[FILES_KEY]) if meta.get(WRITER_KEY) == WRITER else None
+    except (OSError, ValueError, KeyError):
+        return False
+    return isinstance(files, list) and entries <= set(files)
+
+
+def _atomic_dir(dst: Path, overwrite: bool, fill: Callable[[Path], None]) -> Path:
+    """Run ``fill(tmp_dir)`` then rename the temporary directory to ``dst``.
+
+    An existing ``dst`` is replaced only with ``overwrite`` and only when these converters wrote
+    it (``check_replaceable``); anything else is a FileExistsError and is left untouched.
+    """
+    dst = Path(dst)
+    check_replaceable(dst, overwrite)
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.tmp-"))
     try:
@@ -147,7 +195,11 @@ def _atomic_dir(dst: Path, overwrite: bool, fill: Callable[[Path], None]) -> Pat
 
 
 def write_hf_files(cfg: ModelConfig, params: Params, out: Path, tokenizer=None) -> None:
-    """Write config.json + model.safetensors (+ tokenizer files) into the existing dir ``out``."""
+    """Write config.json + model.safetensors (+ tokenizer files) into the existing dir ``out``.
+
+    The weights come last: their metadata records the writer and every file name in ``out``
+    (``written_by_converters`` reads it to know that the directory may be replaced).
+    """
     from arhq_jax.models import config_to_hf
     from arhq_jax.models.params import params_to_tensors
 
@@ -157,10 +209,12 @@ def write_hf_files(cfg: ModelConfig, params: Params, out: Path, tokenizer=None) 
                 continue  # transformers 5.x omits the tied head
             yield name, np.asarray(arr)
 
-    write_safetensors(out / WEIGHTS_FILE, tensors(), metadata={"format": "pt"})
-    (out / CONFIG_FILE).write_text(json.dumps(config_to_hf(cfg), indent=2, sort_keys=True) + "\n")
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out))
+    (out / CONFIG_FILE).write_text(json.dumps(config_to_hf(cfg), indent=2, sort_keys=True) + "\n")
+    files = sorted({p.name for p in out.iterdir()} | {WEIGHTS_FILE})
+    meta = {"format": "pt", WRITER_KEY: WRITER, FILES_KEY: json.dumps(files)}
+    write_safetensors(out / WEIGHTS_FILE, tensors(), metadata=meta)
 
 
 def save_hf_dir(

@@ -24,6 +24,8 @@ from arhq_jax.models.config import ModelConfig, Params
 FORMAT = "arhq-jax-float-params"
 VERSION = 1
 METADATA_FILE = "metadata.json"
+# Everything ``write_orbax_files`` puts in a directory.
+ORBAX_ENTRIES = frozenset({METADATA_FILE, "params", "tokenizer"})
 
 
 def config_to_dict(cfg: ModelConfig) -> dict:
@@ -91,7 +93,12 @@ def read_orbax_metadata(path: str | Path) -> dict:
     f = path / METADATA_FILE
     if not f.is_file():
         raise FileNotFoundError(f"{f} not found (not an arhq-jax orbax checkpoint)")
-    meta = json.loads(f.read_text())
+    try:
+        meta = json.loads(f.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{f}: invalid JSON: {e}") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{f}: not a JSON object")
     if meta.get("format") != FORMAT:
         raise ValueError(f"{f}: format {meta.get('format')!r}, expected {FORMAT!r}")
     if meta.get("version") != VERSION:
@@ -117,10 +124,19 @@ def load_orbax(
     if not ckpt.is_dir():
         raise FileNotFoundError(f"{ckpt} not found (orbax parameter tree)")
     with ocp.StandardCheckpointer() as ckptr:
-        meta = ckptr.metadata(ckpt).item_metadata.tree
-        # Restore onto abstract arrays of the stored shapes and dtypes (no restore warning).
-        target = {k: _sds(m) for k, m in meta.items()}
-        tree = ckptr.restore(ckpt, target)
+        try:
+            item = ckptr.metadata(ckpt).item_metadata
+            if item is None or not isinstance(item.tree, dict):
+                raise ValueError("no parameter tree in its metadata")
+            # Restore onto abstract arrays of the stored shapes and dtypes (no restore warning).
+            target = {k: _sds(m) for k, m in item.tree.items()}
+            tree = ckptr.restore(ckpt, target)
+        except (ValueError, OSError, RuntimeError, KeyError) as e:
+            # orbax / tensorstore on a truncated or corrupt file (RuntimeError: tensorstore's).
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+            raise ValueError(
+                f"{ckpt}: unreadable orbax checkpoint, truncated or corrupt ({first})"
+            ) from None
 
     def get(name):
         a = tree.get(name)

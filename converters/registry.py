@@ -36,6 +36,16 @@ def smollm2_gguf_path() -> Path:
     )
 
 
+def has_tokenizer(kind: str, path: Path) -> bool:
+    """Whether a model source of ``source_kind`` ``(kind, path)`` carries a tokenizer."""
+    if kind == "gguf":
+        from converters.gguf import gguf_has_tokenizer
+
+        return gguf_has_tokenizer(path)
+    tok_dir = path / "tokenizer" if kind == "orbax" else path
+    return any((tok_dir / f).is_file() for f in TOKENIZER_FILES)
+
+
 @dataclasses.dataclass
 class LoadedModel:
     """A loaded float model. ``tokenizer`` is a transformers tokenizer or None."""
@@ -71,12 +81,19 @@ def source_kind(source: str | Path) -> tuple[str, Path]:
     )
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
 def _hf_tokenizer(path: Path):
-    if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+    if not any((path / f).is_file() for f in TOKENIZER_FILES):
         return None
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(path))
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except (ValueError, OSError, KeyError, TypeError) as e:
+        # transformers' own messages for a broken tokenizer.json / tokenizer_config.json.
+        raise ValueError(f"{path}: cannot load its tokenizer: {e}") from None
 
 
 def load_model(
@@ -85,21 +102,31 @@ def load_model(
     param_dtype: str = "float32",
     dtype: str | None = None,
     tokenizer: bool = True,
+    require_tokenizer: bool = False,
 ) -> LoadedModel:
     """Load ``source`` = ``"smollm2"`` | HF dir | ``.gguf`` path | orbax dir of float params.
 
     ``param_dtype`` is the parameter dtype, ``dtype`` the compute dtype (default ``param_dtype``).
-    ``tokenizer=False`` skips the (slow for GGUF) tokenizer; it is None when the source has none.
+    ``tokenizer=False`` skips the (slow for GGUF) tokenizer; it is None when the source has none,
+    unless ``require_tokenizer``: then a source without one is a ValueError naming it (checked
+    before the weights are read).
     """
     from converters.gguf import load_gguf, load_gguf_tokenizer
     from converters.hf import load_hf_dir
     from converters.orbax_io import load_orbax
 
     kind, path = source_kind(source)
+    if require_tokenizer and not has_tokenizer(kind, path):
+        where = {
+            "gguf": "no tokenizer.ggml.model metadata",
+            "hf": f"none of {', '.join(TOKENIZER_FILES)}",
+            "orbax": f"no tokenizer/ directory with {' or '.join(TOKENIZER_FILES)}",
+        }[kind]
+        raise ValueError(f"{path} has no tokenizer ({where}); this command needs one")
     tok = None
     if kind == "gguf":
         cfg, params = load_gguf(path, param_dtype=param_dtype, dtype=dtype)
-        tok = load_gguf_tokenizer(path) if tokenizer else None
+        tok = load_gguf_tokenizer(path) if tokenizer and has_tokenizer(kind, path) else None
     elif kind == "hf":
         cfg, params = load_hf_dir(path, param_dtype=param_dtype, dtype=dtype)
         tok = _hf_tokenizer(path) if tokenizer else None

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import ml_dtypes
 import numpy as np
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 DTYPES: dict[str, np.dtype] = {
     "F64": np.dtype(np.float64),
@@ -107,6 +107,16 @@ def read_header(path: str | Path) -> Header:
             )
         tensors[name] = TensorInfo(name, dtype, shape, start + b, start + e)
         data_end = max(data_end, e)
+    # As the Rust reader requires: the tensors tile the data, without gaps or overlaps (a
+    # corrupted name can make two entries one, leaving a hole).
+    pos = start
+    for t in sorted(tensors.values(), key=lambda t: (t.begin, t.end)):
+        if t.begin != pos:
+            raise ValueError(
+                f"{path}: corrupt safetensors header (tensor {t.name!r} starts at byte {t.begin}, "
+                f"expected {pos}: overlapping or missing entries)"
+            )
+        pos = t.end
     if start + data_end > size:
         raise ValueError(
             f"{path}: truncated safetensors file ({size} bytes, the header needs "
@@ -151,9 +161,12 @@ class SafetensorsReader:
             return None
         t = h.tensors[name]
         if t.dtype in _SAFE_OPEN_DTYPES:
-            if h.path not in self._handles:
-                self._handles[h.path] = safe_open(str(h.path), framework="numpy")
-            return self._handles[h.path].get_tensor(name)
+            try:
+                if h.path not in self._handles:
+                    self._handles[h.path] = safe_open(str(h.path), framework="numpy")
+                return self._handles[h.path].get_tensor(name)
+            except SafetensorError as e:  # what our header check does not catch
+                raise ValueError(f"{h.path}: corrupt safetensors file: {e}") from None
         dtype = DTYPES[t.dtype]
         if t.end == t.begin:
             return np.zeros(t.shape, dtype)

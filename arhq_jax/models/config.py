@@ -97,6 +97,21 @@ class ModelConfig:
     def replace(self, **kw) -> ModelConfig:
         return dataclasses.replace(self, **kw)
 
+    def check_positions(self, n: int, what: str, *, allow_long: bool = False) -> str | None:
+        """Check that ``n`` positions (``what``, e.g. "seq_len 1024") fit the model's context.
+
+        Returns None when ``n ≤ max_position_embeddings``. Beyond it, raises ValueError, unless
+        ``allow_long``: then returns a one-line warning for the caller to show (RoPE runs at
+        any position, but the model was not trained there).
+        """
+        m = self.max_position_embeddings
+        if n <= m:
+            return None
+        msg = f"{what} needs {n} positions, beyond the model's max_position_embeddings {m}"
+        if not allow_long:
+            raise ValueError(f"{msg} (allow_long=True, --allow-long, runs it anyway)")
+        return f"{msg}; results past position {m} are untrained extrapolation"
+
 
 @struct.dataclass
 class Layer:

@@ -9,6 +9,7 @@ slot not yet written, and ``next_pos [B]`` gives each sequence's next RoPE posit
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -212,6 +213,7 @@ def generate(
     eos_token_id: int | tuple[int, ...] | list[int] | None = None,
     pad_token_id: int | None = None,
     attn_mask=None,
+    allow_long: bool = False,
 ) -> np.ndarray:
     """Autoregressive generation with a KV cache (prefill + a jit-compiled decode loop).
 
@@ -223,6 +225,8 @@ def generate(
       eos_token_id: a sequence stops after emitting it (None: never); finished sequences are
         filled with ``pad_token_id`` (default: the first eos id), and generation ends when all are
         finished, as in transformers.
+      allow_long: let prompt + new tokens exceed ``cfg.max_position_embeddings`` (otherwise a
+        ValueError, see ``ModelConfig.check_positions``).
 
     Returns:
       ``np.ndarray`` int32: the prompt followed by the new tokens, ``[B, T + n]`` (``[T + n]`` for
@@ -237,12 +241,21 @@ def generate(
         raise ValueError(
             f"prompt ids must lie in [0, {cfg.vocab_size}), got [{ids.min()}, {ids.max()}]"
         )
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)):
+        raise ValueError(f"max_new_tokens must be an int, got {max_new_tokens!r}")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be ≥ 1, got {max_new_tokens}")
-    if temperature < 0 or not 0.0 < top_p <= 1.0 or top_k < 0:
+    # Written so that NaN fails every test.
+    if not (0.0 <= temperature < math.inf and 0.0 < top_p <= 1.0 and top_k >= 0):
         raise ValueError(
-            f"need temperature ≥ 0, 0 < top_p ≤ 1, top_k ≥ 0; got {temperature}, {top_p}, {top_k}"
+            f"need finite temperature ≥ 0, 0 < top_p ≤ 1, top_k ≥ 0; got {temperature}, {top_p}, "
+            f"{top_k}"
         )
+    cfg.check_positions(
+        ids.shape[1] + int(max_new_tokens),
+        f"prompt ({ids.shape[1]} tokens) + max_new_tokens ({max_new_tokens})",
+        allow_long=allow_long,
+    )
     mask = None
     if attn_mask is not None:
         mask = np.atleast_2d(np.asarray(attn_mask)).astype(bool)

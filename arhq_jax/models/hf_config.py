@@ -88,6 +88,26 @@ def parse_rope(d: dict) -> tuple[float, str, tuple | None]:
     return theta, rope_type, tuple(sorted(scaling.items()))
 
 
+_POSITIVE_INT_KEYS = (
+    *(k for k in REQUIRED_KEYS if k != "rms_norm_eps"),
+    "num_key_value_heads",
+    "head_dim",
+    "max_position_embeddings",
+)
+
+
+def _check_values(d: dict) -> None:
+    """Sizes are positive ints and ``rms_norm_eps`` a positive finite number (a config.json
+    edited by hand or corrupted gets a message naming the field, not a TypeError)."""
+    for k in _POSITIVE_INT_KEYS:
+        v = d.get(k)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise ValueError(f"config field {k} must be a positive integer, got {v!r}")
+    eps = d["rms_norm_eps"]
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < float("inf"):
+        raise ValueError(f"config field rms_norm_eps must be a positive number, got {eps!r}")
+
+
 def parse_common(
     d: dict,
     *,
@@ -101,6 +121,7 @@ def parse_common(
     missing = [k for k in REQUIRED_KEYS if d.get(k) is None]
     if missing:
         raise ValueError(f"{family} config is missing {', '.join(missing)}")
+    _check_values(d)
     act = d.get("hidden_act") or "silu"
     if act not in SUPPORTED_ACTIVATIONS:
         raise ValueError(
