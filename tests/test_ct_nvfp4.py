@@ -5,7 +5,6 @@ classes write / parse our quantization_config."""
 
 from __future__ import annotations
 
-import functools
 import json
 
 import jax.numpy as jnp
@@ -19,10 +18,10 @@ from arhq_jax import formats as F
 torch = pytest.importorskip("torch")
 ct = pytest.importorskip("compressed_tensors")
 
+from _ct_reference import SCHEME, ct_decompress  # noqa: E402
 from compressed_tensors.compressors.model_compressors.model_compressor import (  # noqa: E402
     ModelCompressor,
 )
-from compressed_tensors.compressors.nvfp4 import base as ct_nvfp4_base  # noqa: E402
 from compressed_tensors.compressors.nvfp4.base import NVFP4PackedCompressor  # noqa: E402
 from compressed_tensors.quantization import (  # noqa: E402
     QuantizationConfig,
@@ -35,7 +34,6 @@ from compressed_tensors.quantization.utils import (  # noqa: E402
 )
 
 F32 = np.float32
-SCHEME = preset_name_to_scheme("NVFP4", ["Linear"])
 
 
 def _bf16(x) -> np.ndarray:
@@ -79,28 +77,6 @@ def _weights() -> dict[str, np.ndarray]:
 CASES = _weights()
 
 
-def _torch(a: np.ndarray):
-    if a.dtype == np.dtype(ml_dtypes.float8_e4m3fn):
-        return torch.from_numpy(a.view(np.uint8).copy()).view(torch.float8_e4m3fn)
-    return torch.from_numpy(a.copy())
-
-
-def _ct_decompress(arrays: dict, dtype) -> np.ndarray:
-    """compressed-tensors' NVFP4PackedCompressor.decompress (its code path, unpack dtype set)."""
-    state = {k: _torch(v) for k, v in arrays.items()}
-    unpack = ct_nvfp4_base.unpack_fp4_from_uint8
-    orig = ct_nvfp4_base.unpack_fp4_from_uint8
-    ct_nvfp4_base.unpack_fp4_from_uint8 = functools.partial(unpack, dtype=dtype)
-    try:
-        out = NVFP4PackedCompressor.decompress(state, SCHEME)["weight"]
-    finally:
-        ct_nvfp4_base.unpack_fp4_from_uint8 = orig
-    assert out.dtype == dtype
-    if dtype == torch.bfloat16:
-        return out.view(torch.int16).numpy().view(np.uint16)
-    return out.numpy().view(np.uint32)
-
-
 def _ct_quantize(w: np.ndarray) -> dict[str, np.ndarray]:
     """compressed-tensors' own NVFP4 weight quantization (llm-compressor's steps) of f32 ``w``."""
     wt = torch.from_numpy(w)
@@ -128,9 +104,9 @@ def test_ct_decompression_is_bit_identical(case):
     assert arrays["weight_global_scale"].dtype == F32
     assert arrays["weight_global_scale"].shape == (1,)
     ours = np.asarray(F.dequantize(qt, jnp.float32)).view(np.uint32)
-    np.testing.assert_array_equal(_ct_decompress(arrays, torch.float32), ours)  # sign of 0 too
+    np.testing.assert_array_equal(ct_decompress(arrays, torch.float32), ours)  # sign of 0 too
     ours16 = np.asarray(F.dequantize(qt, jnp.bfloat16)).view(np.uint16)
-    np.testing.assert_array_equal(_ct_decompress(arrays, torch.bfloat16), ours16)
+    np.testing.assert_array_equal(ct_decompress(arrays, torch.bfloat16), ours16)
     # The round trip through the layout is lossless.
     back = C.from_ct(arrays, w.shape, "float32")
     np.testing.assert_array_equal(np.asarray(back.codes), np.asarray(qt.codes))
@@ -172,7 +148,7 @@ def test_ct_conventions_and_what_differs_from_modelopt():
         "weight_global_scale": (F32(1) / np.asarray(q_mo.tensor_scale, F32)).reshape(1),
     }
     mo = np.asarray(F.dequantize(q_mo, jnp.float32)).view(np.uint32)
-    assert np.mean(_ct_decompress(arrays, torch.float32) != mo) > 0.01
+    assert np.mean(ct_decompress(arrays, torch.float32) != mo) > 0.01
 
 
 def test_input_global_scale_matches_generate_gparam():
