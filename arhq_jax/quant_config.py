@@ -26,16 +26,7 @@ MODULES = {
     "all": PROJECTIONS,
 }
 # Formats the packed QuantLinear runs (weights and activations).
-LINEAR_FORMATS = (
-    "nvfp4",  # compressed-tensors convention (exported); docs/formats.md
-    "nvfp4-modelopt",  # ModelOpt convention (spec §3)
-    "nvfp4-paper",
-    "mxfp4",
-    "int4",
-    "int8",
-    "int4-asym",
-    "int8-asym",
-)
+LINEAR_FORMATS = ("nvfp4", "nvfp4-paper", "mxfp4", "int4", "int8", "int4-asym", "int8-asym")
 DEFAULT = "default"
 
 
