@@ -252,3 +252,26 @@ def test_from_ct_validates_every_tensor():
     # input_global_scale may sit beside the weight tensors.
     q = C.from_ct({**good, "input_global_scale": np.ones(1, F32)}, shape, "bfloat16")
     assert q.dtype == "bfloat16" and q.spec.label == "nvfp4"
+
+
+N4 = [2688, -1344] + [0] * 14 + [0.01, -0.004] + [0] * 14 + [0.0005, -0.0001] + [0] * 14
+V1 = [1.75, -0.4375, 0.21875, 0.109375, -0.0, 1e-3, -1e-3, 0.65625] + [0.0] * 8
+
+
+@pytest.mark.parametrize(
+    "x,gs_bits,scale_bytes,packed_hex",
+    [
+        # spec N4 with -0.0001 in the flushed block: gs = fl(2688·fl(1/2688)) = 1; the flushed
+        # block stores the placeholder 0.125 (0x20) and the negative value rounds to 0x8.
+        (N4, 0x3F800000, [0x7E, 0x01, 0x20], "d7" + "00" * 7 + "c7" + "00" * 7 + "80" + "00" * 7),
+        # amax 1.75: gs = 1536.0001 (not 1536), -0.0 -> 0x0, -1e-3 -> 0x8.
+        (V1, 0x44C00001, [0x7E], "b7 12 00 48 00 00 00 00"),
+    ],
+)
+def test_golden_vectors_of_the_ct_convention(x, gs_bits, scale_bytes, packed_hex):
+    """Test vectors of "nvfp4" produced by compressed-tensors itself (values checked live)."""
+    x = np.array([x], F32)
+    for arrays in (_ct_quantize(x), C.to_ct(F.quantize(x, "nvfp4"))):
+        assert arrays["weight_global_scale"].view(np.uint32).tolist() == [gs_bits]
+        assert u8(arrays["weight_scale"]).reshape(-1).tolist() == scale_bytes
+        assert arrays["weight_packed"].tobytes() == bytes.fromhex(packed_hex)
