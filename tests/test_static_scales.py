@@ -433,3 +433,16 @@ def test_advance_reuses_the_last_capture_pass(tiny, monkeypatch):
     # Another layer object (e.g. the quantized one in sequential mode) runs again.
     reused.advance(params.layers[1])
     assert len(calls) == len(reused._batches)
+
+
+def test_layer_snr_baseline_quantizes_activations_like_the_method(tiny):
+    from arhq_jax.layer_snr import rtn_baseline
+
+    params, _, _ = tiny
+    for name, extra in (("arhq", {}), ("arhq-smooth", {}), ("arhq", {"act_scale": "dynamic"})):
+        ql = _quantize(tiny, name, **extra).layers[0].k_proj
+        base = rtn_baseline(params.layers[0].k_proj, ql, "nvfp4", "nvfp4")
+        if ql.act_scale is None:
+            assert base.act_scale is None
+        else:
+            assert np.float32(base.act_scale) == np.float32(ql.act_scale)
