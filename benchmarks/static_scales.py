@@ -26,7 +26,7 @@ VARIANTS = {
     "dynamic (today)": {"act_scale": "dynamic", "fused_w_scale": False},
     "dynamic + fused W scale": {"act_scale": "dynamic", "fused_w_scale": True},
     "static + fused W scale": {"act_scale": "static", "fused_w_scale": True},
-    "static, W scale per projection": {"act_scale": "static", "fused_w_scale": False},
+    "static + W scale per projection": {"act_scale": "static", "fused_w_scale": False},
 }
 
 
