@@ -29,11 +29,13 @@ HIGHEST = jax.lax.Precision.HIGHEST
 
 
 def rtn_baseline(fp: Dense, quant, w_fmt, act_fmt) -> QuantLinear:
-    """RTN in the same setting as ``quant``: its smoothing scale (if any), no branch."""
+    """RTN in the same setting as ``quant``: its smoothing scale (if any) and its static nvfp4
+    activation scale (if any: the baseline's quantizer reads the same x/s), no branch."""
     s = getattr(quant, "smooth", None)
+    act_scale = quant.act_scale if isinstance(quant, QuantLinear) else None
     w = fp.w.astype(jnp.float32)
     w_t = w if s is None else w * s[None, :]
-    return QuantLinear.from_float(w_t, None, None, w_fmt, act_fmt, smooth=s)
+    return QuantLinear.from_float(w_t, None, None, w_fmt, act_fmt, smooth=s, act_scale=act_scale)
 
 
 @functools.partial(jax.jit)

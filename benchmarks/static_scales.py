@@ -2,11 +2,12 @@
 
     python benchmarks/static_scales.py [--calib-tokens 16384] [--out benchmarks/results/...]
 
-Quantizes NVFP4 W4A4 with RTN and ARHQ (rank 32) three ways: today's recipe (dynamic activation
-scale, one weight global scale per projection), dynamic + fused weight scales, and the new
-default (static activation scales, fused weight scales). Scores each on the pydoc evaluation part
-as ``arhq-jax eval`` does (seq-len 512, 16 chunks, batch 2), then the batch dependence of the
-issue's command (RTN, seq-len 256, 4 chunks, batch 1 vs 4).
+Quantizes NVFP4 W4A4 with RTN and ARHQ (rank 32) four ways: today's recipe (dynamic activation
+scale, one weight global scale per projection), dynamic + fused weight scales, the new default
+(static activation scales, fused weight scales), and static with per-projection weight scales.
+Scores each on the pydoc evaluation part as ``arhq-jax eval`` does (seq-len 512, 16 chunks,
+batch 2), then the batch dependence of the issue's command (RTN, seq-len 256, 4 chunks, batch 1
+vs 4).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ VARIANTS = {
     "dynamic (today)": {"act_scale": "dynamic", "fused_w_scale": False},
     "dynamic + fused W scale": {"act_scale": "dynamic", "fused_w_scale": True},
     "static + fused W scale": {"act_scale": "static", "fused_w_scale": True},
+    "static + W scale per projection": {"act_scale": "static", "fused_w_scale": False},
 }
 
 
@@ -32,6 +34,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--calib-tokens", type=int, default=16384)
     ap.add_argument("--methods", default="rtn,arhq")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated names")
     ap.add_argument("--out", default="benchmarks/results/static_scales.json")
     args = ap.parse_args()
     m = load_model("smollm2")
@@ -39,7 +42,8 @@ def main() -> None:
     calib = calibration_ids(corpus.calib, args.calib_tokens, 512)
     models, rows = {}, []
     for method in args.methods.split(","):
-        for vname, kw in VARIANTS.items():
+        for vname in args.variants.split(","):
+            kw = VARIANTS[vname]
             qcfg = QuantConfig(method=method, rank=32, w_fmt="nvfp4", act_fmt="nvfp4", **kw)
             t0 = time.perf_counter()
             res = quantize_model(m.params, m.cfg, calib, qcfg, progress=False)
