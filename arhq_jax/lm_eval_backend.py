@@ -31,7 +31,12 @@ weight-only models are batch-invariant up to f32 summation order.
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
+import os
 import sys
+import tempfile
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -322,6 +327,82 @@ def _load(model: str, quantized: str | None, kernel: str):
     if kernel != "xla":
         params = with_kernel(params, kernel, interpret=jax.default_backend() != "gpu")
     return params, m.cfg, m.tokenizer
+
+
+RESULTS_MARK = "arhq-jax lm-eval"
+
+
+def evaluate_tasks(
+    lm: ArhqJaxLM,
+    tasks: list[str],
+    *,
+    num_fewshot: int | None = None,
+    limit: float | None = None,
+    include_path: str | None = None,
+    log_samples: bool = False,
+) -> dict:
+    """``lm_eval.simple_evaluate`` of ``lm`` on ``tasks`` (``include_path``: a directory of task
+    YAMLs of your own). Returns lm-eval's results dict."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    if include_path is not None and not Path(include_path).is_dir():
+        raise FileNotFoundError(f"task directory not found: {include_path}")
+    tm = TaskManager(include_path=include_path) if include_path else TaskManager()
+    return lm_eval.simple_evaluate(
+        model=lm,
+        tasks=list(tasks),
+        num_fewshot=num_fewshot,
+        limit=limit,
+        task_manager=tm,
+        log_samples=log_samples,
+    )
+
+
+def results_path(checkpoint_dir, tasks: list[str]) -> Path:
+    """``<parent>/<checkpoint>.lm-eval.<tasks>.json``: the results file beside a checkpoint."""
+    d = Path(checkpoint_dir).absolute()
+    slug = "+".join(t.replace("/", "_") for t in tasks)
+    if len(slug) > 80:
+        slug = f"{slug[:60]}-{hashlib.sha1(slug.encode()).hexdigest()[:10]}"
+    return d.parent / f"{d.name}.lm-eval.{slug}.json"
+
+
+def check_writable(path) -> None:
+    """FileExistsError unless ``path`` is absent or a results file this command wrote."""
+    path = Path(path)
+    if not path.exists():
+        return
+    try:
+        mark = json.loads(path.read_text(encoding="utf-8")).get("arhq_jax", {}).get("written_by")
+    except (OSError, ValueError, AttributeError):
+        mark = None
+    if mark != RESULTS_MARK:
+        raise FileExistsError(
+            f"{path} exists and was not written by {RESULTS_MARK}; not overwriting"
+        )
+
+
+def write_results(path, results: dict, info: dict) -> Path:
+    """Write lm-eval's ``results`` (plus ``info`` under ``"arhq_jax"``) as JSON, atomically
+    (a temporary sibling renamed into place); never replaces a file it did not write."""
+    from lm_eval.utils import handle_non_serializable
+
+    path = Path(path).absolute()
+    check_writable(path)
+    doc = {k: v for k, v in results.items() if k != "samples"}
+    doc["arhq_jax"] = {**info, "written_by": RESULTS_MARK}
+    text = json.dumps(doc, indent=2, default=handle_non_serializable)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
 
 
 def main(argv: list[str] | None = None) -> None:
