@@ -363,6 +363,8 @@ def cmd_lm_eval(args) -> int:
     from lm_eval.utils import make_table
 
     tasks = [t for t in args.tasks.split(",") if t]
+    if args.include_path is not None and not os.path.isdir(args.include_path):
+        raise FileNotFoundError(f"task directory not found: {args.include_path}")
     out = args.output or (args.quantized and leb.results_path(args.quantized, tasks))
     if out:
         leb.check_writable(out)  # fail before the run, not after it
