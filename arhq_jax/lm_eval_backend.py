@@ -77,7 +77,6 @@ def _token_scores(params, cfg, ids, targets):
     return tok, jnp.argmax(lp, axis=-1) == targets
 
 
-@register_model(NAME)
 class ArhqJaxLM(TemplateLM):
     """An lm-eval ``LM`` over an arhq-jax model (``Params`` float or quantized, any linear).
 
@@ -122,6 +121,18 @@ class ArhqJaxLM(TemplateLM):
         self._max_length = int(max_length) if max_length else int(cfg.max_position_embeddings)
         self._max_gen_toks = int(max_gen_toks)
         self.add_bos_token = add_bos_token
+
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None):
+        """``--model_args`` win over lm-eval's own flags (its ``--batch_size`` defaults to 1 and
+        would otherwise collide with ``batch_size=`` in the model args)."""
+        extra = {k: v for k, v in (additional_config or {}).items() if v is not None}
+        return cls(**{**extra, **arg_dict})
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None):
+        args = lm_utils.simple_parse_args_string(arg_string) if arg_string else {}
+        return cls.create_from_arg_obj(args, additional_config)
 
     @classmethod
     def from_params(cls, params, cfg, tokenizer, **kwargs) -> ArhqJaxLM:
@@ -312,6 +323,10 @@ class ArhqJaxLM(TemplateLM):
         return {"model": self.model_name, "quantized": self.quantized, "kernel": self.kernel}
 
 
+if __name__ != "__main__":  # under `python -m`, the imported module (see main) registers
+    register_model(NAME)(ArhqJaxLM)
+
+
 def _load(model: str, quantized: str | None, kernel: str):
     """``(params, cfg, tokenizer)`` of ``model``, its quantized checkpoint and kernel applied."""
     from arhq_jax import checkpoint
@@ -415,4 +430,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from arhq_jax.lm_eval_backend import main as _main  # the registered module, not __main__
+
+    _main()

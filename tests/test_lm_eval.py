@@ -93,8 +93,8 @@ def task_dir(tmp_path_factory):
         'doc_to_choice: "{{choices}}"\n'
         "doc_to_target: answer\n"
         "metric_list:\n"
-        "  - metric: acc\n"
-        "  - metric: acc_norm\n"
+        "  - {metric: acc, aggregation: mean, higher_is_better: true}\n"
+        "  - {metric: acc_norm, aggregation: mean, higher_is_better: true}\n"
     )
     return d
 
@@ -335,3 +335,36 @@ def test_cli_lm_eval_rejects_a_missing_task_dir(tmp_path, capsys):
     rc = main(["lm-eval", "--model", "smollm2", "--tasks", TASK, "--include-path",
                str(tmp_path / "nope"), "--output", str(tmp_path / "r.json")])  # fmt: skip
     assert rc == 2 and "task directory not found" in capsys.readouterr().err
+
+
+def test_model_args_win_over_lm_eval_flags(monkeypatch):
+    """``--model_args batch_size=8`` with lm-eval's default ``--batch_size 1``: 8, no collision."""
+    from types import SimpleNamespace
+
+    tok = SimpleNamespace(eos_token_id=2, bos_token_id=None, bos_token=None)
+    cfg = SimpleNamespace(max_position_embeddings=512)
+    seen = []
+    monkeypatch.setattr(leb, "_load", lambda *a: seen.append(a) or (None, cfg, tok))
+    lm = leb.ArhqJaxLM.create_from_arg_string(
+        "model=m,quantized=q,batch_size=8", {"batch_size": 1, "device": None}
+    )
+    assert (lm.batch_size, lm.max_length, lm.prefix_token_id) == (8, 512, 2)
+    assert seen == [("m", "q", "xla")]
+    assert leb.ArhqJaxLM.create_from_arg_obj({}, {"batch_size": "4"}).batch_size == 4
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        leb.ArhqJaxLM.create_from_arg_string("batch_size=0")
+
+
+def test_module_runs_as_lm_evals_command_line():
+    """``python -m arhq_jax.lm_eval_backend`` is lm-eval's CLI with the backend registered once."""
+    import subprocess
+    import sys
+
+    r = subprocess.run(
+        [sys.executable, "-m", "arhq_jax.lm_eval_backend", "run", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "--model_args" in r.stdout
