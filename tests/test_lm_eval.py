@@ -155,14 +155,22 @@ def hf_dir(smollm2, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def hf_lm(hf_dir):
+    """lm-eval's own ``hf`` backend (transformers, f32, CPU) on the converted directory."""
+    from lm_eval.api.registry import get_model
+
+    return get_model("hf")(pretrained=str(hf_dir), dtype="float32", device="cpu", batch_size=8)
+
+
+@pytest.fixture(scope="module")
 def backend(smollm2):
     return leb.ArhqJaxLM.from_params(smollm2.params, smollm2.cfg, smollm2.tokenizer, batch_size=8)
 
 
 @pytest.mark.slow
-def test_loglikelihoods_and_accuracies_equal_the_hf_backend(backend, hf_dir, task_dir):
+def test_loglikelihoods_and_accuracies_equal_the_hf_backend(backend, hf_lm, task_dir):
     ours = _run(backend, None, task_dir)
-    theirs = _run("hf", f"pretrained={hf_dir},dtype=float32", task_dir, batch_size=8, device="cpu")
+    theirs = _run(hf_lm, None, task_dir)
     a, b = _per_request(ours), _per_request(theirs)
     assert len(a) == len(b) == 80 and a.keys() == b.keys()
     diffs = np.array([a[k][0] - b[k][0] for k in a])
@@ -248,6 +256,17 @@ def test_generate_until_honours_max_gen_toks_and_stop_sequences(smollm2, monkeyp
     short = lm.generate_until(reqs({"until": [], "max_gen_toks": 5, "do_sample": False}))
     for s, ref in zip(short, refs, strict=True):
         assert len(tok(s, add_special_tokens=False)["input_ids"]) <= 6 and ref.startswith(s)
+
+
+@pytest.mark.slow
+def test_generate_until_equals_the_hf_backend(backend, hf_lm):
+    """Greedy continuations with stop sequences, batched and ragged, as ``hf`` produces them."""
+    kw = {"until": [".", "\n\n"], "max_gen_toks": 16, "do_sample": False}
+    reqs = [Instance("generate_until", {}, (p, dict(kw)), i) for i, p in enumerate(PROMPTS)]
+    ours = backend.generate_until(reqs)
+    theirs = hf_lm.generate_until(reqs)
+    assert ours == theirs
+    assert all("." not in o and "\n\n" not in o for o in ours) and any(ours)
 
 
 def _two_quantized_layers(smollm2):
