@@ -48,7 +48,12 @@ def read_rows(path, column: str = "text") -> list[str]:
     gz = suffixes[-1:] == [".gz"]
     kind = suffixes[-2] if gz and len(suffixes) > 1 else (suffixes[-1] if suffixes else "")
     if kind == ".parquet":
-        import pyarrow.parquet as pq
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise ValueError(
+                f"{path}: reading parquet needs pyarrow (pip install arhq-jax[eval])"
+            ) from None
 
         try:
             table = pq.read_table(path)

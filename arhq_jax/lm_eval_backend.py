@@ -278,7 +278,8 @@ class ArhqJaxLM(TemplateLM):
         temperature = float(kw.get("temperature", 0.0) or 0.0) if kw.get("do_sample") else 0.0
         top_k, top_p = int(kw.get("top_k") or 0), float(kw.get("top_p") or 1.0)
         key = jax.random.key(int(kw.get("seed", 0) or 0))
-        enc = [self.tok_encode(c)[-max_ctx:] for c in contexts]
+        # an empty context generates from the prefix token (as loglikelihood conditions on it)
+        enc = [self.tok_encode(c)[-max_ctx:] or [self.prefix_token_id] for c in contexts]
         n = len(enc)
         bs = self.batch_size
         width = bucket_length(max(len(e) for e in enc), max_ctx)
