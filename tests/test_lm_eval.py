@@ -131,6 +131,24 @@ def test_registered_under_its_name_on_import():
     assert get_model("hf").__name__ == "HFLM"  # lm-eval's own table still resolves
 
 
+def test_import_registers_a_lazy_placeholder_in_a_fresh_interpreter():
+    """``import arhq_jax`` alone makes the name resolvable; the backend loads on first use."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, arhq_jax\n"
+        "from lm_eval.api.registry import get_model\n"
+        "assert 'arhq_jax.lm_eval_backend' not in sys.modules\n"
+        "cls = get_model('arhq-jax')\n"
+        "assert cls.__module__ == 'arhq_jax.lm_eval_backend', cls\n"
+        "assert get_model('hf').__name__ == 'HFLM'\n"
+        "print('ok')\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
+
+
 def test_bucket_length():
     assert [leb.bucket_length(n, 8192) for n in (1, 16, 17, 200, 257, 600)] == [
         16,
@@ -288,7 +306,8 @@ def test_quantized_model_on_xla_and_pallas_paths(smollm2, backend):
         Instance("loglikelihood", {}, (f"The capital of {c} is", f" {cap}"), i)
         for i, (c, cap) in enumerate(CAPITALS[:3])
     ]
-    xla = leb.ArhqJaxLM.from_params(q, smollm2.cfg, tok, batch_size=4).loglikelihood(reqs)
+    xla_lm = leb.ArhqJaxLM.from_params(q, smollm2.cfg, tok, batch_size=4)
+    xla = xla_lm.loglikelihood(reqs)
     pq = with_kernel(q, "pallas", interpret=jax.default_backend() != "gpu")
     pallas = leb.ArhqJaxLM.from_params(pq, smollm2.cfg, tok, batch_size=4).loglikelihood(reqs)
     fl = backend.loglikelihood(reqs)
@@ -296,6 +315,13 @@ def test_quantized_model_on_xla_and_pallas_paths(smollm2, backend):
         assert lp == pytest.approx(lx, rel=1e-4, abs=1e-4) and gx == gp
         assert lx != lf  # really the quantized model
         assert abs(lx - lf) < 2.0  # mildly perturbed
+    # generation through the quantized linears and the KV cache = unbatched generate()
+    prompt = "The capital of France is"
+    ids = np.asarray(tok(prompt)["input_ids"], np.int32)
+    ref = generate(q, smollm2.cfg, ids, 6, eos_token_id=smollm2.cfg.eos_token_id)[len(ids) :]
+    kw = {"until": [], "max_gen_toks": 6, "do_sample": False}
+    (g,) = xla_lm.generate_until([Instance("generate_until", {}, (prompt, kw), 0)])
+    assert g == tok.decode(ref, skip_special_tokens=True)
 
 
 @pytest.fixture(scope="module")
