@@ -357,7 +357,7 @@ def cmd_generate(args) -> int:
 
 def cmd_lm_eval(args) -> int:
     try:
-        from arhq_jax import lm_eval_backend as leb
+        import arhq_jax.lm_eval_backend as leb
     except ImportError as e:
         raise ValueError(f"lm-eval is not installed ({e}); pip install arhq-jax[eval]") from None
     from lm_eval.utils import make_table

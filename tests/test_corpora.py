@@ -175,6 +175,19 @@ def test_cli_eval_on_a_local_wikitext2_copy(smollm2, tmp_path, capsys):
     ref = ev.evaluate(params, cfg, ids, seq_len=64, progress=False)
     assert got["tokens"] == ref.n_predictions == (len(ids) // 64) * 63  # all chunks, no limit
     assert got["ppl"] == pytest.approx(ref.ppl, rel=1e-5)
+    # c4 from a local gzipped JSON-lines shard: 256 windows of --seq-len, all evaluated
+    docs = [p for p in ev.pydoc_corpus().split("\n\n") if len(p) > 400][:300]
+    with gzip.open(tmp_path / "c4-validation.00000-of-00008.json.gz", "wt") as f:
+        f.write("".join(json.dumps({"text": d, "url": "u"}) + "\n" for d in docs))
+    argv = ["eval", "--model", str(tmp_path / "tiny"), "--dataset", "c4", "--data-file",
+            str(tmp_path / "c4-validation.00000-of-00008.json.gz"), "--seq-len", "64",
+            "--json"]  # fmt: skip
+    assert main(argv) == 0
+    got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    c4 = corpora.c4_windows(smollm2.tokenizer, docs, seq_len=64)
+    ref = ev.evaluate(params, cfg, c4, seq_len=64, batch_size=8, progress=False)
+    assert got["tokens"] == ref.n_predictions == 256 * 63
+    assert got["ppl"] == pytest.approx(ref.ppl, rel=1e-5)
     bad = ["eval", "--model", str(tmp_path / "tiny"), "--dataset", "c4", "--text", "x.txt"]
     assert main(bad) == 2
     assert "not both" in capsys.readouterr().err

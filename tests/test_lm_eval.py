@@ -374,6 +374,12 @@ def test_cli_lm_eval_writes_results_beside_the_checkpoint(tiny_quantized, task_d
     assert "not overwriting" in capsys.readouterr().err
     assert out.read_text() == '{"mine": 1}'
     assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.tmp")]
+    # the Pallas path (interpret mode on CPU) through the same shell, to an explicit --output
+    other = ck.parent / "pallas.json"
+    assert main([*argv, "--kernel", "pallas", "--output", str(other)]) == 0
+    doc_p = json.loads(other.read_text())
+    assert doc_p["arhq_jax"]["kernel"] == "pallas"
+    assert doc_p["results"][TASK]["acc,none"] == acc  # W4A16: the two paths agree to ~1e-6
 
 
 def test_cli_lm_eval_rejects_a_missing_task_dir(tmp_path, capsys):
@@ -413,3 +419,11 @@ def test_module_runs_as_lm_evals_command_line():
     )
     assert r.returncode == 0, r.stderr[-2000:]
     assert "--model_args" in r.stdout
+
+
+def test_cli_lm_eval_without_lm_eval_installed(monkeypatch, capsys):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "arhq_jax.lm_eval_backend", None)  # as if not importable
+    assert main(["lm-eval", "--tasks", TASK]) == 2
+    assert "pip install arhq-jax[eval]" in capsys.readouterr().err
