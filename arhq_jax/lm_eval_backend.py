@@ -56,6 +56,8 @@ from arhq_jax.models import generate as gen
 from arhq_jax.models import transformer
 
 NAME = "arhq-jax"
+# f32 logits elements of one forward (2 GiB): long contexts get fewer rows than batch_size
+LOGITS_BUDGET = 2**29
 
 
 def bucket_length(n: int, max_len: int) -> int:
@@ -71,10 +73,11 @@ def bucket_length(n: int, max_len: int) -> int:
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def _token_scores(params, cfg, ids, targets):
     """``ids [B, L]`` → per-position log p(target) ``[B, L]`` f32 and greedy match ``[B, L]``."""
-    logits = transformer.forward(params, cfg, ids)
-    lp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    tok = jnp.take_along_axis(lp, targets[..., None], axis=-1)[..., 0]
-    return tok, jnp.argmax(lp, axis=-1) == targets
+    logits = transformer.forward(params, cfg, ids).astype(jnp.float32)
+    # log_softmax gathered at the targets, without a second [B, L, V] array
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    tok = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0] - lse
+    return tok, jnp.argmax(logits, axis=-1) == targets
 
 
 class ArhqJaxLM(TemplateLM):
@@ -179,38 +182,44 @@ class ArhqJaxLM(TemplateLM):
     def tok_decode(self, tokens, skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(tokens, skip_special_tokens=skip_special_tokens)
 
+    def rows_per_call(self, width: int) -> int:
+        """Rows of one forward at ``width`` tokens: ``batch_size``, fewer when the f32 logits
+        ``[rows, width, V]`` would pass ``LOGITS_BUDGET`` elements (long contexts), at least 1."""
+        return max(1, min(self.batch_size, LOGITS_BUDGET // (width * self.cfg.vocab_size)))
+
+    def _seq(self, req) -> tuple[list[int], int]:
+        """(context + continuation left-truncated to ``max_length + 1``, continuation length)."""
+        _, ctx, cont = req
+        if not ctx or not cont:
+            raise ValueError("loglikelihood: empty context or continuation tokens")
+        if len(cont) > self.max_length:
+            raise ValueError(f"continuation of {len(cont)} tokens > max_length {self.max_length}")
+        return (list(ctx) + list(cont))[-(self.max_length + 1) :], len(cont)  # as ``hf``
+
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs):
         """``[(key, context_ids, continuation_ids)]`` → ``[(Σ log p(continuation), is_greedy)]``."""
-        if not requests:
-            return []
-        order = sorted(range(len(requests)), key=lambda i: -len(requests[i][1] + requests[i][2]))
+        seqs = [self._seq(r) for r in requests]
+        order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i][0]))  # longest first
         out: list = [None] * len(requests)
-        bs, L = self.batch_size, self.max_length
         bar = tqdm(total=len(requests), desc="loglikelihood", disable=disable_tqdm)
-        for start in range(0, len(order), bs):
-            idx = order[start : start + bs]
-            rows, spans = [], []
-            for i in idx:
-                _, ctx, cont = requests[i]
-                if not ctx or not cont:
-                    raise ValueError("loglikelihood: empty context or continuation tokens")
-                if len(cont) > L:
-                    raise ValueError(f"continuation of {len(cont)} tokens > max_length {L}")
-                seq = (list(ctx) + list(cont))[-(L + 1) :]  # left truncation, as ``hf``
-                rows.append(seq)
-                spans.append(len(cont))
-            width = bucket_length(max(len(s) for s in rows) - 1, L)
-            ids = np.zeros((bs, width), np.int32)
-            tgt = np.zeros((bs, width), np.int32)
-            for r, seq in enumerate(rows):
+        start = 0
+        while start < len(order):
+            width = bucket_length(len(seqs[order[start]][0]) - 1, self.max_length)
+            n_rows = self.rows_per_call(width)
+            idx = order[start : start + n_rows]
+            start += len(idx)
+            ids = np.zeros((n_rows, width), np.int32)
+            tgt = np.zeros((n_rows, width), np.int32)
+            for r, i in enumerate(idx):
+                seq = seqs[i][0]
                 ids[r, : len(seq) - 1] = seq[:-1]
                 tgt[r, : len(seq) - 1] = seq[1:]
-            ids[len(rows) :] = ids[len(rows) - 1]  # pad the batch with its last row
-            tgt[len(rows) :] = tgt[len(rows) - 1]
+            ids[len(idx) :] = ids[len(idx) - 1]  # pad the batch with its last row
+            tgt[len(idx) :] = tgt[len(idx) - 1]
             lp, greedy = _token_scores(self.params, self.cfg, jnp.asarray(ids), jnp.asarray(tgt))
             lp, greedy = np.asarray(lp, np.float64), np.asarray(greedy)
-            for r, (i, seq, n) in enumerate(zip(idx, rows, spans, strict=True)):
-                end = len(seq) - 1
+            for r, i in enumerate(idx):
+                (seq, n), end = seqs[i], len(seqs[i][0]) - 1
                 res = (float(lp[r, end - n : end].sum()), bool(greedy[r, end - n : end].all()))
                 out[i] = res
                 if requests[i][0] is not None:
@@ -290,7 +299,13 @@ class ArhqJaxLM(TemplateLM):
             mask[r, width - len(e) :] = True
         ids[n:], mask[n:] = ids[n - 1], mask[n - 1]
         cache = gen.init_cache(self.cfg, bs, width + max_gen)
-        logits, cache = gen.prefill(self.params, self.cfg, ids, cache, attn_mask=mask)
+        # prefill in chunks whose [bs, chunk, V] logits stay within LOGITS_BUDGET
+        chunk = 1 << max(0, (LOGITS_BUDGET // (bs * self.cfg.vocab_size)).bit_length() - 1)
+        for s in range(0, width, chunk):
+            part = slice(s, s + chunk)
+            logits, cache = gen.prefill(
+                self.params, self.cfg, ids[:, part], cache, attn_mask=mask[:, part]
+            )
         logits = logits[:, -1]
         eos = self.eot_token_id
         stops = [s for s in until if s]

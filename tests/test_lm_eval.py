@@ -287,6 +287,29 @@ def test_generate_until_equals_the_hf_backend(backend, hf_lm):
     assert all("." not in o and "\n\n" not in o for o in ours) and any(ours)
 
 
+@pytest.mark.slow
+def test_memory_budget_splits_batches_and_prefill(smollm2, backend, monkeypatch):
+    """Long contexts: fewer rows per forward and a chunked prefill give the same results."""
+    reqs = [
+        Instance("loglikelihood", {}, (f"The capital of {c} is", f" {cap}"), i)
+        for i, (c, cap) in enumerate(CAPITALS[:3])
+    ]
+    kw = {"until": ["."], "max_gen_toks": 8, "do_sample": False}
+    gens = [Instance("generate_until", {}, (p, dict(kw)), i) for i, p in enumerate(PROMPTS)]
+    full_ll, full_gen = backend.loglikelihood(reqs), backend.generate_until(gens)
+    v = smollm2.cfg.vocab_size
+    monkeypatch.setattr(leb, "LOGITS_BUDGET", 16 * v)  # 1 row of 16, prefill chunks of 2
+    assert backend.rows_per_call(16) == 1 and backend.rows_per_call(8) == 2
+    calls = []
+    real_prefill = leb.gen.prefill
+    spy = lambda *a, **k: calls.append(1) or real_prefill(*a, **k)  # noqa: E731
+    monkeypatch.setattr(leb.gen, "prefill", spy)
+    small_ll, small_gen = backend.loglikelihood(reqs), backend.generate_until(gens)
+    assert small_gen == full_gen and len(calls) == 8  # one batch of 8 rows, width 16, 8 chunks
+    for (a, ga), (b, gb) in zip(small_ll, full_ll, strict=True):
+        assert a == pytest.approx(b, rel=1e-5, abs=1e-5) and ga == gb
+
+
 def _two_quantized_layers(smollm2):
     """SmolLM2 with layers 0–1 as packed NVFP4 W4A16 SVDQuant linears (rank 16), rest float."""
     cfg, fp = smollm2.cfg, smollm2.params
