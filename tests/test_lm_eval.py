@@ -23,7 +23,6 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 from lm_eval.api.instance import Instance  # noqa: E402
 
-from arhq_jax import checkpoint  # noqa: E402
 from arhq_jax import eval as ev  # noqa: E402
 from arhq_jax import lm_eval_backend as leb  # noqa: E402
 from arhq_jax.cli import main  # noqa: E402
@@ -349,7 +348,8 @@ def test_quantized_model_on_xla_and_pallas_paths(smollm2, backend):
 
 @pytest.fixture(scope="module")
 def tiny_quantized(smollm2, tmp_path_factory):
-    """A tiny random Llama with SmolLM2's tokenizer as a HF dir, and its RTN W4A16 checkpoint."""
+    """A tiny random Llama with SmolLM2's tokenizer as a HF dir, and its RTN NVFP4 W4A16
+    checkpoint made by ``arhq-jax quantize`` (so the test does not depend on the format)."""
     from arhq_jax.models.config import ModelConfig
     from arhq_jax.models.params import random_params
     from converters import save_hf_dir
@@ -369,11 +369,12 @@ def tiny_quantized(smollm2, tmp_path_factory):
         max_position_embeddings=512,
     )
     root = tmp_path_factory.mktemp("tiny")
-    params = random_params(cfg, jax.random.key(3), std=0.1)
-    save_hf_dir(cfg, params, root / "tiny", tokenizer=smollm2.tokenizer)
-    qcfg = QuantConfig(method="rtn", w_fmt="nvfp4", act_fmt=None)
-    q = quantize_model(params, cfg, None, qcfg, progress=False).params
-    checkpoint.save(root / "ck", q, cfg, quant=qcfg.to_dict())
+    save_hf_dir(cfg, random_params(cfg, jax.random.key(3), std=0.1), root / "tiny",
+                tokenizer=smollm2.tokenizer)  # fmt: skip
+    argv = ["quantize", "--model", str(root / "tiny"), "--method", "rtn", "--act-format",
+            "none", "--calib-tokens", "256", "--calib-seq-len", "128",
+            "--out", str(root / "ck")]  # fmt: skip
+    assert main(argv) == 0
     return root / "tiny", root / "ck"
 
 
