@@ -1,4 +1,4 @@
-"""The ``arhq-jax`` command line: quantize, eval, generate, convert, demo.
+"""The ``arhq-jax`` command line: quantize, eval, generate, lm-eval, convert, demo.
 
 A thin shell: it parses arguments, loads files and prints; all numerics live in the library.
 """
@@ -231,8 +231,28 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(e)
     _add_quantized(e)
     e.add_argument("--text", default=None, help="text file (default: pydoc evaluation part)")
-    e.add_argument("--seq-len", type=_SEQ_LEN, default=512)
-    e.add_argument("--max-chunks", type=_POS, default=40)
+    e.add_argument(
+        "--dataset",
+        default="pydoc",
+        choices=("pydoc", "wikitext2", "c4"),
+        help="wikitext2 (raw, test) or c4 (validation, 256 windows) as GPTQ/AWQ evaluate them, "
+        "through `datasets` online or from --data-file; default pydoc (offline)",
+    )
+    e.add_argument(
+        "--data-file",
+        default=None,
+        help="local copy of --dataset: .parquet, .json/.jsonl(.gz) rows with a 'text' field, "
+        "or .txt (wikitext2: the joined text; c4: one document per line)",
+    )
+    e.add_argument(
+        "--seq-len",
+        type=_SEQ_LEN,
+        default=None,
+        help="default: 2048 for wikitext2/c4, 512 for pydoc",
+    )
+    e.add_argument(
+        "--max-chunks", type=_POS, default=None, help="default: all for wikitext2/c4, 40 for pydoc"
+    )
     e.add_argument("--batch-size", type=_POS, default=2)
     e.add_argument("--json", action="store_true", help="print one JSON object")
     _add_weights_only(e)
@@ -262,6 +282,27 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="replace dst if it is a directory that convert wrote (anything else is refused)",
     )
+
+    le = sub.add_parser(
+        "lm-eval",
+        help="lm-evaluation-harness tasks (pip install arhq-jax[eval]); the results JSON goes "
+        "beside the quantized checkpoint",
+    )
+    _add_model(le)
+    le.add_argument("--quantized", default=None, help="quantized checkpoint directory")
+    le.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")
+    le.add_argument("--include-path", default=None, help="directory of extra task YAMLs")
+    le.add_argument("--num-fewshot", type=int, default=None)
+    le.add_argument("--limit", type=float, default=None, help="documents per task (or fraction)")
+    le.add_argument("--batch-size", type=int, default=8)
+    le.add_argument("--max-length", type=int, default=None, help="default: the model's context")
+    le.add_argument(
+        "--output",
+        default=None,
+        help="results JSON (default: <checkpoint>.lm-eval.<tasks>.json beside --quantized; "
+        "none for the float model)",
+    )
+    _add_kernel(le)
 
     d = sub.add_parser("demo", help="SmolLM2-135M: RTN vs SVDQuant vs ARHQ, NVFP4 W4A4, r=32")
     d.add_argument("--out", default="runs/demo")
@@ -378,22 +419,37 @@ def cmd_quantize(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    from arhq_jax.corpora import PAPER_SEQ_LEN, dataset_tokens
     from arhq_jax.pipeline import evaluate_models, load_corpus
 
+    paper = args.dataset != "pydoc"
+    if args.text is not None and (paper or args.data_file is not None):
+        raise ValueError("give --text (a plain text file) or --dataset/--data-file, not both")
+    seq_len = args.seq_len or (PAPER_SEQ_LEN if paper else 512)
+    max_chunks = args.max_chunks if args.max_chunks is not None else (None if paper else 40)
     m = _load(args)
-    _positions(args, m.cfg, args.seq_len, f"--seq-len {args.seq_len}")
+    _positions(args, m.cfg, seq_len, f"--seq-len {seq_len}")
     params, quant = _quantized(args, m)
-    corpus = load_corpus(m.tokenizer, None, args.text)
+    if paper or args.data_file is not None:
+        tokens = dataset_tokens(args.dataset, m.tokenizer, args.data_file, seq_len=seq_len)
+    else:
+        tokens = load_corpus(m.tokenizer, None, args.text).eval
     models = {} if quant is None else {"quantized": params}
     res = evaluate_models(
         models,
         m.params,
         m.cfg,
-        corpus.eval,
-        seq_len=args.seq_len,
-        max_chunks=args.max_chunks,
+        tokens,
+        seq_len=seq_len,
+        max_chunks=max_chunks,
         batch_size=args.batch_size,
-        source=f"--text {args.text}" if args.text else "the pydoc evaluation text",
+        source=(
+            f"--text {args.text}"
+            if args.text
+            else f"--dataset {args.dataset}"
+            if paper or args.data_file is not None
+            else "the pydoc evaluation text"
+        ),
         allow_long=args.allow_long,
     )
     r = res["quantized" if quant is not None else "float"]
@@ -450,6 +506,41 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_lm_eval(args) -> int:
+    try:
+        import arhq_jax.lm_eval_backend as leb
+    except ImportError as e:
+        raise ValueError(f"lm-eval is not installed ({e}); pip install arhq-jax[eval]") from None
+    from lm_eval.utils import make_table
+
+    tasks = [t for t in args.tasks.split(",") if t]
+    if args.include_path is not None and not os.path.isdir(args.include_path):
+        raise FileNotFoundError(f"task directory not found: {args.include_path}")
+    out = args.output or (args.quantized and leb.results_path(args.quantized, tasks))
+    if out:
+        leb.check_writable(out)  # fail before the run, not after it
+    m = _load(args)
+    params, _ = _quantized(args, m)
+    lm = leb.ArhqJaxLM.from_params(
+        params,
+        m.cfg,
+        m.tokenizer,
+        model=args.model,
+        quantized=args.quantized,
+        kernel=args.kernel,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+    )
+    res = leb.evaluate_tasks(
+        lm, tasks, num_fewshot=args.num_fewshot, limit=args.limit, include_path=args.include_path
+    )
+    print(make_table(res))
+    if out:
+        info = {"model": args.model, "quantized": args.quantized, "kernel": args.kernel}
+        print(f"wrote {leb.write_results(out, res, {**info, 'tasks': tasks})}")
+    return 0
+
+
 def cmd_convert(args) -> int:
     from converters import convert
 
@@ -477,6 +568,7 @@ COMMANDS = {
     "quantize": cmd_quantize,
     "eval": cmd_eval,
     "generate": cmd_generate,
+    "lm-eval": cmd_lm_eval,
     "convert": cmd_convert,
     "demo": cmd_demo,
 }
