@@ -289,13 +289,16 @@ def build_parser() -> argparse.ArgumentParser:
         "beside the quantized checkpoint",
     )
     _add_model(le)
-    le.add_argument("--quantized", default=None, help="quantized checkpoint directory")
+    _add_quantized(le)
+    _add_weights_only(le)
     le.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")
     le.add_argument("--include-path", default=None, help="directory of extra task YAMLs")
-    le.add_argument("--num-fewshot", type=int, default=None)
+    le.add_argument("--num-fewshot", type=_NONNEG, default=None)
     le.add_argument("--limit", type=float, default=None, help="documents per task (or fraction)")
-    le.add_argument("--batch-size", type=int, default=8)
-    le.add_argument("--max-length", type=int, default=None, help="default: the model's context")
+    le.add_argument("--batch-size", type=_POS, default=8)
+    le.add_argument(
+        "--max-length", type=_SEQ_LEN, default=None, help="default: the model's context"
+    )
     le.add_argument(
         "--output",
         default=None,

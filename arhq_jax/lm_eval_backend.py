@@ -92,6 +92,7 @@ class ArhqJaxLM(TemplateLM):
       max_gen_toks: default generation budget when a task sets none (256, as ``hf``).
       add_bos_token: force the tokenizer's special tokens on/off (default: its own setting).
       device, max_batch_size: accepted for lm-eval's CLI and ignored (jax places the arrays).
+      allow_other_source: use a checkpoint whose recorded source model differs from ``model``.
     """
 
     def __init__(
@@ -105,12 +106,14 @@ class ArhqJaxLM(TemplateLM):
         add_bos_token: bool | None = None,
         device: str | None = None,
         max_batch_size: int | None = None,
+        allow_other_source: bool | str = False,
         *,
         loaded=None,
     ):
         super().__init__()
         if loaded is None:
-            loaded = _load(model, quantized, kernel)
+            other = str(allow_other_source).lower() in ("1", "true", "yes")
+            loaded = _load(model, quantized, kernel, other)
         params, cfg, tokenizer = loaded
         if tokenizer is None:
             raise ValueError(f"model {model!r} has no tokenizer; lm-eval needs one")
@@ -343,7 +346,7 @@ if __name__ != "__main__":  # under `python -m`, the imported module (see main) 
     register_model(NAME)(ArhqJaxLM)
 
 
-def _load(model: str, quantized: str | None, kernel: str):
+def _load(model: str, quantized: str | None, kernel: str, allow_other_source: bool = False):
     """``(params, cfg, tokenizer)`` of ``model``, its quantized checkpoint and kernel applied."""
     from arhq_jax import checkpoint
     from arhq_jax.qlinear import KERNELS, with_kernel
@@ -354,7 +357,8 @@ def _load(model: str, quantized: str | None, kernel: str):
     m = load_model(model)
     params = m.params
     if quantized:
-        params, _, _ = checkpoint.load(quantized, expect_config=m.cfg)
+        fp = None if allow_other_source else checkpoint.fingerprint(m.cfg, m.params)
+        params, _, _ = checkpoint.load(quantized, expect_config=m.cfg, expect_fingerprint=fp)
     if kernel != "xla":
         params = with_kernel(params, kernel, interpret=jax.default_backend() != "gpu")
     return params, m.cfg, m.tokenizer

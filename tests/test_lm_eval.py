@@ -424,7 +424,7 @@ def test_model_args_win_over_lm_eval_flags(monkeypatch):
         "model=m,quantized=q,batch_size=8", {"batch_size": 1, "device": None}
     )
     assert (lm.batch_size, lm.max_length, lm.prefix_token_id) == (8, 512, 2)
-    assert seen == [("m", "q", "xla")]
+    assert seen == [("m", "q", "xla", False)]
     assert leb.ArhqJaxLM.create_from_arg_obj({}, {"batch_size": "4"}).batch_size == 4
     with pytest.raises(ValueError, match="batch_size must be >= 1"):
         leb.ArhqJaxLM.create_from_arg_string("batch_size=0")
