@@ -66,6 +66,7 @@ __all__ = [
     "CheckpointError",
     "FORMAT_VERSION",
     "check_out",
+    "describe",
     "fingerprint",
     "load",
     "read_meta",
@@ -263,6 +264,22 @@ def _quantization_config(modules: dict, kinds: dict) -> dict:
         "quant_method": "arhq-jax",
         "note": "arhq-jax's own layout (see config.json 'arhq_jax'); only arhq-jax reads it",
     }
+
+
+def describe(path) -> str:
+    """One line saying who can read the checkpoint at ``path`` (after ``save``)."""
+    hf = json.loads((Path(path) / CONFIG_FILE).read_text())
+    kinds: dict[str, int] = {}
+    for e in hf["arhq_jax"]["modules"].values():
+        kinds[e["kind"]] = kinds.get(e["kind"], 0) + 1
+    counts = ", ".join(f"{n} {k}" for k, n in sorted(kinds.items()))
+    lora = " + LoRA adapter lora/" if (Path(path) / LORA_DIR).is_dir() else ""
+    qc = hf.get("quantization_config", {}).get("quant_method")
+    if qc == "compressed-tensors":
+        return f"compressed-tensors nvfp4-pack-quantized{lora} ({counts}): transformers, vLLM"
+    if qc is None:
+        return f"float safetensors ({counts})"
+    return f"arhq-jax's own layout{lora} ({counts}): only arhq-jax reads it (docs/checkpoint.md)"
 
 
 # ----------------------------------------------------------------------------- load

@@ -418,6 +418,7 @@ def cmd_quantize(args) -> int:
         f"saved {args.out}: {nbytes / 2**20:.1f} MiB vs {fp_bytes / 2**20:.1f} MiB unquantized "
         f"({m.cfg.param_dtype}), ratio {nbytes / fp_bytes:.3f}"
     )
+    print(f"layout: {checkpoint.describe(args.out)}")
     return 0
 
 
