@@ -48,6 +48,9 @@ def test_quantize_eval_generate_convert(tiny_dir, tmp_path, capsys):
     assert rc == 0
     out = capsys.readouterr().out
     assert "calibration" in out and "MiB" in out
+    assert (
+        "layout: compressed-tensors nvfp4-pack-quantized + LoRA adapter lora/ (14 ct-nvfp4)" in out
+    )
     _, _, quant = checkpoint.load(ck)
     assert quant["method"] == "arhq" and quant["rank"] == 8 and quant["calib_tokens"] == 1024
 
