@@ -161,7 +161,9 @@ def replacing(path, fmt: str, version: int):
     remove_stale(path, fmt)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}{_TMP}"))
     try:
-        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o777 & ~mask)  # mkdtemp makes it 0700
         (tmp / _PARTIAL).write_text(str(os.getpid()))
         yield tmp
         (tmp / _PARTIAL).unlink()

@@ -183,6 +183,12 @@ class SafetensorsReader:
         self.close()
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 class SafetensorsWriter:
     """Write one safetensors file tensor by tensor: one tensor in memory at a time.
 
@@ -235,6 +241,7 @@ class SafetensorsWriter:
                 out.write(struct.pack("<Q", len(header)))
                 out.write(header)
                 shutil.copyfileobj(data, out, 16 * 2**20)
+            os.chmod(final_tmp, 0o666 & ~_umask())  # mkstemp's 0600 would hide it from others
             os.replace(final_tmp, self.path)
             final_tmp = None
         finally:

@@ -92,6 +92,10 @@ def test_layout_is_compressed_tensors_and_peft(arhq_ckpt):
         assert {f"{q}.weight_packed", f"{q}.weight_scale", f"{q}.weight_global_scale"} <= names
         assert f"{q}.input_global_scale" in names and f"{q}.weight" not in names
         assert r.get(f"{q}.weight_packed").dtype == np.uint8
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in out.rglob("*"):  # readable by whoever serves it (not mkstemp's 0600)
+        assert f.stat().st_mode & 0o777 == (0o777 if f.is_dir() else 0o666) & ~umask, f
     lora = json.loads((out / "lora" / "adapter_config.json").read_text())
     assert lora["peft_type"] == "LORA" and lora["r"] == lora["lora_alpha"] == 4
     assert set(lora["target_modules"]) == {
