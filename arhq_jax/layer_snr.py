@@ -1,4 +1,4 @@
-"""Layer SNR (methods.md §2.4): each quantized projection's output against the float one.
+"""Layer SNR (docs/spec/methods.md §2.4): each quantized projection's output against the float one.
 
 On held-out tokens, the unquantized model runs layer by layer; each quantized projection and its
 float original read the *same* input X (the float model's), and

@@ -1,6 +1,6 @@
 """``QuantLinear``: the packed quantized linear, on plain jnp (XLA) or the Pallas kernels.
 
-    y = Q_a(x/s) · deq(W_res)ᵀ + ((x/s)·A)·Bᵀ (+ bias)                 (spec/kernels.md §1)
+    y = Q_a(x/s) · deq(W_res)ᵀ + ((x/s)·A)·Bᵀ (+ bias)                 (docs/spec/kernels.md §1)
 
 ``quant_matmul_ref`` is the jnp reference path (the ground truth of every kernel test): f32 upcast,
 x/s (as x·fl32(1/s), see ``smooth_input``), ``formats.fake_quant`` of it (the low-rank branch

@@ -95,7 +95,7 @@ def _accumulate(
 
 
 def _alpha_search(runner, layer, projs, m_x, qcfg):
-    """Per projection: the α* of the smoothing grid and its scale s ``[in]`` (methods.md §2.3).
+    """Per projection: the α* of the smoothing grid and its scale s ``[in]`` (docs/spec/methods.md §2.3).
 
     With static nvfp4 activation scales each candidate α quantizes x/s_α with the static scale
     of its amax over the calibration set (from ``m_x``), as the runtime will."""
@@ -239,7 +239,7 @@ class Calibration:
         return _accumulate(self._need(), layer, specs, scales, tensor_scales)
 
     def alpha_search(self, layer: Layer, projs, m_x: dict, qcfg: QuantConfig) -> dict:
-        """Per projection ``(α*, s)`` of the smoothing grid (methods.md §2.3)."""
+        """Per projection ``(α*, s)`` of the smoothing grid (docs/spec/methods.md §2.3)."""
         return _alpha_search(self._need(), layer, projs, m_x, qcfg)
 
     def inputs(self, layer: Layer, group: str, max_tokens: int, seed: int = 0) -> np.ndarray:
@@ -282,7 +282,7 @@ def _subsample(x: np.ndarray, max_tokens: int, seed: int) -> np.ndarray:
 
 
 class LowRankMethod:
-    """RTN, SVDQuant and ARHQ, raw or smoothed (methods.md §1–§3)."""
+    """RTN, SVDQuant and ARHQ, raw or smoothed (docs/spec/methods.md §1–§3)."""
 
     def needs_calibration(self, qcfg: QuantConfig) -> bool:
         return (

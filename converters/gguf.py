@@ -1,4 +1,4 @@
-"""GGUF files -> (ModelConfig, Params), and their tokenizer (models.md §4).
+"""GGUF files -> (ModelConfig, Params), and their tokenizer (docs/spec/models.md §4).
 
 Metadata keys are prefixed by ``general.architecture`` (``llama`` or ``qwen3``). Tensors are read
 through the ``gguf`` package (memory-mapped) and dequantized one at a time with its numpy

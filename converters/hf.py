@@ -1,4 +1,4 @@
-"""Hugging Face checkpoint directories ↔ (ModelConfig, Params) (models.md §3).
+"""Hugging Face checkpoint directories ↔ (ModelConfig, Params) (docs/spec/models.md §3).
 
 A directory holds ``config.json`` and either ``model.safetensors`` or shards listed in
 ``model.safetensors.index.json``. Tensors are streamed one at a time: each is read, checked against

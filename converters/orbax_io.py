@@ -1,4 +1,4 @@
-"""Float parameters + config in an orbax checkpoint directory (models.md §5).
+"""Float parameters + config in an orbax checkpoint directory (docs/spec/models.md §5).
 
 Layout of ``DIR``::
 

@@ -1,4 +1,4 @@
-"""Pallas FP4 kernels (spec/kernels.md §9): CPU interpret mode against the jnp path, bit-exact
+"""Pallas FP4 kernels (docs/spec/kernels.md §9): CPU interpret mode against the jnp path, bit-exact
 activation quantization, an independent float64 check, the Triton lowering, and bad input."""
 
 from __future__ import annotations
@@ -99,7 +99,7 @@ M2 = [0.1, -0.05, 0.03] + [0] * 29
 
 
 def test_kernel1_golden_vectors():
-    """formats.md §10: N1-N4 (nvfp4-modelopt) and M1-M3 (mxfp4) codes, packed bytes and scale
+    """docs/spec/formats.md §10: N1-N4 (nvfp4-modelopt) and M1-M3 (mxfp4) codes, packed bytes and scale
     bytes; the compressed-tensors convention on the same vectors."""
     q = functools.partial(quantize_activations, interpret=True)
     codes, scales, g = q(jnp.asarray([N1 + N2 + N3], jnp.float32), "nvfp4-modelopt")

@@ -1,4 +1,4 @@
-"""GPTQ (arXiv 2210.17323; methods.md §5): Hessian-aware column-by-column weight quantization.
+"""GPTQ (arXiv 2210.17323; docs/spec/methods.md §5): Hessian-aware column-by-column weight quantization.
 
 ``gptq_quantize(W [out, in], H [in, in], fmt)`` quantizes any weight given the Hessian of the input
 the quantized model sees (after rotation, flattening, permutation or smoothing), so it also serves
@@ -80,7 +80,7 @@ class GPTQResult:
 
 
 def hessian_update(h, n, x, mask=None):
-    """Running mean ``H = (2/N)·Σ x xᵀ`` (methods.md §5.2), f32 at HIGHEST precision.
+    """Running mean ``H = (2/N)·Σ x xᵀ`` (docs/spec/methods.md §5.2), f32 at HIGHEST precision.
 
     Args:
       h: ``[in, in]`` current H (zeros to start); n: tokens seen so far (int or int32 scalar).

@@ -128,7 +128,7 @@ def _fused_w_scales(qcfg, weights: dict) -> dict:
 
 
 class GPTQMethod:
-    """GPTQ (methods.md §5) on H = XᵀX/N of each input group (sequential by default).
+    """GPTQ (docs/spec/methods.md §5) on H = XᵀX/N of each input group (sequential by default).
 
     NVFP4 activations get the static scale of the group's amax (same pass as H); NVFP4 weights
     of fused partitions share the global scale of their joint amax."""
@@ -197,7 +197,7 @@ def smoothquant_fold(layer, absmax: dict, alpha: float):
 
 
 class SmoothQuantMethod:
-    """SmoothQuant (methods.md §4): α migration folded into the RMSNorm before q/k/v and before
+    """SmoothQuant (docs/spec/methods.md §4): α migration folded into the RMSNorm before q/k/v and before
     gate/up (one scale per group), then RTN of every projection (o and down unsmoothed).
 
     Int activations are quantized per token by default (SmoothQuant's dynamic per-token O1
@@ -280,7 +280,7 @@ def awq_linear(w, x, moments, qcfg, rounding, bias=None, n_out_chunks=1):
 
 
 class AWQMethod:
-    """FPRAG-AWQ (methods.md §6): per linear, the α grid search of s = E[x²]^α on ≤ 2,048
+    """FPRAG-AWQ (docs/spec/methods.md §6): per linear, the α grid search of s = E[x²]^α on ≤ 2,048
     stored tokens, int4-asym g128 weight-only; ``rounding="dh"`` for the dynamic heuristic.
 
     The packed linear keeps s as its input divisor (x/s)·Q(W diag s)ᵀ. ``finish`` quantizes
@@ -370,7 +370,7 @@ def serq_linear(w, st, qcfg, bias=None):
 
 
 class SERQMethod:
-    """SERQ (methods.md §7): static flattening by the calibration absmax, saliency permutation,
+    """SERQ (docs/spec/methods.md §7): static flattening by the calibration absmax, saliency permutation,
     one quantized compensation matrix on the r most salient channels read from the same
     quantized activations; main weight by RTN or GPTQ (``residual_quant``, int path)."""
 

@@ -1,4 +1,4 @@
-"""ResQ on whole models (methods.md §8): the model-level fusions around ``resq``'s per-linear
+"""ResQ on whole models (docs/spec/methods.md §8): the model-level fusions around ``resq``'s per-linear
 pieces, as a layer quantizer of ``arhq_jax.quantize_model``.
 
 ``prepare`` (before the layer loop, on the float model):
@@ -179,7 +179,7 @@ def o_proj_perm(cfg, n_high_v: int) -> np.ndarray:
 
 
 class ResQMethod:
-    """ResQ (methods.md §8), see the module docstring."""
+    """ResQ (docs/spec/methods.md §8), see the module docstring."""
 
     def needs_calibration(self, qcfg) -> bool:
         return qcfg.residual_quant == "gptq"

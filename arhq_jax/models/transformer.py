@@ -1,4 +1,4 @@
-"""The decoder shared by the Llama and Qwen3 ports (spec/models.md §1-2).
+"""The decoder shared by the Llama and Qwen3 ports (docs/spec/models.md §1-2).
 
 Pure functions over a ``Params`` pytree; ``cfg`` (a hashable ``ModelConfig``) is always static under
 ``jax.jit``. Shapes: ``B`` batch, ``T`` query tokens, ``S`` key slots (``T`` without a KV cache, the
