@@ -1,7 +1,7 @@
 """Low-rank + residual splits of a weight: ARHQ, SVDQuant, smoothing (α search) and layer SNR.
 
-Spec: docs/spec/methods.md §2.2 (ARHQ raw), §2.3 (smoothing), §2.4 (SNR), §3 (SVDQuant as the ARHQ reference
-implements it). Every function is pure; matmuls run at ``precision=HIGHEST``; the f64 path is
+Spec: docs/spec/methods.md §2.2 (ARHQ raw), §2.3 (smoothing), §2.4 (SNR), §3 (SVDQuant as
+the ARHQ reference implements it). Every function is pure; matmuls run at ``precision=HIGHEST``; the f64 path is
 ``with jax.enable_x64(True):`` around calls made with f64 inputs.
 
 A split is ``W = residual + B Aᵀ`` with ``B [out, r]`` and ``A [in, r]``; at run time
