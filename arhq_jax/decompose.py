@@ -1,7 +1,8 @@
 """Low-rank + residual splits of a weight: ARHQ, SVDQuant, smoothing (α search) and layer SNR.
 
 Spec: docs/spec/methods.md §2.2 (ARHQ raw), §2.3 (smoothing), §2.4 (SNR), §3 (SVDQuant as
-the ARHQ reference implements it). Every function is pure; matmuls run at ``precision=HIGHEST``; the f64 path is
+the ARHQ reference implements it). Every function is pure; matmuls run at ``precision=HIGHEST``;
+the f64 path is
 ``with jax.enable_x64(True):`` around calls made with f64 inputs.
 
 A split is ``W = residual + B Aᵀ`` with ``B [out, r]`` and ``A [in, r]``; at run time
@@ -229,7 +230,8 @@ def _svd(w):
 
 
 def svdquant(w, rank: int | None = None, *, ranks=None, dtype=None):
-    """SVDQuant split as the ARHQ reference implements it (docs/spec/methods.md §3): the plain truncated
+    """SVDQuant split as the ARHQ reference implements it (docs/spec/methods.md §3): the plain
+    truncated
     SVD of ``w`` (pass ``W diag(s)`` for the smooth setting), ``B = U_r Σ_r``, ``A = V_r``.
 
     ``objective`` is ``Σ_{i>r} σ_i(W)²`` (the unweighted Frobenius error); ``n_clamped`` is 0.

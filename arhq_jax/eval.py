@@ -1,4 +1,5 @@
-"""Evaluation: GPTQ-style perplexity, KL and top-1 agreement with a reference (docs/spec/methods.md §9).
+"""Evaluation: GPTQ-style perplexity, KL and top-1 agreement with a reference (docs/spec/methods.md
+§9).
 
 Protocol: tokenize the whole text once with the tokenizer's defaults, cut the ids into ⌊T/L⌋
 non-overlapping chunks of ``seq_len`` L (the tail is dropped), and take

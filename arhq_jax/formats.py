@@ -17,7 +17,8 @@ Layers of this module, from the bottom up:
 nvfp4 has two tensor-scale conventions (``FormatSpec.convention``, docs/formats.md): "nvfp4" is
 compressed-tensors' (the tensor scale is the encode global scale gs = 2688/amax, the block decode
 is fl(s / gs); what the exported checkpoint holds and compressed-tensors/vLLM decode), and
-"nvfp4-modelopt" is ModelOpt's and docs/spec/formats.md §3's (the tensor scale is the decode multiplier
+"nvfp4-modelopt" is ModelOpt's and docs/spec/formats.md §3's (the tensor scale is the decode
+multiplier
 g = amax/2688, the block decode is fl(s · g); bit-identical with ModelOpt's reference). Both have
 ``spec.name == "nvfp4"``.
 
@@ -64,7 +65,8 @@ _ALIASES = {
 }
 INT_VARIANTS = ("default", "fprag", "serq", "gptq")
 # nvfp4 tensor-scale conventions (docs/formats.md): "ct" = compressed-tensors (the default, what
-# the exported nvfp4-pack-quantized checkpoint holds), "modelopt" = ModelOpt / docs/spec/formats.md §3
+# the exported nvfp4-pack-quantized checkpoint holds), "modelopt" = ModelOpt / docs/spec/formats.md
+# §3
 # (bit-identical with ModelOpt's reference and docs/spec/formats.md §10 vectors).
 NVFP4_CONVENTIONS = ("ct", "modelopt")
 
@@ -92,12 +94,14 @@ class FormatSpec:
       symmetric: int formats only; False = asymmetric with uint8 zero points.
       tile: None, or (16, 16) for nvfp4-paper weights (16 rows x 16 columns share a scale).
       scale_rule: mxfp4 scale exponent rule, "floor" (OCP MX, default) or "ceil" (SERQ kernel).
-      int_variant: "default" (docs/spec/formats.md §6), "fprag" (asym: no range widening, scale >= 1e-8,
+      int_variant: "default" (docs/spec/formats.md §6), "fprag" (asym: no range widening, scale >=
+      1e-8,
         RNE after adding z), "serq" (sym: range [-2^(b-1)+1, 2^(b-1)-1] with sign-magnitude
         codes), "gptq" (GPTQ/QuaRot code: amax (sym) or hi-lo (asym) clamped at >= 1e-5).
       convention: nvfp4 only (None elsewhere): "ct" (default; compressed-tensors: the tensor scale
         is the encode global scale gs = 2688/amax, decode d = fl(s / gs), placeholder scale 0.125
-        for blocks whose scale rounds to 0, -0.0 encodes as 0x0) or "modelopt" (docs/spec/formats.md §3: the
+        for blocks whose scale rounds to 0, -0.0 encodes as 0x0) or "modelopt"
+        (docs/spec/formats.md §3: the
         tensor scale is the decode multiplier g = amax/2688, d = fl(s · g), flushed blocks store 0).
         Resolve "nvfp4-modelopt" for the latter; its label is "nvfp4-modelopt".
     """
@@ -187,7 +191,8 @@ class FormatSpec:
 
     @property
     def bits_per_element(self) -> float:
-        """Stored bits per element (docs/spec/formats.md §8); whole-axis groups need ``bits_per_element(spec, k)``."""
+        """Stored bits per element (docs/spec/formats.md §8); whole-axis groups need
+        ``bits_per_element(spec, k)``."""
         return bits_per_element(self)
 
 
@@ -244,7 +249,8 @@ def resolve_format(fmt: str | FormatSpec, **overrides) -> FormatSpec:
 
 
 def bits_per_element(fmt: str | FormatSpec, k: int | None = None) -> float:
-    """Stored bits per element (docs/spec/formats.md §8): element bits plus scale (and zero) overhead.
+    """Stored bits per element (docs/spec/formats.md §8): element bits plus scale (and zero)
+    overhead.
 
     The nvfp4 per-tensor f32 scale is not included (it is 32 bits per tensor). ``k`` (the axis
     length) is needed only for int formats with a whole-axis group (block = -1).

@@ -113,7 +113,8 @@ class QuantConfig:
 
     Attributes:
       method: one of ``METHODS``.
-      setting: ``raw`` or ``smooth`` (per-projection α-searched smoothing, docs/spec/methods.md §2.3;
+      setting: ``raw`` or ``smooth`` (per-projection α-searched smoothing, docs/spec/methods.md
+      §2.3;
         low-rank methods only).
       rank: rank r of the float low-rank branch (svdquant, arhq; ignored by rtn), or SERQ's number
         of compensated salient channels; None: the method's default (32; SERQ 128).

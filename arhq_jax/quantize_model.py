@@ -95,7 +95,8 @@ def _accumulate(
 
 
 def _alpha_search(runner, layer, projs, m_x, qcfg):
-    """Per projection: the α* of the smoothing grid and its scale s ``[in]`` (docs/spec/methods.md §2.3).
+    """Per projection: the α* of the smoothing grid and its scale s ``[in]`` (docs/spec/methods.md
+    §2.3).
 
     With static nvfp4 activation scales each candidate α quantizes x/s_α with the static scale
     of its amax over the calibration set (from ``m_x``), as the runtime will."""

@@ -1,4 +1,5 @@
-"""Streaming per-linear-input statistics over token chunks (docs/spec/methods.md §0 "Streaming statistics").
+"""Streaming per-linear-input statistics over token chunks (docs/spec/methods.md §0 "Streaming
+statistics").
 
 Memory is O(D²) per accumulator, independent of the token count: the state holds sums, and
 ``finalize`` divides once. Kept on request (``StatsConfig``):

@@ -127,7 +127,8 @@ def make_layer(n, k, r, fmt, seed=0):
 
 
 def compulsory_bytes(m, n, k, r, fmt, act) -> float:
-    """docs/spec/kernels.md §10: weights, factors, s, g, x, y and the intermediates of the 2-kernel path."""
+    """docs/spec/kernels.md §10: weights, factors, s, g, x, y and the intermediates of the 2-kernel
+    path."""
     b = n * k * BITS[fmt] / 8 + r * (k + n) * 2 + k * 4 + 4 + m * k * 2 + m * n * 2
     b += 8 * m * r  # t written and read
     if act is not None:

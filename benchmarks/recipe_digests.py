@@ -1,4 +1,5 @@
-"""sha256 digests of every quantized array of a fixed set of recipes (a refactor's bit-identity check).
+"""sha256 digests of every quantized array of a fixed set of recipes (a refactor's bit-identity
+check).
 
 Quantizes SmolLM2-135M (or the tiny random Llama of the tests, ``--tiny``) with each recipe of
 ``RECIPES`` on the first ``--calib-tokens`` pydoc calibration tokens and prints, per recipe, the
@@ -112,9 +113,8 @@ def main(argv=None) -> None:
         params, cfg, ids = _tiny()
         recipes = TINY_RECIPES
     else:
-        from converters import load_model
-
         from arhq_jax.pipeline import calibration_ids, load_corpus
+        from converters import load_model
 
         m = load_model("smollm2")
         params, cfg = m.params, m.cfg

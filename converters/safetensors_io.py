@@ -1,6 +1,7 @@
 """The safetensors container: a validating header parser, a streaming reader, a streaming writer.
 
-Layout (docs/spec/models.md §3): an 8-byte little-endian header length n, n bytes of JSON mapping each name
+Layout (docs/spec/models.md §3): an 8-byte little-endian header length n, n bytes of JSON mapping
+each name
 to ``{dtype, shape, data_offsets: [begin, end]}`` (offsets relative to the data start) plus an
 optional ``__metadata__`` (str → str), then the raw little-endian C-order data.
 

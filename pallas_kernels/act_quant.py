@@ -55,7 +55,8 @@ def _quant_halves(xe, xo, g, act: str, interpret: bool):
     d = fl(s/gs), codes = E2M1_RNE(clip(x/d, ±6)) with the sign of a negative nonzero x.
     nvfp4-modelopt (docs/spec/formats.md §3): raw = (amax/6)/g, s as above (0 kept), d = fl32(s·g),
     all-zero codes when s = 0.
-    mxfp4 (docs/spec/formats.md §5, floor rule): e = floor(log2 amax) - 2; x·2^-e is exact and never needs the
+    mxfp4 (docs/spec/formats.md §5, floor rule): e = floor(log2 amax) - 2; x·2^-e is exact and
+    never needs the
     subnormal 2^-127 (which the f32 flush-to-zero would turn into 0).
     """
     hb = 16 if act == "mxfp4" else 8  # elements of one block in each parity half

@@ -97,7 +97,8 @@ def e2m1_code(v: jax.Array, sign_of: jax.Array | None = None) -> jax.Array:
 
 
 def e4m3_value(byte: jax.Array) -> jax.Array:
-    """Non-negative E4M3 scale byte (int32) -> f32 (docs/spec/formats.md §2). Scales carry no sign or NaN.
+    """Non-negative E4M3 scale byte (int32) -> f32 (docs/spec/formats.md §2). Scales carry no sign
+    or NaN.
 
     Normal bytes map to f32 bits ((e + 120) << 23) | (m << 20); subnormals (e = 0) are m * 2**-9,
     computed without f32 subnormals (XLA:CPU and GPUs may flush them).
@@ -138,7 +139,8 @@ def e4m3_byte(s: jax.Array) -> jax.Array:
 
 
 def e8m0_floor_byte(amax: jax.Array) -> jax.Array:
-    """MXFP4 floor-rule scale byte from a block max (docs/spec/formats.md §5): e = floor(log2 a) - 2.
+    """MXFP4 floor-rule scale byte from a block max (docs/spec/formats.md §5): e = floor(log2 a) -
+    2.
 
     With E the f32 biased exponent, floor(log2 a) = E - 127 for normal a, and the clamp e >= -127
     covers a = 0 and subnormal a (both give byte 0). The upper clamp (e <= 127) cannot trigger.

@@ -1,11 +1,13 @@
 """Kernel 2: block-scaled FP4 GEMM with the fused low-rank epilogue, and the public entry point.
 
-    y = Q_a(x/s) · deq(W_res)ᵀ + ((x/s)·A)·Bᵀ (+ bias)                          (docs/spec/kernels.md §1)
+    y = Q_a(x/s) · deq(W_res)ᵀ + ((x/s)·A)·Bᵀ (+ bias)
+                             (docs/spec/kernels.md §1)
 
 Kernel 2 has grid (Mp/bm, Np/bn) and a K loop inside the program (Triton: no scratch memory, the
 accumulator is the ``fori_loop`` carry). Per K tile it loads the packed weight tile ``[bn, bk/2]``
 and its scale bytes, decodes the low and high nibbles separately into bf16 (exact: E2M1 × E4M3 or
-× 2^e has at most 6 significant bits) and runs two dots, x_even·w_loᵀ + x_odd·w_hiᵀ (docs/spec/kernels.md
+× 2^e has at most 6 significant bits) and runs two dots, x_even·w_loᵀ + x_odd·w_hiᵀ
+(docs/spec/kernels.md
 §3, no interleave). The epilogue multiplies by the tensor parts of the nvfp4 decodes
 (fl(1/gs_x)·fl(1/gs_w), or g_x·g_w for nvfp4-modelopt; applied to the f32 accumulator because they
 are not exact in bf16), adds t·Bᵀ and the bias while the tile is in registers, and stores the
@@ -17,7 +19,8 @@ operands at HIGHEST precision unless x is bf16 without smoothing, or ``a16_bf16=
 fast mode that rounds x/s to bf16 like ``qlinear.quant_matmul_ref(..., a16_bf16=True)``).
 
 Backends: ``interpret=True`` anywhere (CPU tests); on GPU the generic ``pallas_call`` is lowered
-by Triton (selected by ``compiler_params=pltriton.CompilerParams``, jax 0.9.1+; docs/spec/kernels.md §7).
+by Triton (selected by ``compiler_params=pltriton.CompilerParams``, jax 0.9.1+;
+docs/spec/kernels.md §7).
 """
 
 from __future__ import annotations
@@ -130,7 +133,8 @@ def _pad2(a: jax.Array, rows: int, cols: int, value=0) -> jax.Array:
 
 
 def choose_tiles(m: int, n: int, k_pad: int, block_m=None, block_n=None, block_k=None):
-    """Default tiles (docs/spec/kernels.md §8), before any autotuning. Returns (bm, bn, bk, warps, stages).
+    """Default tiles (docs/spec/kernels.md §8), before any autotuning. Returns (bm, bn, bk, warps,
+    stages).
 
     bm follows M (16 for decode: Triton's dot needs >= 16 rows). For M <= 64 the layer is memory
     bound and the grid has a single row of programs, so bn shrinks until there are about 256
@@ -316,7 +320,8 @@ def _matmul_impl(
     wfmt = w.spec.name
     blk = w.spec.block
 
-    # Padding (docs/spec/kernels.md §8). It is a no-op for aligned shapes (LLM widths are multiples of 64);
+    # Padding (docs/spec/kernels.md §8). It is a no-op for aligned shapes (LLM widths are multiples
+    # of 64);
     # padded codes, scale bytes, factor rows and activations are zero, so they add exact zeros.
     mp, np_, kp = _round_up(m, bm), _round_up(n, bn), _round_up(k, bk)
     rp = max(16, 1 << (r - 1).bit_length()) if r else 0

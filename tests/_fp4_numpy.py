@@ -1,4 +1,5 @@
-"""An independent numpy / ml_dtypes implementation of nvfp4 and mxfp4 (docs/spec/formats.md §3, §5, §7).
+"""An independent numpy / ml_dtypes implementation of nvfp4 and mxfp4 (docs/spec/formats.md §3, §5,
+§7).
 
 "nvfp4" is the compressed-tensors convention (written from compressed-tensors' own arithmetic:
 gs = fl(2688·fl(1/amax)), s = E4M3(gs·fl(a/6)) or 0.125, d = fl(s/gs), sign from torch.sign(x));

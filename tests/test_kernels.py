@@ -99,7 +99,8 @@ M2 = [0.1, -0.05, 0.03] + [0] * 29
 
 
 def test_kernel1_golden_vectors():
-    """docs/spec/formats.md §10: N1-N4 (nvfp4-modelopt) and M1-M3 (mxfp4) codes, packed bytes and scale
+    """docs/spec/formats.md §10: N1-N4 (nvfp4-modelopt) and M1-M3 (mxfp4) codes, packed bytes and
+    scale
     bytes; the compressed-tensors convention on the same vectors."""
     q = functools.partial(quantize_activations, interpret=True)
     codes, scales, g = q(jnp.asarray([N1 + N2 + N3], jnp.float32), "nvfp4-modelopt")

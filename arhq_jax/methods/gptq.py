@@ -1,4 +1,5 @@
-"""GPTQ (arXiv 2210.17323; docs/spec/methods.md §5): Hessian-aware column-by-column weight quantization.
+"""GPTQ (arXiv 2210.17323; docs/spec/methods.md §5): Hessian-aware column-by-column weight
+quantization.
 
 ``gptq_quantize(W [out, in], H [in, in], fmt)`` quantizes any weight given the Hessian of the input
 the quantized model sees (after rotation, flattening, permutation or smoothing), so it also serves

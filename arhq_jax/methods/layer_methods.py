@@ -197,7 +197,8 @@ def smoothquant_fold(layer, absmax: dict, alpha: float):
 
 
 class SmoothQuantMethod:
-    """SmoothQuant (docs/spec/methods.md §4): α migration folded into the RMSNorm before q/k/v and before
+    """SmoothQuant (docs/spec/methods.md §4): α migration folded into the RMSNorm before q/k/v and
+    before
     gate/up (one scale per group), then RTN of every projection (o and down unsmoothed).
 
     Int activations are quantized per token by default (SmoothQuant's dynamic per-token O1
@@ -370,7 +371,8 @@ def serq_linear(w, st, qcfg, bias=None):
 
 
 class SERQMethod:
-    """SERQ (docs/spec/methods.md §7): static flattening by the calibration absmax, saliency permutation,
+    """SERQ (docs/spec/methods.md §7): static flattening by the calibration absmax, saliency
+    permutation,
     one quantized compensation matrix on the r most salient channels read from the same
     quantized activations; main weight by RTN or GPTQ (``residual_quant``, int path)."""
 

@@ -1,4 +1,5 @@
-"""ResQ (arXiv 2412.14363; utkarsh-dmx/project-resq; docs/spec/methods.md §8): PCA bases, Haar rotations
+"""ResQ (arXiv 2412.14363; utkarsh-dmx/project-resq; docs/spec/methods.md §8): PCA bases, Haar
+rotations
 within the low/high subspaces, mixed-precision (4-bit + 8-bit) quantizers and Hadamard transforms.
 
     H        = uncentered second moment of the input (f64), damped by 0.01·mean(diag H)

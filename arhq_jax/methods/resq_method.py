@@ -1,4 +1,5 @@
-"""ResQ on whole models (docs/spec/methods.md §8): the model-level fusions around ``resq``'s per-linear
+"""ResQ on whole models (docs/spec/methods.md §8): the model-level fusions around ``resq``'s
+per-linear
 pieces, as a layer quantizer of ``arhq_jax.quantize_model``.
 
 ``prepare`` (before the layer loop, on the float model):

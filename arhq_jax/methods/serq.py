@@ -1,4 +1,5 @@
-"""SERQ (arXiv 2603.08185; acalabys/SERQ; docs/spec/methods.md §7): flattening, saliency permutation and a
+"""SERQ (arXiv 2603.08185; acalabys/SERQ; docs/spec/methods.md §7): flattening, saliency
+permutation and a
 single quantized compensation matrix on the most salient input channels.
 
     s      = max(|min_j|, |max_j|)                       per input channel (calibration)
