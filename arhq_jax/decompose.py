@@ -28,9 +28,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from arhq_jax.elements import HIGHEST
 from arhq_jax.formats import fake_quant, nvfp4_tensor_scale, resolve_format
 
-HIGHEST = jax.lax.Precision.HIGHEST
 # α grid of the reference: k/20 for k = 0..20.
 ALPHAS = tuple(k / 20 for k in range(21))
 # Floor of m_x and m_w before the powers (docs/spec/methods.md §2.3 step 1).

@@ -16,6 +16,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+# The matmul precision of every calibration, decomposition and reference matmul (one definition).
+HIGHEST = jax.lax.Precision.HIGHEST
+
 # E2M1 value of each 4-bit code (code 8 is -0).
 E2M1_VALUES = np.array(
     [0, 0.5, 1, 1.5, 2, 3, 4, 6, -0.0, -0.5, -1, -1.5, -2, -3, -4, -6], dtype=np.float32

@@ -787,3 +787,33 @@ __all__ = [
     "scale_multiplier",
     "unpack_nibbles",
 ]
+
+
+def smooth_reciprocal(smooth: jax.Array) -> jax.Array:
+    """fl32(1/s) ``[K]``: an elementwise division, which XLA leaves exact on every backend."""
+    return 1.0 / smooth.astype(jnp.float32)
+
+
+def smooth_input(x: jax.Array, smooth: jax.Array | None) -> jax.Array:
+    """x_s = f32(x) · fl32(1/s) (``[..., K]`` f32); the f32 upcast alone when ``smooth`` is None.
+
+    A multiplication by the rounded reciprocal rather than x/s: XLA rewrites ``x / broadcast(s)``
+    into exactly this on CPU (fast-math algebraic simplifier) but not necessarily elsewhere, and
+    Triton's f32 division is not IEEE-rounded, so only this form is the same bits in the jnp path
+    and in the kernels on every backend. It differs from x/s by at most 1 ulp.
+    """
+    xs = x.astype(jnp.float32)
+    if smooth is None:
+        return xs
+    return xs * smooth_reciprocal(smooth)
+
+
+def dense_weight(w) -> jax.Array:
+    """The weight of a linear's field as an array ``[out, in]``: a packed ``QTensor`` →
+    ``dequantize(w, f32)``; a tuple of them (mixed-precision column blocks, e.g. ResQ's low and
+    high parts) → their f32 dequantizations concatenated along ``in``; an array as it is."""
+    if isinstance(w, tuple):
+        return jnp.concatenate([dequantize(q, jnp.float32) for q in w], axis=1)
+    if isinstance(w, QTensor):
+        return dequantize(w, jnp.float32)
+    return w

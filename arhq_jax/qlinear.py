@@ -17,28 +17,10 @@ import numpy as np
 from flax import struct
 
 from arhq_jax import formats
+from arhq_jax.elements import HIGHEST
+from arhq_jax.formats import smooth_input, smooth_reciprocal  # noqa: F401 (public here too)
 
 KERNELS = ("xla", "pallas")
-_HI = jax.lax.Precision.HIGHEST
-
-
-def smooth_reciprocal(smooth: jax.Array) -> jax.Array:
-    """fl32(1/s) ``[K]``: an elementwise division, which XLA leaves exact on every backend."""
-    return 1.0 / smooth.astype(jnp.float32)
-
-
-def smooth_input(x: jax.Array, smooth: jax.Array | None) -> jax.Array:
-    """x_s = f32(x) · fl32(1/s) (``[..., K]`` f32); the f32 upcast alone when ``smooth`` is None.
-
-    A multiplication by the rounded reciprocal rather than x/s: XLA rewrites ``x / broadcast(s)``
-    into exactly this on CPU (fast-math algebraic simplifier) but not necessarily elsewhere, and
-    Triton's f32 division is not IEEE-rounded, so only this form is the same bits in the jnp path
-    and in the kernels on every backend. It differs from x/s by at most 1 ulp.
-    """
-    xs = x.astype(jnp.float32)
-    if smooth is None:
-        return xs
-    return xs * smooth_reciprocal(smooth)
 
 
 def quant_matmul_ref(
@@ -102,10 +84,10 @@ def lowrank_matmul(
         xq = xs.astype(jnp.bfloat16).astype(jnp.float32)
     else:
         xq = xs
-    y = jnp.einsum("...k,nk->...n", xq, wd, precision=_HI, preferred_element_type=jnp.float32)
+    y = jnp.einsum("...k,nk->...n", xq, wd, precision=HIGHEST, preferred_element_type=jnp.float32)
     if a is not None:
-        t = jnp.einsum("...k,kr->...r", xs, a.astype(jnp.float32), precision=_HI)
-        y = y + jnp.einsum("...r,nr->...n", t, b.astype(jnp.float32), precision=_HI)
+        t = jnp.einsum("...k,kr->...r", xs, a.astype(jnp.float32), precision=HIGHEST)
+        y = y + jnp.einsum("...r,nr->...n", t, b.astype(jnp.float32), precision=HIGHEST)
     if bias is not None:
         y = y + bias.astype(jnp.float32)
     return y.astype(x.dtype)

@@ -34,9 +34,9 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from arhq_jax.elements import HIGHEST
 from arhq_jax.formats import fake_quant, resolve_format
 
-HIGHEST = jax.lax.Precision.HIGHEST
 DTYPES = ("float32", "float64")
 
 

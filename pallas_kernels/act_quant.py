@@ -25,9 +25,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from arhq_jax.elements import HIGHEST
 from pallas_kernels import codecs
-
-_HI = jax.lax.Precision.HIGHEST
 
 
 def expand_blocks(v: jax.Array, per_block: int) -> jax.Array:
@@ -113,8 +112,8 @@ def _act_kernel(
         if has_a:
             ae = a_ref[pl.ds(k0, h, stride=2), :].astype(jnp.float32)
             ao = a_ref[pl.ds(k0 + 1, h, stride=2), :].astype(jnp.float32)
-            t = t + jnp.dot(xe, ae, precision=_HI, preferred_element_type=jnp.float32)
-            t = t + jnp.dot(xo, ao, precision=_HI, preferred_element_type=jnp.float32)
+            t = t + jnp.dot(xe, ae, precision=HIGHEST, preferred_element_type=jnp.float32)
+            t = t + jnp.dot(xo, ao, precision=HIGHEST, preferred_element_type=jnp.float32)
         if act is not None:
             ce, co, s, byte = _quant_halves(xe, xo, g, act, interpret)
             if form == "bf16":

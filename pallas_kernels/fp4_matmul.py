@@ -33,14 +33,14 @@ import numpy as np
 from jax.experimental import pallas as pl
 
 from arhq_jax import formats
-from arhq_jax.qlinear import smooth_input, smooth_reciprocal
+from arhq_jax.elements import HIGHEST
+from arhq_jax.formats import smooth_input, smooth_reciprocal
 from pallas_kernels import codecs
 from pallas_kernels.act_quant import act_prepare_call, expand_blocks
 
 KERNEL_FORMATS = ("nvfp4", "mxfp4")  # by FormatSpec.name: both nvfp4 conventions
 _NV_LABELS = ("nvfp4", "nvfp4-modelopt")
 _T_IN_KERNEL_MIN_M = 64  # t = (x/s)·A runs in kernel 1 above this M, in XLA at or below it
-_HI = jax.lax.Precision.HIGHEST
 
 
 def _gemm_kernel(
@@ -95,10 +95,10 @@ def _gemm_kernel(
         xe = xe.astype(op_dtype)
         xo = xo.astype(op_dtype)
         acc = acc + jax.lax.dot_general(
-            xe, w_lo, dims, precision=_HI, preferred_element_type=jnp.float32
+            xe, w_lo, dims, precision=HIGHEST, preferred_element_type=jnp.float32
         )
         return acc + jax.lax.dot_general(
-            xo, w_hi, dims, precision=_HI, preferred_element_type=jnp.float32
+            xo, w_hi, dims, precision=HIGHEST, preferred_element_type=jnp.float32
         )
 
     acc = jax.lax.fori_loop(0, nk, body, jnp.zeros((bm, bn), jnp.float32))
@@ -109,7 +109,7 @@ def _gemm_kernel(
             t_ref[...],
             b_ref[...].astype(jnp.float32),
             dims,
-            precision=_HI,
+            precision=HIGHEST,
             preferred_element_type=jnp.float32,
         )
     if has_bias:
@@ -358,7 +358,7 @@ def _matmul_impl(
     )
     if t_xla:
         xs = xp.astype(jnp.float32) if inv_s is None else xp.astype(jnp.float32) * inv_s
-        prep["t"] = jnp.dot(xs, a2.astype(jnp.float32), precision=_HI)
+        prep["t"] = jnp.dot(xs, a2.astype(jnp.float32), precision=HIGHEST)
     if act is not None:
         mode, xin, op_dtype, s_in = "w4a4", prep["xa"], jnp.bfloat16, None
     else:

@@ -10,17 +10,17 @@ import pytest
 from _tiny import CFG
 
 from arhq_jax import checkpoint, cli
-from arhq_jax.calibrate import LayerwiseRunner
-from arhq_jax.formats import QTensor, dequantize, fake_quant
+from arhq_jax.calibrate import Calibration, LayerwiseRunner
+from arhq_jax.formats import QTensor, dense_weight, dequantize, fake_quant
 from arhq_jax.linear import Dense
-from arhq_jax.methods import LAYER_METHODS, resq, serq
+from arhq_jax.methods import REGISTRY, resq, serq
 from arhq_jax.methods.layer_methods import OutSplitLinear, smoothquant_fold
 from arhq_jax.models import transformer
 from arhq_jax.models.config import GROUP_OF, PROJECTIONS
 from arhq_jax.models.params import random_params
 from arhq_jax.qlinear import QuantLinear
 from arhq_jax.quant_config import QuantConfig
-from arhq_jax.quantize_model import Calibration, quantize_model
+from arhq_jax.quantize_model import quantize_model
 
 
 def _logits(params, ids):
@@ -68,7 +68,7 @@ def test_method_runs_and_checkpoint_round_trips(model, name, tmp_path):
     and its checkpoint loads back to bit-identical logits."""
     params, ids = model
     qcfg = QuantConfig(**RECIPES[name])
-    assert name in LAYER_METHODS
+    assert name in REGISTRY
     res = quantize_model(params, CFG, ids, qcfg, progress=False)
     for layer in res.params.layers:
         for p in PROJECTIONS:
@@ -128,7 +128,7 @@ def test_smoothquant_fold_keeps_unquantized_logits_and_quantizes_folded_weights(
 def test_resq_rotated_model_equals_original_and_linears_are_mixed(model):
     params, ids = model
     qcfg = QuantConfig(method="resq")
-    rotated = LAYER_METHODS["resq"].prepare(params, CFG, ids, qcfg)
+    rotated = REGISTRY["resq"].prepare(params, CFG, ids, qcfg)
     assert rotated.lm_head is not None
     np.testing.assert_allclose(np.asarray(rotated.layers[0].input_norm), 1.0)
     np.testing.assert_allclose(_logits(rotated, ids), _logits(params, ids), atol=1e-4)
@@ -299,7 +299,7 @@ def test_packed_linears_equal_the_f32_ones():
     for n_high, had in ((8, False), (0, True)):
         a = resq.resq_quantize(w, n_high=n_high, hadamard=had, mse_clip=True)
         b = resq.resq_quantize(w, n_high=n_high, hadamard=had, mse_clip=True, pack=True)
-        np.testing.assert_array_equal(np.asarray(resq._weight(b.w_hat)), np.asarray(a.w_hat))
+        np.testing.assert_array_equal(np.asarray(dense_weight(b.w_hat)), np.asarray(a.w_hat))
 
 
 def test_format_errors_name_the_supported_formats(capsys):

@@ -44,9 +44,9 @@ import jax.numpy as jnp
 from flax import struct
 
 from arhq_jax import formats as F
+from arhq_jax.elements import HIGHEST
 from arhq_jax.formats import div
 
-HIGHEST = jax.lax.Precision.HIGHEST
 QMAX = 15  # int4 asymmetric [0, 15]
 
 

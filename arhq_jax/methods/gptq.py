@@ -51,8 +51,8 @@ import numpy as np
 from flax import struct
 
 from arhq_jax import formats as F
+from arhq_jax.elements import HIGHEST
 
-HIGHEST = jax.lax.Precision.HIGHEST
 # QuaRot's find_params(mse=True): p = 1 − k/grid for k < maxshrink·grid, error Σ|Δ|^norm.
 MSE_GRID, MSE_MAXSHRINK, MSE_NORM = 100, 0.8, 2.4
 

@@ -41,9 +41,9 @@ import numpy as np
 from flax import struct
 
 from arhq_jax import formats as F
+from arhq_jax.elements import HIGHEST
 from arhq_jax.methods import gptq as G
 
-HIGHEST = jax.lax.Precision.HIGHEST
 W_LOW = F.resolve_format("int4", group_size=-1, int_variant="gptq")
 W_HIGH = F.resolve_format("int8", group_size=-1, int_variant="gptq")
 A_LOW = F.resolve_format("int4-asym", group_size=-1)
@@ -280,15 +280,6 @@ def hadamard_transform(x, axis: int = -1) -> jax.Array:
 # ----------------------------------------------------------------------------------------------
 
 
-def _weight(w) -> jax.Array:
-    """f32 ``[out, in]`` of an array, a packed ``QTensor`` or a mixed pair (low, high)."""
-    if isinstance(w, tuple):
-        return jnp.concatenate([F.dequantize(q, jnp.float32) for q in w], axis=1)
-    if isinstance(w, F.QTensor):
-        return F.dequantize(w, jnp.float32)
-    return w
-
-
 @struct.dataclass
 class ResQLinear:
     """Rotated mixed-precision projection: ``y = Q_a(x[perm] R)·Ŵᵀ (+ b)``.
@@ -338,7 +329,7 @@ class ResQLinear:
         y = jnp.einsum(
             "...k,nk->...n",
             xr,
-            _weight(self.w_hat),
+            F.dense_weight(self.w_hat),
             precision=HIGHEST,
             preferred_element_type=jnp.float32,
         )

@@ -18,10 +18,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from arhq_jax.elements import HIGHEST
 from arhq_jax.models.config import Layer, ModelConfig, Params
 
 F32 = jnp.float32
-HIGHEST = jax.lax.Precision.HIGHEST
 
 
 def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
