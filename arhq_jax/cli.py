@@ -16,8 +16,22 @@ import time
 # Must be set before scipy loads its OpenBLAS (jax imports scipy lazily, at the first linalg op).
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.errors import JaxRuntimeError  # noqa: E402
+
+from arhq_jax import checkpoint  # noqa: E402
 from arhq_jax.argtypes import float_in, int_at_least  # noqa: E402
+from arhq_jax.corpora import PAPER_SEQ_LEN, dataset_tokens  # noqa: E402
+from arhq_jax.demo import run_demo  # noqa: E402
 from arhq_jax.methods import REGISTRY  # noqa: E402
+from arhq_jax.models.generate import generate  # noqa: E402
+from arhq_jax.pipeline import (  # noqa: E402
+    calibration_ids,
+    evaluate_models,  # noqa: E402
+    load_corpus,
+)
+from arhq_jax.qlinear import weights_only, with_kernel  # noqa: E402
 from arhq_jax.quant_config import (  # noqa: E402
     ACT_SCALES,
     COMMON_FIELDS,
@@ -25,6 +39,12 @@ from arhq_jax.quant_config import (  # noqa: E402
     LINEAR_FORMATS,
     METHODS,
     MODULES,
+    QuantConfig,  # noqa: E402
+)
+from arhq_jax.quantize_model import quantize_model, summarize  # noqa: E402
+from converters import (
+    convert,  # noqa: E402
+    load_model,  # noqa: E402
 )
 
 
@@ -270,7 +290,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _load(args):
-    from converters import load_model
 
     t0 = time.perf_counter()
     m = load_model(args.model, require_tokenizer=True)
@@ -291,8 +310,6 @@ def _positions(args, cfg, n: int, what: str) -> None:
 
 
 def _quantized(args, m):
-    from arhq_jax import checkpoint
-    from arhq_jax.qlinear import weights_only, with_kernel
 
     if args.quantized is None:
         if args.weights_only:
@@ -308,16 +325,11 @@ def _quantized(args, m):
 
 
 def _no_gpu() -> bool:
-    import jax
 
     return jax.default_backend() != "gpu"
 
 
 def cmd_quantize(args) -> int:
-    from arhq_jax import checkpoint
-    from arhq_jax.pipeline import calibration_ids, load_corpus
-    from arhq_jax.quant_config import QuantConfig
-    from arhq_jax.quantize_model import quantize_model, summarize
 
     common = {
         "method": args.method,
@@ -369,8 +381,6 @@ def cmd_quantize(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from arhq_jax.corpora import PAPER_SEQ_LEN, dataset_tokens
-    from arhq_jax.pipeline import evaluate_models, load_corpus
 
     paper = args.dataset != "pydoc"
     if args.text is not None and (paper or args.data_file is not None):
@@ -418,9 +428,6 @@ def cmd_eval(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    import numpy as np
-
-    from arhq_jax.models.generate import generate
 
     m = _load(args)
     params, _ = _quantized(args, m)
@@ -457,7 +464,7 @@ def cmd_generate(args) -> int:
 
 
 def cmd_lm_eval(args) -> int:
-    try:
+    try:  # the optional extra "eval" (lm-eval)
         import arhq_jax.lm_eval_backend as leb
     except ImportError as e:
         raise ValueError(f"lm-eval is not installed ({e}); pip install arhq-jax[eval]") from None
@@ -492,7 +499,6 @@ def cmd_lm_eval(args) -> int:
 
 
 def cmd_convert(args) -> int:
-    from converters import convert
 
     convert(args.src, args.dst, param_dtype=args.dtype, overwrite=args.overwrite)
     print(f"wrote {args.dst}")
@@ -500,7 +506,6 @@ def cmd_convert(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from arhq_jax.demo import run_demo
 
     run_demo(
         out_dir=args.out,
@@ -538,7 +543,6 @@ def main(argv=None) -> int:
     OSError for a missing, unreadable or existing path, and XLA running out of memory. Anything
     else is a bug and keeps its traceback.
     """
-    from jax.errors import JaxRuntimeError
 
     args = build_parser().parse_args(argv)
     try:

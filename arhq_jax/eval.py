@@ -25,6 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from arhq_jax.models.transformer import forward
+
 LogitsFn = Callable[[jax.Array], jax.Array]
 
 
@@ -128,7 +130,6 @@ class EvalResult:
 def jitted_forward():
     """The model forward ``(params, cfg, ids[B, L]) -> logits[B, L, V] f32``, jit-compiled with
     ``cfg`` static (params are an argument, not a closure, so they are not baked into the HLO)."""
-    from arhq_jax.models.transformer import forward
 
     return forward  # already jit-compiled inside, cfg static
 

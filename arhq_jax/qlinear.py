@@ -19,6 +19,10 @@ from flax import struct
 from arhq_jax import formats
 from arhq_jax.elements import HIGHEST
 from arhq_jax.formats import smooth_input, smooth_reciprocal  # noqa: F401 (public here too)
+from arhq_jax.methods.resq import ResQLinear
+from arhq_jax.methods.serq import SERQLinear
+from pallas_kernels import fp4_lowrank_matmul
+from pallas_kernels.fp4_matmul import KERNEL_FORMATS
 
 KERNELS = ("xla", "pallas")
 
@@ -140,8 +144,6 @@ class QuantLinear:
                 f"{self.in_features}"
             )
         if self.kernel == "pallas":
-            from pallas_kernels import fp4_lowrank_matmul
-
             return fp4_lowrank_matmul(
                 x,
                 self.w,
@@ -246,7 +248,6 @@ class QuantLinear:
 
 
 def _check_pallas(lin: QuantLinear) -> None:
-    from pallas_kernels.fp4_matmul import KERNEL_FORMATS
 
     for what, spec in (("weight", lin.w.spec), ("activation", lin.act_fmt)):
         if spec is None:
@@ -344,8 +345,6 @@ def weights_only(params):
     in ResQ's own weight-only linears). ``OutSplitLinear`` parts are reached through the pytree.
     A pure function of the pytree; float leaves and other nodes are returned unchanged.
     """
-    from arhq_jax.methods.resq import ResQLinear
-    from arhq_jax.methods.serq import SERQLinear
 
     kinds = (QuantLinear, FakeQuantLinear, SERQLinear, ResQLinear)
 

@@ -362,3 +362,10 @@ def _not_an_option(name: str, method: str) -> str:
 def _one_of(what: str, value, allowed) -> None:
     if value not in allowed:
         raise ValueError(f"unknown {what} {value!r}; supported: {', '.join(map(str, allowed))}")
+
+
+def takes(method: str, **options) -> dict:
+    """The subset of ``options`` that ``method`` has (for sweeps over methods, e.g. a rank
+    given to rtn, svdquant and arhq alike): ``QuantConfig(method=m, **takes(m, rank=8))``."""
+    known = option_fields(REGISTRY[method].Options)
+    return {k: v for k, v in options.items() if k in known}

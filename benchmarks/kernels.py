@@ -29,7 +29,6 @@ import math
 import os
 import statistics
 import sys
-import tempfile
 import time
 
 import numpy as np
@@ -40,6 +39,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from arhq_jax import formats  # noqa: E402
+from arhq_jax.atomic import atomic_file  # noqa: E402
 from arhq_jax.models.config import ModelConfig  # noqa: E402
 from arhq_jax.qlinear import quant_matmul_ref, smooth_input  # noqa: E402
 from pallas_kernels import choose_tiles, fp4_lowrank_matmul  # noqa: E402
@@ -358,17 +358,8 @@ def plot(data: dict, path: str) -> None:
 
 
 def _atomic_write(path: str, write, binary: bool = False) -> None:
-    d = os.path.dirname(path)
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb" if binary else "w") as f:
-            write(f)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    with atomic_file(path) as tmp, open(tmp, "wb" if binary else "w") as f:
+        write(f)
 
 
 def main(argv=None) -> int:

@@ -17,9 +17,12 @@ import dataclasses
 import json
 from pathlib import Path
 
+import jax
 import numpy as np
 
 from arhq_jax.models.config import ModelConfig, Params
+from arhq_jax.models.params import params_to_tensors
+from converters.hf import atomic_model_dir, params_from_getter
 
 FORMAT = "arhq-jax-float-params"
 VERSION = 1
@@ -63,8 +66,6 @@ def write_orbax_files(cfg: ModelConfig, params: Params, out: Path, tokenizer=Non
     """Fill the existing (empty) directory ``out``."""
     import orbax.checkpoint as ocp
 
-    from arhq_jax.models.params import params_to_tensors
-
     tree = {name: np.asarray(a) for name, a in params_to_tensors(cfg, params)}
     if cfg.tie_word_embeddings:
         tree.pop("lm_head.weight", None)
@@ -81,9 +82,8 @@ def save_orbax(
     cfg: ModelConfig, params: Params, path: str | Path, *, tokenizer=None, overwrite: bool = False
 ) -> Path:
     """Save float params + config (+ tokenizer) to the orbax directory ``path``, atomically."""
-    from converters.hf import _atomic_dir
 
-    return _atomic_dir(
+    return atomic_model_dir(
         Path(path), overwrite, lambda tmp: write_orbax_files(cfg, params, tmp, tokenizer)
     )
 
@@ -111,8 +111,6 @@ def load_orbax(
 ) -> tuple[ModelConfig, Params]:
     """Restore ``(cfg, params)``; ``param_dtype``/``dtype`` None keep the stored ones."""
     import orbax.checkpoint as ocp
-
-    from converters.hf import params_from_getter
 
     path = Path(path)
     cfg = config_from_dict(read_orbax_metadata(path)["config"])
@@ -147,6 +145,5 @@ def load_orbax(
 
 
 def _sds(m):
-    import jax
 
     return jax.ShapeDtypeStruct(tuple(m.shape), m.dtype)

@@ -27,6 +27,8 @@ import ml_dtypes
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
+from arhq_jax.atomic import atomic_file
+
 DTYPES: dict[str, np.dtype] = {
     "F64": np.dtype(np.float64),
     "F32": np.dtype(np.float32),
@@ -223,25 +225,18 @@ class SafetensorsWriter:
 
     def close(self, metadata: dict[str, str] | None = None) -> Path:
         meta = {str(k): str(v) for k, v in (metadata or {}).items()}
-        final_tmp = None
         try:
             self._data.close()
             doc = ({"__metadata__": meta} if meta else {}) | self.entries
             header = json.dumps(doc, separators=(",", ":")).encode()
             header += b" " * (-len(header) % 8)  # align the data start to 8 bytes, as safetensors
-            fd2, final_tmp = tempfile.mkstemp(
-                dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp"
-            )
-            with os.fdopen(fd2, "wb") as out, open(self._data_tmp, "rb") as data:
-                out.write(struct.pack("<Q", len(header)))
-                out.write(header)
-                shutil.copyfileobj(data, out, 16 * 2**20)
-            os.replace(final_tmp, self.path)
-            final_tmp = None
+            with atomic_file(self.path) as tmp, open(tmp, "wb") as out:
+                with open(self._data_tmp, "rb") as data:
+                    out.write(struct.pack("<Q", len(header)))
+                    out.write(header)
+                    shutil.copyfileobj(data, out, 16 * 2**20)
         finally:
             self.abort()
-            if final_tmp is not None:
-                os.unlink(final_tmp)
         return self.path
 
     def abort(self) -> None:

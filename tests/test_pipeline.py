@@ -22,7 +22,7 @@ from arhq_jax.models import transformer
 from arhq_jax.models.config import INPUT_GROUPS, PROJECTIONS
 from arhq_jax.pipeline import calibration_ids, evaluate_models
 from arhq_jax.qlinear import QuantLinear
-from arhq_jax.quant_config import QuantConfig
+from arhq_jax.quant_config import QuantConfig, takes
 from arhq_jax.quantize_model import quantize_model
 
 
@@ -53,7 +53,9 @@ def test_calibration_g_matches_direct_computation(model):
 def test_quantize_model_reconstructs_weights(model, method, setting):
     """Every projection becomes a QuantLinear with W·s = residual + B Aᵀ, and the model runs."""
     params, ids = model
-    qcfg = QuantConfig(method=method, setting=setting, rank=8, w_fmt="nvfp4", act_fmt="nvfp4")
+    qcfg = QuantConfig(
+        method=method, setting=setting, w_fmt="nvfp4", act_fmt="nvfp4", **takes(method, rank=8)
+    )
     res = quantize_model(params, CFG, ids, qcfg, progress=False)
     for fp_layer, q_layer in zip(params.layers, res.params.layers, strict=True):
         resids = {}
@@ -85,7 +87,7 @@ def test_quantize_model_reconstructs_weights(model, method, setting):
     # Static nvfp4 activation scales are calibrated: every method reads the data now.
     assert res.calib_tokens == ids.size
     # Raw RTN and SVDQuant with dynamic scales need no data: no calibration forward at all.
-    dyn = QuantConfig(method=method, setting=setting, rank=8, act_scale="dynamic")
+    dyn = QuantConfig(method=method, setting=setting, act_scale="dynamic", **takes(method, rank=8))
     needs_data = method == "arhq" or setting == "smooth"
     res = quantize_model(params, CFG, ids, dyn, progress=False)
     assert res.calib_tokens == (ids.size if needs_data else 0)
@@ -213,7 +215,7 @@ SHARDED = textwrap.dedent(
     import jax, numpy as np
     from arhq_jax.calibrate import LayerwiseRunner, data_mesh
     from arhq_jax.pipeline import evaluate_models
-    from arhq_jax.quant_config import QuantConfig
+    from arhq_jax.quant_config import QuantConfig, takes
     from arhq_jax.calibrate import accumulate
 from arhq_jax.methods.lowrank import stats_config
 from arhq_jax.quantize_model import quantize_model
