@@ -23,12 +23,13 @@ import numpy as np
 from arhq_jax.models.config import ModelConfig, Params
 from arhq_jax.models.params import params_to_tensors
 from converters.hf import atomic_model_dir, params_from_getter
-
-FORMAT = "arhq-jax-float-params"
-VERSION = 1
-METADATA_FILE = "metadata.json"
-# Everything ``write_orbax_files`` puts in a directory.
-ORBAX_ENTRIES = frozenset({METADATA_FILE, "params", "tokenizer"})
+from converters.orbax_layout import (  # noqa: F401 (public here too)
+    FORMAT,
+    METADATA_FILE,
+    ORBAX_ENTRIES,
+    VERSION,
+    is_orbax_dir,
+)
 
 
 def config_to_dict(cfg: ModelConfig) -> dict:
@@ -49,17 +50,6 @@ def config_from_dict(d: dict) -> ModelConfig:
         if isinstance(d.get(k), list):  # several eos ids: a tuple keeps the config hashable
             d[k] = tuple(d[k])
     return ModelConfig(**d)
-
-
-def is_orbax_dir(path: str | Path) -> bool:
-    """Whether ``path`` is a directory written by ``save_orbax``."""
-    f = Path(path) / METADATA_FILE
-    if not f.is_file():
-        return False
-    try:
-        return json.loads(f.read_text()).get("format") == FORMAT
-    except (json.JSONDecodeError, AttributeError):
-        return False
 
 
 def write_orbax_files(cfg: ModelConfig, params: Params, out: Path, tokenizer=None) -> None:
