@@ -37,7 +37,6 @@ from arhq_jax.quant_config import (  # noqa: E402
     COMMON_FIELDS,
     DEFAULT,
     LINEAR_FORMATS,
-    METHODS,
     MODULES,
     QuantConfig,  # noqa: E402
 )
@@ -142,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("quantize", help="calibrate and quantize a model, save a checkpoint")
     _add_model(q)
-    q.add_argument("--method", default="arhq", choices=METHODS)
+    q.add_argument("--method", default="arhq", choices=REGISTRY.names())
     q.add_argument(
         "--format",
         default=DEFAULT,

@@ -19,8 +19,6 @@ from flax import struct
 from arhq_jax import formats
 from arhq_jax.elements import HIGHEST
 from arhq_jax.formats import smooth_input, smooth_reciprocal  # noqa: F401 (public here too)
-from arhq_jax.methods.resq import ResQLinear
-from arhq_jax.methods.serq import SERQLinear
 from pallas_kernels import fp4_lowrank_matmul
 from pallas_kernels.fp4_matmul import KERNEL_FORMATS
 
@@ -136,6 +134,10 @@ class QuantLinear:
     @property
     def rank(self) -> int:
         return 0 if self.a is None else self.a.shape[1]
+
+    def weights_only(self) -> QuantLinear:
+        """The same linear with its activation quantizer off."""
+        return self.replace(act_fmt=None, act_scale=None)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         if x.shape[-1] != self.in_features:
@@ -302,6 +304,10 @@ class FakeQuantLinear:
     def out_features(self) -> int:
         return self.w.shape[0]
 
+    def weights_only(self) -> FakeQuantLinear:
+        """The same linear with its activation quantizer off."""
+        return self.replace(act_fmt=None, act_scale=None)
+
     def __call__(self, x: jax.Array) -> jax.Array:
         return lowrank_matmul(
             x,
@@ -343,18 +349,15 @@ def weights_only(params):
     the static ``act_scale`` → None; ``SERQLinear``: ``act`` → None; ``ResQLinear``: ``act_low``
     → None, which disables its mixed activation quantizer, ``act_high`` then being unused, as
     in ResQ's own weight-only linears). ``OutSplitLinear`` parts are reached through the pytree.
-    A pure function of the pytree; float leaves and other nodes are returned unchanged.
+    A pure function of the pytree; float leaves and other nodes are returned unchanged. Every
+    quantized linear class implements ``weights_only()`` (the protocol this walks).
     """
 
-    kinds = (QuantLinear, FakeQuantLinear, SERQLinear, ResQLinear)
+    return jax.tree_util.tree_map(
+        lambda n: n.weights_only() if _has_weights_only(n) else n, params, is_leaf=_has_weights_only
+    )
 
-    def strip(node):
-        if isinstance(node, (QuantLinear, FakeQuantLinear)):
-            return node.replace(act_fmt=None, act_scale=None)
-        if isinstance(node, SERQLinear):
-            return node.replace(act=None)
-        if isinstance(node, ResQLinear):
-            return node.replace(act_low=None)
-        return node
 
-    return jax.tree_util.tree_map(strip, params, is_leaf=lambda n: isinstance(n, kinds))
+def _has_weights_only(node) -> bool:
+    """A quantized linear: it knows how to switch its activation quantizer off."""
+    return callable(getattr(type(node), "weights_only", None))

@@ -26,6 +26,7 @@ from arhq_jax.methods.base import (  # noqa: F401 (public here too)
 )
 from arhq_jax.models.config import INPUT_GROUPS, PROJECTIONS, ModelConfig
 
+# The methods registered at import (``REGISTRY`` is the live list).
 METHODS = REGISTRY.names()
 # The low-rank family (ARHQ and its references).
 LOWRANK_METHODS = ("rtn", "svdquant", "arhq")
@@ -128,8 +129,7 @@ class QuantConfig:
         options: Options | None = None,
         **method_options,
     ):
-        _one_of("method", method, METHODS)
-        m = REGISTRY[method]
+        m = REGISTRY[method]  # ValueError naming the registered methods
         known = option_fields(m.Options)
         for k in method_options:
             if k not in known:
@@ -176,6 +176,7 @@ class QuantConfig:
         if self.act_group_size is None and mf.act_group_default is not None:
             if self.act_fmt in LINEAR_FORMATS and resolve_format(self.act_fmt).is_int:
                 put("act_group_size", mf.act_group_default)
+        m.check(self)  # the method's own cross-checks (e.g. arhq needs activations) come first
         self._check_formats(m)
         self._resolve_scales(m)
         if self.stats_dtype not in ("float32", "float64"):
@@ -187,7 +188,6 @@ class QuantConfig:
                 f"option {unused[0]} does not apply to {self.method} in this recipe "
                 f"({self.options.__class__.__name__}: it has no effect here)"
             )
-        m.check(self)
 
     def __getattr__(self, name: str):
         # Only reached for names that are not fields: the method's options, then None for an
@@ -272,7 +272,7 @@ class QuantConfig:
         elif not isinstance(self.fused_w_scale, bool):
             raise ValueError(f"fused_w_scale must be True or False, got {self.fused_w_scale!r}")
         elif self.fused_w_scale and not applies:
-            fused = [n for n in METHODS if REGISTRY[n].fused_w_scale]
+            fused = [n for n in REGISTRY if REGISTRY[n].fused_w_scale]
             raise ValueError(
                 "fused_w_scale applies to nvfp4 weights of "
                 f"{', '.join(fused)}; not to {self.method} with {self.w_fmt} weights"

@@ -79,15 +79,25 @@ def _imports(path: Path, name: str, modules: dict) -> list[tuple[str, bool, int]
 
 
 def _graph():
+    """(modules, {module: imported project modules}, [(module, lazily imported, line)]).
+
+    Importing ``a.b.c`` runs ``a/__init__`` and ``a/b/__init__`` first, so those packages are
+    edges too, except the importer's own ancestors (already being initialized)."""
     modules = _modules()
     edges, lazy = {}, []
     for name, path in modules.items():
         deps = set()
+        own = {".".join(name.split(".")[:k]) for k in range(1, name.count(".") + 1)}
+        if path.name == "__init__.py":
+            own.add(name)
         for mod, in_func, line in _imports(path, name, modules):
             if in_func:
                 lazy.append((name, mod, line))
-            if mod in modules and mod != name:
-                deps.add(mod)
+            parts = mod.split(".")
+            for k in range(1, len(parts) + 1):
+                dep = ".".join(parts[:k])
+                if dep in modules and dep != name and dep not in own:
+                    deps.add(dep)
         edges[name] = deps
     return modules, edges, lazy
 

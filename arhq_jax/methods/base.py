@@ -133,6 +133,10 @@ class Registry:
         self._methods[method.name] = method
         return method
 
+    def unregister(self, name: str) -> Method:
+        """Remove a method (tests that register a temporary one)."""
+        return self._methods.pop(name)
+
     def __getitem__(self, name: str) -> Method:
         if name not in self._methods:
             raise ValueError(f"unknown method {name!r}; supported: {', '.join(self._methods)}")

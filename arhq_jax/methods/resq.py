@@ -316,6 +316,10 @@ class ResQLinear:
         w = self.w_hat[0] if isinstance(self.w_hat, tuple) else self.w_hat
         return w.shape[0]
 
+    def weights_only(self) -> ResQLinear:
+        """The same linear with its mixed activation quantizer off (``act_low`` → None)."""
+        return self.replace(act_low=None)
+
     def __call__(self, x: jax.Array) -> jax.Array:
         xr = jnp.asarray(x, jnp.float32)
         if self.perm is not None:

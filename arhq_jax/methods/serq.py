@@ -191,6 +191,10 @@ class SERQLinear:
     def rank(self) -> int:
         return self.c.shape[1]
 
+    def weights_only(self) -> SERQLinear:
+        """The same linear with its activation quantizer off (the static scale is kept)."""
+        return self.replace(act=None)
+
     def __call__(self, x: jax.Array) -> jax.Array:
         a = _act_quant(serq_input(x, self.s, self.perm), self.act, self.act_scale)
         mm = functools.partial(jnp.einsum, precision=HIGHEST, preferred_element_type=jnp.float32)
