@@ -134,9 +134,6 @@ def jitted_forward():
     return forward  # already jit-compiled inside, cfg static
 
 
-_jitted_forward = jitted_forward  # the name arhq_jax.pipeline uses
-
-
 def model_logits_fn(params, cfg) -> LogitsFn:
     """``ids[B, L] -> logits[B, L, V] f32`` through the (jit-compiled) model forward."""
     fwd = jitted_forward()

@@ -113,7 +113,7 @@ def evaluate_models(
         )
     mesh = data_mesh() if mesh is None else mesh
     chunks = ev.make_chunks(eval_tokens, seq_len, max_chunks)
-    fwd = ev._jitted_forward()
+    fwd = ev.jitted_forward()
     ref = replicate(ref, mesh)
     models = {k: replicate(v, mesh) for k, v in models.items()}
     names = ["float", *models]

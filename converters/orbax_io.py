@@ -13,14 +13,13 @@ Written to a temporary directory and renamed into place.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
 import jax
 import numpy as np
 
-from arhq_jax.models.config import ModelConfig, Params
+from arhq_jax.models.config import ModelConfig, Params, config_from_dict, config_to_dict  # noqa: F401
 from arhq_jax.models.params import params_to_tensors
 from converters.hf import atomic_model_dir, params_from_getter
 from converters.orbax_layout import (  # noqa: F401 (public here too)
@@ -30,26 +29,6 @@ from converters.orbax_layout import (  # noqa: F401 (public here too)
     VERSION,
     is_orbax_dir,
 )
-
-
-def config_to_dict(cfg: ModelConfig) -> dict:
-    d = dataclasses.asdict(cfg)
-    d["rope_scaling"] = None if cfg.rope_scaling is None else [list(kv) for kv in cfg.rope_scaling]
-    return d
-
-
-def config_from_dict(d: dict) -> ModelConfig:
-    d = dict(d)
-    names = {f.name for f in dataclasses.fields(ModelConfig)}
-    unknown = set(d) - names
-    if unknown:
-        raise ValueError(f"unknown ModelConfig fields in metadata: {sorted(unknown)}")
-    if d.get("rope_scaling") is not None:
-        d["rope_scaling"] = tuple(tuple(kv) for kv in d["rope_scaling"])
-    for k in ("bos_token_id", "eos_token_id"):
-        if isinstance(d.get(k), list):  # several eos ids: a tuple keeps the config hashable
-            d[k] = tuple(d[k])
-    return ModelConfig(**d)
 
 
 def write_orbax_files(cfg: ModelConfig, params: Params, out: Path, tokenizer=None) -> None:

@@ -290,7 +290,7 @@ def fp4_lowrank_matmul(
         if not _is_pow2(v) or v < lo:
             raise ValueError(f"{name} must be a power of two >= {lo}, got {v}")
     _check_backend(interpret)
-    return _matmul_impl(
+    return matmul_impl(
         x,
         w,
         a,
@@ -307,7 +307,7 @@ def fp4_lowrank_matmul(
 
 
 @functools.partial(jax.jit, static_argnames=("act", "tiles", "warps", "a16_bf16", "interpret"))
-def _matmul_impl(
+def matmul_impl(
     x, w, a, b, smooth, bias, act_tensor_scale, *, act, tiles, warps, a16_bf16, interpret
 ):
     bm, bn, bk = tiles

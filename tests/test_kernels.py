@@ -16,7 +16,7 @@ import pytest
 from arhq_jax import formats
 from arhq_jax.qlinear import quant_matmul_ref, smooth_input
 from pallas_kernels import codecs, fp4_lowrank_matmul, quantize_activations
-from pallas_kernels.fp4_matmul import _matmul_impl, choose_tiles
+from pallas_kernels.fp4_matmul import choose_tiles, matmul_impl
 
 ON_GPU = jax.default_backend() == "gpu"
 
@@ -253,7 +253,7 @@ def test_kernels_lower_to_triton(m, af, r):
     )
     bm, bn, bk, nw, ns = choose_tiles(m, 256, 512)
     f = functools.partial(
-        _matmul_impl, act=af, tiles=(bm, bn, bk), warps=(nw, ns), a16_bf16=False, interpret=False
+        matmul_impl, act=af, tiles=(bm, bn, bk), warps=(nw, ns), a16_bf16=False, interpret=False
     )
     check = export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
     exp = export.export(jax.jit(f), platforms=["cuda"], disabled_checks=[check])(

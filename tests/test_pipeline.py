@@ -210,17 +210,18 @@ def test_evaluate_models_matches_direct_perplexity(model):
 
 SHARDED = textwrap.dedent(
     """
-    import os, json
+    import os, json, sys
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
     import jax, numpy as np
     from arhq_jax.calibrate import LayerwiseRunner, data_mesh
     from arhq_jax.pipeline import evaluate_models
     from arhq_jax.quant_config import QuantConfig, takes
     from arhq_jax.calibrate import accumulate
-from arhq_jax.methods.lowrank import stats_config
-from arhq_jax.quantize_model import quantize_model
+    from arhq_jax.methods.lowrank import stats_config
+    from arhq_jax.quantize_model import quantize_model
     from arhq_jax.models.params import random_params
-    import tests._tiny as T
+    sys.path.insert(0, "tests")
+    import _tiny as T
     assert len(jax.devices()) == 4
     params = random_params(T.CFG, jax.random.key(0), std=0.08)
     ids = np.asarray(jax.random.randint(jax.random.key(1), (6, 32), 0, T.CFG.vocab_size), np.int32)
