@@ -19,6 +19,7 @@ from flax import struct
 from arhq_jax import formats
 from arhq_jax.elements import HIGHEST
 from arhq_jax.formats import smooth_input, smooth_reciprocal  # noqa: F401 (public here too)
+from arhq_jax.linear import matmul_nt
 from pallas_kernels import fp4_lowrank_matmul
 from pallas_kernels.fp4_matmul import KERNEL_FORMATS
 
@@ -86,7 +87,7 @@ def lowrank_matmul(
         xq = xs.astype(jnp.bfloat16).astype(jnp.float32)
     else:
         xq = xs
-    y = jnp.einsum("...k,nk->...n", xq, wd, precision=HIGHEST, preferred_element_type=jnp.float32)
+    y = matmul_nt(xq, wd)
     if a is not None:
         t = jnp.einsum("...k,kr->...r", xs, a.astype(jnp.float32), precision=HIGHEST)
         y = y + jnp.einsum("...r,nr->...n", t, b.astype(jnp.float32), precision=HIGHEST)

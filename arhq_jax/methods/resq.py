@@ -42,6 +42,7 @@ from flax import struct
 
 from arhq_jax import formats as F
 from arhq_jax.elements import HIGHEST
+from arhq_jax.linear import matmul_nt
 from arhq_jax.methods import gptq as G
 
 W_LOW = F.resolve_format("int4", group_size=-1, int_variant="gptq")
@@ -330,16 +331,7 @@ class ResQLinear:
             xr = hadamard_transform(xr)
         if self.act_low is not None:
             xr = mixed_act_quant(xr, self.n_high, self.act_low, self.act_high)
-        y = jnp.einsum(
-            "...k,nk->...n",
-            xr,
-            F.dense_weight(self.w_hat),
-            precision=HIGHEST,
-            preferred_element_type=jnp.float32,
-        )
-        if self.b is not None:
-            y = y + self.b.astype(jnp.float32)
-        return y.astype(x.dtype)
+        return matmul_nt(xr, F.dense_weight(self.w_hat), self.b).astype(x.dtype)
 
 
 def resq_quantize(

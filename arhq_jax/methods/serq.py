@@ -44,7 +44,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from arhq_jax import formats as F
-from arhq_jax.elements import HIGHEST
+from arhq_jax.linear import matmul_nt
 from arhq_jax.methods.gptq import gptq_quantize
 
 C_INT_FMT = F.resolve_format("int4", group_size=-1, int_variant="serq")
@@ -197,12 +197,9 @@ class SERQLinear:
 
     def __call__(self, x: jax.Array) -> jax.Array:
         a = _act_quant(serq_input(x, self.s, self.perm), self.act, self.act_scale)
-        mm = functools.partial(jnp.einsum, precision=HIGHEST, preferred_element_type=jnp.float32)
-        y = mm("...k,nk->...n", a, F.dense_weight(self.w_main))
-        if self.rank:
-            y = y + mm(
-                "...k,nk->...n", a[..., : self.rank], F.dense_weight(self.c)
-            )  # same quantized a
+        y = matmul_nt(a, F.dense_weight(self.w_main))
+        if self.rank:  # the same quantized a
+            y = y + matmul_nt(a[..., : self.rank], F.dense_weight(self.c))
         if self.b is not None:
             y = y + self.b.astype(jnp.float32)
         return y.astype(x.dtype)
