@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from arhq_jax.elements import HIGHEST
+
 
 @runtime_checkable
 class Linear(Protocol):
@@ -31,7 +33,6 @@ class Linear(Protocol):
     def out_features(self) -> int: ...
 
 
-@struct.dataclass
 def matmul_nt(x: jax.Array, w: jax.Array, bias: jax.Array | None = None) -> jax.Array:
     """The matmul of every linear: ``x [..., K] · w [N, K]ᵀ (+ bias [N])`` → f32 ``[..., N]``.
 
@@ -41,7 +42,7 @@ def matmul_nt(x: jax.Array, w: jax.Array, bias: jax.Array | None = None) -> jax.
         "...k,nk->...n",
         x,
         w,
-        precision=jax.lax.Precision.HIGHEST,
+        precision=HIGHEST,
         preferred_element_type=jnp.float32,
     )
     if bias is not None:
@@ -49,6 +50,7 @@ def matmul_nt(x: jax.Array, w: jax.Array, bias: jax.Array | None = None) -> jax.
     return y
 
 
+@struct.dataclass
 class Dense:
     """A float linear: ``y = x Wᵀ (+ b)``.
 
