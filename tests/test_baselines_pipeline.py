@@ -363,3 +363,27 @@ def test_cli_quantize_then_eval(smollm2, tmp_path, capsys, method):
     assert res["tokens"] == 2 * 127 and 0 < res["kl"] < 1 and 0 < res["top1"] <= 1
     _, _, quant = checkpoint.load(ck)
     assert quant["method"] == method and quant["sequential"] is True
+
+
+def test_residual_gptq_is_the_same_call_as_method_gptq(model):
+    """`--residual-quant gptq` and `--method gptq` quantize through one GPTQ call: SVDQuant at
+    rank 0 (residual = W) with a GPTQ residual is bit-identical to GPTQ, int4 per row, act-order,
+    and both carry GPTQ's int scale rule."""
+    params, ids = model
+    common = dict(w_fmt="int4", act_fmt=None, group_size=-1, sequential=False, act_order=True)
+    a = quantize_model(
+        params, CFG, ids, QuantConfig(method="gptq", **common), progress=False
+    ).params
+    b = quantize_model(
+        params,
+        CFG,
+        ids,
+        QuantConfig(method="svdquant", rank=0, residual_quant="gptq", **common),
+        progress=False,
+    ).params
+    for la, lb in zip(a.layers, b.layers, strict=True):
+        for p in PROJECTIONS:
+            qa, qb = getattr(la, p).w, getattr(lb, p).w
+            assert qa.spec == qb.spec and qa.spec.int_variant == "gptq"
+            np.testing.assert_array_equal(np.asarray(qa.codes), np.asarray(qb.codes))
+            np.testing.assert_array_equal(np.asarray(qa.scales), np.asarray(qb.scales))
