@@ -321,7 +321,7 @@ def test_format_errors_name_the_supported_formats(capsys):
         QuantConfig(method="gptq", w_fmt="nvfp4", group_size=128)
     with pytest.raises(ValueError, match="serq has its own activation quantizer"):
         QuantConfig(method="serq", w_fmt="int4", act_fmt="int4", act_group_size=-1)
-    with pytest.raises(ValueError, match="quantizing lm_head is supported by awq and awq-dh"):
+    with pytest.raises(ValueError, match="quantize_lm_head does not apply to gptq .*awq, awq-dh"):
         QuantConfig(method="gptq", quantize_lm_head=True)
     # Defaults are the native recipes; the low-rank defaults are unchanged.
     assert QuantConfig(method="smoothquant").label() == "smoothquant-int8-row/int8-token"
