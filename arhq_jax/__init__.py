@@ -1,5 +1,6 @@
 """arhq-jax: low-bit post-training quantization of LLMs in JAX/Pallas (ARHQ and baselines)."""
 
+import importlib.util
 import os
 
 # jax's CPU eigh/SVD/Cholesky call scipy's OpenBLAS, whose worker threads busy-wait: on a shared or
@@ -18,7 +19,6 @@ def _register_lm_eval() -> None:
     lm-eval's ``lm_eval.models`` table is imported first, since its ``get_model`` fills the
     registry with the built-in models only while the registry is empty.
     """
-    import importlib.util
 
     if importlib.util.find_spec("lm_eval") is None:
         return

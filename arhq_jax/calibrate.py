@@ -4,6 +4,8 @@ The driver keeps the hidden states of every calibration sequence entering the cu
 (``[S, L, H]``, the only memory that grows with the number of tokens, as in GPTQ), re-runs one
 layer at a time over batches of sequences, and feeds each projection's input to a streaming
 accumulator (``arhq_jax.stats``), whose memory is O(D²) whatever the token count.
+``Calibration`` is what a method sees of it (``stats``, ``alpha_search``, ``inputs``, the
+lm_head input).
 
 q/k/v read one input and gate/up read one input, so their statistics are accumulated once per
 input group (``INPUT_GROUPS``). The batch dimension is sharded over every visible device
@@ -22,8 +24,10 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from arhq_jax import decompose, stats
+from arhq_jax.formats import smooth_input
 from arhq_jax.models import transformer
-from arhq_jax.models.config import Layer, ModelConfig, Params
+from arhq_jax.models.config import GROUP_OF, INPUT_GROUPS, Layer, ModelConfig, Params
 
 
 def data_mesh(devices=None) -> Mesh:
@@ -118,6 +122,10 @@ class LayerwiseRunner:
             yield captured, mask
         self._last = (layer, outs)
 
+    def batches(self) -> list[tuple[jax.Array, jax.Array]]:
+        """The stored ``(h [b, L, H], valid [b])`` batches entering the current layer."""
+        return list(self._batches)
+
     def advance(self, layer: Layer) -> None:
         """Replace the stored hidden states by their output through ``layer``.
 
@@ -146,3 +154,137 @@ class LayerwiseRunner:
             for name, state in states.items():
                 states[name] = update(name, state, captured[name.split(":")[0]], mask)
         return states
+
+
+def accumulate(
+    runner: LayerwiseRunner,
+    layer: Layer,
+    specs: dict,
+    scales: dict | None = None,
+    tensor_scales: dict | None = None,
+):
+    """Stream ``specs`` = {state name: StatsConfig} over the calibration batches → finalized stats.
+
+    A name is ``group`` or ``group:proj``; when ``scales`` has an entry for the name, the input is
+    smoothed first, as the runtime does it (``smooth_input``: x·fl32(1/s), G of the smoothed
+    space); ``tensor_scales[name]`` fixes the nvfp4 activation scale of E = x − Q(x) (the static
+    runtime quantizer; default dynamic over each batch)."""
+    scales = scales or {}
+    tensor_scales = tensor_scales or {}
+    shapes = runner.cfg.linear_shapes()
+    init = {
+        name: stats.init_stats(shapes[INPUT_GROUPS[name.split(":")[0]][0]][1], scfg)
+        for name, scfg in specs.items()
+    }
+
+    def update(name, state, x, mask):
+        s = scales.get(name)
+        if s is not None:
+            x = smooth_input(x, s)
+        return stats.update_stats(
+            state, x, specs[name], mask=mask, tensor_scale=tensor_scales.get(name)
+        )
+
+    return {k: stats.finalize(v) for k, v in runner.accumulate(layer, init, update).items()}
+
+
+def alpha_search(runner, layer, projs, m_x, qcfg):
+    """Per projection: the α* of the smoothing grid and its scale s ``[in]`` (docs/spec/methods.md
+    §2.3).
+
+    With static nvfp4 activation scales each candidate α quantizes x/s_α with the static scale
+    of its amax over the calibration set (from ``m_x``), as the runtime will."""
+    init = {f"{GROUP_OF[p]}:{p}": decompose.init_alpha_search() for p in projs}
+
+    def update(name, state, x, mask):
+        p = name.split(":")[1]
+        w = getattr(layer, p).w
+        return decompose.update_alpha_search(
+            state,
+            x,
+            w,
+            m_x[GROUP_OF[p]],
+            qcfg.w_spec,
+            qcfg.act_spec,
+            mask=mask,
+            static_act_scale=qcfg.static_act_scale,
+        )
+
+    searched = runner.accumulate(layer, init, update)
+    out = {}
+    for name, state in searched.items():
+        p = name.split(":")[1]
+        alpha = decompose.select_alpha(state)
+        w = getattr(layer, p).w
+        s = decompose.smooth_scales(m_x[GROUP_OF[p]], decompose.weight_absmax(w), alpha)
+        out[p] = (alpha, s.astype(jnp.float32))
+    return out
+
+
+class Calibration:
+    """What a method may ask of the calibration data while it quantizes one layer.
+
+    Wraps a ``LayerwiseRunner`` (None when the method needs no data and the mode is parallel:
+    then no forward pass runs at all).
+    """
+
+    def __init__(self, runner: LayerwiseRunner | None, cfg: ModelConfig):
+        self.runner = runner
+        self.cfg = cfg
+
+    def _need(self) -> LayerwiseRunner:
+        if self.runner is None:
+            raise ValueError("this method declared that it needs no calibration data")
+        return self.runner
+
+    def stats(
+        self,
+        layer: Layer,
+        specs: dict,
+        scales: dict | None = None,
+        tensor_scales: dict | None = None,
+    ) -> dict:
+        """Finalized streaming statistics, see ``accumulate``."""
+        return accumulate(self._need(), layer, specs, scales, tensor_scales)
+
+    def alpha_search(self, layer: Layer, projs, m_x: dict, qcfg) -> dict:
+        """Per projection ``(α*, s)`` of the smoothing grid (docs/spec/methods.md §2.3)."""
+        return alpha_search(self._need(), layer, projs, m_x, qcfg)
+
+    def inputs(self, layer: Layer, group: str, max_tokens: int, seed: int = 0) -> np.ndarray:
+        """A uniform random sample of at most ``max_tokens`` real input tokens of ``group``:
+        f32 ``[n, D]`` (for methods whose objective needs the tokens themselves, e.g. AWQ)."""
+        runner = self._need()
+        xs = []
+        for captured, mask in runner.captures(layer):
+            x = np.asarray(captured[group], np.float32)
+            xs.append(x[np.asarray(mask)])
+        return _subsample(np.concatenate(xs), max_tokens, seed)
+
+    def _head_batches(self, final_norm):
+        """The lm_head input, ``rms_norm(h, final_norm)`` of the hidden states after the layers
+        the runner has been advanced through (all of them once the layer loop is done)."""
+        runner = self._need()
+        for h, valid in runner.batches():
+            x = transformer.rms_norm(h, final_norm, self.cfg.rms_norm_eps)
+            yield x, jnp.broadcast_to(valid[:, None], h.shape[:2])
+
+    def head_stats(self, final_norm, spec: stats.StatsConfig) -> dict:
+        """Finalized statistics of the lm_head input (see ``_head_batches``)."""
+        st = stats.init_stats(self.cfg.hidden_size, spec)
+        for x, mask in self._head_batches(final_norm):
+            st = stats.update_stats(st, x, spec, mask=mask)
+        return stats.finalize(st)
+
+    def head_inputs(self, final_norm, max_tokens: int, seed: int = 0) -> np.ndarray:
+        """A uniform random sample of at most ``max_tokens`` lm_head input tokens (f32
+        ``[n, H]``)."""
+        xs = [np.asarray(x, np.float32)[np.asarray(m)] for x, m in self._head_batches(final_norm)]
+        return _subsample(np.concatenate(xs), max_tokens, seed)
+
+
+def _subsample(x: np.ndarray, max_tokens: int, seed: int) -> np.ndarray:
+    if len(x) > max_tokens:
+        idx = np.random.default_rng(seed).choice(len(x), max_tokens, replace=False)
+        x = x[np.sort(idx)]
+    return x

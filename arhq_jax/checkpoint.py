@@ -30,6 +30,7 @@ import json
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from arhq_jax import ct_nvfp4, out_dir
@@ -40,7 +41,8 @@ from arhq_jax.checkpoint_schema import (
 )
 from arhq_jax.linear import Dense
 from arhq_jax.lora_adapter import write_adapter
-from arhq_jax.models.config import PROJECTIONS, ModelConfig, Params
+from arhq_jax.models import config_from_hf, config_to_hf
+from arhq_jax.models.config import PROJECTIONS, Layer, ModelConfig, Params
 from arhq_jax.models.params import (
     EMBED,
     FINAL_NORM,
@@ -50,6 +52,8 @@ from arhq_jax.models.params import (
     linear_key,
     norm_key,
 )
+from converters.hf import weight_files
+from converters.safetensors_io import SafetensorsReader, SafetensorsWriter
 
 FORMAT = "arhq-jax-checkpoint"
 FORMAT_VERSION = 2
@@ -157,8 +161,6 @@ def save(
     Raises:
       FileExistsError: ``path`` exists and is not an arhq-jax checkpoint (nothing is touched).
     """
-    from arhq_jax.models import config_to_hf
-    from converters.safetensors_io import SafetensorsWriter
 
     if len(params.layers) != cfg.num_layers:
         raise ValueError(f"params have {len(params.layers)} layers, config says {cfg.num_layers}")
@@ -328,8 +330,6 @@ def load(
     Raises:
       CheckpointError (a ValueError) naming the problem; FileNotFoundError for a missing dir.
     """
-    from arhq_jax.models import config_from_hf
-    from converters.safetensors_io import SafetensorsReader
 
     path = Path(path)
     if not path.is_dir():
@@ -379,7 +379,6 @@ def _check_source(path, cfg, meta, expect_config, expect_fingerprint) -> None:
 
 
 def _weight_files(path: Path) -> list[Path]:
-    from converters.hf import weight_files
 
     try:
         return weight_files(path)
@@ -396,7 +395,6 @@ class _NoReader:
 
 
 def _maybe_reader(file: Path):
-    from converters.safetensors_io import SafetensorsReader
 
     return SafetensorsReader([file]) if file.is_file() else _NoReader()
 
@@ -422,9 +420,6 @@ def _check_all_used(reader, used: set, where) -> None:
 
 
 def _assemble(cfg: ModelConfig, modules: dict, get, get_lora) -> Params:
-    import jax.numpy as jnp
-
-    from arhq_jax.models.config import Layer
 
     pdt = jnp.dtype(cfg.param_dtype).name
     shapes = cfg.linear_shapes()

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -17,14 +16,34 @@ import time
 # Must be set before scipy loads its OpenBLAS (jax imports scipy lazily, at the first linalg op).
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.errors import JaxRuntimeError  # noqa: E402
+
+from arhq_jax import checkpoint  # noqa: E402
+from arhq_jax.argtypes import float_in, int_at_least  # noqa: E402
+from arhq_jax.corpora import PAPER_SEQ_LEN, dataset_tokens  # noqa: E402
+from arhq_jax.demo import run_demo  # noqa: E402
+from arhq_jax.methods import REGISTRY  # noqa: E402
+from arhq_jax.models.generate import generate  # noqa: E402
+from arhq_jax.pipeline import (  # noqa: E402
+    calibration_ids,
+    evaluate_models,  # noqa: E402
+    load_corpus,
+)
+from arhq_jax.qlinear import weights_only, with_kernel  # noqa: E402
 from arhq_jax.quant_config import (  # noqa: E402
     ACT_SCALES,
+    COMMON_FIELDS,
     DEFAULT,
     LINEAR_FORMATS,
-    METHODS,
     MODULES,
-    RESIDUAL_QUANTS,
-    SETTINGS,
+    QuantConfig,  # noqa: E402
+)
+from arhq_jax.quantize_model import quantize_model, summarize  # noqa: E402
+from converters import (
+    convert,  # noqa: E402
+    load_model,  # noqa: E402
 )
 
 
@@ -35,45 +54,9 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def _int_at_least(lo: int):
-    """argparse ``type=``: an int ≥ ``lo``."""
-
-    def parse(s: str) -> int:
-        try:
-            v = int(s)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {s!r}") from None
-        if v < lo:
-            raise argparse.ArgumentTypeError(f"must be >= {lo}, got {v}")
-        return v
-
-    return parse
-
-
-def _float_in(lo: float, hi: float = math.inf, *, lo_open: bool = False, hi_open: bool = False):
-    """argparse ``type=``: a finite float in the interval [lo, hi] (open ends as given)."""
-    interval = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open or hi == math.inf else ']'}"
-
-    def parse(s: str) -> float:
-        try:
-            v = float(s)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
-        ok = (
-            math.isfinite(v)
-            and (v > lo if lo_open else v >= lo)
-            and (v < hi if hi_open else v <= hi)
-        )
-        if not ok:
-            raise argparse.ArgumentTypeError(f"must be a finite number in {interval}, got {s}")
-        return v
-
-    return parse
-
-
-_POS = _int_at_least(1)
-_NONNEG = _int_at_least(0)
-_SEQ_LEN = _int_at_least(2)
+_POS = int_at_least(1)
+_NONNEG = int_at_least(0)
+_SEQ_LEN = int_at_least(2)
 
 
 def _fmt_or_none(s: str) -> str | None:
@@ -129,21 +112,36 @@ def _add_weights_only(p):
     )
 
 
+def _add_method_options(p) -> None:
+    """One flag per method option, generated from the registered ``Options`` dataclasses (the
+    help, the type and the per-method defaults are the options' own); a flag left out takes the
+    method's default."""
+    for name, entries in REGISTRY.all_options().items():
+        f = entries[0][1]
+        cli = dict(f.metadata["cli"])
+        flag = cli.pop("flag", "--" + name.replace("_", "-"))
+        if cli.get("action") == "BooleanOptionalAction":
+            cli["action"] = argparse.BooleanOptionalAction
+        by_default: dict = {}
+        for m, fm in entries:
+            by_default.setdefault(repr(fm.default), []).append(m.name)
+        if len(by_default) == 1:
+            ((d, names),) = by_default.items()
+            default = f"{', '.join(names)}; default {d}"
+        else:
+            default = "default " + ", ".join(f"{d} ({', '.join(n)})" for d, n in by_default.items())
+        p.add_argument(
+            flag, dest=name, default=None, help=f"{f.metadata['help']} [{default}]", **cli
+        )
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = _Parser(prog="arhq-jax", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
 
     q = sub.add_parser("quantize", help="calibrate and quantize a model, save a checkpoint")
     _add_model(q)
-    q.add_argument("--method", default="arhq", choices=METHODS)
-    q.add_argument("--setting", default="raw", choices=SETTINGS, help="low-rank methods only")
-    q.add_argument(
-        "--rank",
-        type=_NONNEG,
-        default=None,
-        help="low-rank branch rank (svdquant/arhq, default 32), or SERQ's number of compensated "
-        "channels (default 128)",
-    )
+    q.add_argument("--method", default="arhq", choices=REGISTRY.names())
     q.add_argument(
         "--format",
         default=DEFAULT,
@@ -172,32 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="int activation group: a positive int, or 'token' (-1, one per token); default: "
         "per token for smoothquant, 128 otherwise",
     )
-    q.add_argument(
-        "--residual-quant",
-        default=None,
-        choices=RESIDUAL_QUANTS,
-        help="quantizer of the residual (svdquant/arhq), SERQ's main weight (int path) and "
-        "ResQ's weights: rtn or gptq (default: gptq for resq, rtn otherwise)",
-    )
-    q.add_argument(
-        "--alpha", type=_float_in(0, 1), default=None, help="SmoothQuant α (default 0.5)"
-    )
-    q.add_argument(
-        "--act-order", action="store_true", help="GPTQ act-order (static groups when grouped)"
-    )
-    q.add_argument(
-        "--percdamp",
-        type=_float_in(0, lo_open=True),
-        default=0.01,
-        help="GPTQ damping (default 0.01)",
-    )
-    q.add_argument(
-        "--lm-head",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="also quantize lm_head (default: yes for awq/awq-dh as FPRAG does, no otherwise)",
-    )
-    q.add_argument("--seed", type=int, default=0, help="ResQ rotations, AWQ token sampling")
+    _add_method_options(q)
     q.add_argument("--modules", default="all", choices=tuple(MODULES))
     q.add_argument("--calib-text", default=None, help="text file (default: pydoc part)")
     q.add_argument("--calib-tokens", type=_POS, default=16384)
@@ -264,8 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_quantized(g)
     g.add_argument("--prompt", required=True)
     g.add_argument("--max-new-tokens", type=_POS, default=64)
-    g.add_argument("--temperature", type=_float_in(0), default=0.0, help="0: greedy")
-    g.add_argument("--top-p", type=_float_in(0, 1, lo_open=True), default=1.0)
+    g.add_argument("--temperature", type=float_in(0), default=0.0, help="0: greedy")
+    g.add_argument("--top-p", type=float_in(0, 1, lo_open=True), default=1.0)
     g.add_argument("--top-k", type=_NONNEG, default=0, help="0: off")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
@@ -319,7 +292,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _load(args):
-    from converters import load_model
 
     t0 = time.perf_counter()
     m = load_model(args.model, require_tokenizer=True)
@@ -340,8 +312,6 @@ def _positions(args, cfg, n: int, what: str) -> None:
 
 
 def _quantized(args, m):
-    from arhq_jax import checkpoint
-    from arhq_jax.qlinear import weights_only, with_kernel
 
     if args.quantized is None:
         if args.weights_only:
@@ -357,37 +327,28 @@ def _quantized(args, m):
 
 
 def _no_gpu() -> bool:
-    import jax
 
     return jax.default_backend() != "gpu"
 
 
 def cmd_quantize(args) -> int:
-    from arhq_jax import checkpoint
-    from arhq_jax.pipeline import calibration_ids, load_corpus
-    from arhq_jax.quant_config import QuantConfig
-    from arhq_jax.quantize_model import quantize_model, summarize
 
-    qcfg = QuantConfig(
-        method=args.method,
-        setting=args.setting,
-        rank=args.rank,
-        w_fmt=args.format,
-        act_fmt=args.act_format,
-        modules=args.modules,
-        sequential=args.sequential,
-        stats_dtype=args.stats_dtype,
-        group_size=args.group_size,
-        act_group_size=args.act_group_size,
-        residual_quant=args.residual_quant,
-        alpha=args.alpha,
-        act_order=args.act_order,
-        percdamp=args.percdamp,
-        quantize_lm_head=args.lm_head,
-        seed=args.seed,
-        act_scale=args.act_scale,
-        fused_w_scale=args.fused_w_scale,
-    )
+    common = {
+        "method": args.method,
+        "w_fmt": args.format,
+        "act_fmt": args.act_format,
+        "modules": args.modules,
+        "sequential": args.sequential,
+        "stats_dtype": args.stats_dtype,
+        "group_size": args.group_size,
+        "act_group_size": args.act_group_size,
+        "act_scale": args.act_scale,
+        "fused_w_scale": args.fused_w_scale,
+    }
+    assert set(common) == set(COMMON_FIELDS)
+    # The method options the user gave (a flag left out is None: the method's default).
+    given = {k: getattr(args, k) for k in REGISTRY.all_options() if getattr(args, k) is not None}
+    qcfg = QuantConfig(**common, **given)
     checkpoint.check_out(args.out)  # refuse a foreign --out before any work
     m = _load(args)
     qcfg.check_model(m.cfg)
@@ -423,8 +384,6 @@ def cmd_quantize(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from arhq_jax.corpora import PAPER_SEQ_LEN, dataset_tokens
-    from arhq_jax.pipeline import evaluate_models, load_corpus
 
     paper = args.dataset != "pydoc"
     if args.text is not None and (paper or args.data_file is not None):
@@ -472,9 +431,6 @@ def cmd_eval(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    import numpy as np
-
-    from arhq_jax.models.generate import generate
 
     m = _load(args)
     params, _ = _quantized(args, m)
@@ -511,7 +467,7 @@ def cmd_generate(args) -> int:
 
 
 def cmd_lm_eval(args) -> int:
-    try:
+    try:  # the optional extra "eval" (lm-eval)
         import arhq_jax.lm_eval_backend as leb
     except ImportError as e:
         raise ValueError(f"lm-eval is not installed ({e}); pip install arhq-jax[eval]") from None
@@ -546,7 +502,6 @@ def cmd_lm_eval(args) -> int:
 
 
 def cmd_convert(args) -> int:
-    from converters import convert
 
     convert(args.src, args.dst, param_dtype=args.dtype, overwrite=args.overwrite)
     print(f"wrote {args.dst}")
@@ -554,7 +509,6 @@ def cmd_convert(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from arhq_jax.demo import run_demo
 
     run_demo(
         out_dir=args.out,
@@ -592,7 +546,6 @@ def main(argv=None) -> int:
     OSError for a missing, unreadable or existing path, and XLA running out of memory. Anything
     else is a bug and keeps its traceback.
     """
-    from jax.errors import JaxRuntimeError
 
     args = build_parser().parse_args(argv)
     try:

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from arhq_jax import eval as ev
+
 DATASETS = ("pydoc", "wikitext2", "c4")
 PAPER_SEQ_LEN = 2048
 C4_SAMPLES = 256
@@ -189,7 +191,6 @@ def dataset_tokens(
     For pydoc, ``data_file`` None is the built-in corpus's evaluation part, else a text file
     tokenized whole.
     """
-    from arhq_jax import eval as ev
 
     if name == "pydoc":
         ids = ev.load_text_tokens(tokenizer, data_file)

@@ -1,7 +1,8 @@
 """Low-rank + residual splits of a weight: ARHQ, SVDQuant, smoothing (α search) and layer SNR.
 
-Spec: methods.md §2.2 (ARHQ raw), §2.3 (smoothing), §2.4 (SNR), §3 (SVDQuant as the ARHQ reference
-implements it). Every function is pure; matmuls run at ``precision=HIGHEST``; the f64 path is
+Spec: docs/spec/methods.md §2.2 (ARHQ raw), §2.3 (smoothing), §2.4 (SNR), §3 (SVDQuant as
+the ARHQ reference implements it). Every function is pure; matmuls run at ``precision=HIGHEST``;
+the f64 path is
 ``with jax.enable_x64(True):`` around calls made with f64 inputs.
 
 A split is ``W = residual + B Aᵀ`` with ``B [out, r]`` and ``A [in, r]``; at run time
@@ -27,12 +28,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from arhq_jax.elements import HIGHEST
 from arhq_jax.formats import fake_quant, nvfp4_tensor_scale, resolve_format
 
-HIGHEST = jax.lax.Precision.HIGHEST
 # α grid of the reference: k/20 for k = 0..20.
 ALPHAS = tuple(k / 20 for k in range(21))
-# Floor of m_x and m_w before the powers (methods.md §2.3 step 1).
+# Floor of m_x and m_w before the powers (docs/spec/methods.md §2.3 step 1).
 SCALE_FLOOR = 1e-12
 # Relative tolerance of the symmetry check on G: max|G - Gᵀ| <= tol * max|G|.
 SYMMETRY_RTOL = 1e-4
@@ -133,7 +134,7 @@ def _check_g(g, d_in: int) -> None:
 
 @jax.jit
 def _arhq_factor(w, g, eps, rel_eps):
-    """One eigh and one SVD (methods.md §2.2 steps 1–4); serves every rank."""
+    """One eigh and one SVD (docs/spec/methods.md §2.2 steps 1–4); serves every rank."""
     g = 0.5 * (g + g.T)
     lam, u = jnp.linalg.eigh(g)  # ascending
     floor = jnp.maximum(eps, rel_eps * lam[-1])
@@ -182,7 +183,7 @@ def arhq(
     ranks=None,
     dtype=None,
 ):
-    """ARHQ split of ``w`` under the activation-residual metric ``g`` (methods.md §2.2).
+    """ARHQ split of ``w`` under the activation-residual metric ``g`` (docs/spec/methods.md §2.2).
 
     Minimises ``‖(W − L) G̃½‖_F²`` over rank-≤r L: with ``λ, U = eigh(sym(G))``,
     ``λ̃ = max(λ, ε, ε_rel·λ_max)``, ``M = W G̃½ = U_m Σ V_mᵀ``: ``B = U_m[:, :r] Σ[:r]``,
@@ -229,7 +230,8 @@ def _svd(w):
 
 
 def svdquant(w, rank: int | None = None, *, ranks=None, dtype=None):
-    """SVDQuant split as the ARHQ reference implements it (methods.md §3): the plain truncated
+    """SVDQuant split as the ARHQ reference implements it (docs/spec/methods.md §3): the plain
+    truncated
     SVD of ``w`` (pass ``W diag(s)`` for the smooth setting), ``B = U_r Σ_r``, ``A = V_r``.
 
     ``objective`` is ``Σ_{i>r} σ_i(W)²`` (the unweighted Frobenius error); ``n_clamped`` is 0.

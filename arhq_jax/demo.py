@@ -20,8 +20,9 @@ from arhq_jax import report
 from arhq_jax.checkpoint import tree_nbytes
 from arhq_jax.layer_snr import layer_snr
 from arhq_jax.pipeline import calibration_ids, evaluate_models, load_corpus
-from arhq_jax.quant_config import QuantConfig
+from arhq_jax.quant_config import QuantConfig, takes
 from arhq_jax.quantize_model import quantize_model
+from converters import load_model
 
 COLUMNS = (
     ("method", "method", "s"),
@@ -48,7 +49,6 @@ def run_demo(
     progress: bool = True,
 ) -> list[dict]:
     """Run the demo and write its files; returns the table rows."""
-    from converters import load_model
 
     t_start = time.perf_counter()
     out = Path(out_dir)
@@ -67,7 +67,7 @@ def run_demo(
 
     qmodels, rows, snr_rows, diag_rows = {}, [], [], []
     for method in methods:
-        qcfg = QuantConfig(method=method, rank=rank, w_fmt=fmt, act_fmt=fmt)
+        qcfg = QuantConfig(method=method, w_fmt=fmt, act_fmt=fmt, **takes(method, rank=rank))
         t0 = time.perf_counter()
         res = quantize_model(m.params, m.cfg, calib, qcfg, progress=progress)
         quant_s = time.perf_counter() - t0

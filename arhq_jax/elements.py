@@ -1,4 +1,5 @@
-"""Element codecs shared by the formats, the baselines and the kernels (spec/formats.md §1, §7).
+"""Element codecs shared by the formats, the baselines and the kernels (docs/spec/formats.md §1,
+§7).
 
 * E2M1 (FP4): ``e2m1_encode`` (RNE, saturating), ``e2m1_encode_ties_down`` (nvfp4-paper),
   ``e2m1_decode`` (arithmetic, no float4 cast); all are comparisons and integer ops only.
@@ -14,6 +15,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+# The matmul precision of every calibration, decomposition and reference matmul (one definition).
+HIGHEST = jax.lax.Precision.HIGHEST
 
 # E2M1 value of each 4-bit code (code 8 is -0).
 E2M1_VALUES = np.array(
@@ -81,7 +85,8 @@ def e2m1_ties_down_index(v: jax.Array) -> jax.Array:
 
 
 def e2m1_encode_ties_down(v: jax.Array) -> jax.Array:
-    """E2M1 codes of ``v`` rounded ties-down (nvfp4-paper, §1); uint8, same shape. Zero is 0x0."""
+    """E2M1 codes of ``v`` rounded ties-down (nvfp4-paper, docs/spec/formats.md §1); uint8, same
+    shape. Zero is 0x0."""
     return jnp.asarray(PAPER_INDEX_TO_CODE)[e2m1_ties_down_index(v)]
 
 

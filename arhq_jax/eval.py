@@ -1,4 +1,5 @@
-"""Evaluation: GPTQ-style perplexity, KL and top-1 agreement with a reference (methods.md §9).
+"""Evaluation: GPTQ-style perplexity, KL and top-1 agreement with a reference (docs/spec/methods.md
+§9).
 
 Protocol: tokenize the whole text once with the tokenizer's defaults, cut the ids into ⌊T/L⌋
 non-overlapping chunks of ``seq_len`` L (the tail is dropped), and take
@@ -23,6 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
+
+from arhq_jax.models.transformer import forward
 
 LogitsFn = Callable[[jax.Array], jax.Array]
 
@@ -127,12 +130,8 @@ class EvalResult:
 def jitted_forward():
     """The model forward ``(params, cfg, ids[B, L]) -> logits[B, L, V] f32``, jit-compiled with
     ``cfg`` static (params are an argument, not a closure, so they are not baked into the HLO)."""
-    from arhq_jax.models.transformer import forward
 
     return forward  # already jit-compiled inside, cfg static
-
-
-_jitted_forward = jitted_forward  # the name arhq_jax.pipeline uses
 
 
 def model_logits_fn(params, cfg) -> LogitsFn:
@@ -147,6 +146,49 @@ def _as_logits_fn(model, cfg) -> LogitsFn:
     if cfg is None:
         raise ValueError("evaluate: params given without a ModelConfig (pass cfg or a logits_fn)")
     return model_logits_fn(model, cfg)
+
+
+def score_chunks(
+    chunks: np.ndarray,
+    fns: dict,
+    ref_fn: LogitsFn | None = None,
+    *,
+    batch_size: int,
+    place=jnp.asarray,
+    progress: bool = True,
+    desc: str = "evaluate",
+) -> dict[str, np.ndarray]:
+    """The one evaluation loop: f64 ``[Σ NLL, Σ KL(p_ref‖q), Σ top-1 agreement]`` per name.
+
+    ``fns`` maps a name to a ``logits_fn(ids[B, L]) -> logits[B, L, V]``, or to None for the
+    reference itself (its KL is 0). ``chunks`` ``[n, L]`` go in batches of ``batch_size`` rows
+    (``place`` puts a batch on the devices, e.g. sharded); the last batch is padded with copies
+    of its last chunk to keep one compiled shape, and padding rows are not counted. The
+    reference logits of a batch are computed once, for every model. KL and agreement are 0
+    without ``ref_fn``.
+    """
+    n = len(chunks)
+    sums = {k: np.zeros(3) for k in fns}
+    with tqdm(total=n, desc=desc, unit="chunk", disable=not progress) as bar:
+        for start in range(0, n, batch_size):
+            batch = chunks[start : start + batch_size]
+            real = len(batch)
+            if real < batch_size:
+                pad = np.repeat(batch[-1:], batch_size - real, axis=0)
+                batch = np.concatenate([batch, pad])
+            ids = place(batch)
+            ref_logits = None if ref_fn is None else ref_fn(ids)
+            for name, fn in fns.items():
+                logits = ref_logits if fn is None else fn(ids)
+                if logits.shape[:2] != ids.shape:
+                    raise ValueError(f"logits_fn returned shape {logits.shape} for ids {ids.shape}")
+                sums[name][0] += float(np.asarray(_nll_rows(logits, ids), np.float64)[:real].sum())
+                if ref_logits is not None:
+                    kl, agree = _ref_rows(logits, ref_logits)
+                    sums[name][1] += float(np.asarray(kl, np.float64)[:real].sum())
+                    sums[name][2] += int(np.asarray(agree)[:real].sum())
+            bar.update(real)
+    return sums
 
 
 def evaluate(
@@ -187,26 +229,15 @@ def evaluate(
             f"token ids must lie in [0, {vocab or 'V'}), got [{chunks.min()}, {chunks.max()}]"
         )
     n = len(chunks)
-    bs = min(batch_size, n)
-    nll_sum = kl_sum = 0.0
-    agree_sum = 0
-    with tqdm(total=n, desc=f"eval (L={seq_len})", unit="chunk", disable=not progress) as bar:
-        for start in range(0, n, bs):
-            batch = chunks[start : start + bs]
-            real = len(batch)
-            if real < bs:
-                batch = np.concatenate([batch, np.repeat(batch[-1:], bs - real, axis=0)])
-            ids = jnp.asarray(batch)
-            logits = fn(ids)
-            if logits.shape[:2] != ids.shape:
-                raise ValueError(f"logits_fn returned shape {logits.shape} for ids {ids.shape}")
-            nll_sum += float(np.asarray(_nll_rows(logits, ids), np.float64)[:real].sum())
-            if ref_fn is not None:
-                kl, agree = _ref_rows(logits, ref_fn(ids))
-                kl_sum += float(np.asarray(kl, np.float64)[:real].sum())
-                agree_sum += int(np.asarray(agree)[:real].sum())
-            bar.update(real)
-
+    sums = score_chunks(
+        chunks,
+        {"model": fn},
+        ref_fn,
+        batch_size=min(batch_size, n),
+        progress=progress,
+        desc=f"eval (L={seq_len})",
+    )
+    nll_sum, kl_sum, agree_sum = sums["model"]
     n_pred = n * (seq_len - 1)
     nll = nll_sum / n_pred
     ppl = math.exp(nll) if nll < 709.0 else math.inf  # exp overflows past 709

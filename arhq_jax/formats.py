@@ -1,4 +1,4 @@
-"""Number formats: nvfp4, nvfp4-paper, mxfp4, int4/int8 (spec/formats.md, bit for bit).
+"""Number formats: nvfp4, nvfp4-paper, mxfp4, int4/int8 (docs/spec/formats.md, bit for bit).
 
 Blocks run along the contraction axis K: ``quantize(x, fmt, axis)`` moves ``axis`` to the end. All
 arithmetic is float32 from a float32 upcast of the input.
@@ -17,7 +17,8 @@ Layers of this module, from the bottom up:
 nvfp4 has two tensor-scale conventions (``FormatSpec.convention``, docs/formats.md): "nvfp4" is
 compressed-tensors' (the tensor scale is the encode global scale gs = 2688/amax, the block decode
 is fl(s / gs); what the exported checkpoint holds and compressed-tensors/vLLM decode), and
-"nvfp4-modelopt" is ModelOpt's and spec §3's (the tensor scale is the decode multiplier
+"nvfp4-modelopt" is ModelOpt's and docs/spec/formats.md §3's (the tensor scale is the decode
+multiplier
 g = amax/2688, the block decode is fl(s · g); bit-identical with ModelOpt's reference). Both have
 ``spec.name == "nvfp4"``.
 
@@ -64,8 +65,9 @@ _ALIASES = {
 }
 INT_VARIANTS = ("default", "fprag", "serq", "gptq")
 # nvfp4 tensor-scale conventions (docs/formats.md): "ct" = compressed-tensors (the default, what
-# the exported nvfp4-pack-quantized checkpoint holds), "modelopt" = ModelOpt / spec §3
-# (bit-identical with ModelOpt's reference and the spec's §10 vectors).
+# the exported nvfp4-pack-quantized checkpoint holds), "modelopt" = ModelOpt / docs/spec/formats.md
+# §3
+# (bit-identical with ModelOpt's reference and docs/spec/formats.md §10 vectors).
 NVFP4_CONVENTIONS = ("ct", "modelopt")
 
 E4M3_MAX = 448.0
@@ -92,12 +94,14 @@ class FormatSpec:
       symmetric: int formats only; False = asymmetric with uint8 zero points.
       tile: None, or (16, 16) for nvfp4-paper weights (16 rows x 16 columns share a scale).
       scale_rule: mxfp4 scale exponent rule, "floor" (OCP MX, default) or "ceil" (SERQ kernel).
-      int_variant: "default" (formats.md §6), "fprag" (asym: no range widening, scale >= 1e-8,
+      int_variant: "default" (docs/spec/formats.md §6), "fprag" (asym: no range widening, scale >=
+      1e-8,
         RNE after adding z), "serq" (sym: range [-2^(b-1)+1, 2^(b-1)-1] with sign-magnitude
         codes), "gptq" (GPTQ/QuaRot code: amax (sym) or hi-lo (asym) clamped at >= 1e-5).
       convention: nvfp4 only (None elsewhere): "ct" (default; compressed-tensors: the tensor scale
         is the encode global scale gs = 2688/amax, decode d = fl(s / gs), placeholder scale 0.125
-        for blocks whose scale rounds to 0, -0.0 encodes as 0x0) or "modelopt" (spec §3: the
+        for blocks whose scale rounds to 0, -0.0 encodes as 0x0) or "modelopt"
+        (docs/spec/formats.md §3: the
         tensor scale is the decode multiplier g = amax/2688, d = fl(s · g), flushed blocks store 0).
         Resolve "nvfp4-modelopt" for the latter; its label is "nvfp4-modelopt".
     """
@@ -187,7 +191,8 @@ class FormatSpec:
 
     @property
     def bits_per_element(self) -> float:
-        """Stored bits per element (§8); whole-axis groups need ``bits_per_element(spec, k)``."""
+        """Stored bits per element (docs/spec/formats.md §8); whole-axis groups need
+        ``bits_per_element(spec, k)``."""
         return bits_per_element(self)
 
 
@@ -244,7 +249,8 @@ def resolve_format(fmt: str | FormatSpec, **overrides) -> FormatSpec:
 
 
 def bits_per_element(fmt: str | FormatSpec, k: int | None = None) -> float:
-    """Stored bits per element (formats.md §8): element bits plus scale (and zero) overhead.
+    """Stored bits per element (docs/spec/formats.md §8): element bits plus scale (and zero)
+    overhead.
 
     The nvfp4 per-tensor f32 scale is not included (it is 32 bits per tensor). ``k`` (the axis
     length) is needed only for int formats with a whole-axis group (block = -1).
@@ -361,7 +367,7 @@ def block_params(xb: jax.Array, spec: FormatSpec, tensor_scale=None):
 
     nvfp4 "ct" follows compressed-tensors' ``calculate_qparams``: raw = fl(gs · fl(a / 6)),
     s = E4M3(clip(raw, 0, 448)), and s = 0.125 where that rounds to 0 (its placeholder);
-    "modelopt" (spec §3): raw = fl(fl(a / 6) / g), s = E4M3(clip(raw, 0, 448)).
+    "modelopt" (docs/spec/formats.md §3): raw = fl(fl(a / 6) / g), s = E4M3(clip(raw, 0, 448)).
     """
     xb = jnp.asarray(xb, jnp.float32)
     bad = jnp.any(~jnp.isfinite(xb), axis=-1)
@@ -781,3 +787,33 @@ __all__ = [
     "scale_multiplier",
     "unpack_nibbles",
 ]
+
+
+def smooth_reciprocal(smooth: jax.Array) -> jax.Array:
+    """fl32(1/s) ``[K]``: an elementwise division, which XLA leaves exact on every backend."""
+    return 1.0 / smooth.astype(jnp.float32)
+
+
+def smooth_input(x: jax.Array, smooth: jax.Array | None) -> jax.Array:
+    """x_s = f32(x) · fl32(1/s) (``[..., K]`` f32); the f32 upcast alone when ``smooth`` is None.
+
+    A multiplication by the rounded reciprocal rather than x/s: XLA rewrites ``x / broadcast(s)``
+    into exactly this on CPU (fast-math algebraic simplifier) but not necessarily elsewhere, and
+    Triton's f32 division is not IEEE-rounded, so only this form is the same bits in the jnp path
+    and in the kernels on every backend. It differs from x/s by at most 1 ulp.
+    """
+    xs = x.astype(jnp.float32)
+    if smooth is None:
+        return xs
+    return xs * smooth_reciprocal(smooth)
+
+
+def dense_weight(w) -> jax.Array:
+    """The weight of a linear's field as an array ``[out, in]``: a packed ``QTensor`` →
+    ``dequantize(w, f32)``; a tuple of them (mixed-precision column blocks, e.g. ResQ's low and
+    high parts) → their f32 dequantizations concatenated along ``in``; an array as it is."""
+    if isinstance(w, tuple):
+        return jnp.concatenate([dequantize(q, jnp.float32) for q in w], axis=1)
+    if isinstance(w, QTensor):
+        return dequantize(w, jnp.float32)
+    return w

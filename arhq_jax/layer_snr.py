@@ -1,4 +1,4 @@
-"""Layer SNR (methods.md §2.4): each quantized projection's output against the float one.
+"""Layer SNR (docs/spec/methods.md §2.4): each quantized projection's output against the float one.
 
 On held-out tokens, the unquantized model runs layer by layer; each quantized projection and its
 float original read the *same* input X (the float model's), and
@@ -21,11 +21,10 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from arhq_jax.calibrate import LayerwiseRunner, replicate
+from arhq_jax.elements import HIGHEST
 from arhq_jax.linear import Dense
 from arhq_jax.models.config import GROUP_OF, PROJECTIONS, ModelConfig, Params
 from arhq_jax.qlinear import QuantLinear
-
-HIGHEST = jax.lax.Precision.HIGHEST
 
 
 def rtn_baseline(fp: Dense, quant, w_fmt, act_fmt) -> QuantLinear:

@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from arhq_jax.elements import HIGHEST
+
 
 @runtime_checkable
 class Linear(Protocol):
@@ -29,6 +31,23 @@ class Linear(Protocol):
 
     @property
     def out_features(self) -> int: ...
+
+
+def matmul_nt(x: jax.Array, w: jax.Array, bias: jax.Array | None = None) -> jax.Array:
+    """The matmul of every linear: ``x [..., K] · w [N, K]ᵀ (+ bias [N])`` → f32 ``[..., N]``.
+
+    f32 accumulation whatever the input dtypes, ``Precision.HIGHEST`` so that GPU f32 is not
+    silently TF32; the bias is added in f32 after the product."""
+    y = jnp.einsum(
+        "...k,nk->...n",
+        x,
+        w,
+        precision=HIGHEST,
+        preferred_element_type=jnp.float32,
+    )
+    if bias is not None:
+        y = y + bias.astype(jnp.float32)
+    return y
 
 
 @struct.dataclass
@@ -52,14 +71,4 @@ class Dense:
         return self.w.shape[0]
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        # Accumulate in f32 whatever the dtypes; HIGHEST so that GPU f32 is not silently TF32.
-        y = jnp.einsum(
-            "...k,nk->...n",
-            x,
-            self.w.astype(x.dtype),
-            precision=jax.lax.Precision.HIGHEST,
-            preferred_element_type=jnp.float32,
-        )
-        if self.b is not None:
-            y = y + self.b.astype(jnp.float32)
-        return y.astype(x.dtype)
+        return matmul_nt(x, self.w.astype(x.dtype), self.b).astype(x.dtype)

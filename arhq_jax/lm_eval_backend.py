@@ -52,8 +52,11 @@ from lm_eval.models.utils import (
 )
 from tqdm.auto import tqdm
 
+from arhq_jax import checkpoint
 from arhq_jax.models import generate as gen
 from arhq_jax.models import transformer
+from arhq_jax.qlinear import KERNELS, with_kernel
+from converters import load_model
 
 NAME = "arhq-jax"
 # f32 logits elements of one forward (2 GiB): long contexts get fewer rows than batch_size
@@ -348,9 +351,6 @@ if __name__ != "__main__":  # under `python -m`, the imported module (see main) 
 
 def _load(model: str, quantized: str | None, kernel: str, allow_other_source: bool = False):
     """``(params, cfg, tokenizer)`` of ``model``, its quantized checkpoint and kernel applied."""
-    from arhq_jax import checkpoint
-    from arhq_jax.qlinear import KERNELS, with_kernel
-    from converters import load_model
 
     if kernel not in KERNELS:
         raise ValueError(f"unknown kernel {kernel!r}; supported: {', '.join(KERNELS)}")

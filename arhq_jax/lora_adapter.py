@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from converters.safetensors_io import write_safetensors
+
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 _SUFFIX_A = ".lora_A.weight"
@@ -63,7 +65,6 @@ def _covers(ranks: dict[str, int], short: set[str]) -> bool:
 
 def write_adapter(d: Path, tensors: list[tuple[str, np.ndarray]]) -> int:
     """Write the adapter into the new directory ``d``; returns the tensor bytes."""
-    from converters.safetensors_io import write_safetensors
 
     d.mkdir()
     ranks = {

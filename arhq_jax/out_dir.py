@@ -15,12 +15,13 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
+
+from arhq_jax.atomic import OLD_INFIX, TMP_INFIX, atomic_dir
 
 MANIFEST = "manifest.json"
 _PARTIAL = ".arhq-jax-partial"  # inside a temporary directory: the pid that writes it
-_TMP, _OLD = ".arhq-tmp-", ".arhq-old-"
+_TMP, _OLD = TMP_INFIX, OLD_INFIX
 
 
 class CheckpointError(ValueError):
@@ -159,24 +160,8 @@ def replacing(path, fmt: str, version: int):
     check_replaceable(path, fmt)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale(path, fmt)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}{_TMP}"))
-    try:
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o777 & ~mask)  # mkdtemp makes it 0700
+    with atomic_dir(path, lambda: check_replaceable(path, fmt)) as tmp:
         (tmp / _PARTIAL).write_text(str(os.getpid()))
         yield tmp
         (tmp / _PARTIAL).unlink()
         write_manifest(tmp, fmt, version)
-        check_replaceable(path, fmt)  # again: something may have appeared meanwhile
-        if path.exists():
-            old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}{_OLD}"))
-            os.rmdir(old)
-            os.rename(path, old)
-            os.rename(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

@@ -8,15 +8,13 @@ float logits of a chunk are computed once), and the result rows.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
 
 from arhq_jax import eval as ev
-from arhq_jax.calibrate import data_mesh, pad_batch, replicate, shard_batch
+from arhq_jax.calibrate import data_mesh, replicate, shard_batch
 from arhq_jax.models.config import ModelConfig, Params
 
 
@@ -66,18 +64,6 @@ def calibration_ids(
     return np.asarray(tokens[:need], np.int32).reshape(n_seq, seq_len)
 
 
-@jax.jit
-def _scores(logits, ref_logits, ids):
-    """Per row: Σ NLL of the next tokens, Σ KL(p_ref‖q), Σ [argmax agree]."""
-    lq = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
-    tgt = ids[:, 1:]
-    nll = -jnp.take_along_axis(lq, tgt[..., None], axis=-1)[..., 0].sum(-1)
-    lp = jax.nn.log_softmax(ref_logits[:, :-1].astype(jnp.float32), axis=-1)
-    kl = jnp.sum(jnp.exp(lp) * (lp - lq), axis=-1).sum(-1)
-    agree = (jnp.argmax(lq, -1) == jnp.argmax(lp, -1)).sum(-1)
-    return nll, kl, agree
-
-
 def evaluate_models(
     models: dict[str, Params],
     ref: Params,
@@ -113,23 +99,19 @@ def evaluate_models(
         )
     mesh = data_mesh() if mesh is None else mesh
     chunks = ev.make_chunks(eval_tokens, seq_len, max_chunks)
-    fwd = ev._jitted_forward()
+    fwd = ev.jitted_forward()
     ref = replicate(ref, mesh)
     models = {k: replicate(v, mesh) for k, v in models.items()}
-    names = ["float", *models]
-    sums = {n: np.zeros(3) for n in names}
     ndev = mesh.devices.size
-    bs = max(ndev, -(-batch_size // ndev) * ndev)
-    with tqdm(total=len(chunks), desc="evaluate", unit="chunk", disable=not progress) as bar:
-        for start in range(0, len(chunks), bs):
-            batch, valid = pad_batch(chunks[start : start + bs], bs)
-            ids = shard_batch(batch, mesh)
-            ref_logits = fwd(ref, cfg, ids)
-            for n in names:
-                logits = ref_logits if n == "float" else fwd(models[n], cfg, ids)
-                s = np.stack([np.asarray(v, np.float64) for v in _scores(logits, ref_logits, ids)])
-                sums[n] += s[:, valid].sum(axis=1)
-            bar.update(int(valid.sum()))
+    sums = ev.score_chunks(
+        chunks,
+        {"float": None, **{k: functools.partial(fwd, v, cfg) for k, v in models.items()}},
+        functools.partial(fwd, ref, cfg),
+        batch_size=max(ndev, -(-batch_size // ndev) * ndev),
+        place=lambda b: shard_batch(b, mesh),
+        progress=progress,
+    )
+    names = list(sums)
     n_pred = len(chunks) * (seq_len - 1)
     out = {}
     for n in names:

@@ -1,6 +1,6 @@
 """``QuantLinear``: the packed quantized linear, on plain jnp (XLA) or the Pallas kernels.
 
-    y = Q_a(x/s) · deq(W_res)ᵀ + ((x/s)·A)·Bᵀ (+ bias)                 (spec/kernels.md §1)
+    y = Q_a(x/s) · deq(W_res)ᵀ + ((x/s)·A)·Bᵀ (+ bias)                 (docs/spec/kernels.md §1)
 
 ``quant_matmul_ref`` is the jnp reference path (the ground truth of every kernel test): f32 upcast,
 x/s (as x·fl32(1/s), see ``smooth_input``), ``formats.fake_quant`` of it (the low-rank branch
@@ -17,28 +17,13 @@ import numpy as np
 from flax import struct
 
 from arhq_jax import formats
+from arhq_jax.elements import HIGHEST
+from arhq_jax.formats import smooth_input, smooth_reciprocal  # noqa: F401 (public here too)
+from arhq_jax.linear import matmul_nt
+from pallas_kernels import fp4_lowrank_matmul
+from pallas_kernels.fp4_matmul import KERNEL_FORMATS
 
 KERNELS = ("xla", "pallas")
-_HI = jax.lax.Precision.HIGHEST
-
-
-def smooth_reciprocal(smooth: jax.Array) -> jax.Array:
-    """fl32(1/s) ``[K]``: an elementwise division, which XLA leaves exact on every backend."""
-    return 1.0 / smooth.astype(jnp.float32)
-
-
-def smooth_input(x: jax.Array, smooth: jax.Array | None) -> jax.Array:
-    """x_s = f32(x) · fl32(1/s) (``[..., K]`` f32); the f32 upcast alone when ``smooth`` is None.
-
-    A multiplication by the rounded reciprocal rather than x/s: XLA rewrites ``x / broadcast(s)``
-    into exactly this on CPU (fast-math algebraic simplifier) but not necessarily elsewhere, and
-    Triton's f32 division is not IEEE-rounded, so only this form is the same bits in the jnp path
-    and in the kernels on every backend. It differs from x/s by at most 1 ulp.
-    """
-    xs = x.astype(jnp.float32)
-    if smooth is None:
-        return xs
-    return xs * smooth_reciprocal(smooth)
 
 
 def quant_matmul_ref(
@@ -102,10 +87,10 @@ def lowrank_matmul(
         xq = xs.astype(jnp.bfloat16).astype(jnp.float32)
     else:
         xq = xs
-    y = jnp.einsum("...k,nk->...n", xq, wd, precision=_HI, preferred_element_type=jnp.float32)
+    y = matmul_nt(xq, wd)
     if a is not None:
-        t = jnp.einsum("...k,kr->...r", xs, a.astype(jnp.float32), precision=_HI)
-        y = y + jnp.einsum("...r,nr->...n", t, b.astype(jnp.float32), precision=_HI)
+        t = jnp.einsum("...k,kr->...r", xs, a.astype(jnp.float32), precision=HIGHEST)
+        y = y + jnp.einsum("...r,nr->...n", t, b.astype(jnp.float32), precision=HIGHEST)
     if bias is not None:
         y = y + bias.astype(jnp.float32)
     return y.astype(x.dtype)
@@ -151,6 +136,10 @@ class QuantLinear:
     def rank(self) -> int:
         return 0 if self.a is None else self.a.shape[1]
 
+    def weights_only(self) -> QuantLinear:
+        """The same linear with its activation quantizer off."""
+        return self.replace(act_fmt=None, act_scale=None)
+
     def __call__(self, x: jax.Array) -> jax.Array:
         if x.shape[-1] != self.in_features:
             raise ValueError(
@@ -158,8 +147,6 @@ class QuantLinear:
                 f"{self.in_features}"
             )
         if self.kernel == "pallas":
-            from pallas_kernels import fp4_lowrank_matmul
-
             return fp4_lowrank_matmul(
                 x,
                 self.w,
@@ -264,7 +251,6 @@ class QuantLinear:
 
 
 def _check_pallas(lin: QuantLinear) -> None:
-    from pallas_kernels.fp4_matmul import KERNEL_FORMATS
 
     for what, spec in (("weight", lin.w.spec), ("activation", lin.act_fmt)):
         if spec is None:
@@ -319,6 +305,10 @@ class FakeQuantLinear:
     def out_features(self) -> int:
         return self.w.shape[0]
 
+    def weights_only(self) -> FakeQuantLinear:
+        """The same linear with its activation quantizer off."""
+        return self.replace(act_fmt=None, act_scale=None)
+
     def __call__(self, x: jax.Array) -> jax.Array:
         return lowrank_matmul(
             x,
@@ -360,20 +350,15 @@ def weights_only(params):
     the static ``act_scale`` → None; ``SERQLinear``: ``act`` → None; ``ResQLinear``: ``act_low``
     → None, which disables its mixed activation quantizer, ``act_high`` then being unused, as
     in ResQ's own weight-only linears). ``OutSplitLinear`` parts are reached through the pytree.
-    A pure function of the pytree; float leaves and other nodes are returned unchanged.
+    A pure function of the pytree; float leaves and other nodes are returned unchanged. Every
+    quantized linear class implements ``weights_only()`` (the protocol this walks).
     """
-    from arhq_jax.methods.resq import ResQLinear
-    from arhq_jax.methods.serq import SERQLinear
 
-    kinds = (QuantLinear, FakeQuantLinear, SERQLinear, ResQLinear)
+    return jax.tree_util.tree_map(
+        lambda n: n.weights_only() if _has_weights_only(n) else n, params, is_leaf=_has_weights_only
+    )
 
-    def strip(node):
-        if isinstance(node, (QuantLinear, FakeQuantLinear)):
-            return node.replace(act_fmt=None, act_scale=None)
-        if isinstance(node, SERQLinear):
-            return node.replace(act=None)
-        if isinstance(node, ResQLinear):
-            return node.replace(act_low=None)
-        return node
 
-    return jax.tree_util.tree_map(strip, params, is_leaf=lambda n: isinstance(n, kinds))
+def _has_weights_only(node) -> bool:
+    """A quantized linear: it knows how to switch its activation quantizer off."""
+    return callable(getattr(type(node), "weights_only", None))

@@ -1,10 +1,11 @@
-"""Streaming per-linear-input statistics over token chunks (methods.md §0 "Streaming statistics").
+"""Streaming per-linear-input statistics over token chunks (docs/spec/methods.md §0 "Streaming
+statistics").
 
 Memory is O(D²) per accumulator, independent of the token count: the state holds sums, and
 ``finalize`` divides once. Kept on request (``StatsConfig``):
 
 - ``G = Σ EᵀE / N`` with ``E = x − Q_a(x)``, Q_a the runtime activation fake-quantizer applied to
-  the f32 upcast of the chunk passed (ARHQ, §2.1);
+  the f32 upcast of the chunk passed (ARHQ, docs/spec/methods.md §2.1);
 - ``H = Σ XᵀX / N`` (GPTQ, ResQ);
 - per channel ``absmax`` (SmoothQuant, ARHQ smoothing), ``min``/``max`` (SERQ), ``mean`` and
   ``mean_sq`` (AWQ);
@@ -33,9 +34,9 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from arhq_jax.elements import HIGHEST
 from arhq_jax.formats import fake_quant, resolve_format
 
-HIGHEST = jax.lax.Precision.HIGHEST
 DTYPES = ("float32", "float64")
 
 

@@ -53,7 +53,7 @@ def random_problem(out: int, d: int, seed: int = 0):
 
 
 def numpy_arhq(w, g, rank, eps=1e-6):
-    """The methods.md §2.2 steps in numpy float64."""
+    """The docs/spec/methods.md §2.2 steps in numpy float64."""
     g = 0.5 * (g + g.T)
     lam, u = np.linalg.eigh(g)
     root = np.sqrt(np.maximum(lam, eps))

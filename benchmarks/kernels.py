@@ -1,4 +1,4 @@
-"""Benchmark the fused FP4 + low-rank Pallas kernel (spec/kernels.md §10).
+"""Benchmark the fused FP4 + low-rank Pallas kernel (docs/spec/kernels.md §10).
 
 For the projections of SmolLM2-135M, Llama-3-8B and Qwen3-4B and M in {1, 16, 128, 2048, 8192} it
 times the Pallas kernel against (a) the unfused XLA path (dequantize + dot + low-rank in one jit),
@@ -29,7 +29,6 @@ import math
 import os
 import statistics
 import sys
-import tempfile
 import time
 
 import numpy as np
@@ -40,6 +39,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from arhq_jax import formats  # noqa: E402
+from arhq_jax.atomic import atomic_file  # noqa: E402
 from arhq_jax.models.config import ModelConfig  # noqa: E402
 from arhq_jax.qlinear import quant_matmul_ref, smooth_input  # noqa: E402
 from pallas_kernels import choose_tiles, fp4_lowrank_matmul  # noqa: E402
@@ -66,7 +66,7 @@ CPU_SHAPES = [(192, 576, "smollm2-135m", "k_proj"), (200, 320, "odd", "odd")]
 CPU_MS = (1, 7, 128)
 L2_BYTES = 50e6
 
-# Autotuning candidates (bm, bn, bk, num_warps, num_stages) per M class (kernels.md §8).
+# Autotuning candidates (bm, bn, bk, num_warps, num_stages) per M class (docs/spec/kernels.md §8).
 TUNE = {
     "decode": [(16, 16, 256, 4, 3), (16, 32, 256, 4, 3), (16, 64, 128, 4, 3), (16, 32, 128, 4, 4)],
     "mid": [(64, 64, 128, 4, 3), (128, 64, 64, 4, 3), (64, 128, 64, 4, 3), (128, 128, 64, 8, 3)],
@@ -127,7 +127,8 @@ def make_layer(n, k, r, fmt, seed=0):
 
 
 def compulsory_bytes(m, n, k, r, fmt, act) -> float:
-    """kernels.md §10: weights, factors, s, g, x, y and the intermediates of the 2-kernel path."""
+    """docs/spec/kernels.md §10: weights, factors, s, g, x, y and the intermediates of the 2-kernel
+    path."""
     b = n * k * BITS[fmt] / 8 + r * (k + n) * 2 + k * 4 + 4 + m * k * 2 + m * n * 2
     b += 8 * m * r  # t written and read
     if act is not None:
@@ -357,17 +358,8 @@ def plot(data: dict, path: str) -> None:
 
 
 def _atomic_write(path: str, write, binary: bool = False) -> None:
-    d = os.path.dirname(path)
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb" if binary else "w") as f:
-            write(f)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    with atomic_file(path) as tmp, open(tmp, "wb" if binary else "w") as f:
+        write(f)
 
 
 def main(argv=None) -> int:

@@ -22,7 +22,7 @@ from arhq_jax.eval import make_chunks
 from arhq_jax.models import transformer
 from arhq_jax.pipeline import calibration_ids, load_corpus
 from arhq_jax.qlinear import dequantized
-from arhq_jax.quant_config import QuantConfig
+from arhq_jax.quant_config import QuantConfig, takes
 from arhq_jax.quantize_model import quantize_model
 from converters import load_model
 
@@ -57,7 +57,12 @@ def main(argv=None):
     load_s = time.perf_counter() - t0
     corpus = load_corpus(m.tokenizer)
     calib = calibration_ids(corpus.calib, args.calib_tokens, args.seq_len)
-    qcfg = QuantConfig(method=args.method, rank=args.rank, w_fmt=args.format, act_fmt=args.format)
+    qcfg = QuantConfig(
+        method=args.method,
+        w_fmt=args.format,
+        act_fmt=args.format,
+        **takes(args.method, rank=args.rank),
+    )
     t0 = time.perf_counter()
     res = quantize_model(m.params, m.cfg, calib, qcfg)
     total = time.perf_counter() - t0

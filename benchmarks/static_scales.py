@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from arhq_jax.pipeline import calibration_ids, evaluate_models, load_corpus
-from arhq_jax.quant_config import QuantConfig
+from arhq_jax.quant_config import QuantConfig, takes
 from arhq_jax.quantize_model import quantize_model
 from converters import load_model
 
@@ -44,7 +44,9 @@ def main() -> None:
     for method in args.methods.split(","):
         for vname in args.variants.split(","):
             kw = VARIANTS[vname]
-            qcfg = QuantConfig(method=method, rank=32, w_fmt="nvfp4", act_fmt="nvfp4", **kw)
+            qcfg = QuantConfig(
+                method=method, w_fmt="nvfp4", act_fmt="nvfp4", **takes(method, rank=32), **kw
+            )
             t0 = time.perf_counter()
             res = quantize_model(m.params, m.cfg, calib, qcfg, progress=False)
             name = f"{method} | {vname}"

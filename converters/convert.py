@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from converters.hf import check_replaceable, save_hf_dir
+from converters.orbax_io import read_orbax_metadata, save_orbax
 from converters.registry import load_model, source_kind
 
 FORMATS = ("hf", "orbax")
@@ -25,7 +27,6 @@ def output_format(dst: str | Path, format: str | None = None) -> str:
 
 def stored_param_dtype(src: str | Path) -> str:
     """The parameter dtype a source holds: config.json's for HF, f32 for (dequantized) GGUF."""
-    from converters.orbax_io import read_orbax_metadata
 
     kind, path = source_kind(src)
     if kind == "gguf":
@@ -58,8 +59,6 @@ def convert(
         nothing else, never the source itself or a directory holding it.
       tokenizer: also write the source's tokenizer, when it has one.
     """
-    from converters.hf import check_replaceable, save_hf_dir
-    from converters.orbax_io import save_orbax
 
     fmt = output_format(dst, format)
     dst = Path(dst)

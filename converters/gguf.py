@@ -1,4 +1,4 @@
-"""GGUF files -> (ModelConfig, Params), and their tokenizer (models.md §4).
+"""GGUF files -> (ModelConfig, Params), and their tokenizer (docs/spec/models.md §4).
 
 Metadata keys are prefixed by ``general.architecture`` (``llama`` or ``qwen3``). Tensors are read
 through the ``gguf`` package (memory-mapped) and dequantized one at a time with its numpy
@@ -18,7 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
+from arhq_jax.models import config_from_hf
 from arhq_jax.models.config import ModelConfig, Params
+from converters.hf import params_from_getter
 
 SUPPORTED_GGUF_ARCHS = ("llama", "qwen3")
 
@@ -151,9 +153,6 @@ def load_gguf(
     """Load a llama/qwen3 GGUF -> ``(cfg, params)``; quantized tensors are dequantized to f32
     (exactly as transformers does) and then cast to ``param_dtype``."""
     from gguf import dequantize
-
-    from arhq_jax.models import config_from_hf
-    from converters.hf import params_from_getter
 
     path = Path(path)
     reader = _reader(path)

@@ -1,4 +1,4 @@
-"""Hugging Face checkpoint directories ↔ (ModelConfig, Params) (models.md §3).
+"""Hugging Face checkpoint directories ↔ (ModelConfig, Params) (docs/spec/models.md §3).
 
 A directory holds ``config.json`` and either ``model.safetensors`` or shards listed in
 ``model.safetensors.index.json``. Tensors are streamed one at a time: each is read, checked against
@@ -12,17 +12,17 @@ destination and renamed into place, so a failure leaves nothing half-written.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
-from arhq_jax.models import family_of
+from arhq_jax.atomic import atomic_dir
+from arhq_jax.models import config_from_hf, config_to_hf, family_of
 from arhq_jax.models.config import ModelConfig, Params
-from converters.safetensors_io import SafetensorsReader, write_safetensors
+from arhq_jax.models.params import params_from_tensors, params_to_tensors
+from converters.orbax_layout import ORBAX_ENTRIES, is_orbax_dir
+from converters.safetensors_io import SafetensorsReader, read_header, write_safetensors
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -79,7 +79,6 @@ def params_from_getter(cfg: ModelConfig, get: Callable[[str], np.ndarray | None]
 
     ``names``: every tensor name the source holds; ``where``: the source, for error messages.
     """
-    from arhq_jax.models.params import params_from_tensors
 
     used: set[str] = set()
 
@@ -109,7 +108,6 @@ def load_hf_dir(
 
     ``dtype`` is the compute dtype (default: ``param_dtype``).
     """
-    from arhq_jax.models import config_from_hf
 
     path = Path(path)
     d = read_hf_config(path)
@@ -146,8 +144,6 @@ def written_by_converters(path: str | Path) -> bool:
     nothing else: a HF directory whose ``model.safetensors`` carries our writer marker and the
     list of files written with it, or an orbax directory of ours (``metadata.json`` format)
     with only ``metadata.json``, ``params/`` and ``tokenizer/``."""
-    from converters.orbax_io import ORBAX_ENTRIES, is_orbax_dir
-    from converters.safetensors_io import read_header
 
     path = Path(path)
     if not path.is_dir():
@@ -163,34 +159,15 @@ def written_by_converters(path: str | Path) -> bool:
     return isinstance(files, list) and entries <= set(files)
 
 
-def _atomic_dir(dst: Path, overwrite: bool, fill: Callable[[Path], None]) -> Path:
-    """Run ``fill(tmp_dir)`` then rename the temporary directory to ``dst``.
+def atomic_model_dir(dst: str | Path, overwrite: bool, fill: Callable[[Path], None]) -> Path:
+    """Run ``fill(tmp_dir)`` and make the temporary directory ``dst`` (``atomic.atomic_dir``).
 
     An existing ``dst`` is replaced only with ``overwrite`` and only when these converters wrote
     it (``check_replaceable``); anything else is a FileExistsError and is left untouched.
     """
     dst = Path(dst)
-    check_replaceable(dst, overwrite)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.tmp-"))
-    try:
-        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
+    with atomic_dir(dst, lambda: check_replaceable(dst, overwrite)) as tmp:
         fill(tmp)
-        if dst.exists():
-            old = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.old-"))
-            os.rename(dst, old / "x")
-            try:
-                os.rename(tmp, dst)
-            except BaseException:
-                os.rename(old / "x", dst)  # put the previous output back
-                raise
-            finally:
-                shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return dst
 
 
@@ -200,8 +177,6 @@ def write_hf_files(cfg: ModelConfig, params: Params, out: Path, tokenizer=None) 
     The weights come last: their metadata records the writer and every file name in ``out``
     (``written_by_converters`` reads it to know that the directory may be replaced).
     """
-    from arhq_jax.models import config_to_hf
-    from arhq_jax.models.params import params_to_tensors
 
     def tensors():
         for name, arr in params_to_tensors(cfg, params):
@@ -221,6 +196,6 @@ def save_hf_dir(
     cfg: ModelConfig, params: Params, path: str | Path, *, tokenizer=None, overwrite: bool = False
 ) -> Path:
     """Write a HF directory transformers can load; atomic (temp dir + rename). Returns ``path``."""
-    return _atomic_dir(
+    return atomic_model_dir(
         Path(path), overwrite, lambda tmp: write_hf_files(cfg, params, tmp, tokenizer)
     )

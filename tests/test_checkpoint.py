@@ -48,7 +48,7 @@ def _quantize(model, recipe):
 
 
 def _logits(params, ids):
-    return np.asarray(ev._jitted_forward()(params, CFG, jax.numpy.asarray(ids[:2])))
+    return np.asarray(ev.jitted_forward()(params, CFG, jax.numpy.asarray(ids[:2])))
 
 
 @pytest.fixture(scope="module")

@@ -103,7 +103,7 @@ def test_transformers_and_peft_load_the_export(model, tmp_path, method, monkeypa
     assert hf["quantization_config"]["format"] == "nvfp4-pack-quantized"
     assert (out / "lora").is_dir() == (method == "arhq")
     x = ids[:2]
-    ours = np.asarray(ev._jitted_forward()(weights_only(q), CFG, jnp.asarray(x)))
+    ours = np.asarray(ev.jitted_forward()(weights_only(q), CFG, jnp.asarray(x)))
     lora = method == "arhq"
     scale = np.abs(ours).max()
     # As shipped, compressed-tensors decompresses in bf16 (unpack_fp4_from_uint8's default):

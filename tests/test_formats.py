@@ -1,4 +1,5 @@
-"""Tests of arhq_jax.formats: formats.md §10 vectors and independent numpy/ml_dtypes references."""
+"""Tests of arhq_jax.formats: docs/spec/formats.md §10 vectors and independent numpy/ml_dtypes
+references."""
 
 from __future__ import annotations
 
@@ -270,7 +271,7 @@ def test_pack_unpack_golden_and_roundtrip():
 
 
 # ------------------------------------------------------------------------------------------
-# Worked examples of formats.md §10
+# Worked examples of docs/spec/formats.md §10
 # ------------------------------------------------------------------------------------------
 
 N1 = [10.5, -7, 5.25, 3.5, 2.625, 1.75, -1.3125, 0.4375, 0, -0.875, 4.375, -10.5, 6.125, 0.21875,
@@ -281,7 +282,7 @@ N3 = [0.859375, 0.5, -0.3, 0.2, 0.1, 0.05, -0.6, 0.7] + [0] * 7 + [-0.859375]
 
 
 def test_nvfp4_n1_n2_n3():
-    """Spec §10 vectors: the ModelOpt convention ("nvfp4-modelopt")."""
+    """docs/spec/formats.md §10 vectors: the ModelOpt convention ("nvfp4-modelopt")."""
     x = np.array(N1 + N2 + N3, F32)
     q = F.quantize(x, "nvfp4-modelopt")
     assert float(q.tensor_scale) == 2.0**-8

@@ -1,4 +1,4 @@
-"""Pallas FP4 kernels (spec/kernels.md §9): CPU interpret mode against the jnp path, bit-exact
+"""Pallas FP4 kernels (docs/spec/kernels.md §9): CPU interpret mode against the jnp path, bit-exact
 activation quantization, an independent float64 check, the Triton lowering, and bad input."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import pytest
 from arhq_jax import formats
 from arhq_jax.qlinear import quant_matmul_ref, smooth_input
 from pallas_kernels import codecs, fp4_lowrank_matmul, quantize_activations
-from pallas_kernels.fp4_matmul import _matmul_impl, choose_tiles
+from pallas_kernels.fp4_matmul import choose_tiles, matmul_impl
 
 ON_GPU = jax.default_backend() == "gpu"
 
@@ -99,7 +99,8 @@ M2 = [0.1, -0.05, 0.03] + [0] * 29
 
 
 def test_kernel1_golden_vectors():
-    """formats.md §10: N1-N4 (nvfp4-modelopt) and M1-M3 (mxfp4) codes, packed bytes and scale
+    """docs/spec/formats.md §10: N1-N4 (nvfp4-modelopt) and M1-M3 (mxfp4) codes, packed bytes and
+    scale
     bytes; the compressed-tensors convention on the same vectors."""
     q = functools.partial(quantize_activations, interpret=True)
     codes, scales, g = q(jnp.asarray([N1 + N2 + N3], jnp.float32), "nvfp4-modelopt")
@@ -252,7 +253,7 @@ def test_kernels_lower_to_triton(m, af, r):
     )
     bm, bn, bk, nw, ns = choose_tiles(m, 256, 512)
     f = functools.partial(
-        _matmul_impl, act=af, tiles=(bm, bn, bk), warps=(nw, ns), a16_bf16=False, interpret=False
+        matmul_impl, act=af, tiles=(bm, bn, bk), warps=(nw, ns), a16_bf16=False, interpret=False
     )
     check = export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
     exp = export.export(jax.jit(f), platforms=["cuda"], disabled_checks=[check])(

@@ -1,4 +1,5 @@
-"""FPRAG-AWQ and its dynamic heuristic (methods.md §6) against numpy ports and brute force."""
+"""FPRAG-AWQ and its dynamic heuristic (docs/spec/methods.md §6) against numpy ports and brute
+force."""
 
 import numpy as np
 import pytest

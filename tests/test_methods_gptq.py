@@ -1,4 +1,4 @@
-"""GPTQ (methods.md §5) against RTN, a float64 numpy GPTQ, and its own invariants."""
+"""GPTQ (docs/spec/methods.md §5) against RTN, a float64 numpy GPTQ, and its own invariants."""
 
 import jax.numpy as jnp
 import ml_dtypes

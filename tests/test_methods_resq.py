@@ -1,4 +1,4 @@
-"""ResQ (methods.md §8): bases, rotations, mixed precision, Hadamard."""
+"""ResQ (docs/spec/methods.md §8): bases, rotations, mixed precision, Hadamard."""
 
 import jax
 import jax.numpy as jnp

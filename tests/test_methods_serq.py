@@ -1,4 +1,5 @@
-"""SERQ (methods.md §7): flattening, permutation, compensation, runtime and effective bits."""
+"""SERQ (docs/spec/methods.md §7): flattening, permutation, compensation, runtime and effective
+bits."""
 
 import jax
 import jax.numpy as jnp

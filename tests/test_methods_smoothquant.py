@@ -1,4 +1,4 @@
-"""SmoothQuant scales and folding (methods.md §4)."""
+"""SmoothQuant scales and folding (docs/spec/methods.md §4)."""
 
 import jax
 import jax.numpy as jnp

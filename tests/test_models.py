@@ -50,7 +50,7 @@ def _padded_batch():
 
 
 def _llama3_inv_freq_f64(theta, d, s):
-    # Independent float64 transcription of spec/models.md §2 (llama3 scaling).
+    # Independent float64 transcription of docs/spec/models.md §2 (llama3 scaling).
     inv = 1.0 / theta ** (np.arange(0, d, 2) / d)
     f, lf, hf, l0 = (
         s[k]

@@ -14,15 +14,16 @@ import pytest
 from _tiny import CFG
 
 from arhq_jax import checkpoint
-from arhq_jax.calibrate import LayerwiseRunner
+from arhq_jax.calibrate import LayerwiseRunner, accumulate
 from arhq_jax.formats import dequantize, fake_quant, nvfp4_tensor_scale
 from arhq_jax.linear import Dense
+from arhq_jax.methods.lowrank import stats_config
 from arhq_jax.models import transformer
 from arhq_jax.models.config import INPUT_GROUPS, PROJECTIONS
 from arhq_jax.pipeline import calibration_ids, evaluate_models
 from arhq_jax.qlinear import QuantLinear
-from arhq_jax.quant_config import QuantConfig
-from arhq_jax.quantize_model import _accumulate, _stats_cfg, quantize_model
+from arhq_jax.quant_config import QuantConfig, takes
+from arhq_jax.quantize_model import quantize_model
 
 
 def test_calibration_g_matches_direct_computation(model):
@@ -30,7 +31,7 @@ def test_calibration_g_matches_direct_computation(model):
     params, ids = model
     runner = LayerwiseRunner(params, CFG, ids, batch_size=2)
     qcfg = QuantConfig(method="arhq", act_fmt="nvfp4")
-    got = _accumulate(runner, params.layers[0], {"qkv": _stats_cfg(qcfg, g=True, absmax=True)})
+    got = accumulate(runner, params.layers[0], {"qkv": stats_config(qcfg, g=True, absmax=True)})
     # Independent: one forward of the embedding + layer 0 over each batch of 2 sequences.
     ete, n, amax = np.zeros((64, 64)), 0, np.zeros(64)
     for b in range(0, 6, 2):
@@ -52,7 +53,9 @@ def test_calibration_g_matches_direct_computation(model):
 def test_quantize_model_reconstructs_weights(model, method, setting):
     """Every projection becomes a QuantLinear with W·s = residual + B Aᵀ, and the model runs."""
     params, ids = model
-    qcfg = QuantConfig(method=method, setting=setting, rank=8, w_fmt="nvfp4", act_fmt="nvfp4")
+    qcfg = QuantConfig(
+        method=method, setting=setting, w_fmt="nvfp4", act_fmt="nvfp4", **takes(method, rank=8)
+    )
     res = quantize_model(params, CFG, ids, qcfg, progress=False)
     for fp_layer, q_layer in zip(params.layers, res.params.layers, strict=True):
         resids = {}
@@ -84,7 +87,7 @@ def test_quantize_model_reconstructs_weights(model, method, setting):
     # Static nvfp4 activation scales are calibrated: every method reads the data now.
     assert res.calib_tokens == ids.size
     # Raw RTN and SVDQuant with dynamic scales need no data: no calibration forward at all.
-    dyn = QuantConfig(method=method, setting=setting, rank=8, act_scale="dynamic")
+    dyn = QuantConfig(method=method, setting=setting, act_scale="dynamic", **takes(method, rank=8))
     needs_data = method == "arhq" or setting == "smooth"
     res = quantize_model(params, CFG, ids, dyn, progress=False)
     assert res.calib_tokens == (ids.size if needs_data else 0)
@@ -207,15 +210,18 @@ def test_evaluate_models_matches_direct_perplexity(model):
 
 SHARDED = textwrap.dedent(
     """
-    import os, json
+    import os, json, sys
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
     import jax, numpy as np
     from arhq_jax.calibrate import LayerwiseRunner, data_mesh
     from arhq_jax.pipeline import evaluate_models
-    from arhq_jax.quant_config import QuantConfig
-    from arhq_jax.quantize_model import _accumulate, _stats_cfg, quantize_model
+    from arhq_jax.quant_config import QuantConfig, takes
+    from arhq_jax.calibrate import accumulate
+    from arhq_jax.methods.lowrank import stats_config
+    from arhq_jax.quantize_model import quantize_model
     from arhq_jax.models.params import random_params
-    import tests._tiny as T
+    sys.path.insert(0, "tests")
+    import _tiny as T
     assert len(jax.devices()) == 4
     params = random_params(T.CFG, jax.random.key(0), std=0.08)
     ids = np.asarray(jax.random.randint(jax.random.key(1), (6, 32), 0, T.CFG.vocab_size), np.int32)
@@ -228,7 +234,7 @@ SHARDED = textwrap.dedent(
     for name, mesh in (("one", data_mesh(jax.devices()[:1])), ("four", data_mesh())):
         runner = LayerwiseRunner(params, T.CFG, ids, batch_size=6, mesh=mesh)
         runner.advance(params.layers[0])
-        g = _accumulate(runner, params.layers[1], {"down": _stats_cfg(qcfg, g=True, absmax=True)})
+        g = accumulate(runner, params.layers[1], {"down": stats_config(qcfg, g=True, absmax=True)})
         r = evaluate_models({"arhq": q}, params, T.CFG, ids.reshape(-1), seq_len=32,
                             max_chunks=None, batch_size=4, mesh=mesh, progress=False)
         out[name] = {"g": np.asarray(g["down"]["G"]).tolist(), "n": g["down"]["count"],

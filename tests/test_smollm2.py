@@ -2,7 +2,7 @@
 model in eager f32: tensors, logits, greedy generation, KV-cache decode, tokenizer, perplexity.
 
 The "full-precision" reference is itself Q4_1-dequantized (every linear weight lies on a per-32
-affine 4-bit grid, models.md §4).
+affine 4-bit grid, docs/spec/models.md §4).
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ LLAMA3_SCALING = {
 
 def _hf_configs() -> dict:
     return {
-        # The Qwen3 config of spec/models.md §3 (intermediate_size is Qwen3Config's default).
+        # The Qwen3 config of docs/spec/models.md §3 (intermediate_size is Qwen3Config's default).
         "qwen3": Qwen3Config(
             vocab_size=256,
             hidden_size=64,

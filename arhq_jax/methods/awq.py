@@ -1,4 +1,4 @@
-"""FPRAG-AWQ and its dynamic-heuristic (DH) rounding (anhnda/FPRAG; methods.md §6).
+"""FPRAG-AWQ and its dynamic-heuristic (DH) rounding (anhnda/FPRAG; docs/spec/methods.md §6).
 
 Weight-only int4 asymmetric [0, 15], group 128, with FPRAG's rounding (RNE *after* adding the
 zero point, no range widening, scale ≥ 1e-8, zero point clamped to [0, 15]):
@@ -25,7 +25,8 @@ Faithfulness (checked against ``awq_stand_xl.py`` / ``awq_dh_xl.py``):
   - The standard code clamps after the power, s = max(ŝ^α, 1e-5); the DH code clamps before,
     s = max(ŝ, 1e-5)^α. Both are kept (``rounding`` picks the matching one).
   - Differs: everything runs in f32 at HIGHEST precision (the reference's MSE matmuls and μ run in
-    the model dtype, bf16/fp16: the "parity" precision quirks of §6 are not reproduced); the loss
+    the model dtype, bf16/fp16: the "parity" precision quirks of docs/spec/methods.md §6 are not
+    reproduced); the loss
     omits the bias (it cancels in the difference); token subsampling (≤ 2,048 random tokens,
     1,024 for lm_head) is the caller's choice of ``x``; sorting is stable where torch's is not.
 
@@ -43,9 +44,9 @@ import jax.numpy as jnp
 from flax import struct
 
 from arhq_jax import formats as F
+from arhq_jax.elements import HIGHEST
 from arhq_jax.formats import div
 
-HIGHEST = jax.lax.Precision.HIGHEST
 QMAX = 15  # int4 asymmetric [0, 15]
 
 

@@ -1,4 +1,5 @@
-"""GPTQ (arXiv 2210.17323; methods.md §5): Hessian-aware column-by-column weight quantization.
+"""GPTQ (arXiv 2210.17323; docs/spec/methods.md §5): Hessian-aware column-by-column weight
+quantization.
 
 ``gptq_quantize(W [out, in], H [in, in], fmt)`` quantizes any weight given the Hessian of the input
 the quantized model sees (after rotation, flattening, permutation or smoothing), so it also serves
@@ -50,8 +51,8 @@ import numpy as np
 from flax import struct
 
 from arhq_jax import formats as F
+from arhq_jax.elements import HIGHEST
 
-HIGHEST = jax.lax.Precision.HIGHEST
 # QuaRot's find_params(mse=True): p = 1 − k/grid for k < maxshrink·grid, error Σ|Δ|^norm.
 MSE_GRID, MSE_MAXSHRINK, MSE_NORM = 100, 0.8, 2.4
 
@@ -80,7 +81,7 @@ class GPTQResult:
 
 
 def hessian_update(h, n, x, mask=None):
-    """Running mean ``H = (2/N)·Σ x xᵀ`` (methods.md §5.2), f32 at HIGHEST precision.
+    """Running mean ``H = (2/N)·Σ x xᵀ`` (docs/spec/methods.md §5.2), f32 at HIGHEST precision.
 
     Args:
       h: ``[in, in]`` current H (zeros to start); n: tokens seen so far (int or int32 scalar).

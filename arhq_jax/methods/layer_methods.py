@@ -1,10 +1,12 @@
-"""GPTQ, SmoothQuant, FPRAG-AWQ (+ dynamic heuristic) and SERQ as layer quantizers of the
-PTQ pipeline (``arhq_jax.quantize_model``); ResQ lives in ``resq_method``.
+"""SmoothQuant, FPRAG-AWQ (+ dynamic heuristic) and SERQ as methods of the PTQ pipeline
+(``arhq_jax.quantize_model``); GPTQ lives in ``gptq_method``, ResQ in ``resq_method``, the
+low-rank family in ``lowrank``.
 
-Each class implements the method protocol of ``quantize_model``: ``needs_calibration(qcfg)``,
+Each class is a ``methods.base.Method``: ``needs_calibration(qcfg)``,
 ``quantize_stage(layer, groups, projs, calib, qcfg, layer_idx, timings) -> (layer, diagnostics)``
-and optionally ``finish(qparams, cfg, calib, qcfg)``. The numerics are the per-linear algorithms of
-``gptq``, ``smoothquant``, ``awq`` and ``serq``; here they only meet calibration statistics
+and optionally ``finish(qparams, cfg, calib, qcfg)``; its ``Options`` dataclass holds its
+options. The numerics are the per-linear algorithms of ``smoothquant``, ``awq`` and ``serq``;
+here they only meet calibration statistics
 (``Calibration.stats`` / ``inputs`` / ``head_*``) and become packed linears (``QuantLinear`` or
 ``SERQLinear`` holding ``QTensor`` s) that ``arhq_jax.checkpoint`` saves as they are.
 
@@ -14,8 +16,7 @@ Time split: statistics and token sampling count as ``calibration_s``, the per-li
 
 from __future__ import annotations
 
-import contextlib
-import time
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -23,8 +24,26 @@ from flax import struct
 
 from arhq_jax import formats as F
 from arhq_jax import global_scales as GS
+from arhq_jax.argtypes import NONNEG, float_in
 from arhq_jax.methods import awq, serq, smoothquant
-from arhq_jax.methods.gptq import gptq_quantize
+from arhq_jax.methods.base import (
+    GPTQ_CORE_OPTIONS,
+    GPTQCoreOptions,
+    Method,
+    MethodFormats,
+    Options,
+    check_rank,
+    check_residual_quant,
+    option,
+)
+from arhq_jax.methods.util import (
+    f32,
+    fused_w_scales,
+    group_stats,
+    rel_err,
+    static_act_scales,
+    timed,
+)
 from arhq_jax.models.config import GROUP_OF, INPUT_GROUPS
 from arhq_jax.qlinear import QuantLinear
 from arhq_jax.stats import StatsConfig
@@ -34,28 +53,6 @@ AWQ_HEAD_TOKENS = 1024
 AWQ_HEAD_CHUNKS = 4
 # SmoothQuant folds into the RMSNorm that feeds each of these groups.
 SQ_FOLD = {"qkv": "input_norm", "gate_up": "post_norm"}
-
-
-@contextlib.contextmanager
-def _timed(timings: dict, key: str):
-    t0 = time.perf_counter()
-    yield
-    timings[key] += time.perf_counter() - t0
-
-
-def _rel_err(w_hat, w) -> float:
-    w = jnp.asarray(w, jnp.float32)
-    return float(jnp.linalg.norm(w_hat - w) / jnp.maximum(jnp.linalg.norm(w), 1e-30))
-
-
-def _group_stats(calib, layer, groups, qcfg, **keep) -> dict:
-    spec = StatsConfig(dtype=qcfg.stats_dtype, **{"keep_absmax": False, **keep})
-    out = calib.stats(layer, {g: spec for g in groups})
-    return jax.block_until_ready(out)
-
-
-def _f32(a):
-    return None if a is None else jnp.asarray(a, jnp.float32)
 
 
 @struct.dataclass
@@ -80,95 +77,6 @@ class OutSplitLinear:
 
 
 # ----------------------------------------------------------------------------------------------
-# GPTQ
-# ----------------------------------------------------------------------------------------------
-
-
-def gptq_spec(qcfg) -> F.FormatSpec:
-    """The weight format with the reference quantizer's int scale clamp (≥ 1e-5)."""
-    spec = qcfg.w_spec
-    return F.resolve_format(spec, int_variant="gptq") if spec.is_int else spec
-
-
-def gptq_linear(w, h, qcfg, bias=None, *, act_scale=None, w_scale=None):
-    """GPTQ of ``w [out, in]`` under ``h`` → (``QuantLinear``, ``GPTQResult``).
-
-    ``act_scale``: static nvfp4 activation global scale (None: dynamic); ``w_scale``: nvfp4
-    weight global scale (None: from ``w``; a joint one shares it across fused partitions)."""
-    spec = gptq_spec(qcfg)
-    res = gptq_quantize(
-        w,
-        h,
-        spec,
-        percdamp=qcfg.percdamp,
-        block_size=qcfg.block_size,
-        act_order=qcfg.act_order,
-        static_groups=qcfg.act_order and spec.block != -1,
-        mse_clip=qcfg.mse_clip,
-        tensor_scale=w_scale,
-    )
-    if act_scale is not None:
-        act_scale = jnp.asarray(act_scale, jnp.float32).reshape(())
-    return QuantLinear(w=res.qtensor, bias=bias, act_scale=act_scale, act_fmt=qcfg.act_spec), res
-
-
-def _static_act_scales(qcfg, st: dict, projs) -> dict:
-    """{proj: static nvfp4 activation scale} from the groups' absmax, or {} (dynamic/other)."""
-    if not qcfg.static_act_scale:
-        return {}
-    scale = {g: GS.act_scale(GS.amax(v["absmax"])) for g, v in st.items()}
-    return {p: scale[GROUP_OF[p]] for p in projs}
-
-
-def _fused_w_scales(qcfg, weights: dict) -> dict:
-    """{proj: nvfp4 weight global scale shared by its fused partitions}, or {} when off."""
-    return GS.fused_weight_scales(
-        weights, GROUP_OF, qcfg.fused_w_scale and qcfg.w_spec.name == "nvfp4"
-    )
-
-
-class GPTQMethod:
-    """GPTQ (methods.md §5) on H = XᵀX/N of each input group (sequential by default).
-
-    NVFP4 activations get the static scale of the group's amax (same pass as H); NVFP4 weights
-    of fused partitions share the global scale of their joint amax."""
-
-    def needs_calibration(self, qcfg) -> bool:
-        return True
-
-    def quantize_stage(self, layer, groups, projs, calib, qcfg, layer_idx, timings):
-        static = qcfg.static_act_scale
-        with _timed(timings, "calibration_s"):
-            st = _group_stats(calib, layer, groups, qcfg, keep_h=True, keep_absmax=static)
-        act = _static_act_scales(qcfg, st, projs)
-        w_scales = _fused_w_scales(qcfg, {p: getattr(layer, p).w for p in projs})
-        new, diags = {}, []
-        for p in projs:
-            lin = getattr(layer, p)
-            w = _f32(lin.w)
-            with _timed(timings, "decomposition_s"):
-                ql, res = gptq_linear(
-                    w,
-                    st[GROUP_OF[p]]["H"],
-                    qcfg,
-                    lin.b,
-                    act_scale=act.get(p),
-                    w_scale=w_scales.get(p),
-                )
-                jax.block_until_ready(res.w_hat)
-            new[p] = ql
-            diags.append(
-                {
-                    "layer": layer_idx,
-                    "proj": p,
-                    "w_quant_rel_err": _rel_err(res.w_hat, w),
-                    "gptq_err": float(res.err),
-                }
-            )
-        return layer.replace(**new), diags
-
-
-# ----------------------------------------------------------------------------------------------
 # SmoothQuant
 # ----------------------------------------------------------------------------------------------
 
@@ -188,7 +96,7 @@ def smoothquant_fold(layer, absmax: dict, alpha: float):
             raise ValueError(f"SmoothQuant folds into norms of {tuple(SQ_FOLD)}, not {g!r}")
         projs = INPUT_GROUPS[g]
         ws = [getattr(layer, p).w for p in projs]
-        s = smoothquant.smoothquant_scales(_f32(m_x), ws, alpha)
+        s = smoothquant.smoothquant_scales(f32(m_x), ws, alpha)
         norm, new_ws = smoothquant.fold_smoothing(getattr(layer, SQ_FOLD[g]), ws, s)
         upd = {p: getattr(layer, p).replace(w=nw) for p, nw in zip(projs, new_ws, strict=True)}
         layer = layer.replace(**{SQ_FOLD[g]: norm}, **upd)
@@ -196,8 +104,18 @@ def smoothquant_fold(layer, absmax: dict, alpha: float):
     return layer, scales
 
 
-class SmoothQuantMethod:
-    """SmoothQuant (methods.md §4): α migration folded into the RMSNorm before q/k/v and before
+@dataclasses.dataclass(frozen=True)
+class SmoothQuantOptions(Options):
+    alpha: float = option(0.5, "SmoothQuant's migration strength α", type=float_in(0, 1))
+
+    def check(self, common) -> None:
+        if not (isinstance(self.alpha, int | float) and 0.0 <= self.alpha <= 1.0):
+            raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
+
+
+class SmoothQuantMethod(Method):
+    """SmoothQuant (docs/spec/methods.md §4): α migration folded into the RMSNorm before q/k/v and
+    before
     gate/up (one scale per group), then RTN of every projection (o and down unsmoothed).
 
     Int activations are quantized per token by default (SmoothQuant's dynamic per-token O1
@@ -206,31 +124,41 @@ class SmoothQuantMethod:
     partitions share the global scale of their joint amax (of W·s).
     """
 
-    def needs_calibration(self, qcfg) -> bool:
-        return True
+    name = "smoothquant"
+    # W8A8 int8 (per-channel weights, per-token activations), or any W4A4.
+    formats = MethodFormats(
+        ("int8", "int4", "nvfp4", "nvfp4-paper", "mxfp4"),
+        ("int8", "int4", "nvfp4", "mxfp4"),
+        "int8",
+        "int8",
+        group_default=-1,
+        act_group_default=-1,
+    )
+    Options = SmoothQuantOptions
+    fused_w_scale = True
 
     def quantize_stage(self, layer, groups, projs, calib, qcfg, layer_idx, timings):
         fold = [g for g in groups if g in SQ_FOLD]
         scales = {}
         fp = layer
         if fold:
-            with _timed(timings, "calibration_s"):
-                st = _group_stats(calib, layer, fold, qcfg, keep_absmax=True)
+            with timed(timings, "calibration_s"):
+                st = group_stats(calib, layer, fold, qcfg, keep_absmax=True)
             layer, scales = smoothquant_fold(layer, {g: st[g]["absmax"] for g in fold}, qcfg.alpha)
         act_scales = {}
         if qcfg.static_act_scale:  # the folded norms' output is what the quantizer reads
-            with _timed(timings, "calibration_s"):
-                st = _group_stats(calib, layer, groups, qcfg, keep_absmax=True)
-            act_scales = _static_act_scales(qcfg, st, projs)
+            with timed(timings, "calibration_s"):
+                st = group_stats(calib, layer, groups, qcfg, keep_absmax=True)
+            act_scales = static_act_scales(qcfg, st, projs)
         act = qcfg.act_spec  # int: per token by default (act_group_size -1)
         w_ts = {}
         for p in projs:
             s = scales.get(GROUP_OF[p])
-            w = _f32(getattr(fp, p).w)
+            w = f32(getattr(fp, p).w)
             w_ts[p] = w if s is None else w * s[None, :]  # quantize the f32 product
-        w_scales = _fused_w_scales(qcfg, w_ts)
+        w_scales = fused_w_scales(qcfg, w_ts)
         new, diags = {}, []
-        with _timed(timings, "packing_s"):
+        with timed(timings, "packing_s"):
             for p in projs:
                 s = scales.get(GROUP_OF[p])
                 w_t = w_ts[p]
@@ -250,7 +178,7 @@ class SmoothQuantMethod:
                         "layer": layer_idx,
                         "proj": p,
                         "alpha": qcfg.alpha if s is not None else None,
-                        "w_quant_rel_err": _rel_err(F.dequantize(ql.w, jnp.float32), w_t),
+                        "w_quant_rel_err": rel_err(F.dequantize(ql.w, jnp.float32), w_t),
                     }
                 )
         return layer.replace(**new), diags
@@ -279,30 +207,47 @@ def awq_linear(w, x, moments, qcfg, rounding, bias=None, n_out_chunks=1):
     return lin, res
 
 
-class AWQMethod:
-    """FPRAG-AWQ (methods.md §6): per linear, the α grid search of s = E[x²]^α on ≤ 2,048
+@dataclasses.dataclass(frozen=True)
+class AWQOptions(Options):
+    quantize_lm_head: bool = option(
+        True,
+        "also quantize lm_head, in 4 output chunks (as FPRAG does)",
+        flag="--lm-head",
+        action="BooleanOptionalAction",
+    )
+    seed: int = option(0, "seed of the token sampling (AWQ) or the rotations (ResQ)", type=int)
+
+
+class AWQMethod(Method):
+    """FPRAG-AWQ (docs/spec/methods.md §6): per linear, the α grid search of s = E[x²]^α on ≤ 2,048
     stored tokens, int4-asym g128 weight-only; ``rounding="dh"`` for the dynamic heuristic.
 
     The packed linear keeps s as its input divisor (x/s)·Q(W diag s)ᵀ. ``finish`` quantizes
     lm_head in 4 chunks (on ≤ 1,024 tokens of its input) when ``qcfg.quantize_lm_head``.
     """
 
-    def __init__(self, rounding: str = "rne"):
-        self.rounding = rounding
+    # int4 asymmetric [0, 15], group 128, weight-only; inputs from the partially quantized
+    # model (sequential).
+    formats = MethodFormats(
+        ("int4-asym",), (None,), "int4-asym", None, group_default=128, sequential_default=True
+    )
+    Options = AWQOptions
+    own_act_quantizer = True
 
-    def needs_calibration(self, qcfg) -> bool:
-        return True
+    def __init__(self, rounding: str = "rne", name: str = "awq"):
+        self.rounding = rounding
+        self.name = name
 
     def quantize_stage(self, layer, groups, projs, calib, qcfg, layer_idx, timings):
-        with _timed(timings, "calibration_s"):
-            st = _group_stats(calib, layer, groups, qcfg, keep_moments=True)
+        with timed(timings, "calibration_s"):
+            st = group_stats(calib, layer, groups, qcfg, keep_moments=True)
             xs = {g: calib.inputs(layer, g, AWQ_TOKENS, seed=qcfg.seed + layer_idx) for g in groups}
         new, diags = {}, []
         for p in projs:
             lin = getattr(layer, p)
-            w = _f32(lin.w)
+            w = f32(lin.w)
             g = GROUP_OF[p]
-            with _timed(timings, "decomposition_s"):
+            with timed(timings, "decomposition_s"):
                 ql, res = awq_linear(w, xs[g], st[g], qcfg, self.rounding, lin.b)
                 jax.block_until_ready(res.w_hat)
             new[p] = ql
@@ -311,7 +256,7 @@ class AWQMethod:
                     "layer": layer_idx,
                     "proj": p,
                     "alpha": float(res.alpha[0]),
-                    "w_quant_rel_err": _rel_err(res.w_hat, w),
+                    "w_quant_rel_err": rel_err(res.w_hat, w),
                 }
             )
         return layer.replace(**new), diags
@@ -322,10 +267,10 @@ class AWQMethod:
         spec = StatsConfig(keep_absmax=False, keep_moments=True, dtype=qcfg.stats_dtype)
         with jax.enable_x64(qcfg.stats_dtype == "float64"):
             moments = calib.head_stats(qparams.final_norm, spec)
-            moments = {k: _f32(v) for k, v in moments.items() if k != "count"}
+            moments = {k: f32(v) for k, v in moments.items() if k != "count"}
         x = calib.head_inputs(qparams.final_norm, AWQ_HEAD_TOKENS, seed=qcfg.seed)
         head = qparams.lm_head
-        w = _f32(qparams.embed if head is None else head.w)
+        w = f32(qparams.embed if head is None else head.w)
         bias = None if head is None else head.b
         lin, _ = awq_linear(w, x, moments, qcfg, self.rounding, bias, AWQ_HEAD_CHUNKS)
         return qparams.replace(lm_head=lin)
@@ -369,29 +314,67 @@ def serq_linear(w, st, qcfg, bias=None):
     )
 
 
-class SERQMethod:
-    """SERQ (methods.md §7): static flattening by the calibration absmax, saliency permutation,
+@dataclasses.dataclass(frozen=True)
+class SERQOptions(GPTQCoreOptions):
+    rank: int = option(128, "SERQ's number r of compensated salient channels", type=NONNEG)
+    residual_quant: str = option(
+        "rtn", "quantizer of SERQ's main weight (int path): rtn or gptq", choices=("rtn", "gptq")
+    )
+
+    def check(self, common) -> None:
+        check_rank(self.rank)
+        check_residual_quant(self.residual_quant)
+        if self.residual_quant == "gptq":
+            if common.w_fmt != "int4":
+                raise ValueError("SERQ uses GPTQ on the int path only (weight format int4)")
+            GPTQCoreOptions.check(self, common)
+
+    def unused(self, common) -> tuple[str, ...]:
+        return () if self.residual_quant == "gptq" else GPTQ_CORE_OPTIONS
+
+
+class SERQMethod(Method):
+    """SERQ (docs/spec/methods.md §7): static flattening by the calibration absmax, saliency
+    permutation,
     one quantized compensation matrix on the r most salient channels read from the same
     quantized activations; main weight by RTN or GPTQ (``residual_quant``, int path)."""
 
-    def needs_calibration(self, qcfg) -> bool:
-        return True
+    name = "serq"
+    # The MXFP4 path (C and main MXFP4, MXFP4 activations), the int path (C int4 per row, main
+    # int4 g128, SERQ's asymmetric per-token g128 activations, 4 or 8 bits) and, as an
+    # extension, an NVFP4 path built like the MXFP4 one.
+    formats = MethodFormats(
+        ("mxfp4", "int4", "nvfp4"),
+        ("mxfp4", "int4", "int8", "nvfp4", None),
+        "mxfp4",
+        "mxfp4",
+        paths={"mxfp4": ("mxfp4", None), "int4": ("int4", "int8", None), "nvfp4": ("nvfp4", None)},
+    )
+    Options = SERQOptions
+    own_act_quantizer = True
+
+    def check_model(self, qcfg, cfg) -> None:
+        for name, (_, in_f) in cfg.linear_shapes().items():
+            if name in qcfg.projections and qcfg.rank > in_f:
+                raise ValueError(
+                    f"SERQ r={qcfg.rank} compensated channels exceed {name}'s {in_f} inputs"
+                )
 
     def quantize_stage(self, layer, groups, projs, calib, qcfg, layer_idx, timings):
-        with _timed(timings, "calibration_s"):
-            st = _group_stats(
+        with timed(timings, "calibration_s"):
+            st = group_stats(
                 calib, layer, groups, qcfg, keep_minmax=True, keep_h=qcfg.residual_quant == "gptq"
             )
         new, diags = {}, []
         for p in projs:
             lin = getattr(layer, p)
-            w = _f32(lin.w)
-            with _timed(timings, "decomposition_s"):
+            w = f32(lin.w)
+            with timed(timings, "decomposition_s"):
                 sl = serq_linear(w, st[GROUP_OF[p]], qcfg, lin.b)
                 w_eff = serq.serq_transform(w, sl.s, sl.perm)
                 w_hat = F.dequantize(sl.w_main, jnp.float32)
                 if sl.rank:
                     w_hat = w_hat.at[:, : sl.rank].add(F.dequantize(sl.c, jnp.float32))
             new[p] = sl
-            diags.append({"layer": layer_idx, "proj": p, "w_quant_rel_err": _rel_err(w_hat, w_eff)})
+            diags.append({"layer": layer_idx, "proj": p, "w_quant_rel_err": rel_err(w_hat, w_eff)})
         return layer.replace(**new), diags

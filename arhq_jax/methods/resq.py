@@ -1,4 +1,5 @@
-"""ResQ (arXiv 2412.14363; utkarsh-dmx/project-resq; methods.md §8): PCA bases, Haar rotations
+"""ResQ (arXiv 2412.14363; utkarsh-dmx/project-resq; docs/spec/methods.md §8): PCA bases, Haar
+rotations
 within the low/high subspaces, mixed-precision (4-bit + 8-bit) quantizers and Hadamard transforms.
 
     H        = uncentered second moment of the input (f64), damped by 0.01·mean(diag H)
@@ -40,9 +41,10 @@ import numpy as np
 from flax import struct
 
 from arhq_jax import formats as F
+from arhq_jax.elements import HIGHEST
+from arhq_jax.linear import matmul_nt
 from arhq_jax.methods import gptq as G
 
-HIGHEST = jax.lax.Precision.HIGHEST
 W_LOW = F.resolve_format("int4", group_size=-1, int_variant="gptq")
 W_HIGH = F.resolve_format("int8", group_size=-1, int_variant="gptq")
 A_LOW = F.resolve_format("int4-asym", group_size=-1)
@@ -279,15 +281,6 @@ def hadamard_transform(x, axis: int = -1) -> jax.Array:
 # ----------------------------------------------------------------------------------------------
 
 
-def _weight(w) -> jax.Array:
-    """f32 ``[out, in]`` of an array, a packed ``QTensor`` or a mixed pair (low, high)."""
-    if isinstance(w, tuple):
-        return jnp.concatenate([F.dequantize(q, jnp.float32) for q in w], axis=1)
-    if isinstance(w, F.QTensor):
-        return F.dequantize(w, jnp.float32)
-    return w
-
-
 @struct.dataclass
 class ResQLinear:
     """Rotated mixed-precision projection: ``y = Q_a(x[perm] R)·Ŵᵀ (+ b)``.
@@ -324,6 +317,10 @@ class ResQLinear:
         w = self.w_hat[0] if isinstance(self.w_hat, tuple) else self.w_hat
         return w.shape[0]
 
+    def weights_only(self) -> ResQLinear:
+        """The same linear with its mixed activation quantizer off (``act_low`` → None)."""
+        return self.replace(act_low=None)
+
     def __call__(self, x: jax.Array) -> jax.Array:
         xr = jnp.asarray(x, jnp.float32)
         if self.perm is not None:
@@ -334,16 +331,7 @@ class ResQLinear:
             xr = hadamard_transform(xr)
         if self.act_low is not None:
             xr = mixed_act_quant(xr, self.n_high, self.act_low, self.act_high)
-        y = jnp.einsum(
-            "...k,nk->...n",
-            xr,
-            _weight(self.w_hat),
-            precision=HIGHEST,
-            preferred_element_type=jnp.float32,
-        )
-        if self.b is not None:
-            y = y + self.b.astype(jnp.float32)
-        return y.astype(x.dtype)
+        return matmul_nt(xr, F.dense_weight(self.w_hat), self.b).astype(x.dtype)
 
 
 def resq_quantize(

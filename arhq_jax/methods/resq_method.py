@@ -1,4 +1,5 @@
-"""ResQ on whole models (methods.md §8): the model-level fusions around ``resq``'s per-linear
+"""ResQ on whole models (docs/spec/methods.md §8): the model-level fusions around ``resq``'s
+per-linear
 pieces, as a layer quantizer of ``arhq_jax.quantize_model``.
 
 ``prepare`` (before the layer loop, on the float model):
@@ -28,6 +29,7 @@ KV cache stays in the compute dtype, as for every other method here.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import jax
@@ -35,13 +37,21 @@ import jax.numpy as jnp
 import numpy as np
 
 from arhq_jax import formats as F
-from arhq_jax.calibrate import LayerwiseRunner
+from arhq_jax.calibrate import Calibration, LayerwiseRunner
+from arhq_jax.elements import HIGHEST
 from arhq_jax.linear import Dense
 from arhq_jax.methods import resq
+from arhq_jax.methods.base import (
+    GPTQ_CORE_OPTIONS,
+    GPTQCoreOptions,
+    Method,
+    MethodFormats,
+    check_residual_quant,
+    option,
+)
 from arhq_jax.models.config import GROUP_OF
 from arhq_jax.stats import StatsConfig
 
-HIGHEST = jax.lax.Precision.HIGHEST
 HIGH_FRAC = 1 / 8
 
 
@@ -88,8 +98,6 @@ def collect_moments(params, cfg, calib_ids, stats_dtype="float32", batch_size=8)
     runner = LayerwiseRunner(params, cfg, calib_ids, batch_size=batch_size)
     spec_qkv = StatsConfig(keep_absmax=False, keep_h=True, keep_moments=True, dtype=stats_dtype)
     spec_gu = StatsConfig(keep_absmax=False, keep_h=True, dtype=stats_dtype)
-    from arhq_jax.quantize_model import Calibration  # noqa: PLC0415 (import cycle)
-
     calib = Calibration(runner, cfg)
     out = []
     for layer in params.layers:
@@ -178,8 +186,36 @@ def o_proj_perm(cfg, n_high_v: int) -> np.ndarray:
     return np.concatenate([idx[:, : d - n_high_v].ravel(), idx[:, d - n_high_v :].ravel()])
 
 
-class ResQMethod:
-    """ResQ (methods.md §8), see the module docstring."""
+@dataclasses.dataclass(frozen=True)
+class ResQOptions(GPTQCoreOptions):
+    residual_quant: str = option(
+        "gptq", "quantizer of ResQ's weights: rtn or gptq", choices=("rtn", "gptq")
+    )
+    mse_clip: bool = option(
+        True,
+        "QuaRot's MSE clip of per-row int weight scales in GPTQ",
+        action="BooleanOptionalAction",
+    )
+    seed: int = option(0, "seed of the token sampling (AWQ) or the rotations (ResQ)", type=int)
+
+    def check(self, common) -> None:
+        check_residual_quant(self.residual_quant)
+        GPTQCoreOptions.check(self, common)
+
+    def unused(self, common) -> tuple[str, ...]:
+        # With RTN the MSE clip still applies.
+        return () if self.residual_quant == "gptq" else GPTQ_CORE_OPTIONS
+
+
+class ResQMethod(Method):
+    """ResQ (docs/spec/methods.md §8), see the module docstring."""
+
+    name = "resq"
+    # int4 with the top 1/8 of each input at int8 (weights per row, sym; activations per
+    # token, asym), GPTQ with MSE clip.
+    formats = MethodFormats(("int4",), ("int4", None), "int4", "int4", sequential_default=True)
+    Options = ResQOptions
+    own_act_quantizer = True
 
     def needs_calibration(self, qcfg) -> bool:
         return qcfg.residual_quant == "gptq"
@@ -226,7 +262,7 @@ class ResQMethod:
             rl = resq.resq_quantize(
                 lin.w, None, h=h, mse_clip=qcfg.mse_clip, bias=lin.b, pack=True, **kw, **gkw
             )
-            w_hat = resq._weight(rl.w_hat)
+            w_hat = F.dense_weight(rl.w_hat)
             jax.block_until_ready(w_hat)
             timings["decomposition_s"] += time.perf_counter() - t0
             w_ref = jnp.asarray(lin.w, jnp.float32)

@@ -1,4 +1,5 @@
-"""SERQ (arXiv 2603.08185; acalabys/SERQ; methods.md §7): flattening, saliency permutation and a
+"""SERQ (arXiv 2603.08185; acalabys/SERQ; docs/spec/methods.md §7): flattening, saliency
+permutation and a
 single quantized compensation matrix on the most salient input channels.
 
     s      = max(|min_j|, |max_j|)                       per input channel (calibration)
@@ -43,9 +44,9 @@ import jax.numpy as jnp
 from flax import struct
 
 from arhq_jax import formats as F
+from arhq_jax.linear import matmul_nt
 from arhq_jax.methods.gptq import gptq_quantize
 
-HIGHEST = jax.lax.Precision.HIGHEST
 C_INT_FMT = F.resolve_format("int4", group_size=-1, int_variant="serq")
 MAIN_INT_FMT = F.resolve_format("int4", group_size=128, int_variant="gptq")
 ACT_GROUP = 128
@@ -150,11 +151,6 @@ def _act_quant(x, act: str | None, tensor_scale=None):
     return serq_act_quant(x, bits=4 if act == "int4" else 8)
 
 
-def _weight(w) -> jax.Array:
-    """f32 weight of a field that holds an array or a packed ``QTensor``."""
-    return F.dequantize(w, jnp.float32) if isinstance(w, F.QTensor) else w
-
-
 # ----------------------------------------------------------------------------------------------
 # The linear
 # ----------------------------------------------------------------------------------------------
@@ -195,12 +191,15 @@ class SERQLinear:
     def rank(self) -> int:
         return self.c.shape[1]
 
+    def weights_only(self) -> SERQLinear:
+        """The same linear with its activation quantizer off (the static scale is kept)."""
+        return self.replace(act=None)
+
     def __call__(self, x: jax.Array) -> jax.Array:
         a = _act_quant(serq_input(x, self.s, self.perm), self.act, self.act_scale)
-        mm = functools.partial(jnp.einsum, precision=HIGHEST, preferred_element_type=jnp.float32)
-        y = mm("...k,nk->...n", a, _weight(self.w_main))
-        if self.rank:
-            y = y + mm("...k,nk->...n", a[..., : self.rank], _weight(self.c))  # same quantized a
+        y = matmul_nt(a, F.dense_weight(self.w_main))
+        if self.rank:  # the same quantized a
+            y = y + matmul_nt(a[..., : self.rank], F.dense_weight(self.c))
         if self.b is not None:
             y = y + self.b.astype(jnp.float32)
         return y.astype(x.dtype)

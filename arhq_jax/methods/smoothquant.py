@@ -1,4 +1,5 @@
-"""SmoothQuant (arXiv 2211.10438; methods.md §4): one per-channel scale per foldable input group.
+"""SmoothQuant (arXiv 2211.10438; docs/spec/methods.md §4): one per-channel scale per foldable
+input group.
 
 For an input group (the RMSNorm feeding q/k/v, or the one feeding gate/up),
 
@@ -13,7 +14,8 @@ Faithfulness:
   - Follows the reference ``smooth_ln_fcs``: m_w is clamped at ≥ 1e-5, the scale at ≥ 1e-5,
     m_x is used as is (a dead channel with m_x = 0 gets s = 1e-5 for α > 0), one s is shared by
     the whole group, α is fixed (no search).
-  - The optional extra groups of §4.5 (not in the original method): ``down_proj``'s scale folds
+  - The optional extra groups of docs/spec/methods.md §4.5 (not in the original method):
+    ``down_proj``'s scale folds
     exactly into ``up_proj``'s output rows (silu(gate)⊙up is linear in up), and ``o_proj``'s
     into ``v_proj``'s rows when the scale is shared by the query heads of each KV head; we take
     the max of m_x and of m_w over each GQA group before forming s (``o_v_scales``).

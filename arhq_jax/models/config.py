@@ -141,3 +141,27 @@ class Params:
     layers: tuple[Layer, ...]
     final_norm: jax.Array
     lm_head: Linear | None = None
+
+
+def config_to_dict(cfg: ModelConfig) -> dict:
+    """The one JSON codec of ``ModelConfig`` (its fields; ``rope_scaling`` as a list of pairs).
+
+    ``config_from_dict`` is its inverse; the HF ``config.json`` form is ``models.hf_config``."""
+    d = dataclasses.asdict(cfg)
+    d["rope_scaling"] = None if cfg.rope_scaling is None else [list(kv) for kv in cfg.rope_scaling]
+    return d
+
+
+def config_from_dict(d: dict) -> ModelConfig:
+    """Inverse of ``config_to_dict`` (ValueError for an unknown field)."""
+    d = dict(d)
+    names = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = set(d) - names
+    if unknown:
+        raise ValueError(f"unknown ModelConfig fields in metadata: {sorted(unknown)}")
+    if d.get("rope_scaling") is not None:
+        d["rope_scaling"] = tuple(tuple(kv) for kv in d["rope_scaling"])
+    for k in ("bos_token_id", "eos_token_id"):
+        if isinstance(d.get(k), list):  # several eos ids: a tuple keeps the config hashable
+            d[k] = tuple(d[k])
+    return ModelConfig(**d)

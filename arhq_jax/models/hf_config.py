@@ -1,4 +1,5 @@
-"""Reading and writing Hugging Face ``config.json`` dicts (spec/models.md §3), shared by families.
+"""Reading and writing Hugging Face ``config.json`` dicts (docs/spec/models.md §3), shared by
+families.
 
 Both the transformers 5.x form (``rope_parameters`` holding ``rope_type``, ``rope_theta`` and the
 scaling keys) and the 4.x form (top-level ``rope_theta`` plus a ``rope_scaling`` dict whose type key

@@ -1,4 +1,4 @@
-"""Hugging Face checkpoint names ↔ the ``Params`` pytree (spec/models.md §3).
+"""Hugging Face checkpoint names ↔ the ``Params`` pytree (docs/spec/models.md §3).
 
 Weights keep the HF layout ``W[out, in]``. Loading is streaming: ``params_from_tensors`` asks for
 one tensor at a time through a ``get(name) -> np.ndarray | None`` callback (a safetensors reader,

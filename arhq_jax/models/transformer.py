@@ -1,4 +1,4 @@
-"""The decoder shared by the Llama and Qwen3 ports (spec/models.md §1-2).
+"""The decoder shared by the Llama and Qwen3 ports (docs/spec/models.md §1-2).
 
 Pure functions over a ``Params`` pytree; ``cfg`` (a hashable ``ModelConfig``) is always static under
 ``jax.jit``. Shapes: ``B`` batch, ``T`` query tokens, ``S`` key slots (``T`` without a KV cache, the
@@ -18,10 +18,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from arhq_jax.elements import HIGHEST
 from arhq_jax.models.config import Layer, ModelConfig, Params
 
 F32 = jnp.float32
-HIGHEST = jax.lax.Precision.HIGHEST
 
 
 def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:

@@ -1,0 +1,110 @@
+"""GPTQ as a method of the pipeline (docs/spec/methods.md §5), and the one GPTQ weight call that
+every method quantizing with GPTQ goes through (``gptq_weight``: ``--method gptq``, and the
+``residual_quant="gptq"`` of svdquant/arhq).
+
+The integer weight formats take the reference quantizer's scale rule (``int_variant="gptq"``: the
+amax, or hi − lo, clamped at ≥ 1e-5 before dividing by the code range), whichever method calls
+GPTQ: the residual of SVDQuant/ARHQ under ``--residual-quant gptq`` is quantized exactly as
+``--method gptq`` quantizes a weight.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from arhq_jax import formats as F
+from arhq_jax.methods.base import ALL_ACTS, LINEAR_FORMATS, GPTQOptions, Method, MethodFormats
+from arhq_jax.methods.gptq import GPTQResult, gptq_quantize
+from arhq_jax.methods.util import (
+    f32,
+    fused_w_scales,
+    group_stats,
+    rel_err,
+    static_act_scales,
+    timed,
+)
+from arhq_jax.models.config import GROUP_OF
+from arhq_jax.qlinear import QuantLinear
+
+
+def gptq_spec(w_spec) -> F.FormatSpec:
+    """The weight format with the reference quantizer's int scale clamp (≥ 1e-5)."""
+    spec = F.resolve_format(w_spec)
+    return F.resolve_format(spec, int_variant="gptq") if spec.is_int else spec
+
+
+def gptq_weight(w, h, w_spec, opts, *, w_scale=None) -> GPTQResult:
+    """GPTQ of ``w [out, in]`` under ``h [in, in]`` in ``w_spec`` with the GPTQ options of
+    ``opts`` (``percdamp``, ``block_size``, ``act_order`` — static groups when grouped —,
+    ``mse_clip``); ``w_scale``: the nvfp4 weight global scale (None: from ``w``)."""
+    spec = gptq_spec(w_spec)
+    return gptq_quantize(
+        w,
+        h,
+        spec,
+        percdamp=opts.percdamp,
+        block_size=opts.block_size,
+        act_order=opts.act_order,
+        static_groups=opts.act_order and spec.block != -1,
+        mse_clip=opts.mse_clip,
+        tensor_scale=w_scale,
+    )
+
+
+def gptq_linear(w, h, qcfg, bias=None, *, act_scale=None, w_scale=None):
+    """GPTQ of ``w [out, in]`` under ``h`` → (``QuantLinear``, ``GPTQResult``).
+
+    ``act_scale``: static nvfp4 activation global scale (None: dynamic); ``w_scale``: nvfp4
+    weight global scale (None: from ``w``; a joint one shares it across fused partitions)."""
+    res = gptq_weight(w, h, qcfg.w_spec, qcfg, w_scale=w_scale)
+    if act_scale is not None:
+        act_scale = jnp.asarray(act_scale, jnp.float32).reshape(())
+    return QuantLinear(w=res.qtensor, bias=bias, act_scale=act_scale, act_fmt=qcfg.act_spec), res
+
+
+class GPTQMethod(Method):
+    """GPTQ (docs/spec/methods.md §5) on H = XᵀX/N of each input group (sequential by default).
+
+    NVFP4 activations get the static scale of the group's amax (same pass as H); NVFP4 weights
+    of fused partitions share the global scale of their joint amax."""
+
+    name = "gptq"
+    # int4 sym per output channel, weight-only (group 128 with --group-size 128); also the FP4
+    # formats W4A4. Sequential calibration, as in the reference.
+    formats = MethodFormats(
+        LINEAR_FORMATS, ALL_ACTS, "int4", None, group_default=-1, sequential_default=True
+    )
+    Options = GPTQOptions
+    fused_w_scale = True
+
+    def quantize_stage(self, layer, groups, projs, calib, qcfg, layer_idx, timings):
+        static = qcfg.static_act_scale
+        with timed(timings, "calibration_s"):
+            st = group_stats(calib, layer, groups, qcfg, keep_h=True, keep_absmax=static)
+        act = static_act_scales(qcfg, st, projs)
+        w_scales = fused_w_scales(qcfg, {p: getattr(layer, p).w for p in projs})
+        new, diags = {}, []
+        for p in projs:
+            lin = getattr(layer, p)
+            w = f32(lin.w)
+            with timed(timings, "decomposition_s"):
+                ql, res = gptq_linear(
+                    w,
+                    st[GROUP_OF[p]]["H"],
+                    qcfg,
+                    lin.b,
+                    act_scale=act.get(p),
+                    w_scale=w_scales.get(p),
+                )
+                jax.block_until_ready(res.w_hat)
+            new[p] = ql
+            diags.append(
+                {
+                    "layer": layer_idx,
+                    "proj": p,
+                    "w_quant_rel_err": rel_err(res.w_hat, w),
+                    "gptq_err": float(res.err),
+                }
+            )
+        return layer.replace(**new), diags
