@@ -368,7 +368,8 @@ def test_gram_solver_equals_reference(out, dead):
         np.testing.assert_allclose(_gmetric(w32, _branch64(s), gt), j64, rtol=1e-4)
     # B carries the singular values in both: column norms agree (the columns up to sign)
     np.testing.assert_allclose(
-        np.linalg.norm(np.asarray(fast.b), axis=0), np.linalg.norm(np.asarray(ref.b), axis=0),
+        np.linalg.norm(np.asarray(fast.b), axis=0),
+        np.linalg.norm(np.asarray(ref.b), axis=0),
         rtol=1e-4,
     )
 
