@@ -557,3 +557,22 @@ def snr_db(y, y_hat) -> jax.Array:
     y, y_hat = y.astype(cd), y_hat.astype(cd)
     err = jnp.maximum(jnp.linalg.norm(y_hat - y), 1e-12)
     return 20.0 * jnp.log10(jnp.linalg.norm(y) / err)
+
+
+class GFactorCache:
+    """``factor_g`` once per distinct G (by identity) for the projections of one layer: q/k/v
+    read one G and gate/up another. ``cache(g, w_shape)`` → a ``GFactor`` with the root when
+    some W of that G has out > in (refactored with the root if a later W needs it)."""
+
+    def __init__(self, eps: float = 1e-6, rel_eps: float | None = None):
+        self.eps, self.rel_eps = eps, rel_eps
+        self._by_id: dict[int, tuple[object, GFactor]] = {}
+
+    def __call__(self, g, w_shape) -> GFactor:
+        need_root = w_shape[0] > w_shape[1]
+        hit = self._by_id.get(id(g))
+        if hit is None or (need_root and hit[1].root is None):
+            # g is kept in the entry so that its id is not reused while cached
+            hit = (g, factor_g(g, self.eps, self.rel_eps, root=need_root))
+            self._by_id[id(g)] = hit
+        return hit[1]

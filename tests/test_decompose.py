@@ -433,3 +433,17 @@ def test_gram_rel_eps_uses_the_clamp():
     ref = dec.arhq(w.astype(np.float32), g.astype(np.float32), R, rel_eps=rel, solver="eigh")
     assert int(s.n_clamped) == int(ref.n_clamped) > 0
     np.testing.assert_allclose(float(s.objective), float(ref.objective), rtol=1e-4)
+
+
+def test_gfactor_cache_one_factorization_per_g():
+    _, _, g = _problem(7)
+    g1, g2 = jnp.asarray(g, jnp.float32), jnp.asarray(g * 2, jnp.float32)
+    cache = dec.GFactorCache()
+    f1 = cache(g1, (8, IN))
+    assert f1.root is None  # out <= in needs no root
+    assert cache(g1, (16, IN)) is f1
+    f1r = cache(g1, (50, IN))  # out > in: refactored with the root, then reused
+    assert f1r.root is not None and cache(g1, (8, IN)) is f1r
+    f2 = cache(g2, (8, IN))
+    assert f2 is not f1r
+    np.testing.assert_allclose(np.asarray(f2.g), 2 * np.asarray(f1r.g), rtol=1e-6)
