@@ -90,11 +90,10 @@ def main(argv=None) -> int:
 
     import dataclasses
 
-    from converters import load_model
-
     from arhq_jax.pipeline import calibration_ids, load_corpus
     from arhq_jax.quant_config import QuantConfig
     from arhq_jax.quantize_model import quantize_model
+    from converters import load_model
 
     load_before = uptime()
     m = load_model("smollm2")

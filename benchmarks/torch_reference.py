@@ -1,4 +1,4 @@
-"""A compact torch implementation of ARHQ W4A4 (nvfp4-paper), the yardstick of benchmarks/pipeline.py.
+"""A compact torch ARHQ W4A4 (nvfp4-paper): the yardstick of benchmarks/pipeline.py.
 
 The straightforward way: forward hooks on every ``nn.Linear`` of the decoder accumulate
 ``G = EᵀE`` in f32 with ``E = x − Q_a(x)`` (Q_a = the nvfp4-paper activation fake-quantizer,
@@ -47,7 +47,8 @@ def quantize(model, ids: np.ndarray, rank: int = 32, batch_size: int = 8, eps: f
     """ARHQ on every decoder linear of ``model`` over ``ids [S, L]`` → ({name: (B, A, Q(W_res))},
     {"calibration_s", "decomposition_s"})."""
     torch.set_num_threads(os.cpu_count())
-    linears = {n: m for n, m in model.model.layers.named_modules() if isinstance(m, torch.nn.Linear)}
+    mods = model.model.layers.named_modules()
+    linears = {n: m for n, m in mods if isinstance(m, torch.nn.Linear)}
     gram = {n: torch.zeros(m.in_features, m.in_features) for n, m in linears.items()}
 
     def hook(name):
