@@ -92,7 +92,7 @@ def main(argv=None) -> int:
 
     from arhq_jax.pipeline import calibration_ids, load_corpus
     from arhq_jax.quant_config import QuantConfig
-    from arhq_jax.quantize_model import quantize_model
+    from arhq_jax.quantize_model import quantize_model, summarize
     from converters import load_model
 
     load_before = uptime()
@@ -127,6 +127,8 @@ def main(argv=None) -> int:
         f"(wall {jax_wall:.1f}s) on {n_tok} tokens; calibration {cal_jax:.0f} GFLOP/s "
         f"= {cal_jax / ref_peak:.0%} of peak"
     )
+    out["diagnostics"] = summarize(res.projections)
+    print(f"arhq-jax diagnostics (means over projections): {out['diagnostics']}")
     if not args.skip_torch:
         import torch_reference
 
