@@ -132,9 +132,126 @@ def _check_g(g, d_in: int) -> None:
 # ----------------------------------------------------------------------------- ARHQ / SVDQuant
 
 
+SOLVERS = ("gram", "eigh")
+
+
+@struct.dataclass
+class GFactor:
+    """What every projection reading one G needs of it (``factor_g``): one factorization per G.
+
+    Attributes:
+      g: ``[in, in]`` the clamped metric G̃ (G itself when no eigenvalue is below the floor).
+      root: ``[in, in]`` R with ``R Rᵀ = G̃`` (lower Cholesky factor, or ``U diag(√λ̃)``), or None
+        when built with ``root=False`` (enough for W with out <= in).
+      inv_t: ``[in, in]`` ``R⁻ᵀ`` (None with root), so that ``A = R⁻ᵀ V``.
+      n_clamped: int32 scalar, eigenvalues raised to the floor.
+      eps, rel_eps: the floors it was built with (static).
+    """
+
+    g: jax.Array
+    root: jax.Array | None
+    inv_t: jax.Array | None
+    n_clamped: jax.Array
+    eps: float = struct.field(pytree_node=False, default=1e-6)
+    rel_eps: float = struct.field(pytree_node=False, default=0.0)
+
+
+@functools.partial(jax.jit, static_argnames=("need_root",))
+def _factor_g(g, eps, rel_eps, need_root: bool):
+    """G̃, a root R (R Rᵀ = G̃) and R⁻ᵀ, the count of clamped eigenvalues.
+
+    A Cholesky factorization of ``G − ε I`` succeeds exactly when every eigenvalue exceeds the
+    floor ε (up to rounding): then G̃ = G and its Cholesky factor is the root, with no eigh.
+    Otherwise (or with a relative floor, which needs λ_max) the reference's eigh clamp runs.
+    """
+    g = 0.5 * (g + g.T)
+    d = g.shape[0]
+    eye = jnp.eye(d, dtype=g.dtype)
+
+    def clamped(_):
+        lam, u = jnp.linalg.eigh(g)  # ascending
+        floor = jnp.maximum(eps, rel_eps * lam[-1])
+        n = jnp.sum(lam < floor).astype(jnp.int32)
+        lt = jnp.maximum(lam, floor)
+        gt = _mm(u * lt, u.T)
+        gt = 0.5 * (gt + gt.T)
+        if not need_root:
+            return gt, n
+        root = jnp.sqrt(lt)
+        return gt, n, u * root, u / root  # R = U diag(√λ̃), R⁻ᵀ = U diag(1/√λ̃)
+
+    def plain(_):
+        zero = jnp.zeros((), jnp.int32)
+        if not need_root:
+            return g, zero
+        low = jnp.linalg.cholesky(g)
+        inv = jax.scipy.linalg.solve_triangular(low, eye, lower=True)  # L⁻¹
+        return g, zero, low, inv.T
+
+    ok = jnp.all(jnp.isfinite(jnp.linalg.cholesky(g - eps * eye))) & (rel_eps == 0)
+    return jax.lax.cond(ok, plain, clamped, None)
+
+
+def factor_g(g, eps: float = 1e-6, rel_eps: float | None = None, *, root: bool = True) -> GFactor:
+    """Factor the ARHQ metric once for every projection that reads it (q/k/v share one G,
+    gate/up another): ``arhq(w, factor_g(g), r)`` equals ``arhq(w, g, r)``.
+
+    Args:
+      g: ``[in, in]`` symmetric PSD (f32, or f64 under x64).
+      eps, rel_eps: the eigenvalue floors of ``arhq``.
+      root: also build R and R⁻ᵀ (needed by W with out > in, e.g. gate/up); False saves a
+        Cholesky factorization and a triangular inverse.
+    """
+    g = jnp.asarray(g)
+    _check_g(g, g.shape[-1] if g.ndim == 2 else -1)
+    _check_eps(eps, rel_eps)
+    cd = _compute_dtype(g)
+    rel = 0.0 if rel_eps is None else float(rel_eps)
+    out = _factor_g(g.astype(cd), jnp.asarray(eps, cd), jnp.asarray(rel, cd), need_root=root)
+    gt, n = out[:2]
+    r, it = out[2:] if root else (None, None)
+    return GFactor(gt, r, it, n, eps=float(eps), rel_eps=rel)
+
+
+def _tail(s2):
+    """``tail[r] = Σ_{i>=r} s2[i]`` for r = 0..k (s2 descending), summed smallest first."""
+    t = jnp.cumsum(s2[::-1])[::-1]
+    return jnp.concatenate([t, jnp.zeros((1,), s2.dtype)])
+
+
+@functools.partial(jax.jit, static_argnames=("rmax",))
+def _gram_factors(w, gt, root, inv_t, rmax: int):
+    """The top ``rmax`` ARHQ factors from the eigendecomposition of the smaller Gram of
+    M = W R (R Rᵀ = G̃), with no SVD.
+
+    out <= in: ``K = M Mᵀ = W G̃ Wᵀ`` needs no root; ``U_r`` are M's top left singular vectors,
+    ``B = U_r Σ_r`` and ``A = Wᵀ U_r Σ_r⁻¹`` (= G̃⁻½ V_r exactly: the branch is ``U_r U_rᵀ W``).
+    out > in: ``K = Mᵀ M``, ``V_r`` its top eigenvectors, ``B = M V_r`` (= U_r Σ_r) and
+    ``A = R⁻ᵀ V_r``. Returns (B ``[out, rmax]``, A ``[in, rmax]``, tail ``[k + 1]``).
+    """
+    out, d = w.shape
+    if out <= d:
+        k = _mm(_mm(w, gt), w.T)
+    else:
+        m = _mm(w, root)
+        k = _mm(m.T, m)
+    lam, vec = jnp.linalg.eigh(0.5 * (k + k.T))
+    s2 = jnp.maximum(lam[::-1], 0.0)  # descending σ_i²
+    vr = vec[:, ::-1][:, :rmax]
+    if out <= d:
+        sr = jnp.sqrt(s2[:rmax])
+        b = vr * sr
+        # σ = 0 (rank-deficient M): W ᵀu = 0 in the G̃ metric, the column pair adds nothing.
+        a = _mm(w.T, vr) / jnp.where(sr > 0, sr, 1.0)
+    else:
+        b = _mm(m, vr)
+        a = _mm(inv_t, vr)
+    return b, a, _tail(s2)
+
+
 @jax.jit
 def _arhq_factor(w, g, eps, rel_eps):
-    """One eigh and one SVD (docs/spec/methods.md §2.2 steps 1–4); serves every rank."""
+    """The reference: one eigh and one SVD (docs/spec/methods.md §2.2 steps 1–4); serves every rank."""
     g = 0.5 * (g + g.T)
     lam, u = jnp.linalg.eigh(g)  # ascending
     floor = jnp.maximum(eps, rel_eps * lam[-1])
@@ -144,33 +261,36 @@ def _arhq_factor(w, g, eps, rel_eps):
     g_half = _mm(u * root, u.T)
     g_inv_half = _mm(u / root, u.T)
     um, s, vt = jnp.linalg.svd(_mm(w, g_half), full_matrices=False)
-    return um, s, vt, g_inv_half, n_clamped
+    b = um * s
+    a = _mm(g_inv_half, vt.T)
+    return b, a, _tail(jnp.square(s)), n_clamped
 
 
 @functools.partial(jax.jit, static_argnames=("r", "storage"))
-def _split(w, um, s, vt, right, n_clamped, r: int, storage):
-    """Factors of rank r from a thin SVD ``M = um diag(s) vt``; ``A = right @ V_r``.
-
-    ``right`` is G⁻½ (ARHQ) or None (SVDQuant, A = V_r).
-    """
+def _finish(w, b_all, a_all, tail, n_clamped, r: int, storage):
+    """The rank-r split from the leading factor columns; the residual from the stored factors."""
     cd = w.dtype
-    b = um[:, :r] * s[:r]
-    v_r = vt[:r].T
-    a = v_r if right is None else _mm(right, v_r)
+    b, a = b_all[:, :r], a_all[:, :r]
     if storage is not None:
         b, a = b.astype(storage), a.astype(storage)
     # Recompute the residual from the stored factors so their rounding lands in W_res.
     branch = _mm(b.astype(cd), a.astype(cd).T)
     residual = w - branch
-    objective = jnp.sum(jnp.square(s[r:]))
     w_norm = jnp.linalg.norm(w)
     rel = jnp.linalg.norm(branch) / jnp.maximum(w_norm, jnp.finfo(cd).tiny)
     max_a = jnp.max(jnp.abs(a.astype(cd)), initial=0.0)
-    return LowRankSplit(b, a, residual, objective, n_clamped, max_a, rel)
+    return LowRankSplit(b, a, residual, tail[r], n_clamped, max_a, rel)
 
 
 def _storage(dtype):
     return None if dtype is None else jnp.dtype(dtype)
+
+
+def _check_eps(eps, rel_eps) -> None:
+    if not eps > 0:
+        raise ValueError(f"eps must be > 0, got {eps}")
+    if rel_eps is not None and not rel_eps >= 0:
+        raise ValueError(f"rel_eps must be >= 0 or None, got {rel_eps}")
 
 
 def arhq(
@@ -182,6 +302,7 @@ def arhq(
     *,
     ranks=None,
     dtype=None,
+    solver: str = "gram",
 ):
     """ARHQ split of ``w`` under the activation-residual metric ``g`` (docs/spec/methods.md §2.2).
 
@@ -189,38 +310,77 @@ def arhq(
     ``λ̃ = max(λ, ε, ε_rel·λ_max)``, ``M = W G̃½ = U_m Σ V_mᵀ``: ``B = U_m[:, :r] Σ[:r]``,
     ``A = G̃⁻½ V_m[:, :r]``, ``residual = W − B Aᵀ``, ``objective = Σ_{i>r} σ_i²``.
 
+    Two solvers give this split (the same in exact arithmetic, see tests/test_decompose.py for
+    the measured agreement):
+
+    - ``"gram"`` (default): G̃ = G and its Cholesky factor when no eigenvalue is below the floor
+      (checked by a Cholesky factorization of G − εI), else the reference's eigh clamp; then
+      the top-r eigenvectors of the smaller Gram matrix of ``M = W R`` (``W G̃ Wᵀ`` when
+      out <= in, ``Rᵀ Wᵀ W R`` otherwise) instead of the SVD of M. Any square root R of G̃ gives
+      the same optimum.
+    - ``"eigh"``: the reference's steps literally (eigh, both roots G̃±½, thin SVD of W G̃½).
+
     Args:
       w: ``[out, in]`` float (bf16 is upcast; the compute dtype is f32, or f64 under x64 when w or
         g is f64).
-      g: ``[in, in]`` symmetric PSD, e.g. ``stats.finalize(...)["G"]``.
+      g: ``[in, in]`` symmetric PSD, e.g. ``stats.finalize(...)["G"]``, or a ``GFactor`` from
+        ``factor_g`` (one factorization shared by the projections reading the same G; its eps
+        and rel_eps must equal these).
       rank: r with ``0 <= r <= min(out, in)``; give this or ``ranks``.
       eps: absolute eigenvalue floor ε (> 0); no diagonal damping.
       rel_eps: optional relative floor ε_rel (>= 0), times the largest eigenvalue.
-      ranks: a sequence of ranks; one eigh and one SVD serve them all.
+      ranks: a sequence of ranks; one factorization serves them all.
       dtype: storage dtype of B and A (e.g. the model's bf16); the residual is recomputed from the
         cast factors. None keeps the compute dtype.
+      solver: ``"gram"`` or ``"eigh"``.
 
     Returns:
       A ``LowRankSplit``, or ``{rank: LowRankSplit}`` when ``ranks`` is given.
 
     Raises:
       ValueError: bad rank, shapes that disagree, G not square/symmetric, NaN/Inf (eager only),
-        eps <= 0 or rel_eps < 0.
+        eps <= 0 or rel_eps < 0, an unknown solver, a GFactor built with other floors or
+        without the root W needs.
     """
-    w, g = jnp.asarray(w), jnp.asarray(g)
+    if solver not in SOLVERS:
+        raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
+    w = jnp.asarray(w)
     _check_w(w)
-    _check_g(g, w.shape[1])
+    _check_eps(eps, rel_eps)
+    rel = 0.0 if rel_eps is None else float(rel_eps)
+    fac = g if isinstance(g, GFactor) else None
+    if fac is not None:
+        if solver != "gram":
+            raise ValueError('a GFactor is used by solver="gram" only')
+        if (fac.eps, fac.rel_eps) != (float(eps), rel):
+            raise ValueError(
+                f"the GFactor was built with eps={fac.eps}, rel_eps={fac.rel_eps}; "
+                f"arhq was called with eps={eps}, rel_eps={rel}"
+            )
+        g = fac.g
+    g = jnp.asarray(g)
+    if fac is None:
+        _check_g(g, w.shape[1])
+    elif g.shape != (w.shape[1], w.shape[1]):
+        raise ValueError(f"the GFactor is for in = {g.shape[0]} but W has in = {w.shape[1]}")
     rs = _check_ranks(rank, ranks, w.shape)
-    if not eps > 0:
-        raise ValueError(f"eps must be > 0, got {eps}")
-    if rel_eps is not None and not rel_eps >= 0:
-        raise ValueError(f"rel_eps must be >= 0 or None, got {rel_eps}")
     cd = _compute_dtype(w, g)
-    w, g = w.astype(cd), g.astype(cd)
-    rel = 0.0 if rel_eps is None else rel_eps
-    um, s, vt, g_inv_half, n_cl = _arhq_factor(w, g, jnp.asarray(eps, cd), jnp.asarray(rel, cd))
+    w = w.astype(cd)
+    rmax = max(rs)
+    if solver == "eigh":
+        b, a, tail, n_cl = _arhq_factor(w, g.astype(cd), jnp.asarray(eps, cd), jnp.asarray(rel, cd))
+    else:
+        out_gt_in = w.shape[0] > w.shape[1]
+        if fac is None:
+            fac = factor_g(g.astype(cd), eps, rel_eps, root=out_gt_in)
+        if out_gt_in and fac.root is None:
+            raise ValueError("W has out > in: its GFactor needs root=True")
+        root = None if fac.root is None else fac.root.astype(cd)
+        inv_t = None if fac.inv_t is None else fac.inv_t.astype(cd)
+        b, a, tail = _gram_factors(w, fac.g.astype(cd), root, inv_t, rmax=rmax)
+        n_cl = fac.n_clamped
     st = _storage(dtype)
-    out = {r: _split(w, um, s, vt, g_inv_half, n_cl, r=r, storage=st) for r in rs}
+    out = {r: _finish(w, b, a, tail, n_cl, r=r, storage=st) for r in rs}
     return out if ranks is not None else out[rs[0]]
 
 
@@ -244,7 +404,8 @@ def svdquant(w, rank: int | None = None, *, ranks=None, dtype=None):
     um, s, vt = _svd(w)
     st = _storage(dtype)
     zero = jnp.zeros((), jnp.int32)
-    out = {r: _split(w, um, s, vt, None, zero, r=r, storage=st) for r in rs}
+    b, a, tail = um * s, vt.T, _tail(jnp.square(s))
+    out = {r: _finish(w, b, a, tail, zero, r=r, storage=st) for r in rs}
     return out if ranks is not None else out[rs[0]]
 
 
@@ -398,3 +559,22 @@ def snr_db(y, y_hat) -> jax.Array:
     y, y_hat = y.astype(cd), y_hat.astype(cd)
     err = jnp.maximum(jnp.linalg.norm(y_hat - y), 1e-12)
     return 20.0 * jnp.log10(jnp.linalg.norm(y) / err)
+
+
+class GFactorCache:
+    """``factor_g`` once per distinct G (by identity) for the projections of one layer: q/k/v
+    read one G and gate/up another. ``cache(g, w_shape)`` → a ``GFactor`` with the root when
+    some W of that G has out > in (refactored with the root if a later W needs it)."""
+
+    def __init__(self, eps: float = 1e-6, rel_eps: float | None = None):
+        self.eps, self.rel_eps = eps, rel_eps
+        self._by_id: dict[int, tuple[object, GFactor]] = {}
+
+    def __call__(self, g, w_shape) -> GFactor:
+        need_root = w_shape[0] > w_shape[1]
+        hit = self._by_id.get(id(g))
+        if hit is None or (need_root and hit[1].root is None):
+            # g is kept in the entry so that its id is not reused while cached
+            hit = (g, factor_g(g, self.eps, self.rel_eps, root=need_root))
+            self._by_id[id(g)] = hit
+        return hit[1]

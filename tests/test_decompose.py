@@ -333,3 +333,117 @@ def test_snr_db_by_hand():
     assert float(dec.snr_db(y, y)) == pytest.approx(20 * np.log10(5e12), rel=1e-6)
     with pytest.raises(ValueError, match="shape"):
         dec.snr_db(y, y.T)
+
+
+# ----------------------------------------------------------------------------- gram solver
+
+
+def _np_branch(w, g, r, eps=1e-6):
+    """The reference split in numpy f64: eigh clamp, both roots, thin SVD → (B Aᵀ, objective)."""
+    lam, u = np.linalg.eigh(0.5 * (g + g.T))
+    lt = np.maximum(lam, eps)
+    um, s, vt = np.linalg.svd(w @ (u * np.sqrt(lt)) @ u.T, full_matrices=False)
+    a = (u / np.sqrt(lt)) @ u.T @ vt[:r].T
+    return (um[:, :r] * s[:r]) @ a.T, float(np.sum(s[r:] ** 2))
+
+
+@pytest.mark.parametrize("out", [12, 40])  # out <= in (W G Wᵀ) and out > in (Rᵀ WᵀW R)
+@pytest.mark.parametrize("dead", [(), (3, 17)])  # Cholesky path, then the eigh clamp
+def test_gram_solver_equals_reference(out, dead):
+    """The default solver against the literal reference (eigh + SVD) in f32 and numpy f64:
+    objective within 1e-4 relative, branch within 1e-4 of ‖W‖ (f32), n_clamped equal."""
+    w, _, g = _problem(3, out=out, dead=dead)
+    w32, g32 = w.astype(np.float32), g.astype(np.float32)
+    r = 5
+    fast = dec.arhq(w32, g32, r)
+    ref = dec.arhq(w32, g32, r, solver="eigh")
+    br64, j64 = _np_branch(w32.astype(np.float64), g32.astype(np.float64), r)
+    assert int(fast.n_clamped) == int(ref.n_clamped) == len(dead)
+    wn = np.linalg.norm(w32)
+    for s in (fast, ref):
+        np.testing.assert_allclose(float(s.objective), j64, rtol=1e-4)
+        assert np.linalg.norm(_branch64(s) - br64) <= 1e-4 * wn
+        # the objective is what the split achieves, in the clamped metric
+        _, gt = _np_arhq(w32.astype(np.float64), g32.astype(np.float64), r)
+        np.testing.assert_allclose(_gmetric(w32, _branch64(s), gt), j64, rtol=1e-4)
+    # B carries the singular values in both: column norms agree (the columns up to sign)
+    np.testing.assert_allclose(
+        np.linalg.norm(np.asarray(fast.b), axis=0),
+        np.linalg.norm(np.asarray(ref.b), axis=0),
+        rtol=1e-4,
+    )
+
+
+@pytest.mark.parametrize("out", [3, 6])
+def test_gram_solver_is_the_brute_force_optimum(out):
+    """Tiny shapes: no rank-1 L found by random search beats the gram split in the G metric
+    (f64), and it equals the numpy optimum to 1e-10."""
+    w, _, g = _problem(5, out=out, d=4, n=50)
+    with jax.enable_x64(True):
+        s = dec.arhq(w, g, 1)
+        j = _gmetric(w, _branch64(s), g)
+        _, j64 = _np_branch(w, g, 1)
+        np.testing.assert_allclose(j, j64, rtol=1e-10)
+        np.testing.assert_allclose(float(s.objective), j64, rtol=1e-10)
+        rng = np.random.default_rng(0)
+        b, a = np.asarray(s.b), np.asarray(s.a)
+        for _ in range(2000):
+            bb = b + 0.3 * rng.standard_normal(b.shape)
+            aa = a + 0.3 * rng.standard_normal(a.shape)
+            assert _gmetric(w, bb @ aa.T, g) >= j * (1 - 1e-12)
+
+
+def test_gram_f64_and_full_rank():
+    w, _, g = _problem(2, out=40)
+    with jax.enable_x64(True):
+        for r in (0, 7, IN):
+            s = dec.arhq(w, g, r)
+            br, j = _np_branch(w, g, r)
+            np.testing.assert_allclose(_branch64(s), br, atol=1e-9 * np.linalg.norm(w))
+            np.testing.assert_allclose(float(s.objective), j, rtol=1e-9, atol=1e-12)
+
+
+def test_gfactor_shared_equals_per_projection():
+    """One factor_g serves q/k/v-like projections of either aspect; the splits equal the
+    per-call ones bit for bit (same executables, same inputs)."""
+    _, _, g = _problem(4)
+    g32 = g.astype(np.float32)
+    fac = dec.factor_g(g32)
+    rng = np.random.default_rng(0)
+    for out in (8, IN, 50):
+        w32 = rng.standard_normal((out, IN)).astype(np.float32)
+        a, b = dec.arhq(w32, fac, R), dec.arhq(w32, g32, R)
+        for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True):
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    with pytest.raises(ValueError, match="rel_eps"):
+        dec.arhq(w32, fac, R, rel_eps=1e-3)
+    with pytest.raises(ValueError, match="root=True"):
+        dec.arhq(rng.standard_normal((50, IN)).astype(np.float32), dec.factor_g(g32, root=False), R)
+    with pytest.raises(ValueError, match="solver"):
+        dec.arhq(w32, g32, R, solver="svd")
+    with pytest.raises(ValueError, match="in = 32"):
+        dec.arhq(np.ones((4, 8), np.float32), fac, 1)
+
+
+def test_gram_rel_eps_uses_the_clamp():
+    w, _, g = _problem(6, out=40)
+    lam = np.linalg.eigh(g.astype(np.float32))[0]
+    rel = float(lam[len(lam) // 2] / lam[-1])
+    s = dec.arhq(w.astype(np.float32), g.astype(np.float32), R, rel_eps=rel)
+    ref = dec.arhq(w.astype(np.float32), g.astype(np.float32), R, rel_eps=rel, solver="eigh")
+    assert int(s.n_clamped) == int(ref.n_clamped) > 0
+    np.testing.assert_allclose(float(s.objective), float(ref.objective), rtol=1e-4)
+
+
+def test_gfactor_cache_one_factorization_per_g():
+    _, _, g = _problem(7)
+    g1, g2 = jnp.asarray(g, jnp.float32), jnp.asarray(g * 2, jnp.float32)
+    cache = dec.GFactorCache()
+    f1 = cache(g1, (8, IN))
+    assert f1.root is None  # out <= in needs no root
+    assert cache(g1, (16, IN)) is f1
+    f1r = cache(g1, (50, IN))  # out > in: refactored with the root, then reused
+    assert f1r.root is not None and cache(g1, (8, IN)) is f1r
+    f2 = cache(g2, (8, IN))
+    assert f2 is not f1r
+    np.testing.assert_allclose(np.asarray(f2.g), 2 * np.asarray(f1r.g), rtol=1e-6)

@@ -160,3 +160,25 @@ def test_bad_input():
         init_stats(D, StatsConfig(act_fmt="int8", dtype="float64"))
     with pytest.raises(ValueError, match="positive int"):
         init_stats(0, cfg)
+
+
+@pytest.mark.parametrize("d", [100, 300, 577])  # full product below GRAM_MIN_DIM; uneven blocks
+def test_sym_gram_equals_full_product_and_numpy(d):
+    """The block-triangular Gram equals jnp's full aᵀa (f32) and numpy f64, and is exactly
+    symmetric; the f64 path matches numpy to 1e-12."""
+    from arhq_jax.stats import sym_gram
+
+    rng = np.random.default_rng(d)
+    a = (rng.standard_normal((333, d)) * np.exp(rng.normal(0, 1, d))).astype(np.float32)
+    got = np.asarray(jax.jit(sym_gram)(jnp.asarray(a)))
+    if d >= 256:  # blocked: exactly symmetric
+        np.testing.assert_array_equal(got, got.T)
+    ref64 = a.astype(np.float64).T @ a.astype(np.float64)
+    scale = np.sqrt(np.outer(np.diag(ref64), np.diag(ref64)))
+    assert np.max(np.abs(got - ref64) / scale) < 2e-6
+    full = np.asarray(jnp.matmul(a.T, a, precision=jax.lax.Precision.HIGHEST))
+    assert np.max(np.abs(got - full) / scale) < 2e-6
+    with jax.enable_x64(True):
+        g64 = np.asarray(sym_gram(jnp.asarray(a, jnp.float64)))
+    assert g64.dtype == np.float64
+    np.testing.assert_allclose(g64, ref64, rtol=1e-12, atol=1e-12 * scale.max())

@@ -109,11 +109,13 @@ def stats_config(qcfg, *, g: bool, absmax: bool, h: bool = False) -> stats.Stats
     )
 
 
-def _split(qcfg, w_t: jax.Array, g: jax.Array | None, factor_dtype):
+def _split(qcfg, w_t: jax.Array, g: jax.Array | None, factor_dtype, factors=None):
     if not qcfg.uses_branch:
         return None
     if qcfg.method == "svdquant":
         return decompose.svdquant(w_t, qcfg.rank, dtype=factor_dtype)
+    if factors is not None:  # one factorization per shared G (q/k/v, gate/up)
+        g = factors(g, w_t.shape)
     return decompose.arhq(w_t, g, qcfg.rank, qcfg.eps, qcfg.rel_eps, dtype=factor_dtype)
 
 
@@ -140,12 +142,13 @@ def _quantize_group(layer, projs, g_of, smooth, qcfg, factor_dtype, timings, lay
     ``act``: {proj: static activation scale}. Every projection is split first, so that the fused
     partitions (q/k/v, gate/up) can share one nvfp4 weight global scale of their residuals."""
     new, diags, splits = {}, [], {}
+    factors = decompose.GFactorCache(qcfg.eps, qcfg.rel_eps)
     for p in projs:
         w = getattr(layer, p).w.astype(jnp.float32)
         alpha, s = smooth.get(p, (None, None))
         w_t = w if s is None else w * s[None, :]
         t0 = time.perf_counter()
-        split = jax.block_until_ready(_split(qcfg, w_t, g_of.get(p), factor_dtype))
+        split = jax.block_until_ready(_split(qcfg, w_t, g_of.get(p), factor_dtype, factors))
         timings["decomposition_s"] += time.perf_counter() - t0
         splits[p] = (split, w_t if split is None else split.residual)
     fused = qcfg.fused_w_scale and qcfg.w_spec.name == "nvfp4"
@@ -166,20 +169,31 @@ def _quantize_group(layer, projs, g_of, smooth, qcfg, factor_dtype, timings, lay
             "layer": layer_idx,
             "proj": p,
             "alpha": alpha,
-            "w_quant_rel_err": float(
-                jnp.linalg.norm(deq - residual) / jnp.maximum(jnp.linalg.norm(residual), 1e-30)
-            ),
+            "w_quant_rel_err": jnp.linalg.norm(deq - residual)
+            / jnp.maximum(jnp.linalg.norm(residual), 1e-30),
         }
         if split is not None:
             d.update(
-                objective=float(split.objective),
-                n_clamped=int(split.n_clamped),
-                max_abs_a=float(split.max_abs_a),
-                branch_rel_norm=float(split.branch_rel_norm),
+                objective=split.objective,
+                n_clamped=split.n_clamped,
+                max_abs_a=split.max_abs_a,
+                branch_rel_norm=split.branch_rel_norm,
             )
         diags.append(d)
         new[p] = ql
-    return new, diags
+    # One device→host transfer for the group's diagnostics, not one per number.
+    return new, [_host_diag(d) for d in jax.device_get(diags)]
+
+
+def _host_diag(d: dict) -> dict:
+    """Python numbers for the device scalars of one projection's diagnostics."""
+    out = dict(d)
+    for k in ("w_quant_rel_err", "objective", "max_abs_a", "branch_rel_norm"):
+        if k in out:
+            out[k] = float(out[k])
+    if "n_clamped" in out:
+        out["n_clamped"] = int(out["n_clamped"])
+    return out
 
 
 class LowRankMethod(Method):
