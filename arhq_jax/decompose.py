@@ -251,7 +251,7 @@ def _gram_factors(w, gt, root, inv_t, rmax: int):
 
 @jax.jit
 def _arhq_factor(w, g, eps, rel_eps):
-    """The reference: one eigh and one SVD (docs/spec/methods.md §2.2 steps 1–4); serves every rank."""
+    """The reference: one eigh and one SVD (docs/spec/methods.md §2.2 steps 1–4), every rank."""
     g = 0.5 * (g + g.T)
     lam, u = jnp.linalg.eigh(g)  # ascending
     floor = jnp.maximum(eps, rel_eps * lam[-1])
