@@ -314,7 +314,8 @@ def _quantized(args, m):
         if args.weights_only:
             raise ValueError("--weights-only applies to a --quantized checkpoint")
         return m.params, None
-    fp = None if args.allow_other_source else checkpoint.fingerprint(m.cfg, m.params)
+    other = getattr(args, "allow_other_source", False)  # lm-eval has no such flag
+    fp = None if other else checkpoint.fingerprint(m.cfg, m.params)
     params, _, quant = checkpoint.load(args.quantized, expect_config=m.cfg, expect_fingerprint=fp)
     if args.weights_only:
         params = weights_only(params)
