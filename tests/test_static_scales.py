@@ -16,10 +16,9 @@ import pytest
 from _tiny import CFG
 
 from arhq_jax import decompose, formats, global_scales
-from arhq_jax import quantize_model as qm
 from arhq_jax.calibrate import LayerwiseRunner
 from arhq_jax.cli import build_parser
-from arhq_jax.methods import serq
+from arhq_jax.methods import lowrank, serq
 from arhq_jax.models import transformer
 from arhq_jax.models.config import INPUT_GROUPS
 from arhq_jax.models.params import random_params
@@ -196,13 +195,13 @@ def _g_numpy(x: np.ndarray, ts) -> np.ndarray:
 def test_arhq_g_uses_the_static_quantizer(tiny, monkeypatch, setting):
     params, calib, _ = tiny
     seen = {}
-    split = qm._split
+    split = lowrank.split_weight
 
-    def spy(qcfg, w_t, g, factor_dtype):
+    def spy(qcfg, w_t, g, factor_dtype, factors=None):
         seen[len(seen)] = None if g is None else np.asarray(g, np.float64)
-        return split(qcfg, w_t, g, factor_dtype)
+        return split(qcfg, w_t, g, factor_dtype, factors)
 
-    monkeypatch.setattr(qm, "_split", spy)
+    monkeypatch.setattr(lowrank, "split_weight", spy)
     qcfg = QuantConfig(method="arhq", rank=4, setting=setting, stats_dtype="float64")
     res = quantize_model(params, CFG, calib, qcfg, batch_size=2, progress=False)
     x_batches = _captured(params, calib)[0]["qkv"]

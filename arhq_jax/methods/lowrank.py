@@ -109,7 +109,10 @@ def stats_config(qcfg, *, g: bool, absmax: bool, h: bool = False) -> stats.Stats
     )
 
 
-def _split(qcfg, w_t: jax.Array, g: jax.Array | None, factor_dtype, factors=None):
+def split_weight(qcfg, w_t: jax.Array, g: jax.Array | None, factor_dtype, factors=None):
+    """The low-rank split of ``w_t`` (svdquant, or arhq under ``g``), or None without a branch.
+
+    ``factors``: a ``decompose.GFactorCache`` shared by the projections of one G."""
     if not qcfg.uses_branch:
         return None
     if qcfg.method == "svdquant":
@@ -148,7 +151,7 @@ def _quantize_group(layer, projs, g_of, smooth, qcfg, factor_dtype, timings, lay
         alpha, s = smooth.get(p, (None, None))
         w_t = w if s is None else w * s[None, :]
         t0 = time.perf_counter()
-        split = jax.block_until_ready(_split(qcfg, w_t, g_of.get(p), factor_dtype, factors))
+        split = jax.block_until_ready(split_weight(qcfg, w_t, g_of.get(p), factor_dtype, factors))
         timings["decomposition_s"] += time.perf_counter() - t0
         splits[p] = (split, w_t if split is None else split.residual)
     fused = qcfg.fused_w_scale and qcfg.w_spec.name == "nvfp4"
