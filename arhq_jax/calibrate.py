@@ -24,7 +24,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from arhq_jax import decompose, stats
+from arhq_jax import decompose, refine, rotate, stats
 from arhq_jax.formats import smooth_input
 from arhq_jax.models import transformer
 from arhq_jax.models.config import GROUP_OF, INPUT_GROUPS, Layer, ModelConfig, Params
@@ -162,13 +162,15 @@ def accumulate(
     specs: dict,
     scales: dict | None = None,
     tensor_scales: dict | None = None,
+    rotate_block: int = 0,
 ):
     """Stream ``specs`` = {state name: StatsConfig} over the calibration batches → finalized stats.
 
     A name is ``group`` or ``group:proj``; when ``scales`` has an entry for the name, the input is
     smoothed first, as the runtime does it (``smooth_input``: x·fl32(1/s), G of the smoothed
     space); ``tensor_scales[name]`` fixes the nvfp4 activation scale of E = x − Q(x) (the static
-    runtime quantizer; default dynamic over each batch)."""
+    runtime quantizer; default dynamic over each batch); ``rotate_block`` > 0: statistics of the
+    rotated input x R (``rotate.rotate``, issue 12)."""
     scales = scales or {}
     tensor_scales = tensor_scales or {}
     shapes = runner.cfg.linear_shapes()
@@ -178,6 +180,8 @@ def accumulate(
     }
 
     def update(name, state, x, mask):
+        if rotate_block:  # issue 12: statistics of the rotated input x R
+            x = rotate.rotate(x, rotate.block_for(x.shape[-1], rotate_block))
         s = scales.get(name)
         if s is not None:
             x = smooth_input(x, s)
@@ -195,8 +199,12 @@ def alpha_search(runner, layer, projs, m_x, qcfg):
     With static nvfp4 activation scales each candidate α quantizes x/s_α with the static scale
     of its amax over the calibration set (from ``m_x``), as the runtime will."""
     init = {f"{GROUP_OF[p]}:{p}": decompose.init_alpha_search() for p in projs}
+    # issue 12: search α on the first batches only (None: all)
+    limit = getattr(qcfg, "alpha_tokens", None)
 
     def update(name, state, x, mask):
+        if limit is not None and int(state.count) >= limit:
+            return state
         p = name.split(":")[1]
         w = getattr(layer, p).w
         return decompose.update_alpha_search(
@@ -228,9 +236,12 @@ class Calibration:
     then no forward pass runs at all).
     """
 
-    def __init__(self, runner: LayerwiseRunner | None, cfg: ModelConfig):
+    def __init__(self, runner: LayerwiseRunner | None, cfg: ModelConfig, plan=None):
         self.runner = runner
         self.cfg = cfg
+        # What the method's ``plan`` hook computed over the whole model (e.g. per-projection
+        # ranks of the rank budget); None by default.
+        self.plan = plan
 
     def _need(self) -> LayerwiseRunner:
         if self.runner is None:
@@ -243,9 +254,19 @@ class Calibration:
         specs: dict,
         scales: dict | None = None,
         tensor_scales: dict | None = None,
+        rotate_block: int = 0,
     ) -> dict:
         """Finalized streaming statistics, see ``accumulate``."""
-        return accumulate(self._need(), layer, specs, scales, tensor_scales)
+        return accumulate(self._need(), layer, specs, scales, tensor_scales, rotate_block)
+
+    def moments(
+        self, layer: Layer, groups, act_fmt, tensor_scales=None, rotate_block: int = 0
+    ) -> dict:
+        """``{group: {"H", "C", "G", ...}}``: the second moments of the joint refinement
+        (``refine.accumulate_moments``, issue 12)."""
+        return refine.accumulate_moments(
+            self._need(), layer, groups, act_fmt, tensor_scales, rotate_block
+        )
 
     def alpha_search(self, layer: Layer, projs, m_x: dict, qcfg) -> dict:
         """Per projection ``(α*, s)`` of the smoothing grid (docs/spec/methods.md §2.3)."""

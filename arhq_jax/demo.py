@@ -20,7 +20,7 @@ from arhq_jax import report
 from arhq_jax.checkpoint import tree_nbytes
 from arhq_jax.layer_snr import layer_snr
 from arhq_jax.pipeline import calibration_ids, evaluate_models, load_corpus
-from arhq_jax.quant_config import QuantConfig, takes
+from arhq_jax.quant_config import PRESETS, QuantConfig, preset, takes
 from arhq_jax.quantize_model import quantize_model
 from converters import load_model
 
@@ -67,7 +67,10 @@ def run_demo(
 
     qmodels, rows, snr_rows, diag_rows = {}, [], [], []
     for method in methods:
-        qcfg = QuantConfig(method=method, w_fmt=fmt, act_fmt=fmt, **takes(method, rank=rank))
+        if method in PRESETS:  # issue 12: a named recipe (its own rank and formats)
+            qcfg = preset(method)
+        else:
+            qcfg = QuantConfig(method=method, w_fmt=fmt, act_fmt=fmt, **takes(method, rank=rank))
         t0 = time.perf_counter()
         res = quantize_model(m.params, m.cfg, calib, qcfg, progress=progress)
         quant_s = time.perf_counter() - t0
@@ -80,7 +83,7 @@ def run_demo(
         rows.append(
             {
                 "method": method,
-                "rank": rank if qcfg.uses_branch else 0,
+                "rank": qcfg.rank if qcfg.uses_branch else 0,
                 "snr_db": float(np.mean([r["snr_db"] for r in snr])),
                 "gain_db": float(np.mean([r["gain_db"] for r in snr])),
                 "mib": tree_nbytes(res.params) / 2**20,

@@ -349,7 +349,39 @@ class QuantConfig:
         if self.act_scale == "dynamic":
             act += "-dyn"
         setting = f"-{self.setting}" if self.setting is not None else ""
-        return f"{self.method}{rank}{res}{setting}-{w}/{act}"
+        # issue 12 (options of the low-rank methods; None elsewhere)
+        extra = "-budget" if self.rank_budget else ""
+        extra += f"-refine{self.refine_iters}" if self.refine_iters else ""
+        extra += f"-rot{self.rotate}" if self.rotate else ""
+        return f"{self.method}{rank}{extra}{res}{setting}-{w}/{act}"
+
+
+# issue 12: named recipes (``--preset``), expanded to QuantConfig arguments. best-w4a4: hardware
+# NVFP4 W4A4 (static activation scales), at most 6.0 stored bits per weight over the seven
+# projections (4.5 for codes and block scales + 1.47 for the rank-32 bf16 factors), the best
+# combination measured on SmolLM2 (docs/beyond_arhq.md, benchmarks/results/beyond_w4a4.md): ARHQ
+# r32 raw, GPTQ residual, 3 refinement iterations, sequential calibration. Rotation hurt, the
+# rank budget traded KL for perplexity; neither is in.
+PRESETS = {
+    "best-w4a4": dict(
+        method="arhq",
+        setting="raw",
+        rank=32,
+        w_fmt="nvfp4",
+        act_fmt="nvfp4",
+        factor_dtype="bfloat16",
+        residual_quant="gptq",
+        refine_iters=3,
+        sequential=True,
+    ),
+}
+
+
+def preset(name: str, **overrides) -> QuantConfig:
+    """The ``QuantConfig`` of a named recipe (``PRESETS``), with ``overrides`` applied."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; supported: {', '.join(PRESETS)}")
+    return QuantConfig(**{**PRESETS[name], **overrides})
 
 
 def _not_an_option(name: str, method: str) -> str:

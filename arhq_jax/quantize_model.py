@@ -77,7 +77,11 @@ def quantize_model(
         t0 = time.perf_counter()
         runner = LayerwiseRunner(params, cfg, calib_ids, batch_size=batch_size, mesh=mesh)
         timings["calibration_s"] += time.perf_counter() - t0
-    calib = Calibration(runner, cfg)
+    # Whole-model decisions (e.g. the ranks of a rank budget); None by default.
+    t0 = time.perf_counter()
+    plan = method.plan(params, cfg, calib_ids, qcfg, batch_size=batch_size, mesh=mesh)
+    timings["calibration_s"] += time.perf_counter() - t0
+    calib = Calibration(runner, cfg, plan)
     # Sequential mode recalibrates after each group; parallel mode reads all groups in one pass.
     stages = [(g,) for g in qcfg.groups] if qcfg.sequential else [qcfg.groups]
     layers, diags = [], []

@@ -153,6 +153,42 @@ def runs(cfg) -> list[dict]:
     ]
 
 
+# issue 12: the ingredients of the best-w4a4 preset, each alone on ARHQ r32 (raw, RTN residual,
+# parallel) and each removed from the preset (its plain-ARHQ value restored). Rows "beyond: …".
+INGREDIENTS = {
+    "gptq residual": {"residual_quant": "gptq"},
+    "refine": {"refine_iters": 3},
+    "rotate64": {"rotate": 64},
+    "rank budget": {"rank_budget": True},
+    "sequential": {"sequential": True},
+}
+PLAIN = {"residual_quant": "rtn", "refine_iters": 0, "rotate": 0, "rank_budget": False,
+         "sequential": False}  # fmt: skip
+
+
+def beyond_runs() -> list[dict]:
+    """ARHQ r32, + each ingredient, the preset, the preset minus each of its ingredients (when
+    that differs from a single-ingredient row) and plus each ingredient it leaves out."""
+    from arhq_jax.quant_config import PRESETS
+
+    best = {**PLAIN, **PRESETS["best-w4a4"]}
+    base = {**best, **PLAIN}
+    rows = [{"name": "beyond: arhq r32", "kw": base}]
+    rows += [{"name": f"beyond: + {k}", "kw": {**base, **v}} for k, v in INGREDIENTS.items()]
+    rows.append({"name": "beyond: best-w4a4 preset", "kw": best})
+    seen = [r["kw"] for r in rows]
+    for k, v in INGREDIENTS.items():
+        key, val = next(iter(v.items()))
+        if best[key] != PLAIN[key]:
+            kw, name = {**best, key: PLAIN[key]}, f"beyond: preset − {k}"
+        else:
+            kw, name = {**best, key: val}, f"beyond: preset + {k}"
+        if kw not in seen:
+            rows.append({"name": name, "kw": kw})
+            seen.append(kw)
+    return rows
+
+
 def projection_bits(params, cfg) -> float:
     """Stored bits per weight of the seven projections of every layer."""
     nbytes = sum(tree_nbytes(getattr(ly, p)) for ly in params.layers for p in PROJECTIONS)
@@ -181,7 +217,14 @@ def main(argv=None) -> int:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--max-chunks", type=int, default=8)
     ap.add_argument("--only", default=None, help="comma-separated row-name prefixes")
+    ap.add_argument(
+        "--eval-each",
+        action="store_true",
+        help="score each row right after quantizing it (results survive an interrupted run; "
+        "the float logits are recomputed per row)",
+    )
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    ap.add_argument("--name", default="compare", help="results file stem (compare.md/json)")
     args = ap.parse_args(argv)
 
     from converters import load_model
@@ -211,7 +254,12 @@ def main(argv=None) -> int:
         f"float ppl {fp['ppl']:.3f} on {fp['tokens']} tokens; {calib.size} calibration tokens"
     )
     only = None if args.only is None else [s.strip() for s in args.only.split(",")]
-    todo = [r for r in runs(m.cfg) if only is None or any(r["name"].startswith(o) for o in only)]
+    every = runs(m.cfg) + beyond_runs()
+    if only is None:
+        todo = every
+    else:  # in the order of the prefixes given
+        todo = [r for o in only for r in every if r["name"].startswith(o)]
+        todo = [r for i, r in enumerate(todo) if r not in todo[:i]]
     meta = {
         "model": args.model,
         "calib_tokens": int(calib.size),
@@ -243,22 +291,27 @@ def main(argv=None) -> int:
         }
         rows.append(row)
         print(f"    {row['bits']:.2f} bits/w  {row['mib']:.1f} MiB  {quant_s:.0f}s", flush=True)
-        _write(out, rows, meta, time.perf_counter() - t_start)
+        if args.eval_each:
+            sc = evaluate_models({run["name"]: res.params}, m.params, m.cfg, corpus.eval, **eval_kw)
+            row.update(sc[run["name"]])
+            del qmodels[run["name"]]
+            print(f"    ppl {row['ppl']:.3f}  KL {row['kl']:.4f}  top-1 {row['top1']:.4f}")
+        _write(out, rows, meta, time.perf_counter() - t_start, args.name)
     # One evaluation pass: the float logits of each chunk are computed once for every model.
     print(f"evaluating {len(qmodels)} models ...", flush=True)
     scores = evaluate_models(qmodels, m.params, m.cfg, corpus.eval, **{**eval_kw, "progress": True})
     for row in rows[1:]:
-        row.update(scores[row["name"]])
-    _write(out, rows, meta, time.perf_counter() - t_start)
+        row.update(scores.get(row["name"], {}))
+    _write(out, rows, meta, time.perf_counter() - t_start, args.name)
     print()
     print(report.text_table(rows, COLUMNS))
     print(f"total {time.perf_counter() - t_start:.0f}s; wrote {out}/compare.{{md,json}}")
     return 0
 
 
-def _write(out: Path, rows, meta, total_s) -> None:
+def _write(out: Path, rows, meta, total_s, name: str = "compare") -> None:
     meta = {**meta, "total_s": round(total_s, 1)}
-    report.write_json(out / "compare.json", {"meta": meta, "rows": rows})
+    report.write_json(out / f"{name}.json", {"meta": meta, "rows": rows})
     title = (
         f"SmolLM2-135M, {meta['calib_tokens']} calibration tokens, {meta['eval_tokens']} "
         f"evaluation tokens (pydoc, disjoint); KL and top-1 against the float model"
@@ -271,7 +324,7 @@ def _write(out: Path, rows, meta, total_s) -> None:
         f"quantize_model, compilation included ({meta['devices']}).\n"
     )
     report.atomic_write(
-        out / "compare.md", f"**{title}**\n\n" + report.markdown_table(rows, COLUMNS) + notes
+        out / f"{name}.md", f"**{title}**\n\n" + report.markdown_table(rows, COLUMNS) + notes
     )
 
 

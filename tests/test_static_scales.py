@@ -197,9 +197,9 @@ def test_arhq_g_uses_the_static_quantizer(tiny, monkeypatch, setting):
     seen = {}
     split = lowrank.split_weight
 
-    def spy(qcfg, w_t, g, factor_dtype, factors=None):
+    def spy(qcfg, w_t, g, factor_dtype, *rest):
         seen[len(seen)] = None if g is None else np.asarray(g, np.float64)
-        return split(qcfg, w_t, g, factor_dtype, factors)
+        return split(qcfg, w_t, g, factor_dtype, *rest)
 
     monkeypatch.setattr(lowrank, "split_weight", spy)
     qcfg = QuantConfig(method="arhq", rank=4, setting=setting, stats_dtype="float64")

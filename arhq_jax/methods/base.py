@@ -98,6 +98,11 @@ class Method:
         """Whole-model transforms before the layer loop (e.g. rotations); default: none."""
         return params
 
+    def plan(self, params, cfg, calib_ids, qcfg, *, batch_size=8, mesh=None):
+        """Whole-model decisions taken before the layer loop (e.g. the per-projection ranks of
+        a rank budget), handed to ``quantize_stage`` as ``calib.plan``; default: None."""
+        return None
+
     def quantize_stage(self, layer, groups, projs, calib, qcfg, layer_idx, timings):
         """Quantize ``projs`` (fed by input ``groups``) of ``layer`` → (layer, diagnostics).
 

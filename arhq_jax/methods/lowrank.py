@@ -21,9 +21,11 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from arhq_jax import decompose, global_scales, stats
-from arhq_jax.argtypes import NONNEG, float_in
+from arhq_jax import decompose, global_scales, rank_budget, refine, rotate, stats
+from arhq_jax.argtypes import NONNEG, POS, float_in
+from arhq_jax.calibrate import Calibration, LayerwiseRunner
 from arhq_jax.formats import dequantize
 from arhq_jax.methods.base import (
     ALL_ACTS,
@@ -53,10 +55,36 @@ class RTNOptions(Options):
         "raw, or smooth: per-projection α-searched smoothing (docs/spec/methods.md §2.3)",
         choices=SETTINGS,
     )
+    # issue 12 (beyond ARHQ): arhq_jax/rotate.py; the α search on the first batches only.
+    rotate: int = option(
+        0,
+        "block-Hadamard rotation of each projection's input, block size (a power of two; "
+        "0: off); raw setting",
+        type=NONNEG,
+    )
+    alpha_tokens: int | None = option(
+        None,
+        "smooth setting: search α on the first calibration batches covering this many tokens "
+        "(default: all; the search dominates the quantize time)",
+        type=POS,
+    )
 
     def check(self, common) -> None:
         if self.setting not in SETTINGS:
             raise ValueError(f"unknown setting {self.setting!r}; supported: {', '.join(SETTINGS)}")
+        v = self.rotate
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ValueError(f"rotate must be an int >= 0, got {v!r}")
+        if v and v & (v - 1):
+            raise ValueError(f"rotate (the Hadamard block) must be a power of two, got {v}")
+        if v and self.setting == "smooth":
+            raise ValueError("rotate is not combined with the smooth setting (use raw)")
+        a = self.alpha_tokens
+        if a is not None and (isinstance(a, bool) or not isinstance(a, int) or a < 1):
+            raise ValueError(f"alpha_tokens must be a positive int or None, got {a!r}")
+
+    def unused(self, common) -> tuple[str, ...]:
+        return () if self.setting == "smooth" else ("alpha_tokens",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +104,17 @@ class SVDQuantOptions(GPTQOptions, RTNOptions):
         "quantizer of the residual / main weight: rtn or gptq",
         choices=RESIDUAL_QUANTS,
     )
+    # issue 12 (beyond ARHQ): arhq_jax/rank_budget.py, refine.py.
+    rank_budget: bool = option(
+        False,
+        "spread the factor budget of uniform --rank over the (layer, projection) pairs",
+        action="store_true",
+    )
+    refine_iters: int = option(
+        0,
+        "joint refinement of branch and quantized residual: at most this many iterations",
+        type=NONNEG,
+    )
 
     def check(self, common) -> None:
         RTNOptions.check(self, common)
@@ -83,9 +122,21 @@ class SVDQuantOptions(GPTQOptions, RTNOptions):
         check_residual_quant(self.residual_quant)
         if self.residual_quant == "gptq":
             GPTQOptions.check(self, common)
+        v = self.refine_iters
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ValueError(f"refine_iters must be an int >= 0, got {v!r}")
+        if not isinstance(self.rank_budget, bool):
+            raise ValueError(f"rank_budget must be True or False, got {self.rank_budget!r}")
+        if (self.rank_budget or self.refine_iters) and self.rank == 0:
+            raise ValueError("rank_budget and refine_iters need a low-rank branch (rank > 0)")
+        if (self.rank_budget or self.refine_iters) and self.setting == "smooth":
+            raise ValueError("rank_budget and refine_iters are implemented for the raw setting")
+        if self.refine_iters and common.act_fmt is None:
+            raise ValueError("refine_iters needs an activation format (its objective has Q_a)")
 
     def unused(self, common) -> tuple[str, ...]:
-        return () if self.residual_quant == "gptq" else GPTQ_OPTIONS
+        out = RTNOptions.unused(self, common)
+        return out if self.residual_quant == "gptq" else out + GPTQ_OPTIONS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,17 +160,19 @@ def stats_config(qcfg, *, g: bool, absmax: bool, h: bool = False) -> stats.Stats
     )
 
 
-def split_weight(qcfg, w_t: jax.Array, g: jax.Array | None, factor_dtype, factors=None):
+def split_weight(qcfg, w_t: jax.Array, g: jax.Array | None, factor_dtype, factors=None, rank=None):
     """The low-rank split of ``w_t`` (svdquant, or arhq under ``g``), or None without a branch.
 
-    ``factors``: a ``decompose.GFactorCache`` shared by the projections of one G."""
-    if not qcfg.uses_branch:
+    ``factors``: a ``decompose.GFactorCache`` shared by the projections of one G; ``rank``: this
+    projection's rank (the rank budget's), default the recipe's."""
+    rank = qcfg.rank if rank is None else rank
+    if not qcfg.uses_branch or rank == 0:
         return None
     if qcfg.method == "svdquant":
-        return decompose.svdquant(w_t, qcfg.rank, dtype=factor_dtype)
+        return decompose.svdquant(w_t, rank, dtype=factor_dtype)
     if factors is not None:  # one factorization per shared G (q/k/v, gate/up)
         g = factors(g, w_t.shape)
-    return decompose.arhq(w_t, g, qcfg.rank, qcfg.eps, qcfg.rel_eps, dtype=factor_dtype)
+    return decompose.arhq(w_t, g, rank, qcfg.eps, qcfg.rel_eps, dtype=factor_dtype)
 
 
 def _pack_residual(qcfg, residual, h, s, bias, split, act_scale=None, w_scale=None):
@@ -139,19 +192,56 @@ def _pack_residual(qcfg, residual, h, s, bias, split, act_scale=None, w_scale=No
     return ql.replace(w=res.qtensor)
 
 
-def _quantize_group(layer, projs, g_of, smooth, qcfg, factor_dtype, timings, layer_idx, h_of, act):
+def _quantize_group(
+    layer,
+    projs,
+    g_of,
+    smooth,
+    qcfg,
+    factor_dtype,
+    timings,
+    layer_idx,
+    h_of,
+    act,
+    mom_of=None,
+    ranks=None,
+):
     """Decompose and pack ``projs`` of ``layer``; returns ({proj: QuantLinear}, diagnostics).
 
-    ``act``: {proj: static activation scale}. Every projection is split first, so that the fused
-    partitions (q/k/v, gate/up) can share one nvfp4 weight global scale of their residuals."""
-    new, diags, splits = {}, [], {}
+    ``act``: {proj: static activation scale}. issue 12: ``mom_of`` {proj: moments H, C, G} for
+    the joint refinement, ``ranks`` {(layer, proj): rank} of the rank budget. Every projection
+    is split first, so that the fused partitions (q/k/v, gate/up) can share one nvfp4 weight
+    global scale of their residuals."""
+    new, diags, splits, refined, roots = {}, [], {}, {}, {}
     factors = decompose.GFactorCache(qcfg.eps, qcfg.rel_eps)
     for p in projs:
         w = getattr(layer, p).w.astype(jnp.float32)
+        if qcfg.rotate:  # issue 12: the weight of the rotated space, W R
+            w = rotate.rotate_weight(w, rotate.block_for(w.shape[1], qcfg.rotate))
         alpha, s = smooth.get(p, (None, None))
         w_t = w if s is None else w * s[None, :]
         t0 = time.perf_counter()
-        split = jax.block_until_ready(split_weight(qcfg, w_t, g_of.get(p), factor_dtype, factors))
+        rank = None if ranks is None else ranks[(layer_idx, p)]
+        split = jax.block_until_ready(
+            split_weight(qcfg, w_t, g_of.get(p), factor_dtype, factors, rank)
+        )
+        if split is not None and qcfg.refine_iters:  # issue 12: joint refinement
+            grp = GROUP_OF[p]
+            if grp not in roots:
+                roots[grp] = refine.h_roots(mom_of[p])
+            ref = refine.refine(
+                w_t,
+                split.b,
+                split.a,
+                mom_of[p],
+                refine.rtn_quantizer(qcfg.w_spec),
+                qcfg.refine_iters,
+                h_roots=roots[grp],
+            )
+            split = split.replace(
+                b=ref.b, a=ref.a, residual=ref.residual, objective=jnp.asarray(ref.objectives[-1])
+            )
+            refined[p] = ref.objectives
         timings["decomposition_s"] += time.perf_counter() - t0
         splits[p] = (split, w_t if split is None else split.residual)
     fused = qcfg.fused_w_scale and qcfg.w_spec.name == "nvfp4"
@@ -175,14 +265,20 @@ def _quantize_group(layer, projs, g_of, smooth, qcfg, factor_dtype, timings, lay
             "w_quant_rel_err": jnp.linalg.norm(deq - residual)
             / jnp.maximum(jnp.linalg.norm(residual), 1e-30),
         }
+        if p in refined:  # issue 12: J of every accepted refinement iterate
+            d["refine_objectives"] = [float(j) for j in refined[p]]
         if split is not None:
             d.update(
+                rank=split.rank,
                 objective=split.objective,
                 n_clamped=split.n_clamped,
                 max_abs_a=split.max_abs_a,
                 branch_rel_norm=split.branch_rel_norm,
             )
         diags.append(d)
+        if qcfg.rotate:  # issue 12: online rotation of the input
+            d["rotate"] = rotate.block_for(residual.shape[1], qcfg.rotate)
+            ql = rotate.RotatedLinear(ql, d["rotate"])
         new[p] = ql
     # One device→host transfer for the group's diagnostics, not one per number.
     return new, [_host_diag(d) for d in jax.device_get(diags)]
@@ -211,7 +307,14 @@ class LowRankMethod(Method):
             or (qcfg.method == "arhq" and qcfg.uses_branch)
             or qcfg.residual_quant == "gptq"
             or qcfg.static_act_scale
+            or bool(qcfg.refine_iters)
         )
+
+    def plan(self, params, cfg, calib_ids, qcfg, *, batch_size=8, mesh=None):
+        """issue 12: ``{(layer, proj): rank}`` of the rank budget (None without one)."""
+        if not qcfg.rank_budget:
+            return None
+        return allocate_model_ranks(params, cfg, calib_ids, qcfg, batch_size, mesh)
 
     def quantize_stage(self, layer, groups, projs, calib, qcfg, layer_idx, timings):
         """Quantize ``projs`` (of input ``groups``) of ``layer`` → (new layer, diagnostics).
@@ -226,7 +329,7 @@ class LowRankMethod(Method):
         need_h = qcfg.residual_quant == "gptq"
         static = qcfg.static_act_scale
         t0 = time.perf_counter()
-        smooth, g_of, h_of, act = {}, {}, {}, {}
+        smooth, g_of, h_of, act, mom_of = {}, {}, {}, {}, {}
         if qcfg.setting == "smooth":
             spec = stats_config(qcfg, g=False, absmax=True)
             absmax = calib.stats(layer, {g: spec for g in groups})
@@ -252,27 +355,42 @@ class LowRankMethod(Method):
                 g_of = {p: gs[names[p]]["G"] for p in projs} if need_g else {}
                 h_of = {p: gs[names[p]]["H"] for p in projs} if need_h else {}
         else:
-            gs = {}
+            gs, scale, rot = {}, None, qcfg.rotate
+            moments = bool(qcfg.refine_iters)  # issue 12: H, C and G in one pass instead
             if static:  # pass 1: the amax (with H when only H is needed: it ignores the scale)
                 spec = stats_config(qcfg, g=False, absmax=True, h=need_h and not need_g)
-                gs = calib.stats(layer, {g: spec for g in groups})
+                gs = calib.stats(layer, {g: spec for g in groups}, rotate_block=rot)
                 scale = {
                     g: global_scales.act_scale(global_scales.amax(gs[g]["absmax"])) for g in groups
                 }
                 act = {p: scale[GROUP_OF[p]] for p in projs}
-                if need_g:
+                if need_g and not moments:
                     spec = stats_config(qcfg, g=True, absmax=False, h=need_h)
-                    gs = calib.stats(layer, {g: spec for g in groups}, None, scale)
-            elif need_g or need_h:
+                    gs = calib.stats(layer, {g: spec for g in groups}, None, scale, rot)
+            elif (need_g or need_h) and not moments:
                 spec = stats_config(qcfg, g=need_g, absmax=False, h=need_h)
-                gs = calib.stats(layer, {g: spec for g in groups})
+                gs = calib.stats(layer, {g: spec for g in groups}, rotate_block=rot)
+            if moments:
+                gs = calib.moments(layer, groups, qcfg.act_spec, scale, rot)
+                mom_of = {p: gs[GROUP_OF[p]] for p in projs}
             g_of = {p: gs[GROUP_OF[p]]["G"] for p in projs} if need_g else {}
             h_of = {p: gs[GROUP_OF[p]]["H"] for p in projs} if need_h else {}
         jax.block_until_ready((g_of, h_of, act))
         timings["calibration_s"] += time.perf_counter() - t0
         factor_dtype = qcfg.factor_dtype or calib.cfg.param_dtype
         new, diags = _quantize_group(
-            layer, projs, g_of, smooth, qcfg, factor_dtype, timings, layer_idx, h_of, act
+            layer,
+            projs,
+            g_of,
+            smooth,
+            qcfg,
+            factor_dtype,
+            timings,
+            layer_idx,
+            h_of,
+            act,
+            mom_of=mom_of,
+            ranks=calib.plan,
         )
         return layer.replace(**new), diags
 
@@ -316,3 +434,53 @@ class ARHQ(LowRankMethod):
                 "arhq needs an activation format: G is built from the activation quantization "
                 "residual, which is zero for weight-only quantization (use svdquant there)"
             )
+
+
+# ----------------------------------------------------------------------------- issue 12
+
+
+def rank_grid(qcfg, step: int = 8) -> tuple[int, ...]:
+    """Candidate ranks of the rank budget: 0, step, … up to 3× the uniform rank (and it)."""
+    return tuple(sorted(set(range(0, 3 * qcfg.rank + 1, step)) | {qcfg.rank}))
+
+
+def allocate_model_ranks(params, cfg, calib_ids, qcfg, batch_size=8, mesh=None) -> dict:
+    """``{(layer, proj): rank}`` minimising Σ J_i(r_i) (ARHQ's free tail objective on the float
+    model, in the rotated space when ``qcfg.rotate``; SVDQuant's Σ_{j>r} σ_j²(W)) subject to the
+    stored factor values of uniform ``qcfg.rank`` (``rank_budget.allocate_ranks``). One parallel
+    calibration pass (absmax, then G with the static activation scale)."""
+    grid = rank_grid(qcfg)
+    shapes_of = cfg.linear_shapes()
+    runner = None
+    if qcfg.method == "arhq":
+        runner = LayerwiseRunner(params, cfg, calib_ids, batch_size=batch_size, mesh=mesh)
+    calib = Calibration(runner, cfg)
+    objs, shapes, keys = [], [], []
+    for li, layer in enumerate(params.layers):
+        gs, scale = {}, None
+        if runner is not None:
+            groups = qcfg.groups
+            if qcfg.static_act_scale:
+                spec = stats_config(qcfg, g=False, absmax=True)
+                am = calib.stats(layer, {g: spec for g in groups}, rotate_block=qcfg.rotate)
+                scale = {
+                    g: global_scales.act_scale(global_scales.amax(am[g]["absmax"])) for g in groups
+                }
+            spec = stats_config(qcfg, g=True, absmax=False)
+            gs = calib.stats(layer, {g: spec for g in groups}, None, scale, qcfg.rotate)
+        for p in qcfg.projections:
+            w = getattr(layer, p).w.astype(jnp.float32)
+            if qcfg.rotate:
+                w = rotate.rotate_weight(w, rotate.block_for(w.shape[1], qcfg.rotate))
+            if runner is None:
+                objs.append(rank_budget.svd_tail_objectives(w, grid))
+            else:
+                objs.append(rank_budget.tail_objectives(w, gs[GROUP_OF[p]]["G"], grid, qcfg.eps))
+            shapes.append(shapes_of[p])
+            keys.append((li, p))
+        if runner is not None:
+            runner.advance(layer)
+    ranks = rank_budget.allocate_ranks(
+        np.stack([np.asarray(o) for o in objs]), shapes, grid, qcfg.rank
+    )
+    return dict(zip(keys, ranks, strict=True))

@@ -1,0 +1,61 @@
+"""``arhq-jax quantize --preset best-w4a4`` and the issue-12 flags, on a tiny random Llama."""
+
+from __future__ import annotations
+
+import jax
+import pytest
+
+from arhq_jax import checkpoint
+from arhq_jax.cli import main
+from arhq_jax.models.config import ModelConfig
+from arhq_jax.models.params import random_params
+from arhq_jax.quant_config import PRESETS, preset
+from converters import save_hf_dir
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(smollm2, tmp_path_factory):
+    cfg = ModelConfig(
+        family="llama",
+        vocab_size=smollm2.cfg.vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=16,
+        rms_norm_eps=1e-5,
+        rope_theta=1e5,
+        tie_word_embeddings=True,
+    )
+    path = tmp_path_factory.mktemp("models") / "tiny"
+    save_hf_dir(
+        cfg, random_params(cfg, jax.random.key(3), std=0.1), path, tokenizer=smollm2.tokenizer
+    )
+    return path
+
+
+def test_preset_best_w4a4_quantizes_and_records_its_recipe(tiny_dir, tmp_path):
+    ck = tmp_path / "ckpt"
+    rc = main(["quantize", "--model", str(tiny_dir), "--preset", "best-w4a4",
+               "--calib-tokens", "512", "--calib-seq-len", "128", "--out", str(ck)])  # fmt: skip
+    assert rc == 0
+    _, _, quant = checkpoint.load(ck)
+    want = preset("best-w4a4").to_dict()
+    for k in PRESETS["best-w4a4"]:
+        assert quant[k] == want[k], k
+
+
+def test_rotate_checkpoint_is_refused_before_any_work(tiny_dir, tmp_path, capsys):
+    rc = main(["quantize", "--model", str(tiny_dir), "--rotate", "16", "--out",
+               str(tmp_path / "x")])  # fmt: skip
+    assert rc == 2
+    assert "rotated" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_unknown_preset_is_an_argparse_error(tiny_dir):
+    with pytest.raises(SystemExit):
+        main(["quantize", "--model", str(tiny_dir), "--preset", "nope", "--out", "z"])
