@@ -71,6 +71,11 @@ def _embed(params: Params, cfg: ModelConfig, ids: jax.Array) -> jax.Array:
     return transformer.embed(params, cfg, ids)
 
 
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _cast(rows: jax.Array, cfg: ModelConfig) -> jax.Array:
+    return rows.astype(cfg.dtype)  # transformer.embed's cast, on rows gathered elsewhere
+
+
 @functools.partial(jax.jit, static_argnames=("cfg", "capture"))
 def _layer(layer: Layer, cfg: ModelConfig, h: jax.Array, capture: bool):
     b, t = h.shape[:2]
@@ -89,7 +94,21 @@ class LayerwiseRunner:
       mesh: shard batches over this mesh (default: all devices; None-equivalent on one device).
     """
 
-    def __init__(self, params: Params, cfg: ModelConfig, ids, batch_size: int = 8, mesh=None):
+    def __init__(
+        self,
+        params: Params | None,
+        cfg: ModelConfig,
+        ids,
+        batch_size: int = 8,
+        mesh=None,
+        *,
+        embed_rows: Callable[[np.ndarray], np.ndarray] | None = None,
+        hidden: list[np.ndarray] | None = None,
+    ):
+        """``embed_rows(ids [b, L]) -> [b, L, H]`` (``cfg.param_dtype``) replaces ``params``
+        for the embedding (a lazy source gathers the rows from disk; the same bits as the
+        in-memory ``take``); ``hidden`` restores the stored batches of ``hidden_states`` (a
+        resumed run) instead of embedding ``ids``, which then only fix the batches' masks."""
         ids = np.asarray(ids)
         if ids.ndim != 2:
             raise ValueError(f"calibration ids must be [sequences, length], got shape {ids.shape}")
@@ -102,11 +121,24 @@ class LayerwiseRunner:
         # (layer, outputs) of the last fully consumed ``captures`` pass: ``advance`` through the
         # same layer object reuses them (parallel mode) instead of running the layer again.
         self._last = None
-        params = replicate(params, self.mesh)
-        for start in range(0, ids.shape[0], self.batch_size):
+        if params is not None and embed_rows is None and hidden is None:
+            params = replicate(params, self.mesh)
+        for k, start in enumerate(range(0, ids.shape[0], self.batch_size)):
             chunk, valid = pad_batch(ids[start : start + self.batch_size], ndev)
-            h = _embed(params, cfg, shard_batch(chunk, self.mesh))
+            if hidden is not None:
+                h = shard_batch(hidden[k], self.mesh)
+            elif embed_rows is not None:
+                h = _cast(shard_batch(embed_rows(chunk), self.mesh), cfg)
+            else:
+                h = _embed(params, cfg, shard_batch(chunk, self.mesh))
             self._batches.append((h, shard_batch(valid, self.mesh)))
+        if hidden is not None and len(hidden) != len(self._batches):
+            n = len(self._batches)
+            raise ValueError(f"{len(hidden)} stored hidden batches, the ids make {n}")
+
+    def hidden_states(self) -> list[np.ndarray]:
+        """The stored hidden states, one host array ``[b, L, H]`` per batch (to resume)."""
+        return [np.asarray(jax.device_get(h)) for h, _ in self._batches]
 
     def captures(self, layer: Layer) -> Iterator[tuple[dict[str, jax.Array], jax.Array]]:
         """Yield ``(captured, token_mask)`` per batch: the inputs of every input group of

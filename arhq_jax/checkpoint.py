@@ -24,6 +24,7 @@ write is touched.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -40,7 +41,7 @@ from arhq_jax.checkpoint_schema import (
     encode_linear,
 )
 from arhq_jax.linear import Dense
-from arhq_jax.lora_adapter import write_adapter
+from arhq_jax.lora_adapter import AdapterWriter
 from arhq_jax.models import config_from_hf, config_to_hf
 from arhq_jax.models.config import PROJECTIONS, Layer, ModelConfig, Params
 from arhq_jax.models.params import (
@@ -89,13 +90,23 @@ def fingerprint(cfg: ModelConfig, params: Params) -> dict:
     its values as f32 (cheap for a 70B model, and independent of the parameter dtype for
     bf16-representable weights): it tells one model from another of the same shapes.
     """
+
+    def samples():
+        for name, x in _float_tensors(cfg, params):
+            x = np.asarray(jax.device_get(x)).reshape(-1)
+            yield name, x.size, x[:: max(1, x.size // 4096)].astype(np.float32)
+
+    return fingerprint_of(cfg, samples())
+
+
+def fingerprint_of(cfg: ModelConfig, samples) -> dict:
+    """``fingerprint`` from ``(name, size, f32 sample)`` triples in ``_float_tensors`` order (a
+    lazy source gives them without loading the model: ``converters.lazy``)."""
     arch = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("param_dtype", "dtype")}
     h = hashlib.sha256()
-    for name, x in _float_tensors(cfg, params):
-        x = np.asarray(jax.device_get(x)).reshape(-1)
-        step = max(1, x.size // 4096)
-        h.update(f"{name}:{list(np.shape(x))}".encode())
-        h.update(np.ascontiguousarray(x[::step].astype(np.float32)).tobytes())
+    for name, size, sample in samples:
+        h.update(f"{name}:{[int(size)]}".encode())
+        h.update(np.ascontiguousarray(sample, np.float32).tobytes())
     return {
         "config_sha256": hashlib.sha256(json.dumps(arch, sort_keys=True).encode()).hexdigest(),
         "weights_sha256": h.hexdigest(),
@@ -164,40 +175,100 @@ def save(
 
     if len(params.layers) != cfg.num_layers:
         raise ValueError(f"params have {len(params.layers)} layers, config says {cfg.num_layers}")
-    modules, lora, nbytes, kinds = {}, [], 0, {}
+    with writing(path, max_shard_bytes) as w:
+        w.add(EMBED, _np(params.embed))
+        for i, layer in enumerate(params.layers):
+            w.add_layer(i, layer)
+        w.add(FINAL_NORM, _np(params.final_norm))
+        if params.lm_head is not None:
+            w.add_linear("lm_head", params.lm_head)
+        return w.finish(cfg, quant=quant, tokenizer=tokenizer, source=source)
+
+
+@contextlib.contextmanager
+def writing(path, max_shard_bytes: int = DEFAULT_SHARD_BYTES):
+    """Yield a ``CheckpointWriter`` into a temporary directory that becomes ``path`` once the
+    block ends after ``finish`` (``out_dir.replacing``: nothing half-written, nothing foreign
+    touched). Raises FileExistsError for a foreign ``path``."""
     with out_dir.replacing(path, FORMAT, FORMAT_VERSION) as tmp:
-        shards: list = []
-
-        def add(name, arr):
-            nonlocal nbytes
-            arr = np.asarray(arr)
-            if not shards or (
-                shards[-1].nbytes and shards[-1].nbytes + arr.nbytes > max_shard_bytes
-            ):
-                shards.append(SafetensorsWriter(tmp / f".shard-{len(shards):05d}.safetensors"))
-            shards[-1].add(name, arr)
-            nbytes += arr.nbytes
-
+        w = CheckpointWriter(tmp, max_shard_bytes)
         try:
-            add(EMBED, _np(params.embed))
-            for i, layer in enumerate(params.layers):
-                for n in ("input_norm", "post_norm", "q_norm", "k_norm"):
-                    if getattr(layer, n, None) is not None:
-                        add(norm_key(i, n), _np(getattr(layer, n)))
-                for p in PROJECTIONS:
-                    _add_linear(linear_key(i, p), getattr(layer, p), add, modules, lora, kinds)
-            add(FINAL_NORM, _np(params.final_norm))
-            if params.lm_head is not None:
-                _add_linear("lm_head", params.lm_head, add, modules, lora, kinds)
-            _close_shards(tmp, shards)
+            yield w
         except BaseException:
-            for w in shards:
-                w.abort()
+            w.abort()
             raise
-        if lora:
-            nbytes += write_adapter(tmp / LORA_DIR, lora)
+        if not w.finished:
+            w.abort()
+            raise RuntimeError("checkpoint writer left without finish()")
+
+
+class CheckpointWriter:
+    """A checkpoint written tensor by tensor, in checkpoint order: the embedding, each layer
+    (norms, then projections), the final norm, the lm_head; then ``finish`` (config, adapter,
+    tokenizer). Only the tensor being added is in memory; big dense tensors can come in row
+    blocks (``add_blocks``). ``save`` and the streaming quantizer both write through it."""
+
+    def __init__(self, tmp: Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES):
+        self.tmp, self.max_shard_bytes = Path(tmp), max_shard_bytes
+        self.shards: list[SafetensorsWriter] = []
+        self.modules: dict = {}
+        self.kinds: dict = {}
+        self.nbytes = 0
+        self.finished = False
+        self._adapter: AdapterWriter | None = None
+
+    def _shard(self, nbytes: int) -> SafetensorsWriter:
+        last = self.shards[-1] if self.shards else None
+        if last is None or (last.nbytes and last.nbytes + nbytes > self.max_shard_bytes):
+            name = f".shard-{len(self.shards):05d}.safetensors"
+            self.shards.append(SafetensorsWriter(self.tmp / name))
+        self.nbytes += nbytes
+        return self.shards[-1]
+
+    def add(self, name: str, arr) -> None:
+        """One tensor (numpy or jax array)."""
+        arr = np.asarray(arr)
+        self._shard(arr.nbytes).add(name, arr)
+
+    def add_blocks(self, name: str, dtype, shape, blocks) -> None:
+        """One tensor of ``dtype`` / ``shape`` from consecutive row blocks (``blocks``)."""
+        nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        self._shard(nbytes).add_chunks(name, dtype, shape, blocks)
+
+    def add_layer(self, i: int, layer: Layer) -> None:
+        """Decoder layer ``i``: its norms, then every projection (``encode_linear``)."""
+        for name, arr, prefix, enc in layer_records(i, layer):
+            if enc is None:
+                self.add(name, arr)
+            else:
+                self.add_encoded(prefix, enc.entry, enc.tensors, enc.lora)
+
+    def add_linear(self, prefix: str, lin) -> None:
+        enc = encode_linear(prefix, lin)
+        self.add_encoded(prefix, enc.entry, enc.tensors, enc.lora)
+
+    def add_encoded(self, prefix: str, entry: dict, tensors, lora) -> None:
+        """A linear already encoded: its ``config.json`` entry, model tensors, adapter tensors."""
+        for name, arr in tensors:
+            self.add(name, arr)
+        for name, arr in lora:
+            if self._adapter is None:
+                self._adapter = AdapterWriter(self.tmp / LORA_DIR)
+            self._adapter.add(name, arr)
+        self.modules[prefix] = entry
+        kind = entry["kind"]
+        self.kinds[kind] = self.kinds.get(kind, 0) + 1
+        if kind != "dense":
+            self.kinds["quantized"] = self.kinds.get("quantized", 0) + 1
+
+    def finish(self, cfg: ModelConfig, *, quant=None, tokenizer=None, source=None) -> int:
+        """Close the shards, write the adapter, config.json and tokenizer → tensor bytes."""
+        _close_shards(self.tmp, self.shards)
+        nbytes = self.nbytes
+        if self._adapter is not None:
+            nbytes += self._adapter.close()
         hf = config_to_hf(cfg)
-        hf["quantization_config"] = _quantization_config(modules, kinds)
+        hf["quantization_config"] = _quantization_config(self.modules, self.kinds)
         hf["arhq_jax"] = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -205,32 +276,37 @@ def save(
             "dtype": jax.numpy.dtype(cfg.dtype).name,
             "recipe": quant or {},
             "source": source or {},
-            "modules": modules,
+            "modules": self.modules,
         }
-        if not kinds.get("quantized"):
+        if not self.kinds.get("quantized"):
             hf.pop("quantization_config")
-        (tmp / CONFIG_FILE).write_text(json.dumps(hf, indent=1, sort_keys=True) + "\n")
+        (self.tmp / CONFIG_FILE).write_text(json.dumps(hf, indent=1, sort_keys=True) + "\n")
         if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp))
-    return nbytes
+            tokenizer.save_pretrained(str(self.tmp))
+        self.finished = True
+        return nbytes
+
+    def abort(self) -> None:
+        for w in self.shards:
+            w.abort()
+        if self._adapter is not None:
+            self._adapter.abort()
+
+
+def layer_records(i: int, layer: Layer):
+    """``(name, array, None, None)`` per norm then ``(None, None, prefix, Encoded)`` per
+    projection of decoder layer ``i``, in checkpoint order."""
+    for n in ("input_norm", "post_norm", "q_norm", "k_norm"):
+        if getattr(layer, n, None) is not None:
+            yield norm_key(i, n), _np(getattr(layer, n)), None, None
+    for p in PROJECTIONS:
+        yield None, None, linear_key(i, p), encode_linear(linear_key(i, p), getattr(layer, p))
 
 
 def check_out(path) -> None:
     """Raise FileExistsError unless ``path`` may become a checkpoint (absent, empty, or one of
     ours); call it before long work so that a refused ``--out`` costs nothing."""
     out_dir.check_replaceable(Path(path).absolute(), FORMAT)
-
-
-def _add_linear(prefix, lin, add, modules, lora, kinds) -> None:
-    enc = encode_linear(prefix, lin)
-    for name, arr in enc.tensors:
-        add(name, arr)
-    lora += enc.lora
-    modules[prefix] = enc.entry
-    kind = enc.entry["kind"]
-    kinds[kind] = kinds.get(kind, 0) + 1
-    if kind != "dense":
-        kinds["quantized"] = kinds.get("quantized", 0) + 1
 
 
 def _close_shards(tmp: Path, shards) -> int:

@@ -43,10 +43,12 @@ from arhq_jax.quant_config import (  # noqa: E402
     preset,
 )
 from arhq_jax.quantize_model import quantize_model, summarize  # noqa: E402
+from arhq_jax.stream import quantize_stream  # noqa: E402
 from converters import (
     convert,  # noqa: E402
     load_model,  # noqa: E402
 )
+from converters.lazy import open_source  # noqa: E402
 
 
 class _Parser(argparse.ArgumentParser):
@@ -375,34 +377,58 @@ def cmd_quantize(args) -> int:
             "has no checkpoint encoding"
         )
     checkpoint.check_out(args.out)  # refuse a foreign --out before any work
-    m = _load(args)
-    qcfg.check_model(m.cfg)
-    _positions(args, m.cfg, args.calib_seq_len, f"--calib-seq-len {args.calib_seq_len}")
-    corpus = load_corpus(m.tokenizer, args.calib_text, None)
-    source = "calibration text" + (f" {args.calib_text}" if args.calib_text else "")
-    ids = calibration_ids(corpus.calib, args.calib_tokens, args.calib_seq_len, source=source)
-    res = quantize_model(m.params, m.cfg, ids, qcfg, batch_size=args.batch_size)
-    quant = {
-        **qcfg.to_dict(),
-        "source_model": args.model,
-        "calib_tokens": res.calib_tokens,
-        "calib_source": corpus.source,
-        "timings": res.timings,
-    }
-    source = {"model": str(args.model), "fingerprint": checkpoint.fingerprint(m.cfg, m.params)}
-    nbytes = checkpoint.save(
-        args.out, res.params, m.cfg, quant=quant, tokenizer=m.tokenizer, source=source
-    )
-    fp_bytes = checkpoint.tree_nbytes(m.params)
-    t = res.timings
+    t0 = time.perf_counter()
+    with open_source(args.model, require_tokenizer=True) as src:
+        cfg = src.cfg
+        print(
+            f"loaded {args.model} ({cfg.family}, {cfg.num_layers} layers; tensors read layer by "
+            f"layer) in {time.perf_counter() - t0:.1f}s",
+            file=sys.stderr,
+        )
+        qcfg.check_model(cfg)
+        _positions(args, cfg, args.calib_seq_len, f"--calib-seq-len {args.calib_seq_len}")
+        corpus = load_corpus(src.tokenizer, args.calib_text, None)
+        what = "calibration text" + (f" {args.calib_text}" if args.calib_text else "")
+        ids = calibration_ids(corpus.calib, args.calib_tokens, args.calib_seq_len, source=what)
+        quant = {**qcfg.to_dict(), "source_model": args.model, "calib_source": corpus.source}
+        source = {"model": str(args.model)}
+        if qcfg.method_impl.streams(qcfg):
+            res = quantize_stream(
+                src, ids, qcfg, args.out, quant=quant, source=source, batch_size=args.batch_size
+            )
+            if res.resumed_from:
+                print(f"resumed a killed run after its layer {res.resumed_from - 1}")
+            diags, timings, tokens, nbytes = (
+                res.projections,
+                res.timings,
+                res.calib_tokens,
+                res.nbytes,
+            )
+        else:
+            print(
+                f"arhq-jax quantize: warning: {qcfg.label()} reads the whole model before its "
+                "layers: loaded in memory, not streamed (a killed run starts over)",
+                file=sys.stderr,
+            )
+            params = src.load_params()
+            r = quantize_model(params, cfg, ids, qcfg, batch_size=args.batch_size)
+            diags, timings, tokens = r.projections, r.timings, r.calib_tokens
+            quant.update(calib_tokens=tokens, timings=timings)
+            source["fingerprint"] = checkpoint.fingerprint(cfg, params)
+            nbytes = checkpoint.save(
+                args.out, r.params, cfg, quant=quant, tokenizer=src.tokenizer, source=source
+            )
+            del params, r
+        fp_bytes = src.nbytes()
+    t = timings
     print(
         f"{qcfg.label()}: calibration {t['calibration_s']:.1f}s, decomposition "
-        f"{t['decomposition_s']:.1f}s, packing {t['packing_s']:.1f}s on {res.calib_tokens} tokens"
+        f"{t['decomposition_s']:.1f}s, packing {t['packing_s']:.1f}s on {tokens} tokens"
     )
-    print(f"diagnostics (means over projections): {summarize(res.projections)}")
+    print(f"diagnostics (means over projections): {summarize(diags)}")
     print(
         f"saved {args.out}: {nbytes / 2**20:.1f} MiB vs {fp_bytes / 2**20:.1f} MiB unquantized "
-        f"({m.cfg.param_dtype}), ratio {nbytes / fp_bytes:.3f}"
+        f"({cfg.param_dtype}), ratio {nbytes / fp_bytes:.3f}"
     )
     print(f"layout: {checkpoint.describe(args.out)}")
     return 0

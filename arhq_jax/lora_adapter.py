@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from converters.safetensors_io import write_safetensors
+from converters.safetensors_io import SafetensorsWriter
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -63,17 +63,40 @@ def _covers(ranks: dict[str, int], short: set[str]) -> bool:
     )
 
 
+class AdapterWriter:
+    """Write the adapter tensor by tensor into the new directory ``d`` (one in memory at a time);
+    ``close`` writes ``adapter_config.json`` from the ranks seen and returns the tensor bytes."""
+
+    def __init__(self, d: Path):
+        d.mkdir()
+        self.d, self.ranks, self.nbytes = d, {}, 0
+        self._w = SafetensorsWriter(d / ADAPTER_WEIGHTS)
+
+    def add(self, name: str, x) -> None:
+        x = np.asarray(x)
+        if name.endswith(_SUFFIX_A):
+            self.ranks[name[len(_PREFIX) : -len(_SUFFIX_A)]] = int(x.shape[0])
+        self._w.add(name, x)
+        self.nbytes += x.nbytes
+
+    def close(self) -> int:
+        self._w.close({"format": "pt"})
+        (self.d / ADAPTER_CONFIG).write_text(
+            json.dumps(adapter_config(self.ranks), indent=1, sort_keys=True) + "\n"
+        )
+        return self.nbytes
+
+    def abort(self) -> None:
+        self._w.abort()
+
+
 def write_adapter(d: Path, tensors: list[tuple[str, np.ndarray]]) -> int:
     """Write the adapter into the new directory ``d``; returns the tensor bytes."""
-
-    d.mkdir()
-    ranks = {
-        n[len(_PREFIX) : -len(_SUFFIX_A)]: int(x.shape[0])
-        for n, x in tensors
-        if n.endswith(_SUFFIX_A)
-    }
-    write_safetensors(d / ADAPTER_WEIGHTS, tensors, metadata={"format": "pt"})
-    (d / ADAPTER_CONFIG).write_text(
-        json.dumps(adapter_config(ranks), indent=1, sort_keys=True) + "\n"
-    )
-    return int(sum(np.asarray(x).nbytes for _, x in tensors))
+    w = AdapterWriter(d)
+    try:
+        for name, x in tensors:
+            w.add(name, x)
+    except BaseException:
+        w.abort()
+        raise
+    return w.close()

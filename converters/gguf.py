@@ -152,6 +152,14 @@ def load_gguf(
 ) -> tuple[ModelConfig, Params]:
     """Load a llama/qwen3 GGUF -> ``(cfg, params)``; quantized tensors are dequantized to f32
     (exactly as transformers does) and then cast to ``param_dtype``."""
+    cfg, get, names = open_gguf(path, param_dtype=param_dtype, dtype=dtype)
+    return cfg, params_from_getter(cfg, get, names, Path(path))
+
+
+def open_gguf(path: str | Path, *, param_dtype: str = "float32", dtype: str | None = None):
+    """``(cfg, get, names)`` of a GGUF: ``get(hf_name)`` dequantizes one tensor to f32 (HF
+    layout) from the reader's memory map, None for a name the file lacks; ``names`` every HF
+    name it holds."""
     from gguf import dequantize
 
     path = Path(path)
@@ -185,8 +193,7 @@ def load_gguf(
             w = unpermute_qk(w, cfg.num_heads if ".q_proj." in name else cfg.num_kv_heads)
         return w
 
-    params = params_from_getter(cfg, get, list(by_hf), path)
-    return cfg, params
+    return cfg, get, list(by_hf)
 
 
 def gguf_has_tokenizer(path: str | Path) -> bool:

@@ -30,7 +30,7 @@ INDEX_FILE = "model.safetensors.index.json"
 # The marker in model.safetensors' metadata of a directory written by ``write_hf_files``.
 WRITER_KEY, WRITER, FILES_KEY = "arhq_jax.writer", "converters.save_hf_dir", "arhq_jax.files"
 # Tensors that some checkpoints carry and that hold nothing we need.
-_IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
+IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
 
 
 def read_hf_config(path: str | Path) -> dict:
@@ -91,7 +91,7 @@ def params_from_getter(cfg: ModelConfig, get: Callable[[str], np.ndarray | None]
         params = params_from_tensors(cfg, tracked)
     except ValueError as e:
         raise ValueError(f"{where}: {e}") from None
-    unused = [n for n in names if n not in used and not n.endswith(_IGNORED_SUFFIXES)]
+    unused = [n for n in names if n not in used and not n.endswith(IGNORED_SUFFIXES)]
     if unused:
         more = f" and {len(unused) - 5} more" if len(unused) > 5 else ""
         raise ValueError(

@@ -83,6 +83,17 @@ def source_kind(source: str | Path) -> tuple[str, Path]:
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
+def check_tokenizer(kind: str, path: Path) -> None:
+    """ValueError naming what is missing unless the source ``(kind, path)`` has a tokenizer."""
+    if not has_tokenizer(kind, path):
+        where = {
+            "gguf": "no tokenizer.ggml.model metadata",
+            "hf": f"none of {', '.join(TOKENIZER_FILES)}",
+            "orbax": f"no tokenizer/ directory with {' or '.join(TOKENIZER_FILES)}",
+        }[kind]
+        raise ValueError(f"{path} has no tokenizer ({where}); this command needs one")
+
+
 def _hf_tokenizer(path: Path):
     if not any((path / f).is_file() for f in TOKENIZER_FILES):
         return None
@@ -112,13 +123,8 @@ def load_model(
     """
 
     kind, path = source_kind(source)
-    if require_tokenizer and not has_tokenizer(kind, path):
-        where = {
-            "gguf": "no tokenizer.ggml.model metadata",
-            "hf": f"none of {', '.join(TOKENIZER_FILES)}",
-            "orbax": f"no tokenizer/ directory with {' or '.join(TOKENIZER_FILES)}",
-        }[kind]
-        raise ValueError(f"{path} has no tokenizer ({where}); this command needs one")
+    if require_tokenizer:
+        check_tokenizer(kind, path)
     tok = None
     if kind == "gguf":
         cfg, params = load_gguf(path, param_dtype=param_dtype, dtype=dtype)

@@ -176,6 +176,65 @@ class SafetensorsReader:
         raw = np.memmap(h.path, dtype=np.uint8, mode="r", offset=t.begin, shape=(t.end - t.begin,))
         return np.array(raw).view(dtype).reshape(t.shape)
 
+    def read_rows(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Rows ``[start, stop)`` of tensor ``name`` (leading axis; the whole tensor by default)
+        in the stored dtype, read with plain file reads: nothing stays mapped, so the memory held
+        is the returned copy only (``get`` goes through safe_open, whose mapping of the whole
+        file keeps every page it touched resident)."""
+        t = self._info(name)
+        rows = t.shape[0] if t.shape else 1
+        stop = rows if stop is None else min(stop, rows)
+        if not 0 <= start <= stop:
+            raise ValueError(f"tensor {name!r}: bad row range [{start}, {stop})")
+        dtype = DTYPES[t.dtype]
+        row = math.prod(t.shape[1:]) * dtype.itemsize
+        out = np.empty((stop - start) * row, np.uint8)
+        with open(self._where[name].path, "rb") as f:
+            f.seek(t.begin + start * row)
+            if f.readinto(memoryview(out)) != out.size:
+                raise ValueError(f"{self._where[name].path}: truncated while reading {name!r}")
+        shape = (stop - start, *t.shape[1:]) if t.shape else ()
+        return out.view(dtype).reshape(shape)
+
+    def gather_rows(self, name: str, rows: np.ndarray) -> np.ndarray:
+        """``tensor[rows]`` (``rows`` int, any shape) in the stored dtype, gathered from a
+        read-only memory map that is dropped on return (only the touched pages are read)."""
+        t = self._info(name)
+        raw = np.memmap(
+            self._where[name].path,
+            dtype=np.uint8,
+            mode="r",
+            offset=t.begin,
+            shape=(t.end - t.begin,),
+        )
+        try:
+            return np.array(raw.view(DTYPES[t.dtype]).reshape(t.shape)[np.asarray(rows)])
+        finally:
+            del raw
+
+    def strided(self, name: str, step: int) -> np.ndarray:
+        """``tensor.reshape(-1)[::step]`` in the stored dtype (a memory map dropped on return)."""
+        t = self._info(name)
+        if t.end == t.begin:
+            return np.zeros((0,), DTYPES[t.dtype])
+        raw = np.memmap(
+            self._where[name].path,
+            dtype=np.uint8,
+            mode="r",
+            offset=t.begin,
+            shape=(t.end - t.begin,),
+        )
+        try:
+            return np.array(raw.view(DTYPES[t.dtype])[::step])
+        finally:
+            del raw
+
+    def _info(self, name: str) -> TensorInfo:
+        h = self._where.get(name)
+        if h is None:
+            raise KeyError(name)
+        return h.tensors[name]
+
     def close(self):
         self._handles.clear()
 
@@ -205,23 +264,38 @@ class SafetensorsWriter:
 
     def add(self, name: str, arr) -> None:
         arr = np.asarray(arr)  # (not ascontiguousarray: it makes 0-d arrays 1-d)
+        self.add_chunks(name, arr.dtype, arr.shape, [arr])
+
+    def add_chunks(self, name: str, dtype, shape, chunks: Iterable) -> None:
+        """Add tensor ``name`` of ``dtype`` / ``shape`` from consecutive C-order pieces (e.g. row
+        blocks of an embedding): one piece in memory at a time; the pieces must cover it."""
+        dtype = np.dtype(dtype)
         if name in self.entries:
             raise ValueError(f"duplicate tensor name {name!r}")
-        if arr.dtype not in DTYPE_NAMES:
+        if dtype not in DTYPE_NAMES:
             raise ValueError(
-                f"tensor {name!r}: dtype {arr.dtype} cannot be stored in safetensors "
+                f"tensor {name!r}: dtype {dtype} cannot be stored in safetensors "
                 "(store FP4 as packed U8)"
             )
-        if arr.dtype.byteorder == ">":
+        if dtype.byteorder == ">":
             raise ValueError(f"tensor {name!r}: big-endian arrays are not supported")
-        buf = arr.tobytes(order="C")
-        self._data.write(buf)
+        n = 0
+        for c in chunks:
+            c = np.asarray(c)
+            if c.dtype != dtype:
+                raise ValueError(f"tensor {name!r}: a piece of dtype {c.dtype}, expected {dtype}")
+            buf = c.tobytes(order="C")
+            self._data.write(buf)
+            n += len(buf)
+        need = math.prod(shape) * dtype.itemsize
+        if n != need:
+            raise ValueError(f"tensor {name!r}: pieces hold {n} bytes, {list(shape)} needs {need}")
         self.entries[name] = {
-            "dtype": DTYPE_NAMES[arr.dtype],
-            "shape": list(arr.shape),
-            "data_offsets": [self.nbytes, self.nbytes + len(buf)],
+            "dtype": DTYPE_NAMES[dtype],
+            "shape": list(shape),
+            "data_offsets": [self.nbytes, self.nbytes + n],
         }
-        self.nbytes += len(buf)
+        self.nbytes += n
 
     def close(self, metadata: dict[str, str] | None = None) -> Path:
         meta = {str(k): str(v) for k, v in (metadata or {}).items()}

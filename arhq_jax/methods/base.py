@@ -114,6 +114,17 @@ class Method:
         """After the layer loop (e.g. a quantized lm_head); default: nothing."""
         return qparams
 
+    def streams(self, qcfg) -> bool:
+        """Whether the recipe quantizes one layer at a time (``arhq_jax.stream``): no
+        whole-model ``prepare`` or ``plan``. A method overriding either says when it is a
+        no-op."""
+        return type(self).prepare is Method.prepare and type(self).plan is Method.plan
+
+    def finishes(self, qcfg) -> bool:
+        """Whether ``finish`` changes anything for this recipe (the streaming quantizer then
+        loads the embedding and lm_head for it)."""
+        return type(self).finish is not Method.finish
+
     def label(self, qcfg) -> str:
         """The method part of ``QuantConfig.label()``."""
         return self.name

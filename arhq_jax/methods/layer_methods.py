@@ -261,6 +261,9 @@ class AWQMethod(Method):
             )
         return layer.replace(**new), diags
 
+    def finishes(self, qcfg) -> bool:
+        return qcfg.quantize_lm_head
+
     def finish(self, qparams, cfg, calib, qcfg):
         if not qcfg.quantize_lm_head:
             return qparams

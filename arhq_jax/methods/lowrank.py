@@ -310,6 +310,9 @@ class LowRankMethod(Method):
             or bool(qcfg.refine_iters)
         )
 
+    def streams(self, qcfg) -> bool:
+        return not qcfg.rank_budget  # the rank budget's plan reads the whole model
+
     def plan(self, params, cfg, calib_ids, qcfg, *, batch_size=8, mesh=None):
         """issue 12: ``{(layer, proj): rank}`` of the rank budget (None without one)."""
         if not qcfg.rank_budget:

@@ -79,6 +79,37 @@ def _check(name: str, x, shape: tuple[int, ...]) -> np.ndarray:
     return x
 
 
+def tensor_loader(cfg: ModelConfig, get: Callable[[str], np.ndarray | None]):
+    """``fetch(name) -> jax.Array``: ``get(name)`` checked against ``expected_tensors`` (shape,
+    float dtype, finite) and cast to ``cfg.param_dtype``; ValueError naming the key otherwise."""
+    pdt = jnp.dtype(cfg.param_dtype)
+    shapes = expected_tensors(cfg)
+
+    def fetch(name: str) -> jax.Array:
+        x = get(name)
+        if x is None:
+            raise ValueError(f"missing tensor {name!r} (expected shape {shapes[name]})")
+        arr = jnp.asarray(_check(name, x, shapes[name]).astype(pdt, copy=False))
+        if not bool(jnp.isfinite(arr).all()):
+            raise ValueError(f"tensor {name!r} has non-finite values (NaN or inf)")
+        return arr
+
+    return fetch
+
+
+def layer_from_tensors(cfg: ModelConfig, i: int, fetch: Callable[[str], jax.Array]) -> Layer:
+    """Decoder layer ``i`` from ``fetch`` (``tensor_loader``), one tensor at a time."""
+
+    def linear(p: str) -> Dense:
+        key = linear_key(i, p)
+        b = fetch(key + ".bias") if has_bias(cfg, p) else None
+        return Dense(w=fetch(key + ".weight"), b=b)
+
+    kw = {p: linear(p) for p in PROJECTIONS}
+    kw.update({n: fetch(norm_key(i, n)) for n in _layer_norms(cfg)})
+    return Layer(**kw)
+
+
 def params_from_tensors(cfg: ModelConfig, get: Callable[[str], np.ndarray | None]) -> Params:
     """Build ``Params`` by asking ``get`` for each HF key of ``expected_tensors`` one at a time.
 
@@ -89,30 +120,9 @@ def params_from_tensors(cfg: ModelConfig, get: Callable[[str], np.ndarray | None
     """
     pdt = jnp.dtype(cfg.param_dtype)
     shapes = expected_tensors(cfg)
-
-    def load(name: str, x) -> jax.Array:
-        if x is None:
-            raise ValueError(f"missing tensor {name!r} (expected shape {shapes[name]})")
-        arr = jnp.asarray(_check(name, x, shapes[name]).astype(pdt, copy=False))
-        if not bool(jnp.isfinite(arr).all()):
-            raise ValueError(f"tensor {name!r} has non-finite values (NaN or inf)")
-        return arr
-
-    def fetch(name: str) -> jax.Array:
-        return load(name, get(name))
-
-    def linear(i: int, p: str) -> Dense:
-        key = linear_key(i, p)
-        b = fetch(key + ".bias") if has_bias(cfg, p) else None
-        return Dense(w=fetch(key + ".weight"), b=b)
-
+    fetch = tensor_loader(cfg, get)
     embed = fetch(EMBED)
-
-    layers = []
-    for i in range(cfg.num_layers):
-        kw = {p: linear(i, p) for p in PROJECTIONS}
-        kw.update({n: fetch(norm_key(i, n)) for n in _layer_norms(cfg)})
-        layers.append(Layer(**kw))
+    layers = [layer_from_tensors(cfg, i, fetch) for i in range(cfg.num_layers)]
     final_norm = fetch(FINAL_NORM)
 
     if cfg.tie_word_embeddings:
@@ -121,20 +131,24 @@ def params_from_tensors(cfg: ModelConfig, get: Callable[[str], np.ndarray | None
             lm = jnp.asarray(_check(LM_HEAD, lm, shapes[EMBED]).astype(pdt, copy=False))
             # Compared after the same cast: a bf16 file tied in f32 is still tied.
             if not bool(jnp.array_equal(lm, embed)):
-                raise ValueError(
-                    f"tie_word_embeddings is true but {LM_HEAD!r} differs from {EMBED!r}; "
-                    "untie the config to keep a separate lm_head"
-                )
+                raise ValueError(TIED_DIFFERS)
         lm_head = None
     else:
         lm = get(LM_HEAD)
         if lm is None:
-            raise ValueError(
-                f"missing tensor {LM_HEAD!r} and tie_word_embeddings is false "
-                "(set tie_word_embeddings=true if the head is tied to the embeddings)"
-            )
-        lm_head = Dense(w=load(LM_HEAD, lm))
+            raise ValueError(NO_LM_HEAD)
+        lm_head = Dense(w=tensor_loader(cfg, lambda _: lm)(LM_HEAD))
     return Params(embed=embed, layers=tuple(layers), final_norm=final_norm, lm_head=lm_head)
+
+
+TIED_DIFFERS = (
+    f"tie_word_embeddings is true but {LM_HEAD!r} differs from {EMBED!r}; "
+    "untie the config to keep a separate lm_head"
+)
+NO_LM_HEAD = (
+    f"missing tensor {LM_HEAD!r} and tie_word_embeddings is false "
+    "(set tie_word_embeddings=true if the head is tied to the embeddings)"
+)
 
 
 def params_to_tensors(cfg: ModelConfig, params: Params) -> Iterator[tuple[str, np.ndarray]]:
