@@ -50,7 +50,11 @@ from converters.safetensors_io import SafetensorsReader, SafetensorsWriter
 WORK_FORMAT = "arhq-jax-resume"
 WORK_VERSION = 1
 STATE = "state.json"
-_OURS = re.compile(r"^(state\.json|(layer|lora|hidden)-\d{5}\.safetensors)$")
+# The files this module writes, and the temporaries of their atomic writes (a killed run's).
+_OURS = re.compile(
+    r"^(?:(state\.json|(layer|lora|hidden)-\d{5}\.safetensors)"
+    r"|\.(state\.json|(layer|lora|hidden)-\d{5}\.safetensors)\.\w+\.(tmp|data))$"
+)
 
 
 @dataclasses.dataclass
@@ -119,6 +123,8 @@ class _Work:
         pid = st.get("pid")
         if isinstance(pid, int) and pid != os.getpid() and _alive(pid):
             raise ValueError(f"{self.path} is in use by a running quantize (pid {pid})")
+        if st.get("key") != self.key and st.get("done") == 0:
+            return  # nothing finished in it: start over in it (the files are rewritten)
         if st.get("key") != self.key:
             raise ValueError(
                 f"{self.path} holds a partial run of another recipe, source or calibration set; "

@@ -144,15 +144,16 @@ def write_checkpoint(shape: str, layers: int, path: Path, seed: int = 0) -> int:
     return sum(f.stat().st_size for f in path.glob("*.safetensors"))
 
 
-def _tree_rss(pid: int) -> int:
-    """RSS bytes of ``pid`` and its descendants (Linux /proc)."""
+def _tree_rss(pid: int, field: str = "VmRSS") -> int:
+    """``field`` bytes (VmRSS, or VmHWM: the kernel's peak RSS since exec) of ``pid`` and its
+    descendants (Linux /proc)."""
     total, todo = 0, [pid]
     while todo:
         p = todo.pop()
         try:
             with open(f"/proc/{p}/status") as f:
                 for line in f:
-                    if line.startswith("VmRSS:"):
+                    if line.startswith(field + ":"):
                         total += int(line.split()[1]) * 1024
             with open(f"/proc/{p}/task/{p}/children") as f:
                 todo += [int(c) for c in f.read().split()]
@@ -174,12 +175,13 @@ def run_quantize(ckpt: Path, method: str, out: Path, calib_tokens: int, max_rss:
     proc = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
     )
-    peak, killed = [0], [False]
+    peak, hwm, killed = [0], [0], [False]
 
     def watch():
         while proc.poll() is None:
             rss = _tree_rss(proc.pid)
             peak[0] = max(peak[0], rss)
+            hwm[0] = max(hwm[0], _tree_rss(proc.pid, "VmHWM"))
             if rss > max_rss:
                 killed[0] = True
                 proc.kill()
@@ -190,9 +192,12 @@ def run_quantize(ckpt: Path, method: str, out: Path, calib_tokens: int, max_rss:
     log = proc.communicate()[0]
     th.join()
     wall = time.perf_counter() - t0
-    # the largest child so far (of this whole script), for cross-checking the polled figure
+    # The largest child so far (of this whole script). It counts the forked copy of this
+    # script before the exec (with the checkpoint writer's memory), so it overstates the
+    # quantize process; VmHWM (polled, monotone, reset at exec) is its true peak.
     ru = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
     res = {"method": method, "wall_s": wall, "peak_rss_polled": peak[0], "ru_maxrss": ru}
+    res["peak_rss_hwm"] = hwm[0]
     res["rc"], res["killed_over_max_rss"] = proc.returncode, killed[0]
     m = PHASE_RE.search(log)
     if m:
@@ -213,6 +218,7 @@ def project(rows: list[dict], full: int) -> dict:
     """Linear-in-depth projection of each figure to ``full`` layers."""
     out = {}
     keys = ("wall_s", "calibration_s", "decomposition_s", "packing_s", "peak_rss_polled")
+    keys += ("peak_rss_hwm",)
     for k in keys:
         pts = [(r["layers"], r[k]) for r in rows if k in r and r.get("rc") == 0]
         if not pts:
@@ -224,7 +230,7 @@ def project(rows: list[dict], full: int) -> dict:
             out[k + "_per_layer"] = slope
         else:
             x, y = pts[0]
-            per = y / x if k != "peak_rss_polled" and k != "wall_s" else None
+            per = y / x if k not in ("peak_rss_polled", "peak_rss_hwm", "wall_s") else None
             if per is not None:
                 out[k] = per * full
                 out[k + "_per_layer"] = per
@@ -300,7 +306,8 @@ def main(argv=None) -> int:
                     )
                     print(
                         f"  {method}: {status}; peak RSS {r['peak_rss_polled'] / 1e9:.2f} GB "
-                        f"(polled); wall {r['wall_s']:.0f}s; {phases}",
+                        f"(polled), {r['peak_rss_hwm'] / 1e9:.2f} GB (VmHWM); wall "
+                        f"{r['wall_s']:.0f}s; {phases}",
                         flush=True,
                     )
                     if r["rc"] != 0 and "log_tail" in r and not r["killed_over_max_rss"]:

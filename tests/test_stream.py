@@ -180,3 +180,21 @@ def test_whole_model_recipes_do_not_stream(sources, ids, tmp_path):
     with pytest.raises(ValueError, match="whole model"):
         _streamed(sources["tied"], QuantConfig(method="resq"), ids, tmp_path / "out")
     assert not stream.work_dir(tmp_path / "out").exists()
+
+
+def test_gguf_source_reads_what_load_model_loads(smollm2):
+    """The packaged SmolLM2 GGUF (Q4_1, dequantized per tensor): same layers, embedding rows,
+    final norm and fingerprint as the loaded model."""
+    m = smollm2
+    with open_source("smollm2") as src:
+        assert src.cfg == m.cfg
+        last = m.cfg.num_layers - 1
+        for i in (0, last):
+            got, want = jax.tree.leaves(src.layer(i)), jax.tree.leaves(m.params.layers[i])
+            for a, b in zip(got, want, strict=True):
+                np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        rows = np.array([[0, 5, 5], [m.cfg.vocab_size - 1, 2, 3]])
+        np.testing.assert_array_equal(src.embed_rows(rows), np.asarray(m.params.embed)[rows])
+        np.testing.assert_array_equal(np.asarray(src.final_norm()), m.params.final_norm)
+        fp = checkpoint.fingerprint_of(src.cfg, src.fingerprint_samples())
+    assert fp == checkpoint.fingerprint(m.cfg, m.params)
