@@ -276,7 +276,6 @@ def quantize_stream(
         disable=not progress,
         unit="stage",
     )
-    diags: list[dict] = []
     for li in range(start, cfg.num_layers):
         fp_layer = src.layer(li)
         layer, layer_diags = fp_layer, []
@@ -294,7 +293,6 @@ def quantize_stream(
             timings["calibration_s"] += time.perf_counter() - t0
         layer_diags = json.loads(json.dumps(layer_diags, default=_jsonable))
         work.commit_layer(record, layer_diags, timings)
-        diags += layer_diags
         if work.file("hidden", li).is_file():
             work.file("hidden", li).unlink()  # the one entering this layer: no longer needed
         del fp_layer, layer
