@@ -4,10 +4,10 @@
 (``converters.lazy``): it reads layer l (f32), quantizes it stage by stage with the method, writes
 its encoded tensors to a work directory, advances the calibration hidden states and frees the
 layer. Once every layer is done it assembles the checkpoint through the same
-``checkpoint.CheckpointWriter`` as ``checkpoint.save`` (the embedding and lm_head copied in row
-blocks from the source), so the files are the ones ``save(quantize_model(...))`` writes, byte for
-byte. Host memory: the largest layer + the calibration hidden states + a row block; device memory:
-one layer + the hidden states.
+``checkpoint_writer.CheckpointWriter`` as ``checkpoint.save`` (the embedding and lm_head copied
+in row blocks from the source), so the files are the ones ``save(quantize_model(...))``
+writes, byte for byte. Host memory: the largest layer + the calibration hidden states + a row
+block; device memory: one layer + the hidden states.
 
 The work directory ``.<out>.arhq-resume`` beside ``out``::
 
@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from arhq_jax import __version__, checkpoint
+from arhq_jax import __version__, checkpoint, checkpoint_writer
 from arhq_jax.atomic import atomic_write
 from arhq_jax.calibrate import Calibration, LayerwiseRunner, data_mesh
 from arhq_jax.models.config import INPUT_GROUPS
@@ -176,7 +176,7 @@ def _write_layer(work: _Work, i: int, layer) -> list:
     """Layer ``i``'s encoded tensors → ``layer-i`` / ``lora-i`` files; its record for state."""
     record, lora_w, w = [], None, SafetensorsWriter(work.file("layer", i))
     try:
-        for name, arr, prefix, enc in checkpoint.layer_records(i, layer):
+        for name, arr, prefix, enc in checkpoint_writer.layer_records(i, layer):
             if enc is None:
                 w.add(name, arr)
                 record.append(["tensor", name])
@@ -227,7 +227,7 @@ def quantize_stream(
     mesh=None,
     progress: bool = True,
     on_layer=None,
-    max_shard_bytes: int = checkpoint.DEFAULT_SHARD_BYTES,
+    max_shard_bytes: int = checkpoint_writer.DEFAULT_SHARD_BYTES,
 ) -> StreamResult:
     """Quantize ``src`` layer by layer into the checkpoint directory ``out``.
 
@@ -315,7 +315,7 @@ def _assemble(src, work: _Work, head, out, quant, source, max_shard_bytes) -> in
     cfg = src.cfg
     pdt = jnp.dtype(cfg.param_dtype)
     shape = (cfg.vocab_size, cfg.hidden_size)
-    with checkpoint.writing(out, max_shard_bytes) as w:
+    with checkpoint_writer.writing(out, max_shard_bytes) as w:
         w.add_blocks(EMBED, pdt, shape, src.row_blocks(EMBED))
         for i, record in enumerate(work.state["layers"]):
             lora_file = work.file("lora", i)
