@@ -12,12 +12,14 @@ from __future__ import annotations
 import hashlib
 import json
 
+import _tiny_cli as T
 import jax
 import numpy as np
 import pytest
 from _tiny import CFG
 
 from arhq_jax import checkpoint, stream
+from arhq_jax.cli import main
 from arhq_jax.models.params import random_params
 from arhq_jax.quant_config import QuantConfig
 from arhq_jax.quantize_model import quantize_model
@@ -198,3 +200,38 @@ def test_gguf_source_reads_what_load_model_loads(smollm2):
         np.testing.assert_array_equal(np.asarray(src.final_norm()), m.params.final_norm)
         fp = checkpoint.fingerprint_of(src.cfg, src.fingerprint_samples())
     assert fp == checkpoint.fingerprint(m.cfg, m.params)
+
+
+def test_cli_streams_resumes_and_falls_back(tmp_path, capsys):
+    """``arhq-jax quantize``: a killed streamed run leaves its work directory and the same command
+    finishes it (same weight files as a fresh run); a whole-model recipe (the rank budget) says in
+    one line that it loads the model in memory, and still writes a loadable checkpoint."""
+    model = T.write_hf_dir(tmp_path / "model")
+    args = ["quantize", "--model", str(model), "--calib-tokens", "256", "--calib-seq-len", "64"]
+    arhq = [*args, "--method", "arhq", "--rank", "4"]
+    assert main([*arhq, "--out", str(tmp_path / "fresh")]) == 0
+    out = tmp_path / "out"
+    real = stream._write_layer
+    calls = []
+
+    def dies_on_layer_1(work, i, layer):
+        calls.append(i)
+        if i == 1:
+            raise Killed
+        return real(work, i, layer)
+
+    stream._write_layer = dies_on_layer_1
+    try:
+        with pytest.raises(Killed):
+            main([*arhq, "--out", str(out)])
+    finally:
+        stream._write_layer = real
+    assert calls == [0, 1] and stream.work_dir(out).is_dir()
+    capsys.readouterr()
+    assert main([*arhq, "--out", str(out)]) == 0
+    assert "resumed a killed run after its layer 0" in capsys.readouterr().out
+    assert _digests(out) == _digests(tmp_path / "fresh")
+    assert main([*arhq, "--rank-budget", "--out", str(tmp_path / "budget")]) == 0
+    err = capsys.readouterr().err
+    assert "loaded in memory, not streamed" in err
+    checkpoint.load(tmp_path / "budget")
