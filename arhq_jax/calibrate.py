@@ -26,6 +26,7 @@ from jax.sharding import PartitionSpec as P
 
 from arhq_jax import decompose, refine, rotate, stats
 from arhq_jax.formats import smooth_input
+from arhq_jax.layer_sharding import data_size, place_layer
 from arhq_jax.models import transformer
 from arhq_jax.models.config import GROUP_OF, INPUT_GROUPS, Layer, ModelConfig, Params
 
@@ -86,7 +87,9 @@ class LayerwiseRunner:
       params, cfg: the (unquantized) model.
       ids: ``[S, L]`` int token ids, S sequences of equal length (no padding).
       batch_size: sequences per forward; rounded up to a multiple of the device count.
-      mesh: shard batches over this mesh (default: all devices; None-equivalent on one device).
+      mesh: shard batches over this mesh's ``data`` axis (default: all devices; None-equivalent
+        on one device); a ``model`` axis shards the layer's float linears
+        (``layer_sharding.model_mesh``).
     """
 
     def __init__(self, params: Params, cfg: ModelConfig, ids, batch_size: int = 8, mesh=None):
@@ -95,14 +98,14 @@ class LayerwiseRunner:
             raise ValueError(f"calibration ids must be [sequences, length], got shape {ids.shape}")
         self.cfg = cfg
         self.mesh = data_mesh() if mesh is None else mesh
-        ndev = self.mesh.devices.size
+        ndev = data_size(self.mesh)
         self.batch_size = max(ndev, -(-batch_size // ndev) * ndev)
         self.num_tokens = int(ids.size)
         self._batches = []  # list of (h [b, L, H] sharded, valid [b] sharded)
         # (layer, outputs) of the last fully consumed ``captures`` pass: ``advance`` through the
         # same layer object reuses them (parallel mode) instead of running the layer again.
         self._last = None
-        params = replicate(params, self.mesh)
+        params = replicate(params.replace(layers=()), self.mesh)  # the embedding is enough
         for start in range(0, ids.shape[0], self.batch_size):
             chunk, valid = pad_batch(ids[start : start + self.batch_size], ndev)
             h = _embed(params, cfg, shard_batch(chunk, self.mesh))
@@ -113,7 +116,7 @@ class LayerwiseRunner:
         ``layer`` (``{"qkv": [b, L, H], "o": ..., "gate_up": ..., "down": [b, L, I]}``) and a
         ``[b, L]`` mask of real tokens."""
         self._last = None
-        placed = replicate(layer, self.mesh)
+        placed = place_layer(layer, self.mesh)
         outs = []
         for h, valid in self._batches:
             h_out, captured = _layer(placed, self.cfg, h, True)
@@ -135,7 +138,7 @@ class LayerwiseRunner:
         if last is not None and last[0] is layer:
             self._batches = [(o, v) for o, (_, v) in zip(last[1], self._batches, strict=True)]
             return
-        layer = replicate(layer, self.mesh)
+        layer = place_layer(layer, self.mesh)
         self._batches = [(_layer(layer, self.cfg, h, True)[0], v) for h, v in self._batches]
 
     def accumulate(
@@ -236,12 +239,14 @@ class Calibration:
     then no forward pass runs at all).
     """
 
-    def __init__(self, runner: LayerwiseRunner | None, cfg: ModelConfig, plan=None):
+    def __init__(self, runner: LayerwiseRunner | None, cfg: ModelConfig, plan=None, spread=None):
         self.runner = runner
         self.cfg = cfg
         # What the method's ``plan`` hook computed over the whole model (e.g. per-projection
         # ranks of the rank budget); None by default.
         self.plan = plan
+        # issue 11: the ``devices.Spread`` of the per-projection work (None: one device).
+        self.spread = spread
 
     def _need(self) -> LayerwiseRunner:
         if self.runner is None:

@@ -20,10 +20,11 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.errors import JaxRuntimeError  # noqa: E402
 
-from arhq_jax import checkpoint  # noqa: E402
+from arhq_jax import checkpoint, distributed  # noqa: E402
 from arhq_jax.argtypes import float_in, int_at_least  # noqa: E402
 from arhq_jax.corpora import PAPER_SEQ_LEN, dataset_tokens  # noqa: E402
 from arhq_jax.demo import run_demo  # noqa: E402
+from arhq_jax.layer_sharding import model_mesh  # noqa: E402
 from arhq_jax.methods import REGISTRY  # noqa: E402
 from arhq_jax.models.generate import generate  # noqa: E402
 from arhq_jax.pipeline import (  # noqa: E402
@@ -209,6 +210,23 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--batch-size", type=_POS, default=8, help="calibration sequences per forward")
     _add_allow_long(q)
     q.add_argument("--out", required=True, help="checkpoint directory to write")
+    # issue 11: one process per host through jax.distributed (docs/distributed.md).
+    q.add_argument(
+        "--coordinator",
+        default=None,
+        metavar="HOST:PORT",
+        help="several hosts (jax.distributed): process 0's address, the same on every process; "
+        "with --num-processes and --process-id; process 0 writes --out",
+    )
+    q.add_argument("--num-processes", type=_POS, default=None, help="with --coordinator")
+    q.add_argument("--process-id", type=_NONNEG, default=None, help="with --coordinator")
+    q.add_argument(
+        "--model-shards",
+        type=_POS,
+        default=1,
+        help="shard each layer's float linears over this many devices in the calibration "
+        "forwards (a layer too large for one device); the rest of the devices split the batch",
+    )
 
     e = sub.add_parser("eval", help="perplexity (and KL/top-1 against the float model)")
     _add_model(e)
@@ -363,6 +381,9 @@ def cmd_quantize(args) -> int:
         "fused_w_scale": args.fused_w_scale,
     }
     assert set(common) == set(COMMON_FIELDS)
+    # Before any JAX computation: afterwards jax.devices() are the devices of every process.
+    distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    mesh = model_mesh(model=args.model_shards) if args.model_shards > 1 else None
     # The method options the user gave (a flag left out is None: the method's default).
     given = {k: getattr(args, k) for k in REGISTRY.all_options() if getattr(args, k) is not None}
     if args.preset is not None:  # issue 12
@@ -374,14 +395,18 @@ def cmd_quantize(args) -> int:
             "checkpoints of rotated recipes (--rotate) are not supported yet: the online rotation "
             "has no checkpoint encoding"
         )
-    checkpoint.check_out(args.out)  # refuse a foreign --out before any work
+    if distributed.is_writer():
+        checkpoint.check_out(args.out)  # refuse a foreign --out before any work
     m = _load(args)
     qcfg.check_model(m.cfg)
     _positions(args, m.cfg, args.calib_seq_len, f"--calib-seq-len {args.calib_seq_len}")
     corpus = load_corpus(m.tokenizer, args.calib_text, None)
     source = "calibration text" + (f" {args.calib_text}" if args.calib_text else "")
     ids = calibration_ids(corpus.calib, args.calib_tokens, args.calib_seq_len, source=source)
-    res = quantize_model(m.params, m.cfg, ids, qcfg, batch_size=args.batch_size)
+    res = quantize_model(m.params, m.cfg, ids, qcfg, batch_size=args.batch_size, mesh=mesh)
+    if not distributed.is_writer():  # every process holds the same model; process 0 writes it
+        print(f"{distributed.describe()}: quantized; process 0 writes {args.out}")
+        return 0
     quant = {
         **qcfg.to_dict(),
         "source_model": args.model,

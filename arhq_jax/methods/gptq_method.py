@@ -10,6 +10,8 @@ GPTQ: the residual of SVDQuant/ARHQ under ``--residual-quant gptq`` is quantized
 
 from __future__ import annotations
 
+import time
+
 import jax
 import jax.numpy as jnp
 
@@ -84,27 +86,44 @@ class GPTQMethod(Method):
             st = group_stats(calib, layer, groups, qcfg, keep_h=True, keep_absmax=static)
         act = static_act_scales(qcfg, st, projs)
         w_scales = fused_w_scales(qcfg, {p: getattr(layer, p).w for p in projs})
-        new, diags = {}, []
-        for p in projs:
+        # issue 11: with several devices each projection runs on its own one, all dispatched
+        # before any is waited on (arhq_jax.devices); one device: as before, one at a time.
+        spread = calib.spread
+        many = spread is not None and spread.active
+        order = (
+            spread.plan(layer_idx, {p: getattr(layer, p).w.shape for p in projs}) if many else projs
+        )
+
+        def place(tree, p):
+            return spread.put(tree, p) if many else tree
+
+        new, diags, t0 = {}, {}, time.perf_counter()
+        for p in order:
             lin = getattr(layer, p)
-            w = f32(lin.w)
-            with timed(timings, "decomposition_s"):
-                ql, res = gptq_linear(
-                    w,
-                    st[GROUP_OF[p]]["H"],
-                    qcfg,
-                    lin.b,
-                    act_scale=act.get(p),
-                    w_scale=w_scales.get(p),
-                )
-                jax.block_until_ready(res.w_hat)
-            new[p] = ql
-            diags.append(
-                {
-                    "layer": layer_idx,
-                    "proj": p,
-                    "w_quant_rel_err": rel_err(res.w_hat, w),
-                    "gptq_err": float(res.err),
-                }
+            w = place(f32(lin.w), p)
+            t1 = time.perf_counter()
+            ql, res = gptq_linear(
+                w,
+                place(st[GROUP_OF[p]]["H"], p),
+                qcfg,
+                place(lin.b, p),
+                act_scale=place(act.get(p), p),
+                w_scale=place(w_scales.get(p), p),
             )
-        return layer.replace(**new), diags
+            if not many:
+                jax.block_until_ready(res.w_hat)
+                timings["decomposition_s"] += time.perf_counter() - t1
+            new[p] = ql
+            diags[p] = (w, res)
+        if many:
+            new = spread.gather(jax.block_until_ready(new))
+            timings["decomposition_s"] += time.perf_counter() - t0
+        out = []
+        for p in projs:
+            w, res = diags[p]
+            row = {"layer": layer_idx, "proj": p, "w_quant_rel_err": rel_err(res.w_hat, w)}
+            row["gptq_err"] = float(res.err)
+            if many:
+                row["device"] = spread.device(p).id
+            out.append(row)
+        return layer.replace(**new), out
