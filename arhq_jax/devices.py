@@ -90,8 +90,6 @@ class Spread:
       home: the mesh the results are gathered to, replicated (default: one over ``devices``).
         A home spanning other processes keeps the work on this process's devices even with
         one of them (no cross-process program per projection).
-
-    ``placements`` records ``{(layer, proj): device id}`` of every placed projection.
     """
 
     def __init__(self, devices: Sequence | None = None, home: Mesh | None = None):
@@ -102,7 +100,6 @@ class Spread:
         pid = jax.process_index()
         remote = home is not None and any(d.process_index != pid for d in home.devices.flat)
         self.active = len(self.devices) > 1 or (remote and bool(self.devices))
-        self.placements: dict = {}
         self._plan: dict = {}
 
     @classmethod
@@ -114,13 +111,12 @@ class Spread:
             devices = [d for d in mesh.devices.flat if d.process_index == pid]
         return cls(devices, mesh)
 
-    def plan(self, layer_idx: int, shapes: dict[str, tuple[int, int]]) -> list[str]:
+    def plan(self, shapes: dict[str, tuple[int, int]]) -> list[str]:
         """Assign the projections ``{proj: [out, in]}`` of one stage to devices; returns them in
         dispatch order, largest first (so that the first one of every device starts at once:
         a host-side check of a later one waits on its device's queue only)."""
         idx = assign({p: decomposition_cost(s) for p, s in shapes.items()}, len(self.devices))
         self._plan = {p: self.devices[i] for p, i in idx.items()}
-        self.placements.update({(layer_idx, p): d.id for p, d in self._plan.items()})
         return list(idx)
 
     def device(self, proj: str):

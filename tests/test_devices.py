@@ -17,9 +17,11 @@ import jax
 import numpy as np
 import pytest
 from _tiny import CFG
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from arhq_jax.calibrate import data_mesh
-from arhq_jax.devices import assign
+from arhq_jax.devices import Spread, assign
 from arhq_jax.models.params import random_params
 from arhq_jax.quant_config import QuantConfig
 from arhq_jax.quantize_model import quantize_model
@@ -92,6 +94,21 @@ def test_assign_is_longest_first_onto_the_least_loaded():
     assert set(assign(costs, 1).values()) == {0}
     with pytest.raises(ValueError, match="n_devices"):
         assign(costs, 0)
+
+
+def test_spread_plans_largest_first_and_gathers_to_its_home():
+    d = jax.devices()[0]
+    home = data_mesh([d])
+    assert not Spread([d], home).active  # one device: the methods' unchanged path
+    sp = Spread([d, d], home)  # two slots (on one device here): the spread path
+    assert sp.active
+    assert sp.plan({"q": (64, 64), "gate": (96, 64), "k": (32, 64)}) == ["gate", "q", "k"]
+    x = sp.put({"a": np.arange(3.0, dtype=np.float32), "b": None}, "q")
+    assert x["b"] is None and x["a"].devices() == {d} and x["a"].committed
+    g = sp.gather(x)
+    assert g["a"].sharding == NamedSharding(home, P())
+    np.testing.assert_array_equal(np.asarray(g["a"]), [0.0, 1.0, 2.0])
+    assert not Spread().active  # no devices: nothing to spread over
 
 
 def test_spread_decompositions_and_a_model_axis_equal_one_device():

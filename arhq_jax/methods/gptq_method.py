@@ -90,9 +90,7 @@ class GPTQMethod(Method):
         # before any is waited on (arhq_jax.devices); one device: as before, one at a time.
         spread = calib.spread
         many = spread is not None and spread.active
-        order = (
-            spread.plan(layer_idx, {p: getattr(layer, p).w.shape for p in projs}) if many else projs
-        )
+        order = spread.plan({p: getattr(layer, p).w.shape for p in projs}) if many else projs
 
         def place(tree, p):
             return spread.put(tree, p) if many else tree

@@ -217,7 +217,7 @@ def _quantize_group(
     waited on (one device: each is timed on its own, as before)."""
     mom_of = mom_of or {}
     many = spread is not None and spread.active
-    order = spread.plan(layer_idx, {p: getattr(layer, p).w.shape for p in projs}) if many else projs
+    order = spread.plan({p: getattr(layer, p).w.shape for p in projs}) if many else projs
 
     def place(tree, p):
         return spread.put(tree, p) if many else tree
