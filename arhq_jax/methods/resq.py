@@ -42,7 +42,7 @@ from flax import struct
 
 from arhq_jax import formats as F
 from arhq_jax.elements import HIGHEST
-from arhq_jax.linear import matmul_nt
+from arhq_jax.linear import WeightFeatures, matmul_nt
 from arhq_jax.methods import gptq as G
 
 W_LOW = F.resolve_format("int4", group_size=-1)
@@ -283,7 +283,7 @@ def hadamard_transform(x, axis: int = -1) -> jax.Array:
 
 
 @struct.dataclass
-class ResQLinear:
+class ResQLinear(WeightFeatures):
     """Rotated mixed-precision projection: ``y = Q_a(x[perm] R)·Ŵᵀ (+ b)``.
 
     ``perm`` (an online gather, e.g. o_proj's per-head high dims moved to the end) comes first,
@@ -306,17 +306,7 @@ class ResQLinear:
     hadamard: bool = struct.field(pytree_node=False, default=False)
     act_low: object = struct.field(pytree_node=False, default=A_LOW)
     act_high: object = struct.field(pytree_node=False, default=A_HIGH)
-
-    @property
-    def in_features(self) -> int:
-        if isinstance(self.w_hat, tuple):
-            return sum(q.shape[1] for q in self.w_hat)
-        return self.w_hat.shape[1]
-
-    @property
-    def out_features(self) -> int:
-        w = self.w_hat[0] if isinstance(self.w_hat, tuple) else self.w_hat
-        return w.shape[0]
+    WEIGHT = "w_hat"  # in/out features (not a field); a tuple is column blocks
 
     def weights_only(self) -> ResQLinear:
         """The same linear with its mixed activation quantizer off (``act_low`` → None)."""

@@ -44,7 +44,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from arhq_jax import formats as F
-from arhq_jax.linear import matmul_nt
+from arhq_jax.linear import WeightFeatures, add_bias, matmul_nt
 from arhq_jax.methods.gptq import gptq_quantize
 
 C_INT_FMT = F.resolve_format("int4", group_size=-1, sign_magnitude=True)
@@ -158,7 +158,7 @@ def _act_quant(x, act: str | None, tensor_scale=None):
 
 
 @struct.dataclass
-class SERQLinear:
+class SERQLinear(WeightFeatures):
     """SERQ projection: ``y = Q_a(x̃)·W_mainᵀ + Q_a(x̃)[..., :r]·Cᵀ (+ b)``, x̃ = (x/s)[perm].
 
     Attributes:
@@ -179,14 +179,7 @@ class SERQLinear:
     b: jax.Array | None = None
     act_scale: jax.Array | None = None
     act: str | None = struct.field(pytree_node=False, default="int4")
-
-    @property
-    def in_features(self) -> int:
-        return self.w_main.shape[1]
-
-    @property
-    def out_features(self) -> int:
-        return self.w_main.shape[0]
+    WEIGHT = "w_main"  # in/out features (not a field)
 
     @property
     def rank(self) -> int:
@@ -201,9 +194,7 @@ class SERQLinear:
         y = matmul_nt(a, F.dense_weight(self.w_main))
         if self.rank:  # the same quantized a
             y = y + matmul_nt(a[..., : self.rank], F.dense_weight(self.c))
-        if self.b is not None:
-            y = y + self.b.astype(jnp.float32)
-        return y.astype(x.dtype)
+        return add_bias(y, self.b).astype(x.dtype)
 
 
 def serq_quantize(
