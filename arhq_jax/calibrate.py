@@ -73,7 +73,9 @@ def _embed(params: Params, cfg: ModelConfig, ids: jax.Array) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "capture"))
-def _layer(layer: Layer, cfg: ModelConfig, h: jax.Array, capture: bool):
+def layer_pass(layer: Layer, cfg: ModelConfig, h: jax.Array, capture: bool):
+    """One decoder layer on calibration hidden states ``h [b, L, H]`` (jit-compiled): ``(h_out,
+    captured)``, the inputs of every input group when ``capture`` (the runner's only layer run)."""
     b, t = h.shape[:2]
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     h_out, _, captured = transformer.layer_forward(layer, cfg, h, positions, capture=capture)
@@ -119,7 +121,7 @@ class LayerwiseRunner:
         placed = place_layer(layer, self.mesh)
         outs = []
         for h, valid in self._batches:
-            h_out, captured = _layer(placed, self.cfg, h, True)
+            h_out, captured = layer_pass(placed, self.cfg, h, True)
             outs.append(h_out)
             mask = jnp.broadcast_to(valid[:, None], h.shape[:2])
             yield captured, mask
@@ -139,7 +141,7 @@ class LayerwiseRunner:
             self._batches = [(o, v) for o, (_, v) in zip(last[1], self._batches, strict=True)]
             return
         layer = place_layer(layer, self.mesh)
-        self._batches = [(_layer(layer, self.cfg, h, True)[0], v) for h, v in self._batches]
+        self._batches = [(layer_pass(layer, self.cfg, h, True)[0], v) for h, v in self._batches]
 
     def accumulate(
         self,

@@ -2,7 +2,7 @@
 every method quantizing with GPTQ goes through (``gptq_weight``: ``--method gptq``, and the
 ``residual_quant="gptq"`` of svdquant/arhq).
 
-The integer weight formats take the reference quantizer's scale rule (``int_variant="gptq"``: the
+The integer weight formats take the reference quantizer's scale rule (``int_rule="gptq"``: the
 amax, or hi − lo, clamped at ≥ 1e-5 before dividing by the code range), whichever method calls
 GPTQ: the residual of SVDQuant/ARHQ under ``--residual-quant gptq`` is quantized exactly as
 ``--method gptq`` quantizes a weight.
@@ -30,17 +30,17 @@ from arhq_jax.models.config import GROUP_OF
 from arhq_jax.qlinear import QuantLinear
 
 
-def gptq_spec(w_spec) -> F.FormatSpec:
-    """The weight format with the reference quantizer's int scale clamp (≥ 1e-5)."""
-    spec = F.resolve_format(w_spec)
-    return F.resolve_format(spec, int_variant="gptq") if spec.is_int else spec
+def gptq_int_rule(w_spec) -> str:
+    """The int scale rule GPTQ quantizes ``w_spec`` with: the reference quantizer's clamp (≥ 1e-5,
+    ``"gptq"``) for int formats; the FP4 formats have no int rule (``"default"``)."""
+    return "gptq" if F.resolve_format(w_spec).is_int else "default"
 
 
 def gptq_weight(w, h, w_spec, opts, *, w_scale=None) -> GPTQResult:
     """GPTQ of ``w [out, in]`` under ``h [in, in]`` in ``w_spec`` with the GPTQ options of
     ``opts`` (``percdamp``, ``block_size``, ``act_order`` — static groups when grouped —,
     ``mse_clip``); ``w_scale``: the nvfp4 weight global scale (None: from ``w``)."""
-    spec = gptq_spec(w_spec)
+    spec = F.resolve_format(w_spec)
     return gptq_quantize(
         w,
         h,
@@ -51,6 +51,7 @@ def gptq_weight(w, h, w_spec, opts, *, w_scale=None) -> GPTQResult:
         static_groups=opts.act_order and spec.block != -1,
         mse_clip=opts.mse_clip,
         tensor_scale=w_scale,
+        int_rule=gptq_int_rule(spec),
     )
 
 

@@ -241,7 +241,8 @@ def _forward(params, cfg, ids, positions=None, attn_mask=None):
     return head(params, cfg, h)
 
 
-_forward_jit = jax.jit(_forward, static_argnames=("cfg",))
+# The one compiled forward (public: tests read its cache size to check that nothing recompiles).
+forward_jit = jax.jit(_forward, static_argnames=("cfg",))
 
 
 def forward(
@@ -268,4 +269,4 @@ def forward(
         positions = jnp.asarray(positions, jnp.int32)
         if positions.shape != ids.shape:
             raise ValueError(f"positions shape {positions.shape} != ids shape {ids.shape}")
-    return _forward_jit(params, cfg, ids, positions, attn_mask)
+    return forward_jit(params, cfg, ids, positions, attn_mask)
