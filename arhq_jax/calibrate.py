@@ -26,6 +26,7 @@ from jax.sharding import PartitionSpec as P
 
 from arhq_jax import decompose, refine, rotate, stats
 from arhq_jax.formats import smooth_input
+from arhq_jax.layer_sharding import data_size, place_layer
 from arhq_jax.models import transformer
 from arhq_jax.models.config import GROUP_OF, INPUT_GROUPS, Layer, ModelConfig, Params
 
@@ -77,7 +78,9 @@ def _cast(rows: jax.Array, cfg: ModelConfig) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "capture"))
-def _layer(layer: Layer, cfg: ModelConfig, h: jax.Array, capture: bool):
+def layer_pass(layer: Layer, cfg: ModelConfig, h: jax.Array, capture: bool):
+    """One decoder layer on calibration hidden states ``h [b, L, H]`` (jit-compiled): ``(h_out,
+    captured)``, the inputs of every input group when ``capture`` (the runner's only layer run)."""
     b, t = h.shape[:2]
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     h_out, _, captured = transformer.layer_forward(layer, cfg, h, positions, capture=capture)
@@ -91,7 +94,9 @@ class LayerwiseRunner:
       params, cfg: the (unquantized) model.
       ids: ``[S, L]`` int token ids, S sequences of equal length (no padding).
       batch_size: sequences per forward; rounded up to a multiple of the device count.
-      mesh: shard batches over this mesh (default: all devices; None-equivalent on one device).
+      mesh: shard batches over this mesh's ``data`` axis (default: all devices; None-equivalent
+        on one device); a ``model`` axis shards the layer's float linears
+        (``layer_sharding.model_mesh``).
     """
 
     def __init__(
@@ -114,7 +119,7 @@ class LayerwiseRunner:
             raise ValueError(f"calibration ids must be [sequences, length], got shape {ids.shape}")
         self.cfg = cfg
         self.mesh = data_mesh() if mesh is None else mesh
-        ndev = self.mesh.devices.size
+        ndev = data_size(self.mesh)
         self.batch_size = max(ndev, -(-batch_size // ndev) * ndev)
         self.num_tokens = int(ids.size)
         self._batches = []  # list of (h [b, L, H] sharded, valid [b] sharded)
@@ -122,7 +127,7 @@ class LayerwiseRunner:
         # same layer object reuses them (parallel mode) instead of running the layer again.
         self._last = None
         if params is not None and embed_rows is None and hidden is None:
-            params = replicate(params, self.mesh)
+            params = replicate(params.replace(layers=()), self.mesh)  # the embedding is enough
         for k, start in enumerate(range(0, ids.shape[0], self.batch_size)):
             chunk, valid = pad_batch(ids[start : start + self.batch_size], ndev)
             if hidden is not None:
@@ -145,10 +150,10 @@ class LayerwiseRunner:
         ``layer`` (``{"qkv": [b, L, H], "o": ..., "gate_up": ..., "down": [b, L, I]}``) and a
         ``[b, L]`` mask of real tokens."""
         self._last = None
-        placed = replicate(layer, self.mesh)
+        placed = place_layer(layer, self.mesh)
         outs = []
         for h, valid in self._batches:
-            h_out, captured = _layer(placed, self.cfg, h, True)
+            h_out, captured = layer_pass(placed, self.cfg, h, True)
             outs.append(h_out)
             mask = jnp.broadcast_to(valid[:, None], h.shape[:2])
             yield captured, mask
@@ -167,8 +172,8 @@ class LayerwiseRunner:
         if last is not None and last[0] is layer:
             self._batches = [(o, v) for o, (_, v) in zip(last[1], self._batches, strict=True)]
             return
-        layer = replicate(layer, self.mesh)
-        self._batches = [(_layer(layer, self.cfg, h, True)[0], v) for h, v in self._batches]
+        layer = place_layer(layer, self.mesh)
+        self._batches = [(layer_pass(layer, self.cfg, h, True)[0], v) for h, v in self._batches]
 
     def accumulate(
         self,
@@ -268,12 +273,14 @@ class Calibration:
     then no forward pass runs at all).
     """
 
-    def __init__(self, runner: LayerwiseRunner | None, cfg: ModelConfig, plan=None):
+    def __init__(self, runner: LayerwiseRunner | None, cfg: ModelConfig, plan=None, spread=None):
         self.runner = runner
         self.cfg = cfg
         # What the method's ``plan`` hook computed over the whole model (e.g. per-projection
         # ranks of the rank budget); None by default.
         self.plan = plan
+        # issue 11: the ``devices.Spread`` of the per-projection work (None: one device).
+        self.spread = spread
 
     def _need(self) -> LayerwiseRunner:
         if self.runner is None:

@@ -129,10 +129,23 @@ def _array_entry(x: np.ndarray) -> dict:
     return {"array": {"dtype": x.dtype.name, "shape": list(x.shape)}}
 
 
-def format_entry(spec: formats.FormatSpec) -> dict:
+# The entry's "int_variant" (format_version 2, unchanged) records in one key what the library
+# now keeps apart: the sign-magnitude code layout ("serq"), a format property, and the int scale
+# rule that fitted a QTensor ("gptq", "fprag"), a method's choice (``QTensor.int_rule``).
+_SIGN_MAGNITUDE_VARIANT = "serq"
+_INT_VARIANTS = ("default", _SIGN_MAGNITUDE_VARIANT, *formats.INT_RULES[1:])
+
+
+def format_entry(spec: formats.FormatSpec, int_rule: str = "default") -> dict:
+    """A format (and the int rule of a QTensor in it) as the entry's JSON dict."""
     d = dataclasses.asdict(spec)
     if d.get("tile") is not None:
         d["tile"] = list(d["tile"])
+    if d.pop("sign_magnitude"):
+        if int_rule != "default":
+            raise ValueError(f"a sign-magnitude format with int_rule {int_rule!r} has no entry")
+        int_rule = _SIGN_MAGNITUDE_VARIANT
+    d["int_variant"] = int_rule
     return d
 
 
@@ -226,7 +239,7 @@ def _encode_qtensor(name: str, q: formats.QTensor, out: Encoded) -> dict:
         "shape": list(q.shape),
         "axis": q.axis,
         "dtype": q.dtype,
-        "format": format_entry(q.spec),
+        "format": format_entry(q.spec, q.int_rule),
         "zeros": q.zeros is not None,
     }
 
@@ -290,10 +303,12 @@ def _checked(x: np.ndarray, name: str, dtype: str, shape: tuple | None) -> np.nd
     return x
 
 
-def decode_format(d, where: str) -> formats.FormatSpec:
-    names = {f.name for f in dataclasses.fields(formats.FormatSpec)}
-    _keys(d, names, {"name", "bits", "block"}, where)
+def decode_format_rule(d, where: str) -> tuple[formats.FormatSpec, str]:
+    """The entry's format dict → (``FormatSpec``, int rule); see ``format_entry``."""
+    names = {f.name for f in dataclasses.fields(formats.FormatSpec)} - {"sign_magnitude"}
+    _keys(d, names | {"int_variant"}, {"name", "bits", "block"}, where)
     kw = {}
+    int_rule = "default"
     for k, v in d.items():
         if k == "tile":
             if v is not None:
@@ -301,11 +316,26 @@ def decode_format(d, where: str) -> formats.FormatSpec:
                 v = (16, 16)
         else:
             _type(v, (str, int, bool, type(None)), f"{where}.{k}")
+        if k == "int_variant":
+            _expect(v in _INT_VARIANTS, where, f"int_variant must be one of {_INT_VARIANTS}")
+            if v == _SIGN_MAGNITUDE_VARIANT:
+                kw["sign_magnitude"] = True
+            else:
+                int_rule = v
+            continue
         kw[k] = v
     try:
-        return formats.FormatSpec(**kw)
+        spec = formats.FormatSpec(**kw)
+        return spec, formats.check_int_rule(spec, int_rule)
     except (ValueError, TypeError) as e:
         raise CheckpointError(f"{where}: {e}") from None
+
+
+def decode_format(d, where: str) -> formats.FormatSpec:
+    """The entry's format dict of an activation quantizer (no int rule) → ``FormatSpec``."""
+    spec, int_rule = decode_format_rule(d, where)
+    _expect(int_rule == "default", where, f"an activation format has no int rule ({int_rule})")
+    return spec
 
 
 def _array(name: str, d, get: Getter) -> jax.Array:
@@ -325,7 +355,7 @@ def _qtensor(name: str, d, get: Getter) -> formats.QTensor:
     _expect(0 <= axis < len(shape), name, f"axis {axis} out of range for shape {list(shape)}")
     dtype = _type(d["dtype"], str, f"{name}.dtype")
     _expect(dtype in _FLOAT_DTYPES, name, f"unsupported original dtype {dtype!r}")
-    spec = decode_format(d["format"], f"{name}.format")
+    spec, int_rule = decode_format_rule(d["format"], f"{name}.format")
     zeros = _type(d["zeros"], bool, f"{name}.zeros")
     # The exact layout quantize() produces for this shape and format, without computing it.
     try:
@@ -351,6 +381,7 @@ def _qtensor(name: str, d, get: Getter) -> formats.QTensor:
         spec=spec,
         axis=axis,
         dtype=dtype,
+        int_rule=int_rule,
     )
 
 

@@ -20,10 +20,11 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.errors import JaxRuntimeError  # noqa: E402
 
-from arhq_jax import checkpoint  # noqa: E402
+from arhq_jax import checkpoint, distributed  # noqa: E402
 from arhq_jax.argtypes import float_in, int_at_least  # noqa: E402
 from arhq_jax.corpora import PAPER_SEQ_LEN, dataset_tokens  # noqa: E402
 from arhq_jax.demo import run_demo  # noqa: E402
+from arhq_jax.layer_sharding import model_mesh  # noqa: E402
 from arhq_jax.methods import REGISTRY  # noqa: E402
 from arhq_jax.models.generate import generate  # noqa: E402
 from arhq_jax.pipeline import (  # noqa: E402
@@ -211,6 +212,23 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--batch-size", type=_POS, default=8, help="calibration sequences per forward")
     _add_allow_long(q)
     q.add_argument("--out", required=True, help="checkpoint directory to write")
+    # issue 11: one process per host through jax.distributed (docs/distributed.md).
+    q.add_argument(
+        "--coordinator",
+        default=None,
+        metavar="HOST:PORT",
+        help="several hosts (jax.distributed): process 0's address, the same on every process; "
+        "with --num-processes and --process-id; process 0 writes --out",
+    )
+    q.add_argument("--num-processes", type=_POS, default=None, help="with --coordinator")
+    q.add_argument("--process-id", type=_NONNEG, default=None, help="with --coordinator")
+    q.add_argument(
+        "--model-shards",
+        type=_POS,
+        default=1,
+        help="shard each layer's float linears over this many devices in the calibration "
+        "forwards (a layer too large for one device); the rest of the devices split the batch",
+    )
 
     e = sub.add_parser("eval", help="perplexity (and KL/top-1 against the float model)")
     _add_model(e)
@@ -365,6 +383,9 @@ def cmd_quantize(args) -> int:
         "fused_w_scale": args.fused_w_scale,
     }
     assert set(common) == set(COMMON_FIELDS)
+    # Before any JAX computation: afterwards jax.devices() are the devices of every process.
+    distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    mesh = model_mesh(model=args.model_shards) if args.model_shards > 1 else None
     # The method options the user gave (a flag left out is None: the method's default).
     given = {k: getattr(args, k) for k in REGISTRY.all_options() if getattr(args, k) is not None}
     if args.preset is not None:  # issue 12
@@ -376,7 +397,8 @@ def cmd_quantize(args) -> int:
             "checkpoints of rotated recipes (--rotate) are not supported yet: the online rotation "
             "has no checkpoint encoding"
         )
-    checkpoint.check_out(args.out)  # refuse a foreign --out before any work
+    if distributed.is_writer():
+        checkpoint.check_out(args.out)  # refuse a foreign --out before any work
     t0 = time.perf_counter()
     with open_source(args.model, require_tokenizer=True) as src:
         cfg = src.cfg
@@ -392,9 +414,19 @@ def cmd_quantize(args) -> int:
         ids = calibration_ids(corpus.calib, args.calib_tokens, args.calib_seq_len, source=what)
         quant = {**qcfg.to_dict(), "source_model": args.model, "calib_source": corpus.source}
         source = {"model": str(args.model)}
-        if qcfg.method_impl.streams(qcfg):
+        # One process streams disk to disk; several (jax.distributed) and whole-model recipes
+        # quantize in memory (process 0 writes; a killed run starts over).
+        single = jax.process_count() == 1
+        if single and qcfg.method_impl.streams(qcfg):
             res = quantize_stream(
-                src, ids, qcfg, args.out, quant=quant, source=source, batch_size=args.batch_size
+                src,
+                ids,
+                qcfg,
+                args.out,
+                quant=quant,
+                source=source,
+                batch_size=args.batch_size,
+                mesh=mesh,
             )
             if res.resumed_from:
                 print(f"resumed a killed run after its layer {res.resumed_from - 1}")
@@ -405,13 +437,17 @@ def cmd_quantize(args) -> int:
                 res.nbytes,
             )
         else:
-            print(
-                f"arhq-jax quantize: warning: {qcfg.label()} reads the whole model before its "
-                "layers: loaded in memory, not streamed (a killed run starts over)",
-                file=sys.stderr,
-            )
+            if single:
+                print(
+                    f"arhq-jax quantize: warning: {qcfg.label()} reads the whole model before its "
+                    "layers: loaded in memory, not streamed (a killed run starts over)",
+                    file=sys.stderr,
+                )
             params = src.load_params()
-            r = quantize_model(params, cfg, ids, qcfg, batch_size=args.batch_size)
+            r = quantize_model(params, cfg, ids, qcfg, batch_size=args.batch_size, mesh=mesh)
+            if not distributed.is_writer():  # every process holds the same model; 0 writes it
+                print(f"{distributed.describe()}: quantized; process 0 writes {args.out}")
+                return 0
             diags, timings, tokens = r.projections, r.timings, r.calib_tokens
             quant.update(calib_tokens=tokens, timings=timings)
             source["fingerprint"] = checkpoint.fingerprint(cfg, params)

@@ -63,7 +63,12 @@ _ALIASES = {
     "int8-asym": ("int8", {"symmetric": False}),
     "nvfp4-modelopt": ("nvfp4", {"convention": "modelopt"}),
 }
-INT_VARIANTS = ("default", "fprag", "serq", "gptq")
+# How an encoder fits the per-block scale (and zero point) of an int format: a choice of the
+# method that quantizes, not part of the format (decoding never reads it). "default"
+# (docs/spec/formats.md §6); "gptq": GPTQ/QuaRot's reference quantizer, the range (amax, or
+# hi − lo) clamped at >= 1e-5; "fprag" (asymmetric only): FPRAG/AWQ's, no widening of [lo, hi] to
+# 0, scale >= 1e-8, round-to-nearest-even after adding the zero point.
+INT_RULES = ("default", "gptq", "fprag")
 # nvfp4 tensor-scale conventions (docs/formats.md): "ct" = compressed-tensors (the default, what
 # the exported nvfp4-pack-quantized checkpoint holds), "modelopt" = ModelOpt / docs/spec/formats.md
 # §3
@@ -94,10 +99,8 @@ class FormatSpec:
       symmetric: int formats only; False = asymmetric with uint8 zero points.
       tile: None, or (16, 16) for nvfp4-paper weights (16 rows x 16 columns share a scale).
       scale_rule: mxfp4 scale exponent rule, "floor" (OCP MX, default) or "ceil" (SERQ kernel).
-      int_variant: "default" (docs/spec/formats.md §6), "fprag" (asym: no range widening, scale >=
-      1e-8,
-        RNE after adding z), "serq" (sym: range [-2^(b-1)+1, 2^(b-1)-1] with sign-magnitude
-        codes), "gptq" (GPTQ/QuaRot code: amax (sym) or hi-lo (asym) clamped at >= 1e-5).
+      sign_magnitude: symmetric int only; codes are sign-magnitude (sign bit, then |q|), so the
+        range is [-2^(b-1)+1, 2^(b-1)-1] (SERQ's quantizers, docs/spec/formats.md §6).
       convention: nvfp4 only (None elsewhere): "ct" (default; compressed-tensors: the tensor scale
         is the encode global scale gs = 2688/amax, decode d = fl(s / gs), placeholder scale 0.125
         for blocks whose scale rounds to 0, -0.0 encodes as 0x0) or "modelopt"
@@ -112,7 +115,7 @@ class FormatSpec:
     symmetric: bool = True
     tile: tuple[int, int] | None = None
     scale_rule: str = "floor"
-    int_variant: str = "default"
+    sign_magnitude: bool = False
     convention: str | None = None
 
     def __post_init__(self):
@@ -150,15 +153,11 @@ class FormatSpec:
             raise ValueError(f"scale_rule must be 'floor' or 'ceil', got {self.scale_rule!r}")
         if self.scale_rule != "floor" and self.name != "mxfp4":
             raise ValueError(f"scale_rule applies to mxfp4 only, not {self.name}")
-        if self.int_variant not in INT_VARIANTS:
-            raise ValueError(f"int_variant must be one of {INT_VARIANTS}, got {self.int_variant!r}")
-        if self.int_variant != "default":
+        if self.sign_magnitude:
             if not is_int:
-                raise ValueError(f"int_variant applies to int formats only, not {self.name}")
-            if self.int_variant == "fprag" and self.symmetric:
-                raise ValueError("int_variant='fprag' is asymmetric: use symmetric=False")
-            if self.int_variant == "serq" and not self.symmetric:
-                raise ValueError("int_variant='serq' is symmetric: use symmetric=True")
+                raise ValueError(f"sign_magnitude applies to int formats only, not {self.name}")
+            if not self.symmetric:
+                raise ValueError("sign_magnitude codes are symmetric: use symmetric=True")
 
     @property
     def is_int(self) -> bool:
@@ -206,7 +205,7 @@ _OVERRIDE_KEYS = (
     "symmetric",
     "tile",
     "scale_rule",
-    "int_variant",
+    "sign_magnitude",
     "convention",
 )
 
@@ -215,7 +214,7 @@ def resolve_format(fmt: str | FormatSpec, **overrides) -> FormatSpec:
     """Resolve a name ("nvfp4", "nvfp4-modelopt", "int4-asym", ...) or a FormatSpec.
 
     Overrides: block / group_size (int only), symmetric (int only), tile (nvfp4-paper only),
-    scale_rule (mxfp4 only), int_variant (int only), convention (nvfp4 only: "ct" or
+    scale_rule (mxfp4 only), sign_magnitude (symmetric int only), convention (nvfp4 only: "ct" or
     "modelopt"). Anything invalid raises ValueError.
     """
     bad = sorted(set(overrides) - set(_OVERRIDE_KEYS))
@@ -342,10 +341,10 @@ def scale_multiplier(scale: jax.Array, spec: FormatSpec, tensor_scale=None) -> j
 
 
 def int_limits(spec: FormatSpec) -> tuple[int, int]:
-    """(qmin, qmax): sym [-2^(b-1), 2^(b-1)-1] (serq ±(2^(b-1)-1)), asym [0, 2^b-1]."""
+    """(qmin, qmax): sym [-2^(b-1), 2^(b-1)-1] (sign-magnitude ±(2^(b-1)-1)), asym [0, 2^b-1]."""
     if spec.symmetric:
         hi = 2 ** (spec.bits - 1) - 1
-        lo = -hi if spec.int_variant == "serq" else -hi - 1
+        lo = -hi if spec.sign_magnitude else -hi - 1
         return lo, hi
     return 0, 2**spec.bits - 1
 
@@ -353,7 +352,19 @@ def int_limits(spec: FormatSpec) -> tuple[int, int]:
 _int_limits = int_limits  # old private name, still used by callers
 
 
-def block_params(xb: jax.Array, spec: FormatSpec, tensor_scale=None):
+def check_int_rule(spec: FormatSpec, int_rule: str) -> str:
+    """``int_rule`` (one of ``INT_RULES``) if it applies to ``spec``, else ValueError."""
+    if int_rule not in INT_RULES:
+        raise ValueError(f"int_rule must be one of {INT_RULES}, got {int_rule!r}")
+    if int_rule != "default":
+        if not spec.is_int:
+            raise ValueError(f"int_rule applies to int formats only, not {spec.name}")
+        if int_rule == "fprag" and spec.symmetric:
+            raise ValueError("int_rule='fprag' is asymmetric: use an asymmetric int format")
+    return int_rule
+
+
+def block_params(xb: jax.Array, spec: FormatSpec, tensor_scale=None, int_rule: str = "default"):
     """Fit the per-block parameters of f32 blocks ``xb[..., nblocks, B]``.
 
     Returns ``(scale, d, zero)``:
@@ -362,8 +373,9 @@ def block_params(xb: jax.Array, spec: FormatSpec, tensor_scale=None):
       d: f32 decode multiplier ``[..., nblocks, 1]`` (see ``scale_multiplier``);
       zero: uint8 zero point ``[..., nblocks, 1]`` for asymmetric int, else None.
     ``tensor_scale`` (nvfp4 only) is gs ("ct") or g ("modelopt"), see ``nvfp4_tensor_scale``;
-    None computes it from ``xb`` (padding zeros do not change it). Blocks holding a NaN/Inf get a
-    NaN scale (and zero point 0).
+    None computes it from ``xb`` (padding zeros do not change it). ``int_rule`` (int formats): how
+    the scale and zero point are fitted, one of ``INT_RULES``. Blocks holding a NaN/Inf get a NaN
+    scale (and zero point 0).
 
     nvfp4 "ct" follows compressed-tensors' ``calculate_qparams``: raw = fl(gs · fl(a / 6)),
     s = E4M3(clip(raw, 0, 448)), and s = 0.125 where that rounds to 0 (its placeholder);
@@ -408,7 +420,7 @@ def block_params(xb: jax.Array, spec: FormatSpec, tensor_scale=None):
     # Integer formats.
     qmin, qmax = int_limits(spec)
     if spec.symmetric:
-        if spec.int_variant == "gptq":
+        if int_rule == "gptq":
             sc = div(jnp.maximum(a, jnp.float32(1e-5)), qmax)
         else:
             sc = div(a, qmax)
@@ -416,7 +428,7 @@ def block_params(xb: jax.Array, spec: FormatSpec, tensor_scale=None):
     else:
         lo_x = jnp.min(xb, axis=-1)
         hi_x = jnp.max(xb, axis=-1)
-        if spec.int_variant == "fprag":
+        if int_rule == "fprag":
             sc = jnp.maximum(div(hi_x - lo_x, qmax), jnp.float32(1e-8))
             lo = lo_x
         else:
@@ -425,7 +437,7 @@ def block_params(xb: jax.Array, spec: FormatSpec, tensor_scale=None):
             same = lo == hi
             lo = jnp.where(same, -1.0, lo)
             hi = jnp.where(same, 1.0, hi)
-            if spec.int_variant == "gptq":
+            if int_rule == "gptq":
                 sc = div(jnp.maximum(hi - lo, jnp.float32(1e-5)), qmax)
             else:
                 sc = div(hi - lo, qmax)
@@ -436,12 +448,15 @@ def block_params(xb: jax.Array, spec: FormatSpec, tensor_scale=None):
     return scale, scale[..., None], zero
 
 
-def quantize_blocks(xb: jax.Array, d: jax.Array, zero, spec: FormatSpec) -> jax.Array:
+def quantize_blocks(
+    xb: jax.Array, d: jax.Array, zero, spec: FormatSpec, int_rule: str = "default"
+) -> jax.Array:
     """Integer codes of f32 ``xb[..., nblocks, B]`` given ``d``/``zero`` from ``block_params``.
 
     ``d`` and ``zero`` broadcast against ``xb`` (``[..., nblocks, 1]``). Codes are the unpacked
     storage codes: uint8 E2M1 codes (fp4), two's-complement nibbles (int4 sym), sign-magnitude
-    (serq), unsigned (asym), int8 (int8 sym). NaN blocks (d NaN) get code 0.
+    (``sign_magnitude``), unsigned (asym), int8 (int8 sym). NaN blocks (d NaN) get code 0.
+    ``int_rule`` as in ``block_params`` ("fprag" rounds after adding the zero point).
 
     nvfp4 "ct" takes the sign bit from x as compressed-tensors does (``torch.sign``): -0.0 gives
     0x0, a negative nonzero x that rounds to zero gives 0x8; the other fp4 formats use the
@@ -470,14 +485,14 @@ def quantize_blocks(xb: jax.Array, d: jax.Array, zero, spec: FormatSpec) -> jax.
     if spec.symmetric:
         q = jnp.clip(jnp.round(v), qmin, qmax).astype(jnp.int32)
         q = jnp.where(dead, 0, q)
-        if spec.int_variant == "serq":
+        if spec.sign_magnitude:
             sign_bit = 1 << (spec.bits - 1)
             return jnp.where(q < 0, sign_bit | -q, q).astype(jnp.uint8)
         if spec.bits == 8:
             return q.astype(jnp.int8)
         return (q & 0xF).astype(jnp.uint8)
     z = jnp.asarray(zero).astype(jnp.float32)
-    if spec.int_variant == "fprag":
+    if int_rule == "fprag":
         q = jnp.clip(jnp.round(v + z), qmin, qmax)  # RNE after adding z
     else:
         q = jnp.clip(jnp.round(v) + z, qmin, qmax)
@@ -489,7 +504,7 @@ def int_code_values(codes: jax.Array, spec: FormatSpec) -> jax.Array:
     c = jnp.asarray(codes).astype(jnp.int32)
     if not spec.symmetric:
         return c
-    if spec.int_variant == "serq":
+    if spec.sign_magnitude:
         sign_bit = 1 << (spec.bits - 1)
         return jnp.where(c & sign_bit, -(c & (sign_bit - 1)), c)
     if spec.bits == 8:
@@ -523,7 +538,7 @@ def _block_len(spec: FormatSpec, k: int) -> int:
     return k if spec.block == -1 else spec.block
 
 
-def _blockify(x: jax.Array, spec: FormatSpec) -> jax.Array:
+def _blockify(x: jax.Array, spec: FormatSpec, int_rule: str = "default") -> jax.Array:
     """f32 ``x[..., K]`` (axis last) -> blocks ``[..., nblocks, B]`` (tiles: ``[Nt, Kt, 256]``)."""
     k = x.shape[-1]
     b = _block_len(spec, k)
@@ -539,7 +554,7 @@ def _blockify(x: jax.Array, spec: FormatSpec) -> jax.Array:
         pad = [(0, 0)] * (x.ndim - 1) + [(0, kp - k)]
         # FPRAG's range is not widened to 0, so zero padding would change it: repeat an element
         # of the same block instead (the padded codes are zeroed afterwards).
-        x = jnp.pad(x, pad, mode="edge" if spec.int_variant == "fprag" else "constant")
+        x = jnp.pad(x, pad, mode="edge" if int_rule == "fprag" else "constant")
     return x.reshape(*x.shape[:-1], kp // b, b)
 
 
@@ -591,7 +606,7 @@ def _is_traced(x) -> bool:
         return True
 
 
-def _quant_core(x, spec: FormatSpec, axis: int, tensor_scale):
+def _quant_core(x, spec: FormatSpec, axis: int, tensor_scale, int_rule: str):
     """Shared by fake_quant and quantize: (codes [..., K_pad], scale, d, zero, g, moved shape)."""
     x32 = jnp.moveaxis(x.astype(jnp.float32), axis, -1)
     if spec.name == "nvfp4":
@@ -599,9 +614,9 @@ def _quant_core(x, spec: FormatSpec, axis: int, tensor_scale):
         g = jnp.asarray(g, jnp.float32).reshape(())
     else:
         g = jnp.float32(1.0)
-    xb = _blockify(x32, spec)
-    scale, d, zero = block_params(xb, spec, g if spec.name == "nvfp4" else None)
-    codes = quantize_blocks(xb, d, zero, spec)
+    xb = _blockify(x32, spec, int_rule)
+    scale, d, zero = block_params(xb, spec, g if spec.name == "nvfp4" else None, int_rule)
+    codes = quantize_blocks(xb, d, zero, spec, int_rule)
     k = x32.shape[-1]
     if not spec.symmetric and xb.shape[-2] * xb.shape[-1] != k:
         # Padded codes are 0 (fp and symmetric formats give 0 for a zero pad by themselves).
@@ -618,25 +633,29 @@ def _finish(y_blocks, spec: FormatSpec, moved_shape, axis: int, dtype):
     return jnp.moveaxis(y, -1, axis).astype(dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("spec", "axis"))
-def _fake_quant_jit(x, spec: FormatSpec, axis: int, tensor_scale):
-    codes, _, d, zero, _, moved = _quant_core(x, spec, axis, tensor_scale)
+@functools.partial(jax.jit, static_argnames=("spec", "axis", "int_rule"))
+def _fake_quant_jit(x, spec: FormatSpec, axis: int, tensor_scale, int_rule: str):
+    codes, _, d, zero, _, moved = _quant_core(x, spec, axis, tensor_scale, int_rule)
     y = dequantize_blocks(codes, d, zero, spec)
     return _finish(y, spec, moved, axis, x.dtype)
 
 
-def fake_quant(x, fmt, axis: int = -1, *, tensor_scale=None, **overrides) -> jax.Array:
+def fake_quant(
+    x, fmt, axis: int = -1, *, tensor_scale=None, int_rule: str = "default", **overrides
+) -> jax.Array:
     """Quantize-dequantize ``x`` (any float dtype/shape) along ``axis``; same shape and dtype.
 
     Computed in f32 from the f32 upcast; NaN/Inf make their block NaN. ``tensor_scale`` (nvfp4
     only) fixes the tensor scale (gs for "nvfp4", g for "nvfp4-modelopt", see
-    ``nvfp4_tensor_scale``) instead of the dynamic one from max|x|. Jit-able with ``fmt``
-    static; equals ``dequantize(quantize(x, ...))`` bit for bit.
+    ``nvfp4_tensor_scale``) instead of the dynamic one from max|x|. ``int_rule`` (int formats,
+    one of ``INT_RULES``): the scale rule of the method that quantizes. Jit-able with ``fmt``
+    and ``int_rule`` static; equals ``dequantize(quantize(x, ...))`` bit for bit.
     """
     spec = resolve_format(fmt, **overrides)
+    int_rule = check_int_rule(spec, int_rule)
     x = _check_input(x, spec, tensor_scale)
     axis = _check_layout(x.shape, spec, axis)
-    return _fake_quant_jit(x, spec, axis, tensor_scale)
+    return _fake_quant_jit(x, spec, axis, tensor_scale, int_rule)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -659,6 +678,8 @@ class QTensor:
       zeros: uint8 ``[..., K_pad/B]`` (asymmetric int) or None.
       shape: true shape of the original array (static); spec, axis (non-negative), dtype (the
         original dtype name) are static too.
+      int_rule: static, the ``INT_RULES`` entry that fitted the scales (a record of the method's
+        choice, kept in checkpoints; ``dequantize`` does not read it).
     """
 
     codes: jax.Array
@@ -669,6 +690,7 @@ class QTensor:
     spec: FormatSpec = struct.field(pytree_node=False)
     axis: int = struct.field(pytree_node=False)
     dtype: str = struct.field(pytree_node=False)
+    int_rule: str = struct.field(pytree_node=False, default="default")
 
     @property
     def nbytes(self) -> int:
@@ -681,9 +703,9 @@ class QTensor:
         return int(n)
 
 
-@functools.partial(jax.jit, static_argnames=("spec", "axis"))
-def _quantize_jit(x, spec: FormatSpec, axis: int, tensor_scale):
-    codes, scale, _, zero, g, _ = _quant_core(x, spec, axis, tensor_scale)
+@functools.partial(jax.jit, static_argnames=("spec", "axis", "int_rule"))
+def _quantize_jit(x, spec: FormatSpec, axis: int, tensor_scale, int_rule: str):
+    codes, scale, _, zero, g, _ = _quant_core(x, spec, axis, tensor_scale, int_rule)
     codes = _unblockify(codes, spec)
     if spec.packed:
         if codes.shape[-1] % 2:
@@ -692,19 +714,22 @@ def _quantize_jit(x, spec: FormatSpec, axis: int, tensor_scale):
     return codes, scale, g, None if zero is None else zero[..., 0]
 
 
-def quantize(x, fmt, axis: int = -1, *, tensor_scale=None, **overrides) -> QTensor:
+def quantize(
+    x, fmt, axis: int = -1, *, tensor_scale=None, int_rule: str = "default", **overrides
+) -> QTensor:
     """Quantize ``x`` along ``axis`` into a packed ``QTensor`` (see ``fake_quant`` for arguments).
 
     Called eagerly, rejects NaN/Inf input with ValueError (the check is skipped under jit).
     """
     spec = resolve_format(fmt, **overrides)
+    int_rule = check_int_rule(spec, int_rule)
     x = _check_input(x, spec, tensor_scale)
     axis = _check_layout(x.shape, spec, axis)
     if not _is_traced(x) and not bool(jnp.all(jnp.isfinite(x))):
         n_nan = int(jnp.sum(jnp.isnan(x)))
         n_inf = int(jnp.sum(jnp.isinf(x)))
         raise ValueError(f"cannot quantize non-finite input: {n_nan} NaN and {n_inf} Inf values")
-    codes, scales, g, zeros = _quantize_jit(x, spec, axis, tensor_scale)
+    codes, scales, g, zeros = _quantize_jit(x, spec, axis, tensor_scale, int_rule)
     return QTensor(
         codes=codes,
         scales=scales,
@@ -714,6 +739,7 @@ def quantize(x, fmt, axis: int = -1, *, tensor_scale=None, **overrides) -> QTens
         spec=spec,
         axis=axis,
         dtype=jnp.dtype(x.dtype).name,
+        int_rule=int_rule,
     )
 
 
@@ -759,13 +785,14 @@ def padded_length(k: int, fmt) -> int:
 __all__ = [
     "E2M1_VALUES",
     "FORMAT_NAMES",
-    "INT_VARIANTS",
+    "INT_RULES",
     "PAPER_CODEBOOK",
     "PAPER_INDEX_TO_CODE",
     "FormatSpec",
     "QTensor",
     "bits_per_element",
     "block_params",
+    "check_int_rule",
     "dequantize",
     "dequantize_blocks",
     "div",

@@ -16,6 +16,7 @@ second pass over the data.
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 from arhq_jax import formats
@@ -46,6 +47,9 @@ def joint_weight_scale(weights) -> jnp.ndarray:
     """One nvfp4 weight global scale for several partitions ``[out_i, in]`` (f32 scalar):
     ``formats.nvfp4_tensor_scale`` of the largest amax over all of them."""
     m = [jnp.max(jnp.abs(jnp.asarray(w).astype(jnp.float32))) for w in weights]
+    if len({frozenset(x.devices()) for x in m}) > 1:
+        # partitions decomposed on different devices (arhq_jax.devices): a max is exact on host
+        m = jax.device_get(m)
     return formats.nvfp4_tensor_scale(jnp.stack(m))
 
 

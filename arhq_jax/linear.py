@@ -11,7 +11,7 @@ Weights are kept in the Hugging Face layout ``W[out, in]``: quantization blocks 
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from typing import ClassVar, Protocol, runtime_checkable
 
 import jax
 import jax.numpy as jnp
@@ -33,25 +33,55 @@ class Linear(Protocol):
     def out_features(self) -> int: ...
 
 
-def matmul_nt(x: jax.Array, w: jax.Array, bias: jax.Array | None = None) -> jax.Array:
-    """The matmul of every linear: ``x [..., K] · w [N, K]ᵀ (+ bias [N])`` → f32 ``[..., N]``.
+def _dot(subscripts: str, x: jax.Array, w: jax.Array) -> jax.Array:
+    # The one precision policy of the linears: f32 accumulation whatever the input dtypes, and
+    # Precision.HIGHEST so that GPU f32 is not silently TF32.
+    return jnp.einsum(subscripts, x, w, precision=HIGHEST, preferred_element_type=jnp.float32)
 
-    f32 accumulation whatever the input dtypes, ``Precision.HIGHEST`` so that GPU f32 is not
-    silently TF32; the bias is added in f32 after the product."""
-    y = jnp.einsum(
-        "...k,nk->...n",
-        x,
-        w,
-        precision=HIGHEST,
-        preferred_element_type=jnp.float32,
-    )
-    if bias is not None:
-        y = y + bias.astype(jnp.float32)
-    return y
+
+def add_bias(y: jax.Array, bias: jax.Array | None) -> jax.Array:
+    """``y [..., N]`` (f32) ``+ bias [N]`` in f32; ``y`` itself when ``bias`` is None."""
+    return y if bias is None else y + bias.astype(jnp.float32)
+
+
+def matmul_nt(x: jax.Array, w: jax.Array, bias: jax.Array | None = None) -> jax.Array:
+    """The matmul of every linear: ``x [..., K] · w [N, K]ᵀ (+ bias [N])`` → f32 ``[..., N]``;
+    the bias is added in f32 after the product."""
+    return add_bias(_dot("...k,nk->...n", x, w), bias)
+
+
+def lowrank_branch(x: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
+    """The low-rank branch ``(x [..., K] · a [K, r]) · b [N, r]ᵀ`` → f32 ``[..., N]`` (factors
+    upcast to f32, both products at the linears' precision)."""
+    t = _dot("...k,kr->...r", x, a.astype(jnp.float32))
+    return matmul_nt(t, b.astype(jnp.float32))
+
+
+def weight_shape(w) -> tuple[int, int]:
+    """``(out, in)`` of a linear's weight field: an array or a ``QTensor`` ``[out, in]`` (its
+    true shape), or a tuple of them, column blocks ``[out, in_i]`` side by side."""
+    if isinstance(w, tuple):
+        return w[0].shape[0], sum(q.shape[1] for q in w)
+    return w.shape[0], w.shape[1]
+
+
+class WeightFeatures:
+    """Mixin of a linear dataclass whose weight field (named by ``WEIGHT``) is ``[out, in]``:
+    ``in_features`` and ``out_features`` from its shape (see ``weight_shape``), stated once."""
+
+    WEIGHT: ClassVar[str] = "w"
+
+    @property
+    def in_features(self) -> int:
+        return weight_shape(getattr(self, self.WEIGHT))[1]
+
+    @property
+    def out_features(self) -> int:
+        return weight_shape(getattr(self, self.WEIGHT))[0]
 
 
 @struct.dataclass
-class Dense:
+class Dense(WeightFeatures):
     """A float linear: ``y = x Wᵀ (+ b)``.
 
     Attributes:
@@ -61,14 +91,6 @@ class Dense:
 
     w: jax.Array
     b: jax.Array | None = None
-
-    @property
-    def in_features(self) -> int:
-        return self.w.shape[1]
-
-    @property
-    def out_features(self) -> int:
-        return self.w.shape[0]
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return matmul_nt(x, self.w.astype(x.dtype), self.b).astype(x.dtype)

@@ -116,7 +116,7 @@ class ArhqJaxLM(TemplateLM):
         super().__init__()
         if loaded is None:
             other = str(allow_other_source).lower() in ("1", "true", "yes")
-            loaded = _load(model, quantized, kernel, other)
+            loaded = load_for_eval(model, quantized, kernel, other)
         params, cfg, tokenizer = loaded
         if tokenizer is None:
             raise ValueError(f"model {model!r} has no tokenizer; lm-eval needs one")
@@ -349,7 +349,7 @@ if __name__ != "__main__":  # under `python -m`, the imported module (see main) 
     register_model(NAME)(ArhqJaxLM)
 
 
-def _load(model: str, quantized: str | None, kernel: str, allow_other_source: bool = False):
+def load_for_eval(model: str, quantized: str | None, kernel: str, allow_other_source: bool = False):
     """``(params, cfg, tokenizer)`` of ``model``, its quantized checkpoint and kernel applied."""
 
     if kernel not in KERNELS:

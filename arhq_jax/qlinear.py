@@ -17,9 +17,8 @@ import numpy as np
 from flax import struct
 
 from arhq_jax import formats
-from arhq_jax.elements import HIGHEST
 from arhq_jax.formats import smooth_input, smooth_reciprocal  # noqa: F401 (public here too)
-from arhq_jax.linear import matmul_nt
+from arhq_jax.linear import WeightFeatures, add_bias, lowrank_branch, matmul_nt
 from pallas_kernels import fp4_lowrank_matmul
 from pallas_kernels.fp4_matmul import KERNEL_FORMATS
 
@@ -89,15 +88,20 @@ def lowrank_matmul(
         xq = xs
     y = matmul_nt(xq, wd)
     if a is not None:
-        t = jnp.einsum("...k,kr->...r", xs, a.astype(jnp.float32), precision=HIGHEST)
-        y = y + jnp.einsum("...r,nr->...n", t, b.astype(jnp.float32), precision=HIGHEST)
-    if bias is not None:
-        y = y + bias.astype(jnp.float32)
-    return y.astype(x.dtype)
+        y = y + lowrank_branch(xs, a, b)
+    return add_bias(y, bias).astype(x.dtype)  # the bias after the branch: the kernels' order
+
+
+class _ActQuantized(WeightFeatures):
+    """What ``QuantLinear`` and ``FakeQuantLinear`` share beyond their weight's shape."""
+
+    def weights_only(self):
+        """The same linear with its activation quantizer off."""
+        return self.replace(act_fmt=None, act_scale=None)
 
 
 @struct.dataclass
-class QuantLinear:
+class QuantLinear(_ActQuantized):
     """A quantized projection satisfying ``arhq_jax.linear.Linear``.
 
     Attributes:
@@ -125,20 +129,8 @@ class QuantLinear:
     interpret: bool = struct.field(pytree_node=False, default=False)
 
     @property
-    def in_features(self) -> int:
-        return self.w.shape[1]
-
-    @property
-    def out_features(self) -> int:
-        return self.w.shape[0]
-
-    @property
     def rank(self) -> int:
         return 0 if self.a is None else self.a.shape[1]
-
-    def weights_only(self) -> QuantLinear:
-        """The same linear with its activation quantizer off."""
-        return self.replace(act_fmt=None, act_scale=None)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         if x.shape[-1] != self.in_features:
@@ -282,7 +274,7 @@ def with_kernel(params, kernel: str, interpret: bool = False):
 
 
 @struct.dataclass
-class FakeQuantLinear:
+class FakeQuantLinear(_ActQuantized):
     """The simulation form of a ``QuantLinear``: the residual held dequantized in f32.
 
     Same output as the packed linear (bit for bit on the jnp path), 8× the weight memory; it is
@@ -296,18 +288,6 @@ class FakeQuantLinear:
     bias: jax.Array | None = None
     act_scale: jax.Array | None = None
     act_fmt: formats.FormatSpec | str | None = struct.field(pytree_node=False, default=None)
-
-    @property
-    def in_features(self) -> int:
-        return self.w.shape[1]
-
-    @property
-    def out_features(self) -> int:
-        return self.w.shape[0]
-
-    def weights_only(self) -> FakeQuantLinear:
-        """The same linear with its activation quantizer off."""
-        return self.replace(act_fmt=None, act_scale=None)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return lowrank_matmul(

@@ -21,7 +21,8 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from arhq_jax.calibrate import Calibration, LayerwiseRunner
+from arhq_jax.calibrate import Calibration, LayerwiseRunner, data_mesh
+from arhq_jax.devices import Spread
 from arhq_jax.models.config import INPUT_GROUPS, ModelConfig, Params
 from arhq_jax.quant_config import QuantConfig
 
@@ -44,6 +45,7 @@ def quantize_model(
     *,
     batch_size: int = 8,
     mesh=None,
+    devices=None,
     progress: bool = True,
 ) -> QuantizeResult:
     """Quantize every selected projection of ``params`` with ``qcfg``.
@@ -55,6 +57,8 @@ def quantize_model(
       qcfg: the recipe (method, setting, rank, formats, modules, sequential).
       batch_size: calibration sequences per forward.
       mesh: device mesh for the batch (default: all visible devices).
+      devices: devices the per-projection decompositions are spread over (default: the mesh's
+        devices of this process; ``arhq_jax.devices``).
 
     Returns:
       A ``QuantizeResult``; its ``params`` has quantized projections where selected.
@@ -81,7 +85,8 @@ def quantize_model(
     t0 = time.perf_counter()
     plan = method.plan(params, cfg, calib_ids, qcfg, batch_size=batch_size, mesh=mesh)
     timings["calibration_s"] += time.perf_counter() - t0
-    calib = Calibration(runner, cfg, plan)
+    spread = Spread.for_mesh(runner.mesh if runner else mesh or data_mesh(), devices)
+    calib = Calibration(runner, cfg, plan, spread)
     # Sequential mode recalibrates after each group; parallel mode reads all groups in one pass.
     stages = [(g,) for g in qcfg.groups] if qcfg.sequential else [qcfg.groups]
     layers, diags = [], []

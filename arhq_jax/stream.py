@@ -41,6 +41,8 @@ from tqdm.auto import tqdm
 from arhq_jax import __version__, checkpoint, checkpoint_writer
 from arhq_jax.atomic import atomic_write
 from arhq_jax.calibrate import Calibration, LayerwiseRunner, data_mesh
+from arhq_jax.devices import Spread
+from arhq_jax.layer_sharding import data_size
 from arhq_jax.models.config import INPUT_GROUPS
 from arhq_jax.models.params import EMBED, FINAL_NORM, LM_HEAD
 from arhq_jax.quant_config import QuantConfig
@@ -225,6 +227,7 @@ def quantize_stream(
     source: dict | None = None,
     batch_size: int = 8,
     mesh=None,
+    devices=None,
     progress: bool = True,
     on_layer=None,
     max_shard_bytes: int = checkpoint_writer.DEFAULT_SHARD_BYTES,
@@ -237,6 +240,7 @@ def quantize_stream(
       qcfg: the recipe; its method must stream (``Method.streams``).
       quant: recorded as the checkpoint's recipe; ``calib_tokens`` and ``timings`` are added.
       source: ``{"model": ...}`` provenance; the fingerprint is added (computed here).
+      batch_size, mesh, devices: as ``quantize_model`` (the batch layout is part of the run key).
       on_layer: called with the layer index after each layer is committed (tests kill a run
         there).
 
@@ -254,7 +258,7 @@ def quantize_stream(
         raise ValueError(f"{qcfg.label()} needs calibration tokens; calib_ids is None")
     fp = checkpoint.fingerprint_of(cfg, src.fingerprint_samples())  # also checks embed/lm_head
     mesh = data_mesh() if mesh is None else mesh
-    ndev = mesh.devices.size
+    ndev = data_size(mesh)
     key = run_key(qcfg, fp, calib_ids if need_runner else None, batch_size, ndev)
     work = _Work(work_dir(out), key)
     start = work.state["done"]
@@ -267,7 +271,7 @@ def quantize_stream(
             None, cfg, calib_ids, batch_size, mesh, embed_rows=src.embed_rows, hidden=hidden
         )
         timings["calibration_s"] += time.perf_counter() - t0
-    calib = Calibration(runner, cfg, None)
+    calib = Calibration(runner, cfg, None, Spread.for_mesh(mesh, devices))
     stages = [(g,) for g in qcfg.groups] if qcfg.sequential else [qcfg.groups]
     bar = tqdm(
         total=cfg.num_layers * len(stages),

@@ -1,6 +1,7 @@
 """Tiny local model files for CLI tests: a byte-level BPE tokenizer trained on the pydoc corpus
-(300 tokens, built in well under a second), a tiny Llama HF directory that carries it, and a tiny
-Qwen3 GGUF (F32 tensors, no tokenizer metadata)."""
+(300 tokens, built in well under a second), a tiny Llama HF directory that carries it, a tiny
+Qwen3 GGUF (F32 tensors, no tokenizer metadata), and the tiny Llama with SmolLM2's vocabulary
+and tokenizer (``write_smollm2_tiny_dir``; conftest's ``tiny_dir`` fixture)."""
 
 from __future__ import annotations
 
@@ -59,6 +60,34 @@ def config(family: str = "llama") -> ModelConfig:
 
 def params(cfg: ModelConfig, seed: int = 3):
     return random_params(cfg, jax.random.key(seed), std=0.1)
+
+
+def smollm2_tiny_config(vocab_size: int, **overrides) -> ModelConfig:
+    """The tiny Llama of the CLI tests sized for SmolLM2's vocabulary (so its tokenizer fits)."""
+    return ModelConfig(
+        family="llama",
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=16,
+        rms_norm_eps=1e-5,
+        rope_theta=1e5,
+        tie_word_embeddings=True,
+        **overrides,
+    )
+
+
+def write_smollm2_tiny_dir(path: Path, smollm2, **overrides) -> Path:
+    """``smollm2_tiny_config`` (random weights, seed 3) with SmolLM2's tokenizer as a HF directory
+    (``smollm2``: the ``converters.LoadedModel`` of conftest's session fixture)."""
+    from converters import save_hf_dir
+
+    cfg = smollm2_tiny_config(smollm2.cfg.vocab_size, **overrides)
+    save_hf_dir(cfg, params(cfg), path, tokenizer=smollm2.tokenizer)
+    return path
 
 
 def write_hf_dir(path: Path, *, with_tokenizer: bool = True) -> Path:

@@ -1,8 +1,16 @@
-"""Shared fixtures: the real SmolLM2-135M model is loaded once per test session."""
+"""Shared fixtures: the real SmolLM2-135M model, loaded once per test session (``smollm2``); the
+tiny random Llama of ``_tiny`` (``model``); the tiny Llama with SmolLM2's tokenizer as a HF
+directory (``tiny_dir``)."""
 
 from __future__ import annotations
 
+import jax
+import numpy as np
 import pytest
+from _tiny import CFG
+from _tiny_cli import write_smollm2_tiny_dir
+
+from arhq_jax.models.params import random_params
 
 
 @pytest.fixture(scope="session")
@@ -17,15 +25,16 @@ def smollm2():
     return load_model("smollm2")
 
 
+@pytest.fixture(scope="session")
+def tiny_dir(smollm2, tmp_path_factory):
+    """A tiny Llama (SmolLM2's vocabulary, so its tokenizer fits) saved as a HF directory; the
+    tests only read it."""
+    return write_smollm2_tiny_dir(tmp_path_factory.mktemp("models") / "tiny", smollm2)
+
+
 @pytest.fixture(scope="module")
 def model():
     """``(params, ids)``: the tiny random Llama of ``_tiny.CFG`` and ``[6, 32]`` token ids."""
-    import jax
-    import numpy as np
-    from _tiny import CFG
-
-    from arhq_jax.models.params import random_params
-
     params = random_params(CFG, jax.random.key(0), std=0.08)
     ids = np.asarray(jax.random.randint(jax.random.key(1), (6, 32), 0, CFG.vocab_size), np.int32)
     return params, ids

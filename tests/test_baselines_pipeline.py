@@ -173,7 +173,7 @@ def test_gptq_sequential_beats_rtn_on_layer_outputs(model):
             wins += errs[0] < errs[1]
             tot_g, tot_r = tot_g + errs[0], tot_r + errs[1]
     assert wins >= 12 and tot_g < 0.8 * tot_r  # of 14 projections
-    assert gq.params.layers[0].q_proj.w.spec.int_variant == "gptq"
+    assert gq.params.layers[0].q_proj.w.int_rule == "gptq"
 
 
 def test_gptq_residual_for_lowrank_methods(model):
@@ -214,7 +214,7 @@ def test_awq_never_worse_than_rtn_on_its_tokens_and_quantizes_lm_head(model):
     for li in range(CFG.num_layers):
         for p in PROJECTIONS:
             ql = getattr(res.params.layers[li], p)
-            assert ql.act_fmt is None and ql.w.spec.int_variant == "fprag"
+            assert ql.act_fmt is None and ql.w.int_rule == "fprag"
             x = inputs[li][GROUP_OF[p]]
             w = np.asarray(getattr(params.layers[li], p).w, np.float64)
             w_awq = np.asarray(dequantize(ql.w, jnp.float32), np.float64) / np.asarray(ql.smooth)
@@ -248,7 +248,7 @@ def test_awq_dh_flips_lower_each_rows_mean_error(model):
     w_s = np.asarray(params.layers[0].down_proj.w, np.float64) * s  # the scaled problem
     q = np.asarray(dequantize(ql.w, jnp.float32), np.float64)
     rtn = np.asarray(
-        fake_quant(jnp.asarray(w_s, jnp.float32), "int4-asym", group_size=64, int_variant="fprag"),
+        fake_quant(jnp.asarray(w_s, jnp.float32), "int4-asym", group_size=64, int_rule="fprag"),
         np.float64,
     )
     mu = x.mean(0) / s
@@ -384,6 +384,6 @@ def test_residual_gptq_is_the_same_call_as_method_gptq(model):
     for la, lb in zip(a.layers, b.layers, strict=True):
         for p in PROJECTIONS:
             qa, qb = getattr(la, p).w, getattr(lb, p).w
-            assert qa.spec == qb.spec and qa.spec.int_variant == "gptq"
+            assert qa.spec == qb.spec and qa.int_rule == qb.int_rule == "gptq"
             np.testing.assert_array_equal(np.asarray(qa.codes), np.asarray(qb.codes))
             np.testing.assert_array_equal(np.asarray(qa.scales), np.asarray(qb.scales))

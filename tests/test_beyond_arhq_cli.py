@@ -2,39 +2,13 @@
 
 from __future__ import annotations
 
-import jax
 import pytest
 
 from arhq_jax import checkpoint
 from arhq_jax.cli import main
-from arhq_jax.models.config import ModelConfig
-from arhq_jax.models.params import random_params
 from arhq_jax.quant_config import PRESETS, preset
-from converters import save_hf_dir
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(smollm2, tmp_path_factory):
-    cfg = ModelConfig(
-        family="llama",
-        vocab_size=smollm2.cfg.vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        head_dim=16,
-        rms_norm_eps=1e-5,
-        rope_theta=1e5,
-        tie_word_embeddings=True,
-    )
-    path = tmp_path_factory.mktemp("models") / "tiny"
-    save_hf_dir(
-        cfg, random_params(cfg, jax.random.key(3), std=0.1), path, tokenizer=smollm2.tokenizer
-    )
-    return path
 
 
 def test_preset_best_w4a4_quantizes_and_records_its_recipe(tiny_dir, tmp_path):

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from _tiny import CFG
 
-from arhq_jax import checkpoint
+from arhq_jax import checkpoint, checkpoint_schema, formats
 from arhq_jax import eval as ev
 from arhq_jax.models.params import random_params
 from arhq_jax.out_dir import CheckpointError, write_manifest
@@ -78,6 +78,29 @@ def test_roundtrip_is_bit_identical(model, recipe, tmp_path):
     # Sharded past 40 kB, as transformers names shards.
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1
+
+
+@pytest.mark.parametrize(
+    "fmt,kw,rule,variant",
+    [
+        ("int4", {"group_size": -1, "sign_magnitude": True}, "default", "serq"),
+        ("int4", {"group_size": 128}, "gptq", "gptq"),
+        ("int4-asym", {"group_size": 128}, "fprag", "fprag"),
+        ("int8", {}, "default", "default"),
+        ("nvfp4", {}, "default", "default"),
+    ],
+)
+def test_format_entry_keeps_the_version_2_int_variant(fmt, kw, rule, variant):
+    """The format entry's one "int_variant" key (format version 2) carries the sign-magnitude
+    layout (a format property) and the QTensor's int scale rule (a method's choice): files written
+    before and after the split are the same and read the same."""
+    spec = formats.resolve_format(fmt, **kw)
+    entry = checkpoint_schema.format_entry(spec, rule)
+    assert entry["int_variant"] == variant and "sign_magnitude" not in entry
+    assert checkpoint_schema.decode_format_rule(json.loads(json.dumps(entry)), "w") == (spec, rule)
+    bad = {**entry, "int_variant": "awq"}
+    with pytest.raises(CheckpointError, match="int_variant"):
+        checkpoint_schema.decode_format_rule(bad, "w")
 
 
 def test_layout_is_compressed_tensors_and_peft(arhq_ckpt):

@@ -4,40 +4,14 @@ from __future__ import annotations
 
 import json
 
-import jax
 import numpy as np
 import pytest
 
 from arhq_jax import checkpoint
 from arhq_jax.cli import main
-from arhq_jax.models.config import ModelConfig
-from arhq_jax.models.params import random_params
-from converters import load_model, save_hf_dir
+from converters import load_model
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(smollm2, tmp_path_factory):
-    """A tiny Llama (SmolLM2's vocabulary, so its tokenizer fits) saved as a HF directory."""
-    cfg = ModelConfig(
-        family="llama",
-        vocab_size=smollm2.cfg.vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        head_dim=16,
-        rms_norm_eps=1e-5,
-        rope_theta=1e5,
-        tie_word_embeddings=True,
-    )
-    path = tmp_path_factory.mktemp("models") / "tiny"
-    save_hf_dir(
-        cfg, random_params(cfg, jax.random.key(3), std=0.1), path, tokenizer=smollm2.tokenizer
-    )
-    return path
 
 
 def test_quantize_eval_generate_convert(tiny_dir, tmp_path, capsys):

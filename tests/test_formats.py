@@ -438,16 +438,16 @@ def test_int_examples_i1_i2():
     np.testing.assert_array_equal(
         np.asarray(F.dequantize(q)), np.array([-1.5, 0, 0, 6, 3, -1, 1, 3.5], F32)
     )
-    q = F.quantize(i2, "int4-asym", group_size=8, int_variant="fprag")
+    q = F.quantize(i2, "int4-asym", group_size=8, int_rule="fprag")
     np.testing.assert_array_equal(np.asarray(J_unpack_nibbles(q.codes)), [0, 3, 4, 15, 8, 2, 5, 10])
     np.testing.assert_array_equal(
         np.asarray(F.dequantize(q)), np.array([-1.5, 0, 0.5, 6, 2.5, -0.5, 1, 3.5], F32)
     )
 
 
-def test_int_variants_serq_gptq_and_int8_codes():
+def test_sign_magnitude_gptq_rule_and_int8_codes():
     x = np.array([3.5, -3.5, -1.75, 0.25, 1.25, -0.75, 0, 2], F32)
-    q = F.quantize(x, "int4", group_size=8, int_variant="serq")
+    q = F.quantize(x, "int4", group_size=8, sign_magnitude=True)
     np.testing.assert_array_equal(
         np.asarray(J_unpack_nibbles(q.codes)), [7, 0xF, 0xC, 0, 2, 0xA, 0, 4]
     )
@@ -457,7 +457,8 @@ def test_int_variants_serq_gptq_and_int8_codes():
     np.testing.assert_array_equal(np.asarray(q8.codes), np.round(x / (F32(3.5) / F32(127))))
     # gptq: amax clamped at 1e-5, so tiny groups keep their own (tiny) scale per the 1e-5 floor.
     t = np.array([1e-7, -2e-7] + [0] * 6, F32)
-    q = F.quantize(t, "int4", group_size=8, int_variant="gptq")
+    q = F.quantize(t, "int4", group_size=8, int_rule="gptq")
+    assert q.int_rule == "gptq" and q.spec == F.resolve_format("int4", group_size=8)
     assert np.asarray(q.scales)[0] == F32(F32(1e-5) / F32(7))
     np.testing.assert_array_equal(np.asarray(F.dequantize(q)), np.zeros(8, F32))
     q = F.quantize(t, "int4", group_size=8)
@@ -554,7 +555,7 @@ def test_nvfp4_e4m3_saturation_with_static_tensor_scale():
         ("mxfp4", {"scale_rule": "ceil"}),
         ("int4", {"group_size": 32}),
         ("int4-asym", {"group_size": 32}),
-        ("int4-asym", {"group_size": 32, "int_variant": "fprag"}),
+        ("int4-asym", {"group_size": 32, "int_rule": "fprag"}),
         ("int8", {"group_size": 32}),
     ],
 )
@@ -596,11 +597,11 @@ ROUNDTRIP = [
     ("int4", {}),
     ("int4", {"group_size": 7}),
     ("int4", {"group_size": -1}),
-    ("int4", {"int_variant": "serq", "group_size": 16}),
-    ("int4", {"int_variant": "gptq", "group_size": 16}),
+    ("int4", {"sign_magnitude": True, "group_size": 16}),
+    ("int4", {"int_rule": "gptq", "group_size": 16}),
     ("int4-asym", {"group_size": 32}),
-    ("int4-asym", {"group_size": 32, "int_variant": "fprag"}),
-    ("int4-asym", {"group_size": -1, "int_variant": "gptq"}),
+    ("int4-asym", {"group_size": 32, "int_rule": "fprag"}),
+    ("int4-asym", {"group_size": -1, "int_rule": "gptq"}),
     ("int8", {}),
     ("int8-asym", {"group_size": 64}),
 ]
@@ -616,7 +617,9 @@ def test_packed_roundtrip_bitwise(fmt, kw, shape, axis):
     rng = np.random.default_rng(4)
     x = rand_weights(rng, shape, tiny_blocks=False)
     q = F.quantize(x, fmt, axis=axis, **kw)
-    spec = F.resolve_format(fmt, **kw)
+    fmt_kw = {k: v for k, v in kw.items() if k != "int_rule"}  # the rule is not the format's
+    spec = F.resolve_format(fmt, **fmt_kw)
+    assert q.spec == spec and q.int_rule == kw.get("int_rule", "default")
     k = shape[axis]
     kp = F.padded_length(k, spec)
     moved = list(shape)
@@ -766,15 +769,16 @@ def test_mxfp4_and_int_match_numpy_reference():
             got = F.fake_quant(x, fmt, group_size=group)
             assert_bitwise(got, ref_int(x, bits_, group, sym))
     assert_bitwise(
-        F.fake_quant(x, "int4", int_variant="serq", group_size=32), ref_int(x, 4, 32, True, "serq")
+        F.fake_quant(x, "int4", sign_magnitude=True, group_size=32),
+        ref_int(x, 4, 32, True, "serq"),
     )
-    got = F.fake_quant(x, "int4-asym", int_variant="fprag", group_size=32)
+    got = F.fake_quant(x, "int4-asym", int_rule="fprag", group_size=32)
     assert_bitwise(got, ref_int(x, 4, 32, False, "fprag"))
     # FPRAG does not widen the range to 0 and clamps z to [0, 15]: an all-positive group
     # [0.5, 2] gets scale 0.1 and z = 0, so 2 saturates at 15 * 0.1 = 1.5; GPTQ's widened range
     # [0, 2] represents it exactly.
     pos = np.linspace(0.5, 2, 16, dtype=F32)[None]
-    y = np.asarray(F.fake_quant(pos, "int4-asym", int_variant="fprag", group_size=16))
+    y = np.asarray(F.fake_quant(pos, "int4-asym", int_rule="fprag", group_size=16))
     assert y[0, -1] == 1.5 and y[0, 0] == F32(0.5)
     assert np.asarray(F.fake_quant(pos, "int4-asym", group_size=16))[0, -1] == 2
 
@@ -890,10 +894,9 @@ def test_resolve_format_and_bits_per_element():
         ("nvfp4", {"scale_rule": "ceil"}, "scale_rule"),
         ("mxfp4", {"scale_rule": "round"}, "scale_rule"),
         ("nvfp4", {"block": 32}, "blocks of 16"),
-        ("int4", {"int_variant": "fprag"}, "fprag"),
-        ("int4-asym", {"int_variant": "serq"}, "serq"),
-        ("int4", {"int_variant": "awq"}, "int_variant"),
-        ("nvfp4", {"int_variant": "serq"}, "int formats"),
+        ("int4-asym", {"sign_magnitude": True}, "symmetric"),
+        ("nvfp4", {"sign_magnitude": True}, "int formats"),
+        ("int4", {"int_variant": "gptq"}, "unknown format options"),
         ("mxfp4", {"symmetric": False}, "int formats"),
         ("int4", {"groupsize": 64}, "unknown format options"),
     ],
@@ -903,6 +906,23 @@ def test_bad_formats_raise(fmt, kw, match):
         F.resolve_format(fmt, **kw)
     with pytest.raises(ValueError, match=match):
         F.fake_quant(np.ones((4, 32), F32), fmt, **kw)
+
+
+@pytest.mark.parametrize(
+    "fmt,rule,match",
+    [
+        ("int4", "fprag", "asymmetric"),
+        ("int4", "awq", "int_rule must be one of"),
+        ("nvfp4", "gptq", "int formats"),
+        ("mxfp4", "fprag", "int formats"),
+    ],
+)
+def test_bad_int_rules_raise(fmt, rule, match):
+    """The int scale rule is the quantizer's argument, checked against the format it fits."""
+    x = np.ones((4, 32), F32)
+    for quant in (F.fake_quant, F.quantize):
+        with pytest.raises(ValueError, match=match):
+            quant(x, fmt, int_rule=rule)
 
 
 def test_bad_inputs_raise():

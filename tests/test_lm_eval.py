@@ -350,27 +350,10 @@ def test_quantized_model_on_xla_and_pallas_paths(smollm2, backend):
 def tiny_quantized(smollm2, tmp_path_factory):
     """A tiny random Llama with SmolLM2's tokenizer as a HF dir, and its RTN NVFP4 W4A16
     checkpoint made by ``arhq-jax quantize`` (so the test does not depend on the format)."""
-    from arhq_jax.models.config import ModelConfig
-    from arhq_jax.models.params import random_params
-    from converters import save_hf_dir
+    from _tiny_cli import write_smollm2_tiny_dir
 
-    cfg = ModelConfig(
-        family="llama",
-        vocab_size=smollm2.cfg.vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        head_dim=16,
-        rms_norm_eps=1e-5,
-        rope_theta=1e5,
-        tie_word_embeddings=True,
-        max_position_embeddings=512,
-    )
     root = tmp_path_factory.mktemp("tiny")
-    save_hf_dir(cfg, random_params(cfg, jax.random.key(3), std=0.1), root / "tiny",
-                tokenizer=smollm2.tokenizer)  # fmt: skip
+    write_smollm2_tiny_dir(root / "tiny", smollm2, max_position_embeddings=512)
     argv = ["quantize", "--model", str(root / "tiny"), "--method", "rtn", "--act-format",
             "none", "--calib-tokens", "256", "--calib-seq-len", "128",
             "--out", str(root / "ck")]  # fmt: skip
@@ -419,7 +402,7 @@ def test_model_args_win_over_lm_eval_flags(monkeypatch):
     tok = SimpleNamespace(eos_token_id=2, bos_token_id=None, bos_token=None)
     cfg = SimpleNamespace(max_position_embeddings=512)
     seen = []
-    monkeypatch.setattr(leb, "_load", lambda *a: seen.append(a) or (None, cfg, tok))
+    monkeypatch.setattr(leb, "load_for_eval", lambda *a: seen.append(a) or (None, cfg, tok))
     lm = leb.ArhqJaxLM.create_from_arg_string(
         "model=m,quantized=q,batch_size=8", {"batch_size": 1, "device": None}
     )

@@ -77,7 +77,7 @@ def _layer(seed, out=32, k=256, n=300):
 def test_fprag_quantizer_matches_formats_and_vector_i2():
     w, _ = _layer(0)
     got = np.asarray(awq.fprag_quantize(w, 128))
-    want = np.asarray(F.fake_quant(w, "int4-asym", group_size=128, int_variant="fprag"))
+    want = np.asarray(F.fake_quant(w, "int4-asym", group_size=128, int_rule="fprag"))
     np.testing.assert_array_equal(got, want)
     x = np.array([[-1.5, 0, 0.25, 6, 2.75, -0.75, 1, 3.3]], np.float32)
     np.testing.assert_array_equal(

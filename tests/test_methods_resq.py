@@ -92,8 +92,10 @@ def test_mixed_precision_quantizers():
     rng = np.random.default_rng(5)
     w = rng.standard_normal((16, D)).astype(np.float32)
     wq = np.asarray(resq.mixed_weight_rtn(w, 8))
-    np.testing.assert_array_equal(wq[:, :56], np.asarray(F.fake_quant(w[:, :56], resq.W_LOW)))
-    np.testing.assert_array_equal(wq[:, 56:], np.asarray(F.fake_quant(w[:, 56:], resq.W_HIGH)))
+    lo = F.fake_quant(w[:, :56], resq.W_LOW, int_rule=resq.W_RULE)
+    hi = F.fake_quant(w[:, 56:], resq.W_HIGH, int_rule=resq.W_RULE)
+    np.testing.assert_array_equal(wq[:, :56], np.asarray(lo))
+    np.testing.assert_array_equal(wq[:, 56:], np.asarray(hi))
     # Separate per-token scale/zero per part: each part matches its own asym quantizer.
     x = _acts(6)[:50]
     xq = np.asarray(resq.mixed_act_quant(x, 8))

@@ -81,14 +81,14 @@ def test_compensation_reduces_salient_block_error(path):
     wt = serq.serq_transform(w, s, serq.serq_order(s))
     lin = serq.serq_quantize(w, x.min(0), x.max(0), path=path, r=R)
     main = serq.MAIN_INT_FMT if path == "int" else "mxfp4"
+    rule = serq.MAIN_INT_RULE if path == "int" else "default"
+    plain = np.asarray(F.fake_quant(wt, main, int_rule=rule))
     blk = np.asarray(wt[:, :R])
     err_comp = np.linalg.norm(blk - np.asarray(lin.w_main[:, :R] + lin.c))
-    err_plain = np.linalg.norm(blk - np.asarray(F.fake_quant(wt, main)[:, :R]))
+    err_plain = np.linalg.norm(blk - plain[:, :R])
     assert err_comp < 0.25 * err_plain, (err_comp, err_plain)
     # The rest of the weight is plain quantization of W̃.
-    np.testing.assert_array_equal(
-        np.asarray(lin.w_main[:, R:]), np.asarray(F.fake_quant(wt, main))[:, R:]
-    )
+    np.testing.assert_array_equal(np.asarray(lin.w_main[:, R:]), plain[:, R:])
 
 
 def test_runtime_uses_the_same_quantized_activation():
@@ -107,7 +107,12 @@ def test_runtime_uses_the_same_quantized_activation():
     plain = (
         np_serq_act(xt)
         @ np.asarray(
-            F.fake_quant(serq.serq_transform(w, lin.s, lin.perm), serq.MAIN_INT_FMT), np.float64
+            F.fake_quant(
+                serq.serq_transform(w, lin.s, lin.perm),
+                serq.MAIN_INT_FMT,
+                int_rule=serq.MAIN_INT_RULE,
+            ),
+            np.float64,
         ).T
         + b
     )
@@ -134,7 +139,8 @@ def test_gptq_main_uses_the_transformed_hessian():
     lin = serq.serq_quantize(w, x.min(0), x.max(0), w_quant="gptq", h=h, act=None)
     s, perm = lin.s, lin.perm
     w_res, _ = serq.serq_compensate(serq.serq_transform(w, s, perm), R)
-    want = gptq_quantize(w_res, serq.serq_hessian(h, s, perm), serq.MAIN_INT_FMT).w_hat
+    hs = serq.serq_hessian(h, s, perm)
+    want = gptq_quantize(w_res, hs, serq.MAIN_INT_FMT, int_rule=serq.MAIN_INT_RULE).w_hat
     np.testing.assert_array_equal(np.asarray(lin.w_main), np.asarray(want))
     rtn = serq.serq_quantize(w, x.min(0), x.max(0), act=None)
     y = x @ w.T

@@ -221,21 +221,21 @@ SHARDED = textwrap.dedent(
     from arhq_jax.quantize_model import quantize_model
     from arhq_jax.models.params import random_params
     sys.path.insert(0, "tests")
-    import _tiny as T
+    from _tiny import CFG
     assert len(jax.devices()) == 4
-    params = random_params(T.CFG, jax.random.key(0), std=0.08)
-    ids = np.asarray(jax.random.randint(jax.random.key(1), (6, 32), 0, T.CFG.vocab_size), np.int32)
+    params = random_params(CFG, jax.random.key(0), std=0.08)
+    ids = np.asarray(jax.random.randint(jax.random.key(1), (6, 32), 0, CFG.vocab_size), np.int32)
     qcfg = QuantConfig(method="arhq", rank=8)
     # One quantized model, evaluated on both meshes (rounding flips of a re-quantization would
     # otherwise dominate the comparison).
-    q = quantize_model(params, T.CFG, ids, qcfg, batch_size=6, mesh=data_mesh(jax.devices()[:1]),
+    q = quantize_model(params, CFG, ids, qcfg, batch_size=6, mesh=data_mesh(jax.devices()[:1]),
                        progress=False).params
     out = {}
     for name, mesh in (("one", data_mesh(jax.devices()[:1])), ("four", data_mesh())):
-        runner = LayerwiseRunner(params, T.CFG, ids, batch_size=6, mesh=mesh)
+        runner = LayerwiseRunner(params, CFG, ids, batch_size=6, mesh=mesh)
         runner.advance(params.layers[0])
         g = accumulate(runner, params.layers[1], {"down": stats_config(qcfg, g=True, absmax=True)})
-        r = evaluate_models({"arhq": q}, params, T.CFG, ids.reshape(-1), seq_len=32,
+        r = evaluate_models({"arhq": q}, params, CFG, ids.reshape(-1), seq_len=32,
                             max_chunks=None, batch_size=4, mesh=mesh, progress=False)
         out[name] = {"g": np.asarray(g["down"]["G"]).tolist(), "n": g["down"]["count"],
                      "ppl": r["arhq"]["ppl"], "kl": r["arhq"]["kl"], "top1": r["arhq"]["top1"],

@@ -55,7 +55,7 @@ def test_branch_step_is_the_exact_minimiser_for_fixed_residual():
     rng = np.random.default_rng(2)
     r = np.asarray(fake_quant(jnp.asarray(rng.standard_normal((16, 16)), jnp.float32), "nvfp4"))
     r = r.astype(np.float64)
-    hh, hih = refine._roots(mom["H"], jnp.float32(0), jnp.float32(0))
+    hh, hih = refine.h_roots(mom, eps=0.0, rel_eps=0.0)
     t = w - r + r @ c.T @ np.linalg.inv(h)
     lam, u = np.linalg.eigh(h)
     h_half, h_ih = (u * np.sqrt(lam)) @ u.T, (u / np.sqrt(lam)) @ u.T

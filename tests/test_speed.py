@@ -20,7 +20,7 @@ def test_evaluation_compiles_once_per_model_structure(model):
         m: quantize_model(params, CFG, ids, QuantConfig(method=m, **kw), progress=False).params
         for m in ("arhq", "svdquant")
     }
-    cache = transformer._forward_jit
+    cache = transformer.forward_jit
     if not hasattr(cache, "_cache_size"):
         pytest.skip("this jax does not expose the jit cache size")
     tokens = ids.reshape(-1)

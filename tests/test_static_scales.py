@@ -423,15 +423,15 @@ def test_advance_reuses_the_last_capture_pass(tiny, monkeypatch):
     for _ in reused.captures(params.layers[0]):
         pass
     calls = []
-    layer_fn = cal._layer
-    monkeypatch.setattr(cal, "_layer", lambda *a: calls.append(1) or layer_fn(*a))
+    layer_fn = cal.layer_pass
+    monkeypatch.setattr(cal, "layer_pass", lambda *a: calls.append(1) or layer_fn(*a))
     reused.advance(params.layers[0])
     assert calls == []
-    for (a, _), (b, _) in zip(fresh._batches, reused._batches, strict=True):
+    for (a, _), (b, _) in zip(fresh.batches(), reused.batches(), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     # Another layer object (e.g. the quantized one in sequential mode) runs again.
     reused.advance(params.layers[1])
-    assert len(calls) == len(reused._batches)
+    assert len(calls) == len(reused.batches())
 
 
 def test_layer_snr_baseline_quantizes_activations_like_the_method(tiny):

@@ -219,7 +219,7 @@ def awq_qtensor(
     max_flip: float = 0.01,
 ) -> F.QTensor:
     """The packed ``Q(W diag s)`` of the chosen scale ``s [in]``: a ``QTensor`` in int4-asym
-    (``int_variant="fprag"``, group ``group_size``) whose ``dequantize`` is bit for bit the
+    (``int_rule="fprag"``, group ``group_size``) whose ``dequantize`` is bit for bit the
     quantized weight of the α search's winning candidate (before the division by s).
 
     The runtime then computes ``(x/s)·deq(Q)ᵀ`` (``QuantLinear`` with ``smooth=s``), which is
@@ -239,7 +239,7 @@ def awq_qtensor(
         knee_tolerance=float(knee_tolerance),
         max_flip=float(max_flip),
     )
-    spec = F.resolve_format("int4-asym", group_size=int(group_size), int_variant="fprag")
+    spec = F.resolve_format("int4-asym", group_size=int(group_size))
     return F.QTensor(
         codes=F.pack_nibbles(codes),
         scales=scale,
@@ -249,6 +249,7 @@ def awq_qtensor(
         spec=spec,
         axis=1,
         dtype="float32",
+        int_rule="fprag",
     )
 
 

@@ -31,7 +31,7 @@ Faithfulness notes:
     exact zeros; the current block's columns of W are never read again), twice the reference's
     FLOPs but one compiled loop for any width; Cholesky failure is detected by non-finite factors
     instead of an exception. Rounding and scales come from ``formats`` (pass
-    ``int_variant="gptq"`` for the reference's ≥ 1e-5 scale clamp); ``mse_clip`` is QuaRot's
+    ``int_rule="gptq"`` for the reference's ≥ 1e-5 scale clamp); ``mse_clip`` is QuaRot's
     ``find_params(mse=True)`` (grid 100, shrink to 0.2, |Δ|^2.4), int formats only.
   - act-order with groups requires ``static_groups`` (ValueError otherwise), as does combining it
     with mixed precision or tiles.
@@ -145,24 +145,26 @@ def inverse_cholesky_upper(h, percdamp: float = 0.01, max_retries: int = 250):
 # ----------------------------------------------------------------------------------------------
 
 
-def fit_group(xg, spec: F.FormatSpec, ts, mse_clip: bool):
+def fit_group(xg, spec: F.FormatSpec, ts, mse_clip: bool, int_rule: str = "default"):
     """Fit one group over all rows: xg ``[R, g]`` → (stored ``[S]``, d ``[R]``, zero ``[R]``|None).
 
-    S = R, or R/16 for 16×16 tiles (then d is repeated over each tile's 16 rows).
+    S = R, or R/16 for 16×16 tiles (then d is repeated over each tile's 16 rows). ``int_rule``:
+    the int scale rule (``formats.INT_RULES``).
     """
     r, g = xg.shape
     if spec.tile is not None:
         tiles = xg.reshape(r // 16, 16, g).reshape(r // 16, 1, 16 * g)
         stored, d, _ = F.block_params(tiles, spec)
         return stored[:, 0], jnp.repeat(d[:, 0, 0], 16), None
-    stored, d, zero = F.block_params(xg[:, None, :], spec, ts if spec.name == "nvfp4" else None)
+    ts = ts if spec.name == "nvfp4" else None
+    stored, d, zero = F.block_params(xg[:, None, :], spec, ts, int_rule)
     d, z = d[:, 0, 0], (None if zero is None else zero[:, 0, 0])
     if not mse_clip:
         return stored[:, 0], d, z
-    return _mse_fit(xg, spec, d, z)
+    return _mse_fit(xg, spec, d, z, int_rule)
 
 
-def _mse_fit(xg, spec, d0, z0):
+def _mse_fit(xg, spec, d0, z0, int_rule):
     """QuaRot's MSE clip search over shrunk ranges (int formats), first minimum wins."""
     qmax = 2 ** (spec.bits - 1) - 1 if spec.symmetric else 2**spec.bits - 1
     lo = jnp.minimum(jnp.min(xg, axis=1), 0.0)
@@ -172,7 +174,7 @@ def _mse_fit(xg, spec, d0, z0):
 
     def err_of(d, z):
         zz = None if z is None else z[:, None]
-        c = F.quantize_blocks(xg, d[:, None], zz, spec)
+        c = F.quantize_blocks(xg, d[:, None], zz, spec, int_rule)
         e = F.dequantize_blocks(c, d[:, None], zz, spec) - xg
         return jnp.sum(jnp.abs(e) ** MSE_NORM, axis=1)
 
@@ -197,11 +199,11 @@ def _mse_fit(xg, spec, d0, z0):
     return d, d, z
 
 
-def _qdq(col, d, z, spec):
+def _qdq(col, d, z, spec, int_rule):
     """Quantize one column ``[R]``: (int32 codes, f32 dequantized)."""
     xb, db = col[:, None, None], d[:, None, None]
     zb = None if z is None else z[:, None, None]
-    c = F.quantize_blocks(xb, db, zb, spec)
+    c = F.quantize_blocks(xb, db, zb, spec, int_rule)
     return c.astype(jnp.int32)[:, 0, 0], F.dequantize_blocks(c, db, zb, spec)[:, 0, 0]
 
 
@@ -209,11 +211,11 @@ def _code_dtype(spec):
     return jnp.int8 if (spec.is_int and spec.bits == 8 and spec.symmetric) else jnp.uint8
 
 
-def _fit_all(wp, spec, ts, g, mse_clip):
+def _fit_all(wp, spec, ts, g, mse_clip, int_rule):
     """All groups of ``wp [R, K]`` at once: stored ``[S, K/g]``, d/zero ``[R, K/g]``."""
     r, k = wp.shape
     groups = wp.reshape(r, k // g, g).transpose(1, 0, 2)
-    stored, d, z = jax.vmap(lambda xg: fit_group(xg, spec, ts, mse_clip))(groups)
+    stored, d, z = jax.vmap(lambda xg: fit_group(xg, spec, ts, mse_clip, int_rule))(groups)
     return stored.T, d.T, (None if z is None else z.T)
 
 
@@ -233,6 +235,7 @@ def _fit_all(wp, spec, ts, g, mse_clip):
         "mode",
         "act_order",
         "mse_clip",
+        "int_rule",
         "in_pad",
         "max_retries",
     ),
@@ -251,6 +254,7 @@ def _gptq_core(
     mode,
     act_order,
     mse_clip,
+    int_rule,
     in_pad,
     max_retries,
 ):
@@ -268,12 +272,12 @@ def _gptq_core(
     # Parameters fitted up front (per-row formats on the W passed in, static groups after zeroing).
     n_low = k - n_high
     if mode == "row":
-        pre = _fit_all(pad(w_orig), spec, ts, in_pad, mse_clip)
+        pre = _fit_all(pad(w_orig), spec, ts, in_pad, mse_clip, int_rule)
     elif mode == "mixed":
-        pre = _fit_all(w_orig[:, :n_low], spec, ts, n_low, mse_clip)
-        pre_h = _fit_all(w_orig[:, n_low:], high_spec, ts, n_high, mse_clip)
+        pre = _fit_all(w_orig[:, :n_low], spec, ts, n_low, mse_clip, int_rule)
+        pre_h = _fit_all(w_orig[:, n_low:], high_spec, ts, n_high, mse_clip, int_rule)
     elif mode == "static":
-        pre = _fit_all(pad(w), spec, ts, g, mse_clip)
+        pre = _fit_all(pad(w), spec, ts, g, mse_clip, int_rule)
 
     if act_order:
         perm = jnp.argsort(jnp.diag(h), stable=True, descending=True)
@@ -299,7 +303,7 @@ def _gptq_core(
         p0, scales0, zeros0 = None, None, None
 
     def fit_dyn(xg, i, scales, zeros):
-        st, d, z = fit_group(xg, spec, ts, mse_clip)
+        st, d, z = fit_group(xg, spec, ts, mse_clip, int_rule)
         gi = i // g
         scales = jax.lax.dynamic_update_slice(scales, st[:, None], (0, gi))
         if zeros is not None:
@@ -309,17 +313,18 @@ def _gptq_core(
     def col_quant(i, col, params):
         if mode == "dynamic":
             _, d, z = params
-            return _qdq(col, d, z, spec)
+            return _qdq(col, d, z, spec, int_rule)
         if mode == "mixed":
-            c_lo, q_lo = _qdq(col, pre[1][:, 0], None if pre[2] is None else pre[2][:, 0], spec)
+            z_lo = None if pre[2] is None else pre[2][:, 0]
+            c_lo, q_lo = _qdq(col, pre[1][:, 0], z_lo, spec, int_rule)
             zh = None if pre_h[2] is None else pre_h[2][:, 0]
-            c_hi, q_hi = _qdq(col, pre_h[1][:, 0], zh, high_spec)
+            c_hi, q_hi = _qdq(col, pre_h[1][:, 0], zh, high_spec, int_rule)
             hi = i >= n_low
             return jnp.where(hi, c_hi, c_lo), jnp.where(hi, q_hi, q_lo)
         gi = perm_p[i] // g if mode == "static" else 0
         d = jax.lax.dynamic_index_in_dim(pre[1], gi, 1, keepdims=False)
         z = None if pre[2] is None else jax.lax.dynamic_index_in_dim(pre[2], gi, 1, keepdims=False)
-        return _qdq(col, d, z, spec)
+        return _qdq(col, d, z, spec, int_rule)
 
     def block_body(b, carry):
         wp, qout, cout, loss, params, scales, zeros = carry
@@ -405,7 +410,7 @@ def _pack(codes, spec, k):
     return c
 
 
-def _qtensor(codes, scales, zeros, ts, spec, shape):
+def _qtensor(codes, scales, zeros, ts, spec, shape, int_rule):
     return F.QTensor(
         codes=codes,
         scales=scales,
@@ -415,6 +420,7 @@ def _qtensor(codes, scales, zeros, ts, spec, shape):
         spec=spec,
         axis=1,
         dtype="float32",
+        int_rule=int_rule,
     )
 
 
@@ -431,6 +437,7 @@ def gptq_quantize(
     mse_clip: bool = False,
     high_fmt=None,
     n_high: int = 0,
+    int_rule: str = "default",
     max_damp_retries: int = 250,
 ) -> GPTQResult:
     """GPTQ-quantize ``w [out, in]`` under the Hessian ``h [in, in]`` in format ``fmt``.
@@ -448,6 +455,8 @@ def gptq_quantize(
       mse_clip: QuaRot's MSE range-shrinking search for the int group scales.
       high_fmt, n_high: mixed precision (ResQ): the last ``n_high`` input columns use
         ``high_fmt``; both formats must be per-row int (group −1).
+      int_rule: the int scale rule (``formats.INT_RULES``; both formats under mixed precision):
+        "gptq" is the reference quantizer's (``gptq_method.gptq_weight`` passes it).
       max_damp_retries: extra-damping retries after a failed Cholesky.
     Returns:
       ``GPTQResult``; ``dequantize(result.qtensor)`` equals ``result.w_hat`` bit for bit.
@@ -475,11 +484,13 @@ def gptq_quantize(
         raise ValueError(f"tensor_scale applies to nvfp4 only, not {spec.name}")
     if mse_clip and not spec.is_int:
         raise ValueError(f"mse_clip applies to int formats only, not {spec.label}")
+    F.check_int_rule(spec, int_rule)
     high_spec = None
     if high_fmt is not None or n_high:
         if high_fmt is None or not 0 < n_high < k:
             raise ValueError(f"mixed precision needs high_fmt and 0 < n_high < in={k}")
         high_spec = F.resolve_format(high_fmt)
+        F.check_int_rule(high_spec, int_rule)
         for s in (spec, high_spec):
             if not (s.is_int and s.block == -1):
                 raise ValueError(
@@ -525,6 +536,7 @@ def gptq_quantize(
         mode=mode,
         act_order=bool(act_order),
         mse_clip=bool(mse_clip),
+        int_rule=int_rule,
         in_pad=in_pad,
         max_retries=int(max_damp_retries),
     )
@@ -536,7 +548,9 @@ def gptq_quantize(
         )
     if mode == "mixed":
         n_low = k - n_high
-        q_lo = _qtensor(_pack(cout[:, :n_low], spec, n_low), scales, zeros, 1.0, spec, (out, n_low))
+        q_lo = _qtensor(
+            _pack(cout[:, :n_low], spec, n_low), scales, zeros, 1.0, spec, (out, n_low), int_rule
+        )
         q_hi = _qtensor(
             _pack(cout[:, n_low:k], high_spec, n_high),
             extra[0],
@@ -544,6 +558,7 @@ def gptq_quantize(
             1.0,
             high_spec,
             (out, n_high),
+            int_rule,
         )
         qt = (q_lo, q_hi)
     else:
@@ -557,10 +572,12 @@ def gptq_quantize(
             ts,
             spec,
             (out, k),
+            int_rule,
         )
     return GPTQResult(w_hat=w_hat, qtensor=qt, err=loss, perm=perm.astype(jnp.int32))
 
 
-def rtn_quantize(w, fmt, *, tensor_scale=None) -> jax.Array:
+def rtn_quantize(w, fmt, *, tensor_scale=None, int_rule: str = "default") -> jax.Array:
     """Round-to-nearest baseline: ``fake_quant(w, fmt)`` in f32 (what GPTQ equals at H = I)."""
-    return F.fake_quant(jnp.asarray(w, jnp.float32), fmt, tensor_scale=tensor_scale)
+    w = jnp.asarray(w, jnp.float32)
+    return F.fake_quant(w, fmt, tensor_scale=tensor_scale, int_rule=int_rule)

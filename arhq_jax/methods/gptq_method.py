@@ -2,13 +2,15 @@
 every method quantizing with GPTQ goes through (``gptq_weight``: ``--method gptq``, and the
 ``residual_quant="gptq"`` of svdquant/arhq).
 
-The integer weight formats take the reference quantizer's scale rule (``int_variant="gptq"``: the
+The integer weight formats take the reference quantizer's scale rule (``int_rule="gptq"``: the
 amax, or hi − lo, clamped at ≥ 1e-5 before dividing by the code range), whichever method calls
 GPTQ: the residual of SVDQuant/ARHQ under ``--residual-quant gptq`` is quantized exactly as
 ``--method gptq`` quantizes a weight.
 """
 
 from __future__ import annotations
+
+import time
 
 import jax
 import jax.numpy as jnp
@@ -28,17 +30,17 @@ from arhq_jax.models.config import GROUP_OF
 from arhq_jax.qlinear import QuantLinear
 
 
-def gptq_spec(w_spec) -> F.FormatSpec:
-    """The weight format with the reference quantizer's int scale clamp (≥ 1e-5)."""
-    spec = F.resolve_format(w_spec)
-    return F.resolve_format(spec, int_variant="gptq") if spec.is_int else spec
+def gptq_int_rule(w_spec) -> str:
+    """The int scale rule GPTQ quantizes ``w_spec`` with: the reference quantizer's clamp (≥ 1e-5,
+    ``"gptq"``) for int formats; the FP4 formats have no int rule (``"default"``)."""
+    return "gptq" if F.resolve_format(w_spec).is_int else "default"
 
 
 def gptq_weight(w, h, w_spec, opts, *, w_scale=None) -> GPTQResult:
     """GPTQ of ``w [out, in]`` under ``h [in, in]`` in ``w_spec`` with the GPTQ options of
     ``opts`` (``percdamp``, ``block_size``, ``act_order`` — static groups when grouped —,
     ``mse_clip``); ``w_scale``: the nvfp4 weight global scale (None: from ``w``)."""
-    spec = gptq_spec(w_spec)
+    spec = F.resolve_format(w_spec)
     return gptq_quantize(
         w,
         h,
@@ -49,6 +51,7 @@ def gptq_weight(w, h, w_spec, opts, *, w_scale=None) -> GPTQResult:
         static_groups=opts.act_order and spec.block != -1,
         mse_clip=opts.mse_clip,
         tensor_scale=w_scale,
+        int_rule=gptq_int_rule(spec),
     )
 
 
@@ -84,27 +87,42 @@ class GPTQMethod(Method):
             st = group_stats(calib, layer, groups, qcfg, keep_h=True, keep_absmax=static)
         act = static_act_scales(qcfg, st, projs)
         w_scales = fused_w_scales(qcfg, {p: getattr(layer, p).w for p in projs})
-        new, diags = {}, []
-        for p in projs:
+        # issue 11: with several devices each projection runs on its own one, all dispatched
+        # before any is waited on (arhq_jax.devices); one device: as before, one at a time.
+        spread = calib.spread
+        many = spread is not None and spread.active
+        order = spread.plan({p: getattr(layer, p).w.shape for p in projs}) if many else projs
+
+        def place(tree, p):
+            return spread.put(tree, p) if many else tree
+
+        new, diags, t0 = {}, {}, time.perf_counter()
+        for p in order:
             lin = getattr(layer, p)
-            w = f32(lin.w)
-            with timed(timings, "decomposition_s"):
-                ql, res = gptq_linear(
-                    w,
-                    st[GROUP_OF[p]]["H"],
-                    qcfg,
-                    lin.b,
-                    act_scale=act.get(p),
-                    w_scale=w_scales.get(p),
-                )
-                jax.block_until_ready(res.w_hat)
-            new[p] = ql
-            diags.append(
-                {
-                    "layer": layer_idx,
-                    "proj": p,
-                    "w_quant_rel_err": rel_err(res.w_hat, w),
-                    "gptq_err": float(res.err),
-                }
+            w = place(f32(lin.w), p)
+            t1 = time.perf_counter()
+            ql, res = gptq_linear(
+                w,
+                place(st[GROUP_OF[p]]["H"], p),
+                qcfg,
+                place(lin.b, p),
+                act_scale=place(act.get(p), p),
+                w_scale=place(w_scales.get(p), p),
             )
-        return layer.replace(**new), diags
+            if not many:
+                jax.block_until_ready(res.w_hat)
+                timings["decomposition_s"] += time.perf_counter() - t1
+            new[p] = ql
+            diags[p] = (w, res)
+        if many:
+            new = spread.gather(jax.block_until_ready(new))
+            timings["decomposition_s"] += time.perf_counter() - t0
+        out = []
+        for p in projs:
+            w, res = diags[p]
+            row = {"layer": layer_idx, "proj": p, "w_quant_rel_err": rel_err(res.w_hat, w)}
+            row["gptq_err"] = float(res.err)
+            if many:
+                row["device"] = spread.device(p).id
+            out.append(row)
+        return layer.replace(**new), out

@@ -205,59 +205,94 @@ def _quantize_group(
     act,
     mom_of=None,
     ranks=None,
+    spread=None,
 ):
     """Decompose and pack ``projs`` of ``layer``; returns ({proj: QuantLinear}, diagnostics).
 
     ``act``: {proj: static activation scale}. issue 12: ``mom_of`` {proj: moments H, C, G} for
     the joint refinement, ``ranks`` {(layer, proj): rank} of the rank budget. Every projection
     is split first, so that the fused partitions (q/k/v, gate/up) can share one nvfp4 weight
-    global scale of their residuals."""
-    new, diags, splits, refined, roots = {}, [], {}, {}, {}
+    global scale of their residuals. issue 11: with an active ``devices.Spread`` every
+    projection's inputs go to its own device and all of them are dispatched before any is
+    waited on (one device: each is timed on its own, as before)."""
+    mom_of = mom_of or {}
+    many = spread is not None and spread.active
+    order = spread.plan({p: getattr(layer, p).w.shape for p in projs}) if many else projs
+
+    def place(tree, p):
+        return spread.put(tree, p) if many else tree
+
+    new, diags, splits, refined, roots = {}, {}, {}, {}, {}
     factors = decompose.GFactorCache(qcfg.eps, qcfg.rel_eps)
-    for p in projs:
-        w = getattr(layer, p).w.astype(jnp.float32)
+    g_home = {}  # id(G) → G on the device of its first projection: one factorization per G
+
+    def factors_for(p):
+        def factor(g, w_shape):
+            if id(g) not in g_home:  # g is kept in the entry so that its id is not reused
+                g_home[id(g)] = (g, place(g, p))
+            return place(factors(g_home[id(g)][1], w_shape), p)
+
+        return factor
+
+    t_all = time.perf_counter()
+    for p in order:
+        w = place(getattr(layer, p).w, p).astype(jnp.float32)
         if qcfg.rotate:  # issue 12: the weight of the rotated space, W R
             w = rotate.rotate_weight(w, rotate.block_for(w.shape[1], qcfg.rotate))
         alpha, s = smooth.get(p, (None, None))
-        w_t = w if s is None else w * s[None, :]
+        w_t = w if s is None else w * place(s, p)[None, :]
         t0 = time.perf_counter()
         rank = None if ranks is None else ranks[(layer_idx, p)]
-        split = jax.block_until_ready(
-            split_weight(qcfg, w_t, g_of.get(p), factor_dtype, factors, rank)
-        )
+        split = split_weight(qcfg, w_t, g_of.get(p), factor_dtype, factors_for(p), rank)
+        if not many:
+            split = jax.block_until_ready(split)
         if split is not None and qcfg.refine_iters:  # issue 12: joint refinement
-            grp = GROUP_OF[p]
+            grp, mom = GROUP_OF[p], place(mom_of[p], p)
             if grp not in roots:
-                roots[grp] = refine.h_roots(mom_of[p])
+                roots[grp] = refine.h_roots(mom)
             ref = refine.refine(
                 w_t,
                 split.b,
                 split.a,
-                mom_of[p],
+                mom,
                 refine.rtn_quantizer(qcfg.w_spec),
                 qcfg.refine_iters,
-                h_roots=roots[grp],
+                h_roots=place(roots[grp], p),
             )
             split = split.replace(
                 b=ref.b, a=ref.a, residual=ref.residual, objective=jnp.asarray(ref.objectives[-1])
             )
             refined[p] = ref.objectives
-        timings["decomposition_s"] += time.perf_counter() - t0
+        if not many:
+            timings["decomposition_s"] += time.perf_counter() - t0
         splits[p] = (split, w_t if split is None else split.residual)
+    if many:  # every device's queue drained: the wall time of the whole stage
+        jax.block_until_ready(splits)
+        timings["decomposition_s"] += time.perf_counter() - t_all
     fused = qcfg.fused_w_scale and qcfg.w_spec.name == "nvfp4"
     w_scales = global_scales.fused_weight_scales(
         {p: r for p, (_, r) in splits.items()}, GROUP_OF, fused
     )
-    for p in projs:
+    t_all = time.perf_counter()
+    for p in order:
         lin = getattr(layer, p)
         alpha, s = smooth.get(p, (None, None))
         split, residual = splits[p]
         t1 = time.perf_counter()
         ql = _pack_residual(
-            qcfg, residual, h_of.get(p), s, lin.b, split, act.get(p), w_scales.get(p)
+            qcfg,
+            residual,
+            place(h_of.get(p), p),
+            place(s, p),
+            place(lin.b, p),
+            split,
+            place(act.get(p), p),
+            place(w_scales.get(p), p),
         )
-        deq = jax.block_until_ready(dequantize(ql.w, jnp.float32))
-        timings["packing_s"] += time.perf_counter() - t1
+        deq = dequantize(ql.w, jnp.float32)
+        if not many:
+            deq = jax.block_until_ready(deq)
+            timings["packing_s"] += time.perf_counter() - t1
         d = {
             "layer": layer_idx,
             "proj": p,
@@ -265,6 +300,8 @@ def _quantize_group(
             "w_quant_rel_err": jnp.linalg.norm(deq - residual)
             / jnp.maximum(jnp.linalg.norm(residual), 1e-30),
         }
+        if many:
+            d["device"] = spread.device(p).id
         if p in refined:  # issue 12: J of every accepted refinement iterate
             d["refine_objectives"] = [float(j) for j in refined[p]]
         if split is not None:
@@ -275,13 +312,18 @@ def _quantize_group(
                 max_abs_a=split.max_abs_a,
                 branch_rel_norm=split.branch_rel_norm,
             )
-        diags.append(d)
+        diags[p] = d
         if qcfg.rotate:  # issue 12: online rotation of the input
             d["rotate"] = rotate.block_for(residual.shape[1], qcfg.rotate)
             ql = rotate.RotatedLinear(ql, d["rotate"])
         new[p] = ql
+    if many:  # back to the calibration mesh, one placement for the whole model
+        new = spread.gather(jax.block_until_ready(new))
+        timings["packing_s"] += time.perf_counter() - t_all
     # One device→host transfer for the group's diagnostics, not one per number.
-    return new, [_host_diag(d) for d in jax.device_get(diags)]
+    return {p: new[p] for p in projs}, [
+        _host_diag(d) for d in jax.device_get([diags[p] for p in projs])
+    ]
 
 
 def _host_diag(d: dict) -> dict:
@@ -394,6 +436,7 @@ class LowRankMethod(Method):
             act,
             mom_of=mom_of,
             ranks=calib.plan,
+            spread=calib.spread,
         )
         return layer.replace(**new), diags
 

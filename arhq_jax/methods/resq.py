@@ -14,7 +14,7 @@ Faithfulness (checked against ``get_basis.py``, ``hadamard_utils.py``, ``quant_u
 ``eval_utils/gptq_utils.py``):
   - Follows the code: damping before an f64 ``eigh`` sorted ascending; Haar rotations from an f64
     QR with ``q *= sign(diag(r))``; U = P·blockdiag(R_low, R_high); weight quantizer QuaRot's
-    symmetric per-channel (scale max(amax, 1e-5)/qmax: ``int_variant="gptq"``), MSE clip optional
+    symmetric per-channel (scale max(amax, 1e-5)/qmax: ``int_rule="gptq"``), MSE clip optional
     (on in the reference); activations QuaRot's asymmetric per-token quantizer (range widened to
     0, clip ratio 1), applied separately to the two parts.
   - Differs: rotations come from a JAX PRNG key (torch's ``randn`` stream cannot be reproduced);
@@ -42,11 +42,12 @@ from flax import struct
 
 from arhq_jax import formats as F
 from arhq_jax.elements import HIGHEST
-from arhq_jax.linear import matmul_nt
+from arhq_jax.linear import WeightFeatures, matmul_nt
 from arhq_jax.methods import gptq as G
 
-W_LOW = F.resolve_format("int4", group_size=-1, int_variant="gptq")
-W_HIGH = F.resolve_format("int8", group_size=-1, int_variant="gptq")
+W_LOW = F.resolve_format("int4", group_size=-1)
+W_HIGH = F.resolve_format("int8", group_size=-1)
+W_RULE = "gptq"  # the weights' int scale rule (QuaRot's quantizer), GPTQ and RTN alike
 A_LOW = F.resolve_format("int4-asym", group_size=-1)
 A_HIGH = F.resolve_format("int8-asym", group_size=-1)
 
@@ -156,9 +157,9 @@ def mixed_act_quant(x, n_high: int, low_fmt=A_LOW, high_fmt=A_HIGH) -> jax.Array
 
 @functools.partial(jax.jit, static_argnames=("spec", "mse_clip"))
 def _row_rtn(w, spec, mse_clip):
-    _, d, z = G.fit_group(w, spec, jnp.float32(1.0), mse_clip)
+    _, d, z = G.fit_group(w, spec, jnp.float32(1.0), mse_clip, W_RULE)
     zz = None if z is None else z[:, None]
-    c = F.quantize_blocks(w, d[:, None], zz, spec)
+    c = F.quantize_blocks(w, d[:, None], zz, spec, W_RULE)
     return F.dequantize_blocks(c, d[:, None], zz, spec)
 
 
@@ -282,7 +283,7 @@ def hadamard_transform(x, axis: int = -1) -> jax.Array:
 
 
 @struct.dataclass
-class ResQLinear:
+class ResQLinear(WeightFeatures):
     """Rotated mixed-precision projection: ``y = Q_a(x[perm] R)·Ŵᵀ (+ b)``.
 
     ``perm`` (an online gather, e.g. o_proj's per-head high dims moved to the end) comes first,
@@ -305,17 +306,7 @@ class ResQLinear:
     hadamard: bool = struct.field(pytree_node=False, default=False)
     act_low: object = struct.field(pytree_node=False, default=A_LOW)
     act_high: object = struct.field(pytree_node=False, default=A_HIGH)
-
-    @property
-    def in_features(self) -> int:
-        if isinstance(self.w_hat, tuple):
-            return sum(q.shape[1] for q in self.w_hat)
-        return self.w_hat.shape[1]
-
-    @property
-    def out_features(self) -> int:
-        w = self.w_hat[0] if isinstance(self.w_hat, tuple) else self.w_hat
-        return w.shape[0]
+    WEIGHT = "w_hat"  # in/out features (not a field); a tuple is column blocks
 
     def weights_only(self) -> ResQLinear:
         """The same linear with its mixed activation quantizer off (``act_low`` → None)."""
@@ -398,10 +389,19 @@ def resq_quantize(
         hr = rotate_hessian(h, r)
         if n_high:
             res = G.gptq_quantize(
-                w_rot, hr, w_low, high_fmt=w_high, n_high=n_high, mse_clip=mse_clip, **gptq_kwargs
+                w_rot,
+                hr,
+                w_low,
+                high_fmt=w_high,
+                n_high=n_high,
+                mse_clip=mse_clip,
+                int_rule=W_RULE,
+                **gptq_kwargs,
             )
         else:
-            res = G.gptq_quantize(w_rot, hr, w_low, mse_clip=mse_clip, **gptq_kwargs)
+            res = G.gptq_quantize(
+                w_rot, hr, w_low, mse_clip=mse_clip, int_rule=W_RULE, **gptq_kwargs
+            )
         w_hat = res.qtensor if pack else res.w_hat
     else:
         w_hat = mixed_weight_rtn(w_rot, n_high, low_fmt=w_low, high_fmt=w_high, mse_clip=mse_clip)

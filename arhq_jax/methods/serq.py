@@ -12,8 +12,8 @@ single quantized compensation matrix on the most salient input channels.
 
 Faithfulness (checked against ``serq_quant/int_quant.py`` and ``utils/gptq_utils.py``):
   - Follows the code: s is the absmax (SmoothQuant α = 1, no weight term); C uses SERQ's
-    sign-magnitude per-row int4 (range [−7, 7], ``int_variant="serq"``); the int main weight uses
-    the QuaRot/GPTQ quantizer (int4 sym g128, scale clamp ≥ 1e-5, ``int_variant="gptq"``) for both
+    sign-magnitude per-row int4 (range [−7, 7], ``sign_magnitude=True``); the int main weight uses
+    the QuaRot/GPTQ quantizer (int4 sym g128, scale clamp ≥ 1e-5, ``int_rule="gptq"``) for both
     RTN and GPTQ; GPTQ runs on the flattened, permuted, unquantized input's Hessian with no
     act-order (refused); the int activation quantizer is SERQ's ``AsymPerGroupQuant``: per token,
     groups of 128, range [min, max] *not* widened to 0, z = RNE(−min/scale) unclamped,
@@ -44,11 +44,12 @@ import jax.numpy as jnp
 from flax import struct
 
 from arhq_jax import formats as F
-from arhq_jax.linear import matmul_nt
+from arhq_jax.linear import WeightFeatures, add_bias, matmul_nt
 from arhq_jax.methods.gptq import gptq_quantize
 
-C_INT_FMT = F.resolve_format("int4", group_size=-1, int_variant="serq")
-MAIN_INT_FMT = F.resolve_format("int4", group_size=128, int_variant="gptq")
+C_INT_FMT = F.resolve_format("int4", group_size=-1, sign_magnitude=True)
+MAIN_INT_FMT = F.resolve_format("int4", group_size=128)
+MAIN_INT_RULE = "gptq"  # the int main weight's scale rule (QuaRot/GPTQ's), RTN and GPTQ alike
 ACT_GROUP = 128
 
 
@@ -157,7 +158,7 @@ def _act_quant(x, act: str | None, tensor_scale=None):
 
 
 @struct.dataclass
-class SERQLinear:
+class SERQLinear(WeightFeatures):
     """SERQ projection: ``y = Q_a(x̃)·W_mainᵀ + Q_a(x̃)[..., :r]·Cᵀ (+ b)``, x̃ = (x/s)[perm].
 
     Attributes:
@@ -178,14 +179,7 @@ class SERQLinear:
     b: jax.Array | None = None
     act_scale: jax.Array | None = None
     act: str | None = struct.field(pytree_node=False, default="int4")
-
-    @property
-    def in_features(self) -> int:
-        return self.w_main.shape[1]
-
-    @property
-    def out_features(self) -> int:
-        return self.w_main.shape[0]
+    WEIGHT = "w_main"  # in/out features (not a field)
 
     @property
     def rank(self) -> int:
@@ -200,9 +194,7 @@ class SERQLinear:
         y = matmul_nt(a, F.dense_weight(self.w_main))
         if self.rank:  # the same quantized a
             y = y + matmul_nt(a[..., : self.rank], F.dense_weight(self.c))
-        if self.b is not None:
-            y = y + self.b.astype(jnp.float32)
-        return y.astype(x.dtype)
+        return add_bias(y, self.b).astype(x.dtype)
 
 
 def serq_quantize(
@@ -277,16 +269,18 @@ def serq_quantize(
     main_fmt = F.resolve_format(w_fmt if w_fmt is not None else MAIN_INT_FMT)
     if path in FP4_PATHS:
         main_fmt = F.resolve_format(path)
+    rule = MAIN_INT_RULE if main_fmt.is_int else "default"
     if w_quant == "gptq":
         if h is None:
             raise ValueError("w_quant='gptq' needs h, the [in, in] Hessian of the input")
         h = jnp.asarray(h, jnp.float32)
         if h.shape != (k, k):
             raise ValueError(f"h must be [{k}, {k}], got shape {h.shape}")
-        res = gptq_quantize(w_res, serq_hessian(h, s, perm), main_fmt, **gptq_kwargs)
+        res = gptq_quantize(w_res, serq_hessian(h, s, perm), main_fmt, int_rule=rule, **gptq_kwargs)
         w_main = res.qtensor if pack else res.w_hat
     else:
-        w_main = F.quantize(w_res, main_fmt) if pack else F.fake_quant(w_res, main_fmt)
+        quant = F.quantize if pack else F.fake_quant
+        w_main = quant(w_res, main_fmt, int_rule=rule)
     b = None if bias is None else jnp.asarray(bias)
     if b is not None and b.shape != (out,):
         raise ValueError(f"bias must be [{out}], got shape {b.shape}")

@@ -40,7 +40,8 @@ def _inv_freq(theta: float, d: int, rope_type: str, scaling: tuple | None) -> np
     # The f32 recipe of HF's rope init functions, op for op. The power runs on XLA's CPU backend
     # (it matches torch's CPU powf, numpy's does not); the rest is IEEE-exact f32 arithmetic in
     # numpy, written as torch evaluates it (``c / t`` is ``reciprocal(t) * c`` in torch).
-    with jax.ensure_compile_time_eval(), jax.default_device(jax.devices("cpu")[0]):
+    # local_devices: under jax.distributed on CPU, devices("cpu")[0] is process 0's.
+    with jax.ensure_compile_time_eval(), jax.default_device(jax.local_devices(backend="cpu")[0]):
         expo = jnp.arange(0, d, 2, dtype=jnp.int32).astype(F32) / d
         inv = np.asarray(jnp.float32(theta) ** expo)
     one = np.float32(1.0)
@@ -240,7 +241,8 @@ def _forward(params, cfg, ids, positions=None, attn_mask=None):
     return head(params, cfg, h)
 
 
-_forward_jit = jax.jit(_forward, static_argnames=("cfg",))
+# The one compiled forward (public: tests read its cache size to check that nothing recompiles).
+forward_jit = jax.jit(_forward, static_argnames=("cfg",))
 
 
 def forward(
@@ -267,4 +269,4 @@ def forward(
         positions = jnp.asarray(positions, jnp.int32)
         if positions.shape != ids.shape:
             raise ValueError(f"positions shape {positions.shape} != ids shape {ids.shape}")
-    return _forward_jit(params, cfg, ids, positions, attn_mask)
+    return forward_jit(params, cfg, ids, positions, attn_mask)
