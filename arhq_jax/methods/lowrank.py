@@ -115,6 +115,18 @@ class SVDQuantOptions(GPTQOptions, RTNOptions):
         "joint refinement of branch and quantized residual: at most this many iterations",
         type=NONNEG,
     )
+    refine_gptq: bool = option(
+        False,
+        "joint refinement: re-quantize the residual by GPTQ (as the final packing) instead of RTN "
+        "inside the loop; needs residual_quant=gptq",
+        action="store_true",
+    )
+    act_aware: bool = option(
+        False,
+        "quantize the residual against the quantized activations: target (W − L)(H − C + λI)"
+        "(Ĥ + λI)⁻¹ under Ĥ = E[Q(x)ᵀQ(x)] (refine.act_aware_map); raw setting",
+        action="store_true",
+    )
 
     def check(self, common) -> None:
         RTNOptions.check(self, common)
@@ -133,6 +145,14 @@ class SVDQuantOptions(GPTQOptions, RTNOptions):
             raise ValueError("rank_budget and refine_iters are implemented for the raw setting")
         if self.refine_iters and common.act_fmt is None:
             raise ValueError("refine_iters needs an activation format (its objective has Q_a)")
+        if not isinstance(self.refine_gptq, bool):
+            raise ValueError(f"refine_gptq must be True or False, got {self.refine_gptq!r}")
+        if self.refine_gptq and not (self.refine_iters and self.residual_quant == "gptq"):
+            raise ValueError("refine_gptq needs refine_iters > 0 and residual_quant=gptq")
+        if not isinstance(self.act_aware, bool):
+            raise ValueError(f"act_aware must be True or False, got {self.act_aware!r}")
+        if self.act_aware and (self.setting == "smooth" or common.act_fmt is None):
+            raise ValueError("act_aware needs the raw setting and an activation format")
 
     def unused(self, common) -> tuple[str, ...]:
         out = RTNOptions.unused(self, common)
@@ -212,7 +232,8 @@ def _quantize_group(
     the joint refinement, ``ranks`` {(layer, proj): rank} of the rank budget. Every projection
     is split first, so that the fused partitions (q/k/v, gate/up) can share one nvfp4 weight
     global scale of their residuals."""
-    new, diags, splits, refined, roots = {}, [], {}, {}, {}
+    new, diags, splits, refined, roots, maps = {}, [], {}, {}, {}, {}
+    h_of = dict(h_of)
     factors = decompose.GFactorCache(qcfg.eps, qcfg.rel_eps)
     for p in projs:
         w = getattr(layer, p).w.astype(jnp.float32)
@@ -225,8 +246,18 @@ def _quantize_group(
         split = jax.block_until_ready(
             split_weight(qcfg, w_t, g_of.get(p), factor_dtype, factors, rank)
         )
+        grp = GROUP_OF[p]
+        quantizer = refine.rtn_quantizer(qcfg.w_spec)
+        if qcfg.refine_gptq:  # issue 12: GPTQ under H (Ĥ when act-aware) inside the loop
+            quantizer = _gptq_quantizer(qcfg, h_of, p)
+        if qcfg.act_aware:  # issue 12: the residual's target T = res P under Ĥ
+            if grp not in maps:
+                lam = refine.act_aware_lambda(mom_of[p], qcfg.percdamp)
+                mom = mom_of[p]
+                maps[grp] = refine.act_aware_map(mom["H"], mom["C"], mom["G"], lam)
+            quantizer = refine.mapped_quantizer(quantizer, maps[grp][0])
+            h_of[p] = maps[grp][1]
         if split is not None and qcfg.refine_iters:  # issue 12: joint refinement
-            grp = GROUP_OF[p]
             if grp not in roots:
                 roots[grp] = refine.h_roots(mom_of[p])
             ref = refine.refine(
@@ -234,7 +265,7 @@ def _quantize_group(
                 split.b,
                 split.a,
                 mom_of[p],
-                refine.rtn_quantizer(qcfg.w_spec),
+                quantizer,
                 qcfg.refine_iters,
                 h_roots=roots[grp],
             )
@@ -243,7 +274,10 @@ def _quantize_group(
             )
             refined[p] = ref.objectives
         timings["decomposition_s"] += time.perf_counter() - t0
-        splits[p] = (split, w_t if split is None else split.residual)
+        target = w_t if split is None else split.residual
+        if qcfg.act_aware:
+            target = refine.mapped_quantizer(lambda t: t, maps[grp][0])(target)
+        splits[p] = (split, target)
     fused = qcfg.fused_w_scale and qcfg.w_spec.name == "nvfp4"
     w_scales = global_scales.fused_weight_scales(
         {p: r for p, (_, r) in splits.items()}, GROUP_OF, fused
@@ -284,6 +318,12 @@ def _quantize_group(
     return new, [_host_diag(d) for d in jax.device_get(diags)]
 
 
+def _gptq_quantizer(qcfg, h_of: dict, p: str):
+    """``res ↦ deq(GPTQ(res))`` under ``h_of[p]``, read at call time (the act-aware Ĥ replaces
+    H in ``h_of`` after this is built); the residual's own weight global scale."""
+    return lambda res: dequantize(gptq_weight(res, h_of[p], qcfg.w_spec, qcfg).qtensor, jnp.float32)
+
+
 def _host_diag(d: dict) -> dict:
     """Python numbers for the device scalars of one projection's diagnostics."""
     out = dict(d)
@@ -308,6 +348,7 @@ class LowRankMethod(Method):
             or qcfg.residual_quant == "gptq"
             or qcfg.static_act_scale
             or bool(qcfg.refine_iters)
+            or qcfg.act_aware
         )
 
     def plan(self, params, cfg, calib_ids, qcfg, *, batch_size=8, mesh=None):
@@ -356,7 +397,8 @@ class LowRankMethod(Method):
                 h_of = {p: gs[names[p]]["H"] for p in projs} if need_h else {}
         else:
             gs, scale, rot = {}, None, qcfg.rotate
-            moments = bool(qcfg.refine_iters)  # issue 12: H, C and G in one pass instead
+            # issue 12: H, C and G in one pass instead
+            moments = bool(qcfg.refine_iters) or qcfg.act_aware
             if static:  # pass 1: the amax (with H when only H is needed: it ignores the scale)
                 spec = stats_config(qcfg, g=False, absmax=True, h=need_h and not need_g)
                 gs = calib.stats(layer, {g: spec for g in groups}, rotate_block=rot)
