@@ -362,9 +362,10 @@ class QuantConfig:
 # NVFP4 W4A4 (static activation scales), at most 6.0 stored bits per weight over the seven
 # projections (4.5 for codes and block scales + 1.47 for the rank-32 bf16 factors), the best
 # combination measured on SmolLM2 (docs/beyond_arhq.md, benchmarks/results/beyond_w4a4.md): ARHQ
-# r32 raw, GPTQ residual of the activation-aware target (act_aware), 3 refinement iterations,
-# sequential calibration. Rotation hurt, the rank budget traded KL for perplexity, smoothing is
-# not combined with the refinement; none is in.
+# r32 raw, GPTQ residual, 3 refinement iterations, sequential calibration. Rotation hurt, the
+# rank budget traded KL for perplexity, the activation-aware residual target lowered KL at 16k
+# tokens but raised perplexity (and at 4k both), smoothing is not combined with the refinement;
+# none is in.
 PRESETS = {
     "best-w4a4": dict(
         method="arhq",
@@ -375,7 +376,6 @@ PRESETS = {
         factor_dtype="bfloat16",
         residual_quant="gptq",
         refine_iters=3,
-        act_aware=True,
         sequential=True,
     ),
 }

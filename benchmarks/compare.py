@@ -160,11 +160,11 @@ def runs(cfg) -> list[dict]:
 # can calibrate on fewer tokens than the run (``--ablation-tokens``: the first n of its ids).
 INGREDIENTS = {
     "gptq residual": {"residual_quant": "gptq"},
-    "act-aware residual": {"act_aware": True},
     "refine": {"refine_iters": 3},
     "sequential": {"sequential": True},
 }
 REJECTED = {
+    "act-aware residual": {"act_aware": True},
     "refine gptq": {"refine_gptq": True},
     "smooth": {"setting": "smooth", "alpha_tokens": 4096},
     "rank budget": {"rank_budget": True},

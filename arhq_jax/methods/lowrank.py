@@ -256,7 +256,8 @@ def _quantize_group(
                 mom = mom_of[p]
                 maps[grp] = refine.act_aware_map(mom["H"], mom["C"], mom["G"], lam)
             quantizer = refine.mapped_quantizer(quantizer, maps[grp][0])
-            h_of[p] = maps[grp][1]
+            if qcfg.residual_quant == "gptq":  # GPTQ of the target under Ĥ (RTN: no H)
+                h_of[p] = maps[grp][1]
         if split is not None and qcfg.refine_iters:  # issue 12: joint refinement
             if grp not in roots:
                 roots[grp] = refine.h_roots(mom_of[p])
