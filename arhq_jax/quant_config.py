@@ -353,6 +353,8 @@ class QuantConfig:
         extra = "-budget" if self.rank_budget else ""
         extra += f"-refine{self.refine_iters}" if self.refine_iters else ""
         extra += f"-rot{self.rotate}" if self.rotate else ""
+        extra += "-aa" if self.act_aware else ""
+        extra += "-rgptq" if self.refine_gptq else ""
         return f"{self.method}{rank}{extra}{res}{setting}-{w}/{act}"
 
 
@@ -361,7 +363,9 @@ class QuantConfig:
 # projections (4.5 for codes and block scales + 1.47 for the rank-32 bf16 factors), the best
 # combination measured on SmolLM2 (docs/beyond_arhq.md, benchmarks/results/beyond_w4a4.md): ARHQ
 # r32 raw, GPTQ residual, 3 refinement iterations, sequential calibration. Rotation hurt, the
-# rank budget traded KL for perplexity; neither is in.
+# rank budget traded KL for perplexity, the activation-aware residual target lowered KL at 16k
+# tokens but raised perplexity (and at 4k both), smoothing is not combined with the refinement;
+# none is in.
 PRESETS = {
     "best-w4a4": dict(
         method="arhq",

@@ -218,3 +218,40 @@ def refine(
             b, a, res, r, best = nb, na, nres, nr, j
             objs.append(j)
     return Refined(b, a, res, tuple(objs))
+
+
+# ----------------------------------------------------------------------------- act-aware residual
+
+
+@jax.jit
+def act_aware_map(h, c, g, lam):
+    """``(P, Ĥ)`` of the activation-aware residual (issue 12): for a fixed branch L, with
+    ``M = W − L`` and ``Ĥ = E[Q_a(x)ᵀ Q_a(x)] = H − C − Cᵀ + G``, the regularised objective
+
+        J_λ(R) = J(L, R) + λ ‖R − M‖²_F = ‖(R − T) (Ĥ + λI)½‖²_F + const,
+        T = M P,   P = (H − C + λI) (Ĥ + λI)⁻¹,
+
+    so quantizing the *target* T under Ĥ (GPTQ's metric, GPTQ adding its own damping λ) or by
+    RTN minimises J instead of ``‖(R − M) H½‖²`` (plain GPTQ, which ignores that the residual
+    multiplies Q_a(x), not x). λ ≥ 0 (λ → 0: the exact minimiser; λ keeps P → I where Ĥ has no
+    energy). Args: H, C, G ``[D, D]`` (``finalize_moments``), λ scalar. Returns P ``[D, D]`` f32
+    and Ĥ ``[D, D]`` f32 (symmetrised)."""
+    h, c, g = (jnp.asarray(v, jnp.float32) for v in (h, c, g))
+    hh = h - c - c.T + g
+    hh = 0.5 * (hh + hh.T)
+    eye = jnp.eye(h.shape[0], dtype=jnp.float32)
+    # P = (H − C + λI) (Ĥ + λI)⁻¹ = [(Ĥ + λI)⁻¹ (H − C + λI)ᵀ]ᵀ (Ĥ + λI symmetric)
+    p = jnp.linalg.solve(hh + lam * eye, (h - c + lam * eye).T).T
+    return p, hh
+
+
+def act_aware_lambda(moments: dict, percdamp: float) -> float:
+    """λ of ``act_aware_map``: ``percdamp`` × the mean diagonal of Ĥ (GPTQ's damping rule)."""
+    h, c, g = (jnp.asarray(moments[k], jnp.float32) for k in ("H", "C", "G"))
+    return float(percdamp * jnp.mean(jnp.diag(h) - 2.0 * jnp.diag(c) + jnp.diag(g)))
+
+
+def mapped_quantizer(quantize, p):
+    """``res ↦ quantize(res P)``: a residual quantizer (``refine``'s ``quantize``) of the
+    activation-aware target ``T = res P`` (``act_aware_map``)."""
+    return lambda res: quantize(_mm(jnp.asarray(res, jnp.float32), p))

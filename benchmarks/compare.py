@@ -46,6 +46,7 @@ COLUMNS = (
     ("name", "method", "s"),
     ("formats", "W / A", "s"),
     ("calib", "calib", "s"),
+    ("calib_tokens", "tokens", "d"),
     ("bits", "bits/w", ".2f"),
     ("mib", "MiB", ".1f"),
     ("ppl", "ppl", ".3f"),
@@ -154,39 +155,90 @@ def runs(cfg) -> list[dict]:
 
 
 # issue 12: the ingredients of the best-w4a4 preset, each alone on ARHQ r32 (raw, RTN residual,
-# parallel) and each removed from the preset (its plain-ARHQ value restored). Rows "beyond: …".
+# parallel) and each removed from the preset (its plain-ARHQ value restored); REJECTED: tried and
+# left out of the preset, each alone and added to the preset. Rows "beyond…". The ablation rows
+# can calibrate on fewer tokens than the run (``--ablation-tokens``: the first n of its ids).
 INGREDIENTS = {
     "gptq residual": {"residual_quant": "gptq"},
     "refine": {"refine_iters": 3},
-    "rotate64": {"rotate": 64},
-    "rank budget": {"rank_budget": True},
     "sequential": {"sequential": True},
 }
+REJECTED = {
+    "act-aware residual": {"act_aware": True},
+    "refine gptq": {"refine_gptq": True},
+    "smooth": {"setting": "smooth", "alpha_tokens": 4096},
+    "rank budget": {"rank_budget": True},
+    "rotate64": {"rotate": 64},
+}
 PLAIN = {"residual_quant": "rtn", "refine_iters": 0, "rotate": 0, "rank_budget": False,
-         "sequential": False}  # fmt: skip
+         "sequential": False, "act_aware": False, "setting": "raw", "refine_gptq": False,
+         "alpha_tokens": None}  # fmt: skip
+NV = {"w_fmt": "nvfp4", "act_fmt": "nvfp4"}
+# The baselines of the beyond table: the demo's rows and SVDQuant as its authors run it
+# (Nunchaku / deepcompressor: per-projection α-searched smoothing, then the truncated SVD of the
+# smoothed weight as a 16-bit branch, RTN 4-bit residual; α searched on the first 4096 tokens).
+BEYOND_BASELINES = [
+    {"name": "beyond: rtn", "kw": dict(method="rtn", **NV)},
+    {"name": "beyond: svdquant r32",
+     "kw": dict(method="svdquant", rank=32, **NV, factor_dtype=FACTOR)},
+    {
+        "name": "beyond: svdquant r32, authors' recipe (smooth)",
+        "kw": dict(method="svdquant", rank=32, setting="smooth", alpha_tokens=4096, **NV,
+                   factor_dtype=FACTOR),
+    },
+]  # fmt: skip
 
 
-def beyond_runs() -> list[dict]:
-    """ARHQ r32, + each ingredient, the preset, the preset minus each of its ingredients (when
-    that differs from a single-ingredient row) and plus each ingredient it leaves out."""
+def _clean(kw: dict) -> dict:
+    """``kw`` without the ingredients left at their default (QuantConfig refuses an option that
+    has no effect in a recipe, even at its default)."""
+    return {k: v for k, v in kw.items() if not (k in PLAIN and v == PLAIN[k])}
+
+
+def _valid(kw: dict) -> bool:
+    try:
+        QuantConfig(**{k: v for k, v in _clean(kw).items() if k != "calib_tokens"})
+    except ValueError:
+        return False
+    return True
+
+
+def beyond_runs(ablation_tokens: int | None = None) -> list[dict]:
+    """Row "beyond: best-w4a4 preset" on the run's calibration tokens; rows "beyond@n:" (n =
+    ``ablation_tokens`` calibration tokens; without it "beyond:" on the run's) the preset, the
+    baselines, ARHQ r32, the preset minus each ingredient and ARHQ r32 plus each ingredient;
+    "beyond-rejected@n:" each rejected ingredient alone and added to the preset (when valid)."""
     from arhq_jax.quant_config import PRESETS
 
     best = {**PLAIN, **PRESETS["best-w4a4"]}
     base = {**best, **PLAIN}
-    rows = [{"name": "beyond: arhq r32", "kw": base}]
-    rows += [{"name": f"beyond: + {k}", "kw": {**base, **v}} for k, v in INGREDIENTS.items()]
-    rows.append({"name": "beyond: best-w4a4 preset", "kw": best})
-    seen = [r["kw"] for r in rows]
+    tag, extra = (
+        ("", {})
+        if ablation_tokens is None
+        else (f"@{ablation_tokens}", {"calib_tokens": ablation_tokens})
+    )
+    rows = [{"name": "beyond: best-w4a4 preset", "kw": best}]
+    abl = (
+        [] if ablation_tokens is None else [{"name": f"beyond{tag}: best-w4a4 preset", "kw": best}]
+    )
+    abl += [{**r, "name": r["name"].replace("beyond", f"beyond{tag}", 1)} for r in BEYOND_BASELINES]
+    abl.append({"name": f"beyond{tag}: arhq r32", "kw": base})
     for k, v in INGREDIENTS.items():
-        key, val = next(iter(v.items()))
-        if best[key] != PLAIN[key]:
-            kw, name = {**best, key: PLAIN[key]}, f"beyond: preset − {k}"
-        else:
-            kw, name = {**best, key: val}, f"beyond: preset + {k}"
-        if kw not in seen:
-            rows.append({"name": name, "kw": kw})
-            seen.append(kw)
-    return rows
+        if all(best.get(x) == y for x, y in v.items()):
+            kw, name = {**best, **{x: PLAIN[x] for x in v}}, f"preset − {k}"
+        else:  # an ingredient the preset leaves out
+            kw, name = {**best, **v}, f"preset + {k}"
+        abl.append({"name": f"beyond{tag}: {name}", "kw": kw})
+    abl += [{"name": f"beyond{tag}: + {k}", "kw": {**base, **v}} for k, v in INGREDIENTS.items()]
+    abl += [
+        {"name": f"beyond-rejected{tag}: + {k}", "kw": {**base, **v}} for k, v in REJECTED.items()
+    ]
+    abl += [
+        {"name": f"beyond-rejected{tag}: preset + {k}", "kw": {**best, **v}}
+        for k, v in REJECTED.items()
+    ]
+    rows += [{**r, "kw": {**r["kw"], **extra}} for r in abl if _valid(r["kw"])]
+    return [{**r, "kw": _clean(r["kw"])} for r in rows]
 
 
 def projection_bits(params, cfg) -> float:
@@ -225,6 +277,12 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     ap.add_argument("--name", default="compare", help="results file stem (compare.md/json)")
+    ap.add_argument(
+        "--ablation-tokens",
+        type=int,
+        default=None,
+        help="issue 12: calibrate the beyond@n ablation rows on the first n tokens only",
+    )
     args = ap.parse_args(argv)
 
     from converters import load_model
@@ -241,6 +299,7 @@ def main(argv=None) -> int:
             "name": "float",
             "formats": m.cfg.param_dtype,
             "calib": "–",
+            "calib_tokens": 0,
             "bits": fp_bits,
             "mib": tree_nbytes(m.params) / 2**20,
             **fp,
@@ -254,7 +313,7 @@ def main(argv=None) -> int:
         f"float ppl {fp['ppl']:.3f} on {fp['tokens']} tokens; {calib.size} calibration tokens"
     )
     only = None if args.only is None else [s.strip() for s in args.only.split(",")]
-    every = runs(m.cfg) + beyond_runs()
+    every = runs(m.cfg) + beyond_runs(args.ablation_tokens)
     if only is None:
         todo = every
     else:  # in the order of the prefixes given
@@ -272,16 +331,20 @@ def main(argv=None) -> int:
     out = Path(args.out)
     qmodels = {}
     for i, run in enumerate(todo):
-        qcfg = QuantConfig(**run["kw"])
+        kw = dict(run["kw"])
+        n_calib = kw.pop("calib_tokens", None)  # issue 12: a row on fewer calibration tokens
+        ids = calib if n_calib is None else calib.reshape(-1)[:n_calib].reshape(-1, calib.shape[1])
+        qcfg = QuantConfig(**kw)
         print(f"[{i + 1}/{len(todo)}] {run['name']}: {qcfg.label()} ...", flush=True)
         t0 = time.perf_counter()
-        res = quantize_model(m.params, m.cfg, calib, qcfg, progress=False)
+        res = quantize_model(m.params, m.cfg, ids, qcfg, progress=False)
         quant_s = time.perf_counter() - t0
         qmodels[run["name"]] = res.params
         row = {
             "name": run["name"],
             "formats": _formats(qcfg),
             "calib": "seq" if qcfg.sequential else "par",
+            "calib_tokens": int(ids.size),
             "rank": qcfg.rank if (qcfg.uses_branch or qcfg.method == "serq") else 0,
             "bits": projection_bits(res.params, m.cfg),
             "mib": tree_nbytes(res.params) / 2**20,

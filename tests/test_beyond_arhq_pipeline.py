@@ -78,6 +78,8 @@ def test_refine_records_monotone_objectives_and_lowers_them(model):
         (dict(rotate=16, setting="smooth"), "smooth"),
         (dict(refine_iters=-1), "refine_iters"),
         (dict(rank_budget=True, rank=0), "low-rank branch"),
+        (dict(refine_gptq=True, refine_iters=2), "refine_gptq"),
+        (dict(act_aware=True, setting="smooth"), "act_aware"),
     ],
 )
 def test_bad_options(kw, msg):
@@ -105,3 +107,41 @@ def test_alpha_tokens_searches_on_the_first_batches_only(model):
     full = quantize_model(params, CFG, ids, qcfg.__class__(setting="smooth", rank=4, **NV),
                           batch_size=2, progress=False)  # fmt: skip
     assert got != {d["proj"]: d["alpha"] for d in full.projections if d["layer"] == 0}
+
+
+@pytest.mark.parametrize("residual_quant", ["rtn", "gptq"])
+def test_act_aware_lowers_the_deployed_output_error(model, residual_quant):
+    # Explicit reference: Σ_proj E‖x Wᵀ − QuantLinear(x)‖² over layer 0's calibration inputs
+    # (parallel calibration: both runs see the same x), float64 on the host.
+    from arhq_jax.calibrate import LayerwiseRunner
+
+    params, ids = model
+    kw = dict(rank=4, residual_quant=residual_quant, **NV)
+    base = quantize_model(params, CFG, ids, QuantConfig(**kw), progress=False)
+    aware = quantize_model(params, CFG, ids, QuantConfig(act_aware=True, **kw), progress=False)
+    caps = list(LayerwiseRunner(params, CFG, ids, batch_size=6).captures(params.layers[0]))
+    x_of = {g: np.concatenate([np.asarray(c[g]).reshape(-1, c[g].shape[-1]) for c, _ in caps])
+            for g in ("qkv", "o", "gate_up", "down")}  # fmt: skip
+    from arhq_jax.models.config import GROUP_OF
+
+    def err(res):
+        tot = 0.0
+        for p in PROJECTIONS:
+            x = x_of[GROUP_OF[p]]
+            ref = x.astype(np.float64) @ np.asarray(getattr(params.layers[0], p).w, np.float64).T
+            got = np.asarray(getattr(res.params.layers[0], p)(jnp.asarray(x)), np.float64)
+            tot += ((got - ref) ** 2).sum()
+        return tot
+
+    assert err(aware) < err(base)
+
+
+def test_refine_gptq_objectives_monotone_and_below_plain_gptq_start(model):
+    # J of the GPTQ-quantized residual (act-aware: of its target, under Ĥ), recorded per accepted
+    # iterate, never increases; the refined split's J is at most the start's.
+    params, ids = model
+    kw = dict(rank=4, residual_quant="gptq", refine_iters=2, refine_gptq=True, act_aware=True)
+    res = quantize_model(params, CFG, ids, QuantConfig(**kw, **NV), progress=False)
+    for d in res.projections:
+        objs = d["refine_objectives"]
+        assert all(b < a for a, b in zip(objs, objs[1:], strict=False))

@@ -99,3 +99,36 @@ def test_refine_zero_iterations_and_errors():
         refine.refine(w, s.b, s.a, mom, refine.rtn_quantizer("nvfp4"), -1)
     with pytest.raises(ValueError, match="moments"):
         refine.refine(w[:, :8], s.b, s.a[:8], mom, refine.rtn_quantizer("nvfp4"), 1)
+
+
+def test_act_aware_map_completes_the_square_against_float64():
+    # J_λ(R) = J(L, R) + λ‖R − M‖² = ‖(R − T)(Ĥ + λI)½‖² + const with T = M P: the difference of
+    # J_λ between two residuals matches the quadratic form, and T is J_λ's minimiser.
+    x, xq_dyn, w = _data(4)
+    ts = 2688.0 / np.abs(x).max()
+    xq = np.asarray(fake_quant(jnp.asarray(x, jnp.float32), "nvfp4", tensor_scale=ts), np.float64)
+    mom = _moments(x)
+    rng = np.random.default_rng(6)
+    b, a = rng.standard_normal((24, 4)), rng.standard_normal((32, 4)) * 0.1
+    m = w - b @ a.T
+    lam = refine.act_aware_lambda(mom, 0.01)
+    p, hh = (
+        np.asarray(v, np.float64) for v in refine.act_aware_map(mom["H"], mom["C"], mom["G"], lam)
+    )
+    np.testing.assert_allclose(hh, xq.T @ xq / len(x), rtol=1e-3, atol=1e-4 * np.abs(hh).max())
+    t = m @ p
+
+    def j_lam(r):
+        return _j64(x, xq, w, r, b, a) + lam * ((r - m) ** 2).sum()
+
+    def quad(r):
+        d = r - t
+        return np.sum((d @ (hh + lam * np.eye(len(hh)))) * d)
+
+    r1 = np.asarray(fake_quant(jnp.asarray(m, jnp.float32), "nvfp4"), np.float64)
+    r2 = np.asarray(fake_quant(jnp.asarray(t, jnp.float32), "nvfp4"), np.float64)
+    np.testing.assert_allclose(j_lam(r1) - j_lam(r2), quad(r1) - quad(r2), rtol=2e-3)
+    for _ in range(5):  # T minimises J_λ: any perturbation raises it
+        assert j_lam(t + 1e-2 * rng.standard_normal(t.shape)) > j_lam(t)
+    # Quantizing the target rather than M lowers the deployed error J on this outlier data.
+    assert _j64(x, xq, w, r2, b, a) < _j64(x, xq, w, r1, b, a)

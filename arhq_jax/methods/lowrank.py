@@ -115,6 +115,18 @@ class SVDQuantOptions(GPTQOptions, RTNOptions):
         "joint refinement of branch and quantized residual: at most this many iterations",
         type=NONNEG,
     )
+    refine_gptq: bool = option(
+        False,
+        "joint refinement: re-quantize the residual by GPTQ (as the final packing) instead of RTN "
+        "inside the loop; needs residual_quant=gptq",
+        action="store_true",
+    )
+    act_aware: bool = option(
+        False,
+        "quantize the residual against the quantized activations: target (W − L)(H − C + λI)"
+        "(Ĥ + λI)⁻¹ under Ĥ = E[Q(x)ᵀQ(x)] (refine.act_aware_map); raw setting",
+        action="store_true",
+    )
 
     def check(self, common) -> None:
         RTNOptions.check(self, common)
@@ -133,6 +145,14 @@ class SVDQuantOptions(GPTQOptions, RTNOptions):
             raise ValueError("rank_budget and refine_iters are implemented for the raw setting")
         if self.refine_iters and common.act_fmt is None:
             raise ValueError("refine_iters needs an activation format (its objective has Q_a)")
+        if not isinstance(self.refine_gptq, bool):
+            raise ValueError(f"refine_gptq must be True or False, got {self.refine_gptq!r}")
+        if self.refine_gptq and not (self.refine_iters and self.residual_quant == "gptq"):
+            raise ValueError("refine_gptq needs refine_iters > 0 and residual_quant=gptq")
+        if not isinstance(self.act_aware, bool):
+            raise ValueError(f"act_aware must be True or False, got {self.act_aware!r}")
+        if self.act_aware and (self.setting == "smooth" or common.act_fmt is None):
+            raise ValueError("act_aware needs the raw setting and an activation format")
 
     def unused(self, common) -> tuple[str, ...]:
         out = RTNOptions.unused(self, common)
@@ -222,7 +242,8 @@ def _quantize_group(
     def place(tree, p):
         return spread.put(tree, p) if many else tree
 
-    new, diags, splits, refined, roots = {}, {}, {}, {}, {}
+    new, diags, splits, refined, roots, maps = {}, {}, {}, {}, {}, {}
+    h_of = dict(h_of)
     factors = decompose.GFactorCache(qcfg.eps, qcfg.rel_eps)
     g_home = {}  # id(G) → G on the device of its first projection: one factorization per G
 
@@ -246,8 +267,20 @@ def _quantize_group(
         split = split_weight(qcfg, w_t, g_of.get(p), factor_dtype, factors_for(p), rank)
         if not many:
             split = jax.block_until_ready(split)
+        grp = GROUP_OF[p]
+        quantizer = refine.rtn_quantizer(qcfg.w_spec)
+        if qcfg.refine_gptq:  # issue 12: GPTQ under H (Ĥ when act-aware) inside the loop
+            quantizer = _gptq_quantizer(qcfg, h_of, p, place)
+        if qcfg.act_aware:  # issue 12: the residual's target T = res P under Ĥ
+            if grp not in maps:
+                mom = place(mom_of[p], p)
+                lam = refine.act_aware_lambda(mom, qcfg.percdamp)
+                maps[grp] = refine.act_aware_map(mom["H"], mom["C"], mom["G"], lam)
+            quantizer = refine.mapped_quantizer(quantizer, place(maps[grp][0], p))
+            if qcfg.residual_quant == "gptq":  # GPTQ of the target under Ĥ (RTN: no H)
+                h_of[p] = maps[grp][1]
         if split is not None and qcfg.refine_iters:  # issue 12: joint refinement
-            grp, mom = GROUP_OF[p], place(mom_of[p], p)
+            mom = place(mom_of[p], p)
             if grp not in roots:
                 roots[grp] = refine.h_roots(mom)
             ref = refine.refine(
@@ -255,7 +288,7 @@ def _quantize_group(
                 split.b,
                 split.a,
                 mom,
-                refine.rtn_quantizer(qcfg.w_spec),
+                quantizer,
                 qcfg.refine_iters,
                 h_roots=place(roots[grp], p),
             )
@@ -265,7 +298,10 @@ def _quantize_group(
             refined[p] = ref.objectives
         if not many:
             timings["decomposition_s"] += time.perf_counter() - t0
-        splits[p] = (split, w_t if split is None else split.residual)
+        target = w_t if split is None else split.residual
+        if qcfg.act_aware:
+            target = refine.mapped_quantizer(lambda t: t, place(maps[grp][0], p))(target)
+        splits[p] = (split, target)
     if many:  # every device's queue drained: the wall time of the whole stage
         jax.block_until_ready(splits)
         timings["decomposition_s"] += time.perf_counter() - t_all
@@ -326,6 +362,18 @@ def _quantize_group(
     ]
 
 
+def _gptq_quantizer(qcfg, h_of: dict, p: str, place):
+    """``res ↦ deq(GPTQ(res))`` under ``h_of[p]``, read at call time (the act-aware Ĥ replaces
+    H in ``h_of`` after this is built) and put on ``p``'s device by ``place``; the residual's
+    own weight global scale."""
+
+    def quantize(res):
+        h = place(h_of[p], p)
+        return dequantize(gptq_weight(res, h, qcfg.w_spec, qcfg).qtensor, jnp.float32)
+
+    return quantize
+
+
 def _host_diag(d: dict) -> dict:
     """Python numbers for the device scalars of one projection's diagnostics."""
     out = dict(d)
@@ -350,6 +398,7 @@ class LowRankMethod(Method):
             or qcfg.residual_quant == "gptq"
             or qcfg.static_act_scale
             or bool(qcfg.refine_iters)
+            or qcfg.act_aware
         )
 
     def streams(self, qcfg) -> bool:
@@ -401,7 +450,8 @@ class LowRankMethod(Method):
                 h_of = {p: gs[names[p]]["H"] for p in projs} if need_h else {}
         else:
             gs, scale, rot = {}, None, qcfg.rotate
-            moments = bool(qcfg.refine_iters)  # issue 12: H, C and G in one pass instead
+            # issue 12: H, C and G in one pass instead
+            moments = bool(qcfg.refine_iters) or qcfg.act_aware
             if static:  # pass 1: the amax (with H when only H is needed: it ignores the scale)
                 spec = stats_config(qcfg, g=False, absmax=True, h=need_h and not need_g)
                 gs = calib.stats(layer, {g: spec for g in groups}, rotate_block=rot)
