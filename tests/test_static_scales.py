@@ -434,6 +434,36 @@ def test_advance_reuses_the_last_capture_pass(tiny, monkeypatch):
     assert len(calls) == len(reused.batches())
 
 
+def test_second_capture_pass_reads_the_kept_inputs(tiny, monkeypatch):
+    """Static scales read a layer's inputs twice (amax, then G): the second pass through the same
+    layer object yields the first pass's arrays without a forward; past the byte bound, or for
+    another layer object, the layer runs again, and the arrays are the same either way."""
+    import arhq_jax.calibrate as cal
+
+    params, calib, _ = tiny
+    layer = params.layers[0]
+    calls = []
+    layer_fn = cal.layer_pass
+    monkeypatch.setattr(cal, "layer_pass", lambda *a: calls.append(1) or layer_fn(*a))
+    kept = LayerwiseRunner(params, CFG, calib, batch_size=2)
+    rerun = LayerwiseRunner(params, CFG, calib, batch_size=2, capture_cache_bytes=0)
+    n = len(kept.batches())
+    first = [{k: np.asarray(v) for k, v in c.items()} for c, _ in kept.captures(layer)]
+    second = [{k: np.asarray(v) for k, v in c.items()} for c, _ in kept.captures(layer)]
+    assert len(calls) == n
+    again = [c for c, _ in rerun.captures(layer)] + [c for c, _ in rerun.captures(layer)]
+    assert len(calls) == 3 * n
+    for a, b, c in zip(first, second, again[n:], strict=True):
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k])
+            np.testing.assert_array_equal(a[k], np.asarray(c[k]))
+    kept.advance(layer)  # reuses the outputs, drops the kept inputs
+    assert len(calls) == 3 * n
+    for _ in kept.captures(params.layers[1]):
+        pass
+    assert len(calls) == 4 * n
+
+
 def test_layer_snr_baseline_quantizes_activations_like_the_method(tiny):
     from arhq_jax.layer_snr import rtn_baseline
 
