@@ -116,13 +116,16 @@ class LayerwiseRunner:
         embed_rows: Callable[[np.ndarray], np.ndarray] | None = None,
         hidden: list[np.ndarray] | None = None,
         capture_cache_bytes: int = CAPTURE_CACHE_BYTES,
+        hidden_on_host: bool = False,
     ):
         """``embed_rows(ids [b, L]) -> [b, L, H]`` (``cfg.param_dtype``) replaces ``params``
         for the embedding (a lazy source gathers the rows from disk; the same bits as the
         in-memory ``take``); ``hidden`` restores the stored batches of ``hidden_states`` (a
         resumed run) instead of embedding ``ids``, which then only fix the batches' masks.
         ``capture_cache_bytes``: keep a layer's captured inputs for a second pass through the same
-        layer object when all of them fit in this many bytes (0: never keep them)."""
+        layer object when all of them fit in this many bytes (0: never keep them).
+        ``hidden_on_host``: keep the hidden states between layers in host memory, one batch on
+        the device at a time (device memory: one layer + a batch; the same bits)."""
         ids = np.asarray(ids)
         if ids.ndim != 2:
             raise ValueError(f"calibration ids must be [sequences, length], got shape {ids.shape}")
@@ -131,7 +134,8 @@ class LayerwiseRunner:
         ndev = data_size(self.mesh)
         self.batch_size = max(ndev, -(-batch_size // ndev) * ndev)
         self.num_tokens = int(ids.size)
-        self._batches = []  # list of (h [b, L, H] sharded, valid [b] sharded)
+        self._host = bool(hidden_on_host)
+        self._batches = []  # list of (h [b, L, H] sharded or on the host, valid [b] sharded)
         # (layer, outputs) of the last fully consumed ``captures`` pass: ``advance`` through the
         # same layer object reuses them (parallel mode) instead of running the layer again.
         self._last = None
@@ -150,10 +154,18 @@ class LayerwiseRunner:
                 h = _cast(shard_batch(embed_rows(chunk), self.mesh), cfg)
             else:
                 h = _embed(params, cfg, shard_batch(chunk, self.mesh))
-            self._batches.append((h, shard_batch(valid, self.mesh)))
+            self._batches.append((self._store(h), shard_batch(valid, self.mesh)))
         if hidden is not None and len(hidden) != len(self._batches):
             n = len(self._batches)
             raise ValueError(f"{len(hidden)} stored hidden batches, the ids make {n}")
+
+    def _store(self, h):
+        """``h`` as kept between layers: a host array with ``hidden_on_host``, else as is."""
+        return np.asarray(jax.device_get(h)) if self._host else h
+
+    def on_device(self, h):
+        """A stored batch on the devices (sharded over the batch) for a forward."""
+        return shard_batch(h, self.mesh) if isinstance(h, np.ndarray) else h
 
     def hidden_states(self) -> list[np.ndarray]:
         """The stored hidden states, one host array ``[b, L, H]`` per batch (to resume)."""
@@ -177,8 +189,8 @@ class LayerwiseRunner:
         placed = place_layer(layer, self.mesh)
         outs, kept = [], []
         for h, valid in self._batches:
-            h_out, captured = layer_pass(placed, self.cfg, h, True)
-            outs.append(h_out)
+            h_out, captured = layer_pass(placed, self.cfg, self.on_device(h), True)
+            outs.append(self._store(h_out))
             mask = jnp.broadcast_to(valid[:, None], h.shape[:2])
             if kept is not None:
                 nbytes = sum(x.nbytes for x in jax.tree.leaves(captured))
@@ -191,7 +203,8 @@ class LayerwiseRunner:
             self._cache = (layer, kept, outs)
 
     def batches(self) -> list[tuple[jax.Array, jax.Array]]:
-        """The stored ``(h [b, L, H], valid [b])`` batches entering the current layer."""
+        """The stored ``(h [b, L, H], valid [b])`` batches entering the current layer (``h`` a
+        host array with ``hidden_on_host``)."""
         return list(self._batches)
 
     def advance(self, layer: Layer) -> None:
@@ -204,7 +217,10 @@ class LayerwiseRunner:
             self._batches = [(o, v) for o, (_, v) in zip(last[1], self._batches, strict=True)]
             return
         layer = place_layer(layer, self.mesh)
-        self._batches = [(layer_pass(layer, self.cfg, h, True)[0], v) for h, v in self._batches]
+        self._batches = [
+            (self._store(layer_pass(layer, self.cfg, self.on_device(h), True)[0]), v)
+            for h, v in self._batches
+        ]
 
     def accumulate(
         self,
@@ -357,6 +373,7 @@ class Calibration:
         the runner has been advanced through (all of them once the layer loop is done)."""
         runner = self._need()
         for h, valid in runner.batches():
+            h = runner.on_device(h)
             x = transformer.rms_norm(h, final_norm, self.cfg.rms_norm_eps)
             yield x, jnp.broadcast_to(valid[:, None], h.shape[:2])
 

@@ -229,6 +229,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="shard each layer's float linears over this many devices in the calibration "
         "forwards (a layer too large for one device); the rest of the devices split the batch",
     )
+    q.add_argument(
+        "--hidden-on-host",
+        action="store_true",
+        help="keep the calibration hidden states in host memory between layers, one batch on "
+        "the device at a time (device memory: one layer + a batch; the same result)",
+    )
 
     e = sub.add_parser("eval", help="perplexity (and KL/top-1 against the float model)")
     _add_model(e)
@@ -427,6 +433,7 @@ def cmd_quantize(args) -> int:
                 source=source,
                 batch_size=args.batch_size,
                 mesh=mesh,
+                hidden_on_host=args.hidden_on_host,
             )
             if res.resumed_from:
                 print(f"resumed a killed run after its layer {res.resumed_from - 1}")
@@ -444,7 +451,15 @@ def cmd_quantize(args) -> int:
                     file=sys.stderr,
                 )
             params = src.load_params()
-            r = quantize_model(params, cfg, ids, qcfg, batch_size=args.batch_size, mesh=mesh)
+            r = quantize_model(
+                params,
+                cfg,
+                ids,
+                qcfg,
+                batch_size=args.batch_size,
+                mesh=mesh,
+                hidden_on_host=args.hidden_on_host,
+            )
             if not distributed.is_writer():  # every process holds the same model; 0 writes it
                 print(f"{distributed.describe()}: quantized; process 0 writes {args.out}")
                 return 0

@@ -46,6 +46,7 @@ def quantize_model(
     batch_size: int = 8,
     mesh=None,
     devices=None,
+    hidden_on_host: bool = False,
     progress: bool = True,
 ) -> QuantizeResult:
     """Quantize every selected projection of ``params`` with ``qcfg``.
@@ -59,6 +60,8 @@ def quantize_model(
       mesh: device mesh for the batch (default: all visible devices).
       devices: devices the per-projection decompositions are spread over (default: the mesh's
         devices of this process; ``arhq_jax.devices``).
+      hidden_on_host: keep the calibration hidden states in host memory between layers (one
+        batch on the device at a time; the same bits).
 
     Returns:
       A ``QuantizeResult``; its ``params`` has quantized projections where selected.
@@ -79,7 +82,9 @@ def quantize_model(
             )
             raise ValueError(f"{qcfg.label()} needs calibration tokens{why}; calib_ids is None")
         t0 = time.perf_counter()
-        runner = LayerwiseRunner(params, cfg, calib_ids, batch_size=batch_size, mesh=mesh)
+        runner = LayerwiseRunner(
+            params, cfg, calib_ids, batch_size=batch_size, mesh=mesh, hidden_on_host=hidden_on_host
+        )
         timings["calibration_s"] += time.perf_counter() - t0
     # Whole-model decisions (e.g. the ranks of a rank budget); None by default.
     t0 = time.perf_counter()

@@ -228,6 +228,7 @@ def quantize_stream(
     batch_size: int = 8,
     mesh=None,
     devices=None,
+    hidden_on_host: bool = False,
     progress: bool = True,
     on_layer=None,
     max_shard_bytes: int = checkpoint_writer.DEFAULT_SHARD_BYTES,
@@ -240,7 +241,8 @@ def quantize_stream(
       qcfg: the recipe; its method must stream (``Method.streams``).
       quant: recorded as the checkpoint's recipe; ``calib_tokens`` and ``timings`` are added.
       source: ``{"model": ...}`` provenance; the fingerprint is added (computed here).
-      batch_size, mesh, devices: as ``quantize_model`` (the batch layout is part of the run key).
+      batch_size, mesh, devices, hidden_on_host: as ``quantize_model`` (the batch layout is part
+        of the run key).
       on_layer: called with the layer index after each layer is committed (tests kill a run
         there).
 
@@ -268,7 +270,14 @@ def quantize_stream(
         t0 = time.perf_counter()
         hidden = _load_hidden(work, start) if start else None
         runner = LayerwiseRunner(
-            None, cfg, calib_ids, batch_size, mesh, embed_rows=src.embed_rows, hidden=hidden
+            None,
+            cfg,
+            calib_ids,
+            batch_size,
+            mesh,
+            embed_rows=src.embed_rows,
+            hidden=hidden,
+            hidden_on_host=hidden_on_host,
         )
         timings["calibration_s"] += time.perf_counter() - t0
     calib = Calibration(runner, cfg, None, Spread.for_mesh(mesh, devices))

@@ -19,6 +19,7 @@ import pytest
 from _tiny import CFG
 
 from arhq_jax import checkpoint, stream
+from arhq_jax.calibrate import LayerwiseRunner
 from arhq_jax.cli import main
 from arhq_jax.models.params import random_params
 from arhq_jax.quant_config import QuantConfig
@@ -122,6 +123,20 @@ def test_streamed_equals_in_memory(sources, ids, tmp_path, recipe, head):
     assert (tmp_path / "str" / "model.safetensors.index.json").is_file()
     loaded, cfg, _ = checkpoint.load(tmp_path / "str")
     assert cfg.num_layers == len(loaded.layers)
+
+
+@pytest.mark.parametrize("recipe", ["arhq", "arhq-seq"])
+def test_hidden_states_on_the_host_give_the_same_checkpoint(sources, ids, tmp_path, recipe):
+    """``hidden_on_host``: the hidden states wait in host memory between layers, one batch on
+    the device at a time; the checkpoint is the in-memory one, byte for byte."""
+    qcfg = QuantConfig(**RECIPES[recipe])
+    _in_memory(sources["tied"], qcfg, ids, tmp_path / "mem")
+    _streamed(sources["tied"], qcfg, ids, tmp_path / "host", hidden_on_host=True)
+    _same(tmp_path / "mem", tmp_path / "host")
+    m = load_model(sources["tied"], tokenizer=False)
+    runner = LayerwiseRunner(m.params, m.cfg, ids, batch_size=4, hidden_on_host=True)
+    runner.advance(m.params.layers[0])
+    assert all(isinstance(h, np.ndarray) for h, _ in runner.batches())
 
 
 def test_fingerprint_from_the_files_equals_the_loaded_params(sources):
