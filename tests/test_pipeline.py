@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from _tiny import CFG
 
-from arhq_jax import checkpoint
+from arhq_jax import checkpoint, checkpoint_writer
 from arhq_jax.calibrate import LayerwiseRunner, accumulate
 from arhq_jax.formats import dequantize, fake_quant, nvfp4_tensor_scale
 from arhq_jax.linear import Dense
@@ -168,7 +168,8 @@ def test_interrupted_save_leaves_nothing(model, tmp_path, monkeypatch):
     def boom(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(checkpoint, "write_adapter", boom)
+    # Interrupted late: the shards are closed, the adapter is being written.
+    monkeypatch.setattr(checkpoint_writer.AdapterWriter, "close", boom)
     res = quantize_model(params, CFG, model[1], QuantConfig(method="arhq", rank=4), progress=False)
     with pytest.raises(KeyboardInterrupt):
         checkpoint.save(tmp_path / "ckpt", res.params, CFG)
