@@ -125,7 +125,8 @@ class LayerwiseRunner:
         ``capture_cache_bytes``: keep a layer's captured inputs for a second pass through the same
         layer object when all of them fit in this many bytes (0: never keep them).
         ``hidden_on_host``: keep the hidden states between layers in host memory, one batch on
-        the device at a time (device memory: one layer + a batch; the same bits)."""
+        the device at a time (device memory: one layer + a batch; the same bits; no kept
+        captures, so a second pass runs the layer again)."""
         ids = np.asarray(ids)
         if ids.ndim != 2:
             raise ValueError(f"calibration ids must be [sequences, length], got shape {ids.shape}")
@@ -143,7 +144,8 @@ class LayerwiseRunner:
         # ``capture_cache_bytes``: a second ``captures`` of the same layer object (static
         # activation scales: the amax pass, then G) reads them instead of running the layer again.
         self._cache = None
-        self._cache_bytes = int(capture_cache_bytes)
+        # On the host, nothing layer-sized stays on the device: no kept captures either.
+        self._cache_bytes = 0 if self._host else int(capture_cache_bytes)
         if params is not None and embed_rows is None and hidden is None:
             params = replicate(params.replace(layers=()), self.mesh)  # the embedding is enough
         for k, start in enumerate(range(0, ids.shape[0], self.batch_size)):
