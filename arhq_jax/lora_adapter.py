@@ -88,15 +88,3 @@ class AdapterWriter:
 
     def abort(self) -> None:
         self._w.abort()
-
-
-def write_adapter(d: Path, tensors: list[tuple[str, np.ndarray]]) -> int:
-    """Write the adapter into the new directory ``d``; returns the tensor bytes."""
-    w = AdapterWriter(d)
-    try:
-        for name, x in tensors:
-            w.add(name, x)
-    except BaseException:
-        w.abort()
-        raise
-    return w.close()

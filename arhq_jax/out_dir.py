@@ -122,7 +122,8 @@ def check_replaceable(path: Path, fmt: str) -> None:
         )
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists (one of another user counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -140,7 +141,7 @@ def remove_stale(path: Path, fmt: str) -> None:
             pid = int(marker.read_text())
         except (OSError, ValueError):
             continue
-        if not _alive(pid):
+        if not pid_alive(pid):
             shutil.rmtree(d, ignore_errors=True)
     for d in path.parent.glob(f".{path.name}{_OLD}*"):
         try:

@@ -92,8 +92,7 @@ def quantize_model(
     timings["calibration_s"] += time.perf_counter() - t0
     spread = Spread.for_mesh(runner.mesh if runner else mesh or data_mesh(), devices)
     calib = Calibration(runner, cfg, plan, spread)
-    # Sequential mode recalibrates after each group; parallel mode reads all groups in one pass.
-    stages = [(g,) for g in qcfg.groups] if qcfg.sequential else [qcfg.groups]
+    stages = layer_stages(qcfg)
     layers, diags = [], []
     bar = tqdm(
         total=cfg.num_layers * len(stages),
@@ -102,14 +101,8 @@ def quantize_model(
         unit="stage",
     )
     for li, fp_layer in enumerate(params.layers):
-        layer = fp_layer
-        for groups in stages:
-            projs = [p for g in groups for p in INPUT_GROUPS[g] if p in qcfg.projections]
-            # f64 statistics (and the decompositions that read them) need x64 switched on.
-            with jax.enable_x64(qcfg.stats_dtype == "float64"):
-                layer, d = method.quantize_stage(layer, groups, projs, calib, qcfg, li, timings)
-            diags += d
-            bar.update(1)
+        layer, d = quantize_layer(fp_layer, li, stages, calib, qcfg, timings, bar)
+        diags += d
         layers.append(layer)
         if runner is not None:
             t0 = time.perf_counter()
@@ -120,6 +113,28 @@ def quantize_model(
     qparams = method.finish(qparams, cfg, calib, qcfg)  # e.g. a quantized lm_head
     calib_tokens = 0 if runner is None else runner.num_tokens
     return QuantizeResult(qparams, diags, timings, calib_tokens)
+
+
+def layer_stages(qcfg: QuantConfig) -> list[tuple[str, ...]]:
+    """The input groups quantized together, in order: sequential mode recalibrates after each
+    group, parallel mode reads all groups in one pass."""
+    return [(g,) for g in qcfg.groups] if qcfg.sequential else [qcfg.groups]
+
+
+def quantize_layer(layer, li: int, stages, calib: Calibration, qcfg: QuantConfig, timings, bar):
+    """Decoder layer ``li`` quantized stage by stage (``layer_stages``) → (layer, diagnostics);
+    ``bar`` advances once per stage. The one per-layer step of the in-memory and the streamed
+    loop (``arhq_jax.stream``)."""
+    method = qcfg.method_impl
+    diags = []
+    for groups in stages:
+        projs = [p for g in groups for p in INPUT_GROUPS[g] if p in qcfg.projections]
+        # f64 statistics (and the decompositions that read them) need x64 switched on.
+        with jax.enable_x64(qcfg.stats_dtype == "float64"):
+            layer, d = method.quantize_stage(layer, groups, projs, calib, qcfg, li, timings)
+        diags += d
+        bar.update(1)
+    return layer, diags
 
 
 def summarize(diags: list[dict]) -> dict:

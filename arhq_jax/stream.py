@@ -38,14 +38,14 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from arhq_jax import __version__, checkpoint, checkpoint_writer
+from arhq_jax import __version__, checkpoint, checkpoint_writer, out_dir
 from arhq_jax.atomic import atomic_write
 from arhq_jax.calibrate import Calibration, LayerwiseRunner, data_mesh
 from arhq_jax.devices import Spread
 from arhq_jax.layer_sharding import data_size
-from arhq_jax.models.config import INPUT_GROUPS
 from arhq_jax.models.params import EMBED, FINAL_NORM, LM_HEAD
 from arhq_jax.quant_config import QuantConfig
+from arhq_jax.quantize_model import layer_stages, quantize_layer
 from converters.lazy import LazySource
 from converters.safetensors_io import SafetensorsReader, SafetensorsWriter
 
@@ -123,7 +123,7 @@ class _Work:
                 "(move it away or choose another --out)"
             )
         pid = st.get("pid")
-        if isinstance(pid, int) and pid != os.getpid() and _alive(pid):
+        if isinstance(pid, int) and pid != os.getpid() and out_dir.pid_alive(pid):
             raise ValueError(f"{self.path} is in use by a running quantize (pid {pid})")
         if st.get("key") != self.key and st.get("done") == 0:
             return  # nothing finished in it: start over in it (the files are rewritten)
@@ -162,16 +162,6 @@ class _Work:
             self.path.rmdir()
         except OSError:
             pass  # something else is in there: not ours to delete
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _write_layer(work: _Work, i: int, layer) -> list:
@@ -281,7 +271,7 @@ def quantize_stream(
         )
         timings["calibration_s"] += time.perf_counter() - t0
     calib = Calibration(runner, cfg, None, Spread.for_mesh(mesh, devices))
-    stages = [(g,) for g in qcfg.groups] if qcfg.sequential else [qcfg.groups]
+    stages = layer_stages(qcfg)
     bar = tqdm(
         total=cfg.num_layers * len(stages),
         initial=start * len(stages),
@@ -291,13 +281,7 @@ def quantize_stream(
     )
     for li in range(start, cfg.num_layers):
         fp_layer = src.layer(li)
-        layer, layer_diags = fp_layer, []
-        for groups in stages:
-            projs = [p for g in groups for p in INPUT_GROUPS[g] if p in qcfg.projections]
-            with jax.enable_x64(qcfg.stats_dtype == "float64"):
-                layer, d = method.quantize_stage(layer, groups, projs, calib, qcfg, li, timings)
-            layer_diags += d
-            bar.update(1)
+        layer, layer_diags = quantize_layer(fp_layer, li, stages, calib, qcfg, timings, bar)
         record = _write_layer(work, li, layer)
         if runner is not None:
             t0 = time.perf_counter()

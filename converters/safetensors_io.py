@@ -132,6 +132,11 @@ def read_header(path: str | Path) -> Header:
     return Header(path, tensors, metadata)
 
 
+def _mapped(path: Path, t: TensorInfo) -> np.memmap:
+    """A read-only uint8 memory map of tensor ``t``'s bytes in ``path``."""
+    return np.memmap(path, dtype=np.uint8, mode="r", offset=t.begin, shape=(t.end - t.begin,))
+
+
 class SafetensorsReader:
     """Streams tensors out of one or more safetensors files, one at a time.
 
@@ -173,7 +178,7 @@ class SafetensorsReader:
         dtype = DTYPES[t.dtype]
         if t.end == t.begin:
             return np.zeros(t.shape, dtype)
-        raw = np.memmap(h.path, dtype=np.uint8, mode="r", offset=t.begin, shape=(t.end - t.begin,))
+        raw = _mapped(h.path, t)
         return np.array(raw).view(dtype).reshape(t.shape)
 
     def read_rows(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
@@ -200,13 +205,7 @@ class SafetensorsReader:
         """``tensor[rows]`` (``rows`` int, any shape) in the stored dtype, gathered from a
         read-only memory map that is dropped on return (only the touched pages are read)."""
         t = self._info(name)
-        raw = np.memmap(
-            self._where[name].path,
-            dtype=np.uint8,
-            mode="r",
-            offset=t.begin,
-            shape=(t.end - t.begin,),
-        )
+        raw = _mapped(self._where[name].path, t)
         try:
             return np.array(raw.view(DTYPES[t.dtype]).reshape(t.shape)[np.asarray(rows)])
         finally:
@@ -217,13 +216,7 @@ class SafetensorsReader:
         t = self._info(name)
         if t.end == t.begin:
             return np.zeros((0,), DTYPES[t.dtype])
-        raw = np.memmap(
-            self._where[name].path,
-            dtype=np.uint8,
-            mode="r",
-            offset=t.begin,
-            shape=(t.end - t.begin,),
-        )
+        raw = _mapped(self._where[name].path, t)
         try:
             return np.array(raw.view(DTYPES[t.dtype])[::step])
         finally:

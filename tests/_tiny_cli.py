@@ -41,20 +41,8 @@ def tokenizer():
 
 
 def config(family: str = "llama") -> ModelConfig:
-    return ModelConfig(
-        family=family,
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        head_dim=16,
-        rms_norm_eps=1e-5,
-        rope_theta=1e5,
-        tie_word_embeddings=True,
-        max_position_embeddings=MAX_POSITIONS,
-        eos_token_id=0,
+    return smollm2_tiny_config(
+        VOCAB, family=family, max_position_embeddings=MAX_POSITIONS, eos_token_id=0
     )
 
 
@@ -64,7 +52,7 @@ def params(cfg: ModelConfig, seed: int = 3):
 
 def smollm2_tiny_config(vocab_size: int, **overrides) -> ModelConfig:
     """The tiny Llama of the CLI tests sized for SmolLM2's vocabulary (so its tokenizer fits)."""
-    return ModelConfig(
+    base = dict(
         family="llama",
         vocab_size=vocab_size,
         hidden_size=64,
@@ -76,8 +64,8 @@ def smollm2_tiny_config(vocab_size: int, **overrides) -> ModelConfig:
         rms_norm_eps=1e-5,
         rope_theta=1e5,
         tie_word_embeddings=True,
-        **overrides,
     )
+    return ModelConfig(**(base | overrides))
 
 
 def write_smollm2_tiny_dir(path: Path, smollm2, **overrides) -> Path:
