@@ -323,7 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--format", default="nvfp4", choices=LINEAR_FORMATS)
     d.add_argument(
         "--methods",
-        default="rtn,svdquant,arhq",
+        default="rtn,svdquant,arhq,best-w4a4",
         help="comma-separated methods and presets, e.g. rtn,svdquant,arhq,best-w4a4 (the "
         "preset has its own rank and formats)",
     )

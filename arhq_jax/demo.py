@@ -1,4 +1,5 @@
-"""``arhq-jax demo``: SmolLM2-135M, W4A4 in one format, RTN vs SVDQuant vs ARHQ at rank 32.
+"""``arhq-jax demo``: SmolLM2-135M, W4A4 in one format, RTN vs SVDQuant vs ARHQ at rank 32, and
+the ``best-w4a4`` preset (NVFP4 W4A4, its own recipe: docs/beyond_arhq.md) as a fourth row.
 
 Calibrates on the first 60 % of the pydoc corpus and evaluates on the rest (disjoint), then
 prints one table (perplexity, KL and top-1 against the float model, mean layer SNR and its gain
@@ -39,7 +40,7 @@ COLUMNS = (
 def run_demo(
     out_dir="runs/demo",
     fmt: str = "nvfp4",
-    methods=("rtn", "svdquant", "arhq"),
+    methods=("rtn", "svdquant", "arhq", "best-w4a4"),
     rank: int = 32,
     calib_tokens: int = 16384,
     max_chunks: int = 16,

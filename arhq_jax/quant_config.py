@@ -355,6 +355,7 @@ class QuantConfig:
         extra += f"-rot{self.rotate}" if self.rotate else ""
         extra += "-aa" if self.act_aware else ""
         extra += "-rgptq" if self.refine_gptq else ""
+        extra += "-mse" if self.mse_clip else ""
         return f"{self.method}{rank}{extra}{res}{setting}-{w}/{act}"
 
 
@@ -362,10 +363,10 @@ class QuantConfig:
 # NVFP4 W4A4 (static activation scales), at most 6.0 stored bits per weight over the seven
 # projections (4.5 for codes and block scales + 1.47 for the rank-32 bf16 factors), the best
 # combination measured on SmolLM2 (docs/beyond_arhq.md, benchmarks/results/beyond_w4a4.md): ARHQ
-# r32 raw, GPTQ residual, 3 refinement iterations, sequential calibration. Rotation hurt, the
-# rank budget traded KL for perplexity, the activation-aware residual target lowered KL at 16k
-# tokens but raised perplexity (and at 4k both), smoothing is not combined with the refinement;
-# none is in.
+# r32 raw, GPTQ residual with searched E4M3 block scales (mse_clip), 3 refinement iterations,
+# sequential calibration. Rotation hurt, the rank budget traded KL for perplexity, the
+# activation-aware residual target and GPTQ inside the refinement raised perplexity, act-order
+# lowered KL but raised perplexity, smoothing is not combined with the refinement; none is in.
 PRESETS = {
     "best-w4a4": dict(
         method="arhq",
@@ -375,6 +376,7 @@ PRESETS = {
         act_fmt="nvfp4",
         factor_dtype="bfloat16",
         residual_quant="gptq",
+        mse_clip=True,
         refine_iters=3,
         sequential=True,
     ),

@@ -36,6 +36,7 @@ import jax  # noqa: E402
 from arhq_jax import formats as F  # noqa: E402
 from arhq_jax import report  # noqa: E402
 from arhq_jax.checkpoint import tree_nbytes  # noqa: E402
+from arhq_jax.eval import load_text_tokens  # noqa: E402
 from arhq_jax.models.config import PROJECTIONS  # noqa: E402
 from arhq_jax.pipeline import calibration_ids, evaluate_models, load_corpus  # noqa: E402
 from arhq_jax.quant_config import QuantConfig  # noqa: E402
@@ -54,6 +55,8 @@ COLUMNS = (
     ("top1", "top-1", ".4f"),
     ("quant_s", "quantize s", ".0f"),
 )
+# issue 12: the same measures on a second text (``--second-text``), after the pydoc ones.
+SECOND_COLUMNS = (("ppl2", "ppl²", ".3f"), ("kl2", "KL²", ".4f"), ("top1_2", "top-1²", ".4f"))
 
 
 def _shapes(cfg):
@@ -160,19 +163,24 @@ def runs(cfg) -> list[dict]:
 # can calibrate on fewer tokens than the run (``--ablation-tokens``: the first n of its ids).
 INGREDIENTS = {
     "gptq residual": {"residual_quant": "gptq"},
+    "scale search": {"mse_clip": True},
     "refine": {"refine_iters": 3},
     "sequential": {"sequential": True},
 }
+# An ingredient that acts only with another: its row alone on ARHQ r32 adds that one, and
+# removing that one from the preset removes it too.
+NEEDS = {"scale search": {"residual_quant": "gptq"}}
 REJECTED = {
     "act-aware residual": {"act_aware": True},
     "refine gptq": {"refine_gptq": True},
+    "act order": {"act_order": True},
     "smooth": {"setting": "smooth", "alpha_tokens": 4096},
     "rank budget": {"rank_budget": True},
     "rotate64": {"rotate": 64},
 }
 PLAIN = {"residual_quant": "rtn", "refine_iters": 0, "rotate": 0, "rank_budget": False,
          "sequential": False, "act_aware": False, "setting": "raw", "refine_gptq": False,
-         "alpha_tokens": None}  # fmt: skip
+         "alpha_tokens": None, "mse_clip": False, "act_order": False}  # fmt: skip
 NV = {"w_fmt": "nvfp4", "act_fmt": "nvfp4"}
 # The baselines of the beyond table: the demo's rows and SVDQuant as its authors run it
 # (Nunchaku / deepcompressor: per-projection α-searched smoothing, then the truncated SVD of the
@@ -225,11 +233,20 @@ def beyond_runs(ablation_tokens: int | None = None) -> list[dict]:
     abl.append({"name": f"beyond{tag}: arhq r32", "kw": base})
     for k, v in INGREDIENTS.items():
         if all(best.get(x) == y for x, y in v.items()):
-            kw, name = {**best, **{x: PLAIN[x] for x in v}}, f"preset − {k}"
+            drop, also = dict(v), []
+            for j, need in NEEDS.items():  # what acts only with k goes with it
+                if j != k and set(need) & set(v) and all(best.get(x) == y for x, y in need.items()):
+                    drop.update(INGREDIENTS[j])
+                    also.append(j)
+            name = f"preset − {k}" + "".join(f" − {j}" for j in also)
+            kw = {**best, **{x: PLAIN[x] for x in drop}}
         else:  # an ingredient the preset leaves out
             kw, name = {**best, **v}, f"preset + {k}"
         abl.append({"name": f"beyond{tag}: {name}", "kw": kw})
-    abl += [{"name": f"beyond{tag}: + {k}", "kw": {**base, **v}} for k, v in INGREDIENTS.items()]
+    for k, v in INGREDIENTS.items():
+        need = NEEDS.get(k, {})
+        with_ = "".join(f" (with {j})" for j, w in INGREDIENTS.items() if w.items() <= need.items())
+        abl.append({"name": f"beyond{tag}: + {k}{with_}", "kw": {**base, **need, **v}})
     abl += [
         {"name": f"beyond-rejected{tag}: + {k}", "kw": {**base, **v}} for k, v in REJECTED.items()
     ]
@@ -283,6 +300,11 @@ def main(argv=None) -> int:
         default=None,
         help="issue 12: calibrate the beyond@n ablation rows on the first n tokens only",
     )
+    ap.add_argument(
+        "--second-text",
+        default=None,
+        help="issue 12: also score every row on this UTF-8 text file (columns ppl², KL², top-1²)",
+    )
     args = ap.parse_args(argv)
 
     from converters import load_model
@@ -293,6 +315,16 @@ def main(argv=None) -> int:
     calib = calibration_ids(corpus.calib, args.calib_tokens, args.calib_seq_len)
     eval_kw = dict(seq_len=args.seq_len, max_chunks=args.max_chunks, progress=False)
     fp = evaluate_models({}, m.params, m.cfg, corpus.eval, **eval_kw)["float"]
+    second = None
+    if args.second_text is not None:
+        kw2 = {**eval_kw, "source": f"second text {args.second_text}"}
+        try:
+            second = load_text_tokens(m.tokenizer, args.second_text)
+            fp2 = evaluate_models({}, m.params, m.cfg, second, **kw2)["float"]
+        except (OSError, ValueError) as e:  # missing, not UTF-8, blank or too short
+            print(f"compare.py: error: {e}", file=sys.stderr)
+            return 2
+        fp.update(ppl2=fp2["ppl"], kl2=0.0, top1_2=1.0, tokens2=fp2["tokens"])
     fp_bits = 8 * jax.numpy.dtype(m.cfg.param_dtype).itemsize
     rows = [
         {
@@ -320,6 +352,8 @@ def main(argv=None) -> int:
         todo = [r for o in only for r in every if r["name"].startswith(o)]
         todo = [r for i, r in enumerate(todo) if r not in todo[:i]]
     meta = {
+        "second_text": args.second_text,
+        "second_tokens": None if second is None else fp["tokens2"],
         "model": args.model,
         "calib_tokens": int(calib.size),
         "eval_tokens": fp["tokens"],
@@ -357,6 +391,9 @@ def main(argv=None) -> int:
         if args.eval_each:
             sc = evaluate_models({run["name"]: res.params}, m.params, m.cfg, corpus.eval, **eval_kw)
             row.update(sc[run["name"]])
+            if second is not None:
+                sc2 = evaluate_models({run["name"]: res.params}, m.params, m.cfg, second, **kw2)
+                row.update(_second(sc2[run["name"]]))
             del qmodels[run["name"]]
             print(f"    ppl {row['ppl']:.3f}  KL {row['kl']:.4f}  top-1 {row['top1']:.4f}")
         _write(out, rows, meta, time.perf_counter() - t_start, args.name)
@@ -365,11 +402,24 @@ def main(argv=None) -> int:
     scores = evaluate_models(qmodels, m.params, m.cfg, corpus.eval, **{**eval_kw, "progress": True})
     for row in rows[1:]:
         row.update(scores.get(row["name"], {}))
+    if second is not None and qmodels:
+        scores2 = evaluate_models(qmodels, m.params, m.cfg, second, **{**kw2, "progress": True})
+        for row in rows[1:]:
+            if row["name"] in scores2:
+                row.update(_second(scores2[row["name"]]))
     _write(out, rows, meta, time.perf_counter() - t_start, args.name)
     print()
-    print(report.text_table(rows, COLUMNS))
-    print(f"total {time.perf_counter() - t_start:.0f}s; wrote {out}/compare.{{md,json}}")
+    print(report.text_table(rows, _columns(meta)))
+    print(f"total {time.perf_counter() - t_start:.0f}s; wrote {out}/{args.name}.{{md,json}}")
     return 0
+
+
+def _second(score: dict) -> dict:
+    return {"ppl2": score["ppl"], "kl2": score["kl"], "top1_2": score["top1"]}
+
+
+def _columns(meta) -> tuple:
+    return COLUMNS + (SECOND_COLUMNS if meta.get("second_text") else ())
 
 
 def _write(out: Path, rows, meta, total_s, name: str = "compare") -> None:
@@ -386,8 +436,13 @@ def _write(out: Path, rows, meta, total_s, name: str = "compare") -> None:
         "sequential (seq) or parallel (par) calibration. quantize s: wall time of "
         f"quantize_model, compilation included ({meta['devices']}).\n"
     )
+    if meta.get("second_text"):
+        notes += (
+            f"ppl², KL², top-1²: the same measures on {meta['second_text']} "
+            f"({meta['second_tokens']} predicted tokens).\n"
+        )
     report.atomic_write(
-        out / f"{name}.md", f"**{title}**\n\n" + report.markdown_table(rows, COLUMNS) + notes
+        out / f"{name}.md", f"**{title}**\n\n" + report.markdown_table(rows, _columns(meta)) + notes
     )
 
 

@@ -212,7 +212,8 @@ class GPTQOptions(GPTQCoreOptions):
     )
     mse_clip: bool = option(
         False,
-        "QuaRot's MSE clip of per-row int weight scales in GPTQ",
+        "MSE search of GPTQ's weight scales: QuaRot's range shrink (int formats), the E4M3 "
+        "block-scale search of arhq_jax/scale_search.py (nvfp4)",
         action="BooleanOptionalAction",
     )
 

@@ -32,7 +32,8 @@ Faithfulness notes:
     FLOPs but one compiled loop for any width; Cholesky failure is detected by non-finite factors
     instead of an exception. Rounding and scales come from ``formats`` (pass
     ``int_rule="gptq"`` for the reference's ≥ 1e-5 scale clamp); ``mse_clip`` is QuaRot's
-    ``find_params(mse=True)`` (grid 100, shrink to 0.2, |Δ|^2.4), int formats only.
+    ``find_params(mse=True)`` (grid 100, shrink to 0.2, |Δ|^2.4) for int formats; for nvfp4
+    it is the E4M3 block-scale search of ``arhq_jax.scale_search`` (issue 12; not QuaRot's).
   - act-order with groups requires ``static_groups`` (ValueError otherwise), as does combining it
     with mixed precision or tiles.
 
@@ -51,6 +52,7 @@ import numpy as np
 from flax import struct
 
 from arhq_jax import formats as F
+from arhq_jax import scale_search
 from arhq_jax.elements import HIGHEST
 
 # QuaRot's find_params(mse=True): p = 1 − k/grid for k < maxshrink·grid, error Σ|Δ|^norm.
@@ -145,11 +147,15 @@ def inverse_cholesky_upper(h, percdamp: float = 0.01, max_retries: int = 250):
 # ----------------------------------------------------------------------------------------------
 
 
-def fit_group(xg, spec: F.FormatSpec, ts, mse_clip: bool, int_rule: str = "default"):
+def fit_group(
+    xg, spec: F.FormatSpec, ts, mse_clip: bool, int_rule: str = "default", col_weights=None
+):
     """Fit one group over all rows: xg ``[R, g]`` → (stored ``[S]``, d ``[R]``, zero ``[R]``|None).
 
     S = R, or R/16 for 16×16 tiles (then d is repeated over each tile's 16 rows). ``int_rule``:
-    the int scale rule (``formats.INT_RULES``).
+    the int scale rule (``formats.INT_RULES``). ``mse_clip``: int formats QuaRot's range search,
+    nvfp4 the E4M3 block-scale search (``scale_search``) weighting column j by ``col_weights[j]``
+    (``[g]``; None: 1).
     """
     r, g = xg.shape
     if spec.tile is not None:
@@ -161,6 +167,9 @@ def fit_group(xg, spec: F.FormatSpec, ts, mse_clip: bool, int_rule: str = "defau
     d, z = d[:, 0, 0], (None if zero is None else zero[:, 0, 0])
     if not mse_clip:
         return stored[:, 0], d, z
+    if spec.name == "nvfp4":
+        s, d = scale_search.search_scales(xg[:, None, :], spec, ts, col_weights)
+        return s[:, 0], d[:, 0, 0], None
     return _mse_fit(xg, spec, d, z, int_rule)
 
 
@@ -302,8 +311,12 @@ def _gptq_core(
     else:
         p0, scales0, zeros0 = None, None, None
 
+    # The nvfp4 scale search weighs column j by GPTQ's cost of its error, 1/U_jj².
+    col_w = 1.0 / jnp.square(jnp.diag(u))
+
     def fit_dyn(xg, i, scales, zeros):
-        st, d, z = fit_group(xg, spec, ts, mse_clip, int_rule)
+        cw = jax.lax.dynamic_slice(col_w, (i,), (xg.shape[1],))
+        st, d, z = fit_group(xg, spec, ts, mse_clip, int_rule, cw)
         gi = i // g
         scales = jax.lax.dynamic_update_slice(scales, st[:, None], (0, gi))
         if zeros is not None:
@@ -452,7 +465,8 @@ def gptq_quantize(
       static_groups: fit every group on the original W before the loop.
       tensor_scale: nvfp4 only, the fixed tensor scale in the format's convention (gs for
         "nvfp4", g for "nvfp4-modelopt"; default: ``formats.nvfp4_tensor_scale`` of the original W).
-      mse_clip: QuaRot's MSE range-shrinking search for the int group scales.
+      mse_clip: int formats: QuaRot's MSE range-shrinking search of the group scales; nvfp4:
+        the search of each block's E4M3 scale (``scale_search``) under GPTQ's column costs.
       high_fmt, n_high: mixed precision (ResQ): the last ``n_high`` input columns use
         ``high_fmt``; both formats must be per-row int (group −1).
       int_rule: the int scale rule (``formats.INT_RULES``; both formats under mixed precision):
@@ -482,8 +496,8 @@ def gptq_quantize(
     spec = F.resolve_format(fmt)
     if tensor_scale is not None and spec.name != "nvfp4":
         raise ValueError(f"tensor_scale applies to nvfp4 only, not {spec.name}")
-    if mse_clip and not spec.is_int:
-        raise ValueError(f"mse_clip applies to int formats only, not {spec.label}")
+    if mse_clip and not (spec.is_int or spec.name == "nvfp4"):
+        raise ValueError(f"mse_clip applies to int formats and nvfp4, not {spec.label}")
     F.check_int_rule(spec, int_rule)
     high_spec = None
     if high_fmt is not None or n_high:
