@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from arhq_jax import out_dir
-from arhq_jax.checkpoint_schema import CheckpointError, decode_linear
+from arhq_jax.checkpoint_schema import CheckpointError, decode_linear, to_numpy
 from arhq_jax.checkpoint_writer import (
     CONFIG_FILE,
     DEFAULT_SHARD_BYTES,
@@ -140,10 +140,6 @@ def _linears(cfg: ModelConfig, params: Params):
         yield "lm_head", params.lm_head
 
 
-def _np(x) -> np.ndarray:
-    return np.asarray(jax.device_get(x))
-
-
 def save(
     path,
     params: Params,
@@ -172,10 +168,10 @@ def save(
     if len(params.layers) != cfg.num_layers:
         raise ValueError(f"params have {len(params.layers)} layers, config says {cfg.num_layers}")
     with writing(path, max_shard_bytes) as w:
-        w.add(EMBED, _np(params.embed))
+        w.add(EMBED, to_numpy(params.embed))
         for i, layer in enumerate(params.layers):
             w.add_layer(i, layer)
-        w.add(FINAL_NORM, _np(params.final_norm))
+        w.add(FINAL_NORM, to_numpy(params.final_norm))
         if params.lm_head is not None:
             w.add_linear("lm_head", params.lm_head)
         return w.finish(cfg, quant=quant, tokenizer=tokenizer, source=source)

@@ -121,7 +121,8 @@ class Encoded:
     lora: list[tuple[str, np.ndarray]]
 
 
-def _np(x) -> np.ndarray:
+def to_numpy(x) -> np.ndarray:
+    """A host numpy copy (or view) of a device or host array."""
     return np.asarray(jax.device_get(x))
 
 
@@ -153,9 +154,9 @@ def encode_linear(prefix: str, lin) -> Encoded:
     """A linear → ``Encoded``: ``ct-nvfp4`` when compressed-tensors expresses it, else its own
     kind. Raises ValueError for a linear type the schema does not know."""
     if isinstance(lin, Dense):
-        tensors = [(f"{prefix}.weight", _np(lin.w))]
+        tensors = [(f"{prefix}.weight", to_numpy(lin.w))]
         if lin.b is not None:
-            tensors.append((f"{prefix}.bias", _np(lin.b)))
+            tensors.append((f"{prefix}.bias", to_numpy(lin.b)))
         return Encoded({"kind": "dense", "dtype": tensors[0][1].dtype.name}, tensors, [])
     if isinstance(lin, QuantLinear):
         try:
@@ -178,13 +179,13 @@ def _encode_ct(prefix: str, lin: QuantLinear) -> Encoded:
     if act is not None:
         tensors[f"{prefix}.input_global_scale"] = ct_nvfp4.input_global_scale(lin.act_scale)
     if lin.bias is not None:
-        tensors[f"{prefix}.bias"] = _np(lin.bias)
+        tensors[f"{prefix}.bias"] = to_numpy(lin.bias)
     entry = {"kind": "ct-nvfp4", "w4a4": act is not None, "dtype": lin.w.dtype}
     out = Encoded(entry, list(tensors.items()), [])
     if lin.a is not None:
-        entry["lora"] = {"rank": lin.rank, "dtype": _np(lin.a).dtype.name}
+        entry["lora"] = {"rank": lin.rank, "dtype": to_numpy(lin.a).dtype.name}
         na, nb = lora_names(prefix)
-        out.lora = [(na, np.ascontiguousarray(_np(lin.a).T)), (nb, _np(lin.b))]
+        out.lora = [(na, np.ascontiguousarray(to_numpy(lin.a).T)), (nb, to_numpy(lin.b))]
     return out
 
 
@@ -208,7 +209,7 @@ def _encode_field(name: str, cat: str, v, out: Encoded):
             raise ValueError(f"{name}: required field is None")
         return None
     if cat in (ARRAY, OPT_ARRAY) or (cat == WEIGHT and not isinstance(v, (formats.QTensor, tuple))):
-        x = _np(v)
+        x = to_numpy(v)
         out.tensors.append((name, x))
         return _array_entry(x)
     if cat == LORA:
@@ -234,7 +235,7 @@ def _encode_qtensor(name: str, q: formats.QTensor, out: Encoded) -> dict:
     for part in _QT_PARTS:
         x = getattr(q, part)
         if x is not None:
-            out.tensors.append((f"{name}.{part}", _np(x)))
+            out.tensors.append((f"{name}.{part}", to_numpy(x)))
     return {
         "shape": list(q.shape),
         "axis": q.axis,
@@ -247,9 +248,9 @@ def _encode_qtensor(name: str, q: formats.QTensor, out: Encoded) -> dict:
 def add_lora_entry(entry: dict, prefix: str, lin, out: Encoded) -> None:
     """Put a ``QuantLinear``'s factors (anywhere in an ``arhq`` entry) into the adapter."""
     if isinstance(lin, QuantLinear) and lin.a is not None and entry.get("kind") == "quant":
-        entry["lora"] = {"rank": lin.rank, "dtype": _np(lin.a).dtype.name}
+        entry["lora"] = {"rank": lin.rank, "dtype": to_numpy(lin.a).dtype.name}
         na, nb = lora_names(prefix)
-        out.lora += [(na, np.ascontiguousarray(_np(lin.a).T)), (nb, _np(lin.b))]
+        out.lora += [(na, np.ascontiguousarray(to_numpy(lin.a).T)), (nb, to_numpy(lin.b))]
     if isinstance(lin, OutSplitLinear):
         for i, (p, e) in enumerate(zip(lin.parts, entry["fields"]["parts"], strict=True)):
             add_lora_entry(e, f"{prefix}.parts.{i}", p, out)

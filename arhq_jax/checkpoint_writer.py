@@ -16,7 +16,7 @@ import jax
 import numpy as np
 
 from arhq_jax import ct_nvfp4, out_dir
-from arhq_jax.checkpoint_schema import encode_linear
+from arhq_jax.checkpoint_schema import encode_linear, to_numpy
 from arhq_jax.lora_adapter import AdapterWriter
 from arhq_jax.models import config_to_hf
 from arhq_jax.models.config import PROJECTIONS, Layer, ModelConfig
@@ -30,10 +30,6 @@ WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 LORA_DIR = "lora"
 DEFAULT_SHARD_BYTES = 5 * 2**30  # transformers' default max_shard_size
-
-
-def _np(x) -> np.ndarray:
-    return np.asarray(jax.device_get(x))
 
 
 @contextlib.contextmanager
@@ -149,7 +145,7 @@ def layer_records(i: int, layer: Layer):
     projection of decoder layer ``i``, in checkpoint order."""
     for n in ("input_norm", "post_norm", "q_norm", "k_norm"):
         if getattr(layer, n, None) is not None:
-            yield norm_key(i, n), _np(getattr(layer, n)), None, None
+            yield norm_key(i, n), to_numpy(getattr(layer, n)), None, None
     for p in PROJECTIONS:
         yield None, None, linear_key(i, p), encode_linear(linear_key(i, p), getattr(layer, p))
 

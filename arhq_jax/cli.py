@@ -23,6 +23,7 @@ from jax.errors import JaxRuntimeError  # noqa: E402
 from arhq_jax import checkpoint, distributed  # noqa: E402
 from arhq_jax.argtypes import float_in, int_at_least  # noqa: E402
 from arhq_jax.corpora import PAPER_SEQ_LEN, dataset_tokens  # noqa: E402
+from arhq_jax.demo import METHODS as DEMO_METHODS  # noqa: E402
 from arhq_jax.demo import run_demo  # noqa: E402
 from arhq_jax.layer_sharding import model_mesh  # noqa: E402
 from arhq_jax.methods import REGISTRY  # noqa: E402
@@ -323,7 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--format", default="nvfp4", choices=LINEAR_FORMATS)
     d.add_argument(
         "--methods",
-        default="rtn,svdquant,arhq,best-w4a4",
+        default=",".join(DEMO_METHODS),
         help="comma-separated methods and presets, e.g. rtn,svdquant,arhq,best-w4a4 (the "
         "preset has its own rank and formats)",
     )

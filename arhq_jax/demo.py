@@ -37,10 +37,14 @@ COLUMNS = (
 )
 
 
+# The demo's rows: the three methods at --rank and --format, then the best-w4a4 preset (issue 12).
+METHODS = ("rtn", "svdquant", "arhq", "best-w4a4")
+
+
 def run_demo(
     out_dir="runs/demo",
     fmt: str = "nvfp4",
-    methods=("rtn", "svdquant", "arhq", "best-w4a4"),
+    methods=METHODS,
     rank: int = 32,
     calib_tokens: int = 16384,
     max_chunks: int = 16,

@@ -12,8 +12,8 @@ c₀ (positive E4M3 codes are ordered by value: consecutive codes are consecutiv
 per octave), clipped to the finite positive codes 1…0x7E (0x7E = 448). The amax code itself is
 the first candidate and a candidate replaces the best only when its error is strictly lower,
 so the result is never worse than the amax rule under the same weights, and equals the brute
-force minimum over the window (tests/test_scale_search.py). Blocks whose amax code is a NaN
-(non-finite input) or the all-zero placeholder keep it.
+force minimum over the window (tests/test_scale_search.py). An all-zero block (every error 0)
+and a non-finite one (NaN errors, which compare false) therefore keep the amax rule's scale.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ _E4M3_MAX_CODE = 0x7E  # 448; 0x7F is NaN
 
 
 def candidate_codes(code0: jax.Array) -> jax.Array:
-    """E4M3 codes ``[..., 1 + len(SEARCH_STEPS)]`` (uint8) searched for amax codes ``code0``."""
-    c = code0.astype(jnp.int32)[..., None] + jnp.asarray((0,) + SEARCH_STEPS, jnp.int32)
+    """E4M3 codes ``[..., len(SEARCH_STEPS)]`` (uint8) tried after the amax codes ``code0``."""
+    c = code0.astype(jnp.int32)[..., None] + jnp.asarray(SEARCH_STEPS, jnp.int32)
     return jnp.clip(c, 1, _E4M3_MAX_CODE).astype(jnp.uint8)
 
 
@@ -55,13 +55,12 @@ def search_scales(xb, spec: F.FormatSpec, tensor_scale, weights=None):
     g = jnp.asarray(tensor_scale, jnp.float32)
     scale0, _, _ = F.block_params(xb, spec, g)
     code0 = jax.lax.bitcast_convert_type(scale0, jnp.uint8)
-    keep = jnp.isnan(scale0.astype(jnp.float32)) | jnp.all(xb == 0, axis=-1)
     cands = jax.lax.bitcast_convert_type(candidate_codes(code0), jnp.float8_e4m3fn)
     best_s, best_e = scale0, block_error(xb, scale0, spec, g, weights)
-    for k in range(1, cands.shape[-1]):
+    for k in range(cands.shape[-1]):
         s = cands[..., k]
         e = block_error(xb, s, spec, g, weights)
-        better = (e < best_e) & ~keep
+        better = e < best_e
         best_s = jnp.where(better, s, best_s)
         best_e = jnp.where(better, e, best_e)
     return best_s, F.scale_multiplier(best_s, spec, g)

@@ -47,7 +47,7 @@ from arhq_jax.models.params import EMBED, FINAL_NORM, LM_HEAD
 from arhq_jax.quant_config import QuantConfig
 from arhq_jax.quantize_model import layer_stages, quantize_layer
 from converters.lazy import LazySource
-from converters.safetensors_io import SafetensorsReader, SafetensorsWriter
+from converters.safetensors_io import SafetensorsReader, SafetensorsWriter, write_safetensors
 
 WORK_FORMAT = "arhq-jax-resume"
 WORK_VERSION = 1
@@ -192,14 +192,9 @@ def _write_layer(work: _Work, i: int, layer) -> list:
 
 
 def _save_hidden(work: _Work, i: int, runner: LayerwiseRunner) -> None:
-    w = SafetensorsWriter(work.file("hidden", i))
-    try:
-        for k, h in enumerate(runner.hidden_states()):
-            w.add(f"h.{k}", h)
-        w.close()
-    except BaseException:
-        w.abort()
-        raise
+    write_safetensors(
+        work.file("hidden", i), ((f"h.{k}", h) for k, h in enumerate(runner.hidden_states()))
+    )
 
 
 def _load_hidden(work: _Work, i: int) -> list[np.ndarray]:

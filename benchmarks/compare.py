@@ -325,6 +325,19 @@ def main(argv=None) -> int:
             print(f"compare.py: error: {e}", file=sys.stderr)
             return 2
         fp.update(ppl2=fp2["ppl"], kl2=0.0, top1_2=1.0, tokens2=fp2["tokens"])
+
+    def score(models: dict, progress: bool = False) -> dict:
+        """``{name: ppl, kl, top1, tokens}`` on the pydoc evaluation part, with ``ppl2, kl2,
+        top1_2`` on the second text when there is one."""
+        out = evaluate_models(
+            models, m.params, m.cfg, corpus.eval, **{**eval_kw, "progress": progress}
+        )
+        if second is not None:
+            sc2 = evaluate_models(models, m.params, m.cfg, second, **{**kw2, "progress": progress})
+            for name in models:
+                out[name].update(_second(sc2[name]))
+        return out
+
     fp_bits = 8 * jax.numpy.dtype(m.cfg.param_dtype).itemsize
     rows = [
         {
@@ -389,24 +402,15 @@ def main(argv=None) -> int:
         rows.append(row)
         print(f"    {row['bits']:.2f} bits/w  {row['mib']:.1f} MiB  {quant_s:.0f}s", flush=True)
         if args.eval_each:
-            sc = evaluate_models({run["name"]: res.params}, m.params, m.cfg, corpus.eval, **eval_kw)
-            row.update(sc[run["name"]])
-            if second is not None:
-                sc2 = evaluate_models({run["name"]: res.params}, m.params, m.cfg, second, **kw2)
-                row.update(_second(sc2[run["name"]]))
+            row.update(score({run["name"]: res.params})[run["name"]])
             del qmodels[run["name"]]
             print(f"    ppl {row['ppl']:.3f}  KL {row['kl']:.4f}  top-1 {row['top1']:.4f}")
         _write(out, rows, meta, time.perf_counter() - t_start, args.name)
-    # One evaluation pass: the float logits of each chunk are computed once for every model.
-    print(f"evaluating {len(qmodels)} models ...", flush=True)
-    scores = evaluate_models(qmodels, m.params, m.cfg, corpus.eval, **{**eval_kw, "progress": True})
-    for row in rows[1:]:
-        row.update(scores.get(row["name"], {}))
-    if second is not None and qmodels:
-        scores2 = evaluate_models(qmodels, m.params, m.cfg, second, **{**kw2, "progress": True})
+    if qmodels:  # one evaluation pass: the float logits of each chunk computed once for all
+        print(f"evaluating {len(qmodels)} models ...", flush=True)
+        scores = score(qmodels, progress=True)
         for row in rows[1:]:
-            if row["name"] in scores2:
-                row.update(_second(scores2[row["name"]]))
+            row.update(scores.get(row["name"], {}))
     _write(out, rows, meta, time.perf_counter() - t_start, args.name)
     print()
     print(report.text_table(rows, _columns(meta)))

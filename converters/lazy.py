@@ -153,12 +153,6 @@ class LazySource:
         rows = self.store.gather(EMBED, np.asarray(ids))
         return rows.astype(jnp.dtype(self.cfg.param_dtype), copy=False)
 
-    def dense_name(self, which: str) -> str | None:
-        """HF key of the dense ``"embed"`` or ``"lm_head"`` tensor (None: tied head)."""
-        if which == "embed":
-            return EMBED
-        return None if self.cfg.tie_word_embeddings else LM_HEAD
-
     def row_blocks(self, name: str) -> Iterator[np.ndarray]:
         """Consecutive row blocks of a ``[V, H]`` tensor in ``cfg.param_dtype`` (each at most
         ``ROW_BYTES`` in the parameter dtype)."""
@@ -193,11 +187,11 @@ class LazySource:
         the embedding), read in row blocks: they are only copied at the very end."""
         pdt = jnp.dtype(self.cfg.param_dtype)
         shapes = expected_tensors(self.cfg)
-        self._check_dense(EMBED)
+        # A tied head stored anyway is compared with the embedding in the same pass over it.
+        tied_copy = self.cfg.tie_word_embeddings and LM_HEAD in self.store.names()
+        self._check_dense(EMBED, tied_copy=tied_copy)
         if not self.cfg.tie_word_embeddings:
             self._check_dense(LM_HEAD)
-        elif LM_HEAD in self.store.names():
-            self._check_tied()
         names = [EMBED]
         for i in range(self.cfg.num_layers):
             names += [norm_key(i, n) for n in _NORMS if norm_key(i, n) in shapes]
@@ -217,7 +211,9 @@ class LazySource:
             x = self.store.strided(name, max(1, size // 4096))
             yield name, size, x.astype(pdt).astype(np.float32)
 
-    def _check_dense(self, name: str) -> None:
+    def _check_dense(self, name: str, tied_copy: bool = False) -> None:
+        """Shape, float dtype and finite values of a dense ``[V, H]`` tensor, read in row blocks;
+        ``tied_copy``: also that the stored lm_head equals it (a tied head)."""
         shape = self.store.shape(name)
         want = expected_tensors(self.cfg)[name]
         if shape is None:
@@ -228,21 +224,18 @@ class LazySource:
         dt = np.asarray(self.store.rows(name, 0, 1)).dtype
         if dt.kind != "f" and dt.name != "bfloat16":
             raise ValueError(f"{self.where}: tensor {name!r}: expected a float tensor, got {dt}")
+        if tied_copy and self.store.shape(LM_HEAD) != shape:
+            raise ValueError(f"{self.where}: {TIED_DIFFERS}")
+        pdt, a = jnp.dtype(self.cfg.param_dtype), 0
         for block in self.row_blocks(name):
             if not np.isfinite(block.astype(np.float32)).all():
                 raise ValueError(
                     f"{self.where}: tensor {name!r} has non-finite values (NaN or inf)"
                 )
-
-    def _check_tied(self) -> None:
-        pdt = jnp.dtype(self.cfg.param_dtype)
-        if self.store.shape(LM_HEAD) != self.store.shape(EMBED):
-            raise ValueError(f"{self.where}: {TIED_DIFFERS}")
-        a = 0
-        for block in self.row_blocks(EMBED):
-            lm = self.store.rows(LM_HEAD, a, a + len(block)).astype(pdt, copy=False)
-            if not np.array_equal(lm, block):
-                raise ValueError(f"{self.where}: {TIED_DIFFERS}")
+            if tied_copy:
+                lm = self.store.rows(LM_HEAD, a, a + len(block)).astype(pdt, copy=False)
+                if not np.array_equal(lm, block):
+                    raise ValueError(f"{self.where}: {TIED_DIFFERS}")
             a += len(block)
 
     def _check_names(self) -> None:

@@ -175,11 +175,7 @@ class SafetensorsReader:
                 return self._handles[h.path].get_tensor(name)
             except SafetensorError as e:  # what our header check does not catch
                 raise ValueError(f"{h.path}: corrupt safetensors file: {e}") from None
-        dtype = DTYPES[t.dtype]
-        if t.end == t.begin:
-            return np.zeros(t.shape, dtype)
-        raw = _mapped(h.path, t)
-        return np.array(raw).view(dtype).reshape(t.shape)
+        return np.array(self._typed_map(name))
 
     def read_rows(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
         """Rows ``[start, stop)`` of tensor ``name`` (leading axis; the whole tensor by default)
@@ -204,29 +200,26 @@ class SafetensorsReader:
     def gather_rows(self, name: str, rows: np.ndarray) -> np.ndarray:
         """``tensor[rows]`` (``rows`` int, any shape) in the stored dtype, gathered from a
         read-only memory map that is dropped on return (only the touched pages are read)."""
-        t = self._info(name)
-        raw = _mapped(self._where[name].path, t)
-        try:
-            return np.array(raw.view(DTYPES[t.dtype]).reshape(t.shape)[np.asarray(rows)])
-        finally:
-            del raw
+        return np.array(self._typed_map(name)[np.asarray(rows)])
 
     def strided(self, name: str, step: int) -> np.ndarray:
         """``tensor.reshape(-1)[::step]`` in the stored dtype (a memory map dropped on return)."""
-        t = self._info(name)
-        if t.end == t.begin:
-            return np.zeros((0,), DTYPES[t.dtype])
-        raw = _mapped(self._where[name].path, t)
-        try:
-            return np.array(raw.view(DTYPES[t.dtype])[::step])
-        finally:
-            del raw
+        return np.array(self._typed_map(name).reshape(-1)[::step])
 
     def _info(self, name: str) -> TensorInfo:
-        h = self._where.get(name)
-        if h is None:
+        t = self.info(name)
+        if t is None:
             raise KeyError(name)
-        return h.tensors[name]
+        return t
+
+    def _typed_map(self, name: str) -> np.ndarray:
+        """Tensor ``name`` as a read-only memory map in its dtype and shape (zeros when it is
+        empty); the caller copies what it indexes, and the map is dropped with the view."""
+        t = self._info(name)
+        dtype = DTYPES[t.dtype]
+        if t.end == t.begin:
+            return np.zeros(t.shape, dtype)
+        return _mapped(self._where[name].path, t).view(dtype).reshape(t.shape)
 
     def close(self):
         self._handles.clear()

@@ -19,10 +19,10 @@ from arhq_jax import formats as F
 from arhq_jax.methods.base import ALL_ACTS, LINEAR_FORMATS, GPTQOptions, Method, MethodFormats
 from arhq_jax.methods.gptq import GPTQResult, gptq_quantize
 from arhq_jax.methods.util import (
+    device_rel_err,
     f32,
     fused_w_scales,
     group_stats,
-    rel_err,
     static_act_scales,
     timed,
 )
@@ -113,15 +113,17 @@ class GPTQMethod(Method):
                 jax.block_until_ready(res.w_hat)
                 timings["decomposition_s"] += time.perf_counter() - t1
             new[p] = ql
-            diags[p] = (w, res)
+            # Device scalars only: the f32 weight and GPTQ's w_hat are not kept past this step.
+            diags[p] = (device_rel_err(res.w_hat, w), res.err)
         if many:
             new = spread.gather(jax.block_until_ready(new))
             timings["decomposition_s"] += time.perf_counter() - t0
         out = []
-        for p in projs:
-            w, res = diags[p]
-            row = {"layer": layer_idx, "proj": p, "w_quant_rel_err": rel_err(res.w_hat, w)}
-            row["gptq_err"] = float(res.err)
+        for p, (err, gptq_err) in zip(
+            projs, jax.device_get([diags[p] for p in projs]), strict=True
+        ):
+            row = {"layer": layer_idx, "proj": p, "w_quant_rel_err": float(err)}
+            row["gptq_err"] = float(gptq_err)
             if many:
                 row["device"] = spread.device(p).id
             out.append(row)

@@ -21,10 +21,15 @@ def timed(timings: dict, key: str):
     timings[key] += time.perf_counter() - t0
 
 
+def device_rel_err(w_hat, w) -> jax.Array:
+    """‖ŵ − w‖ / ‖w‖ as an f32 device scalar (no host sync)."""
+    w = jnp.asarray(w, jnp.float32)
+    return jnp.linalg.norm(w_hat - w) / jnp.maximum(jnp.linalg.norm(w), 1e-30)
+
+
 def rel_err(w_hat, w) -> float:
     """‖ŵ − w‖ / ‖w‖ (f32)."""
-    w = jnp.asarray(w, jnp.float32)
-    return float(jnp.linalg.norm(w_hat - w) / jnp.maximum(jnp.linalg.norm(w), 1e-30))
+    return float(device_rel_err(w_hat, w))
 
 
 def group_stats(calib, layer, groups, qcfg, **keep) -> dict:
