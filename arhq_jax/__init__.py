@@ -27,7 +27,9 @@ def _register_lm_eval() -> None:
         from lm_eval.api.registry import model_registry
 
         if "arhq-jax" not in model_registry:
-            model_registry.register("arhq-jax", target="arhq_jax.lm_eval_backend:ArhqJaxLM")
+            model_registry.register(
+                "arhq-jax", target="arhq_jax.evaluation.lm_eval_backend:ArhqJaxLM"
+            )
     except Exception:  # an incompatible lm-eval must not break `import arhq_jax`
         return
 

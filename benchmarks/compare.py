@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # see arhq_jax/cli.py
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # see arhq_jax/cli/main.py
 
 import argparse  # noqa: E402
 import sys  # noqa: E402
@@ -33,14 +33,14 @@ sys.path.insert(0, str(ROOT))
 
 import jax  # noqa: E402
 
-from arhq_jax import formats as F  # noqa: E402
-from arhq_jax import report  # noqa: E402
-from arhq_jax.checkpoint import tree_nbytes  # noqa: E402
-from arhq_jax.eval import load_text_tokens  # noqa: E402
+from arhq_jax.checkpoint.store import tree_nbytes  # noqa: E402
+from arhq_jax.evaluation import report  # noqa: E402
+from arhq_jax.evaluation.metrics import load_text_tokens  # noqa: E402
+from arhq_jax.evaluation.pipeline import calibration_ids, evaluate_models, load_corpus  # noqa: E402
 from arhq_jax.models.config import PROJECTIONS  # noqa: E402
-from arhq_jax.pipeline import calibration_ids, evaluate_models, load_corpus  # noqa: E402
-from arhq_jax.quant_config import QuantConfig  # noqa: E402
-from arhq_jax.quantize_model import quantize_model  # noqa: E402
+from arhq_jax.numerics import formats as F  # noqa: E402
+from arhq_jax.run.config import QuantConfig  # noqa: E402
+from arhq_jax.run.quantize import quantize_model  # noqa: E402
 
 FACTOR = "bfloat16"
 COLUMNS = (
@@ -216,7 +216,7 @@ def beyond_runs(ablation_tokens: int | None = None) -> list[dict]:
     ``ablation_tokens`` calibration tokens; without it "beyond:" on the run's) the preset, the
     baselines, ARHQ r32, the preset minus each ingredient and ARHQ r32 plus each ingredient;
     "beyond-rejected@n:" each rejected ingredient alone and added to the preset (when valid)."""
-    from arhq_jax.quant_config import PRESETS
+    from arhq_jax.run.config import PRESETS
 
     best = {**PLAIN, **PRESETS["best-w4a4"]}
     base = {**best, **PLAIN}

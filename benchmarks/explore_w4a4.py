@@ -22,9 +22,9 @@ from pathlib import Path  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from arhq_jax.pipeline import calibration_ids, evaluate_models, load_corpus  # noqa: E402
-from arhq_jax.quant_config import QuantConfig  # noqa: E402
-from arhq_jax.quantize_model import quantize_model  # noqa: E402
+from arhq_jax.evaluation.pipeline import calibration_ids, evaluate_models, load_corpus  # noqa: E402
+from arhq_jax.run.config import QuantConfig  # noqa: E402
+from arhq_jax.run.quantize import quantize_model  # noqa: E402
 from benchmarks.compare import projection_bits  # noqa: E402
 
 

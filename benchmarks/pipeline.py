@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # see arhq_jax/cli.py
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # see arhq_jax/cli/main.py
 
 import argparse  # noqa: E402
 import json  # noqa: E402
@@ -90,9 +90,9 @@ def main(argv=None) -> int:
 
     import dataclasses
 
-    from arhq_jax.pipeline import calibration_ids, load_corpus
-    from arhq_jax.quant_config import QuantConfig
-    from arhq_jax.quantize_model import quantize_model, summarize
+    from arhq_jax.evaluation.pipeline import calibration_ids, load_corpus
+    from arhq_jax.run.config import QuantConfig
+    from arhq_jax.run.quantize import quantize_model, summarize
     from converters import load_model
 
     load_before = uptime()

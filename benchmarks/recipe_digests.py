@@ -78,8 +78,8 @@ def combined(digests: list[str]) -> str:
 
 def recipe_digests(params, cfg, ids, recipes: dict, *, batch_size: int = 8) -> dict:
     """{recipe name: per-leaf digests of its quantized params}."""
-    from arhq_jax.quant_config import QuantConfig
-    from arhq_jax.quantize_model import quantize_model
+    from arhq_jax.run.config import QuantConfig
+    from arhq_jax.run.quantize import quantize_model
 
     out = {}
     for name, kw in recipes.items():
@@ -113,7 +113,7 @@ def main(argv=None) -> None:
         params, cfg, ids = _tiny()
         recipes = TINY_RECIPES
     else:
-        from arhq_jax.pipeline import calibration_ids, load_corpus
+        from arhq_jax.evaluation.pipeline import calibration_ids, load_corpus
         from converters import load_model
 
         m = load_model("smollm2")

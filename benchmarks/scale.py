@@ -166,7 +166,7 @@ def run_quantize(ckpt: Path, method: str, out: Path, calib_tokens: int, max_rss:
     """``arhq-jax quantize`` in a subprocess, killed above ``max_rss`` bytes → figures."""
     import resource
 
-    cmd = [sys.executable, "-m", "arhq_jax.cli", "quantize", "--model", str(ckpt)]
+    cmd = [sys.executable, "-m", "arhq_jax.cli.main", "quantize", "--model", str(ckpt)]
     cmd += [*METHODS[method], "--out", str(out)]
     if method != "rtn":
         cmd += ["--calib-tokens", str(calib_tokens), "--calib-seq-len", str(min(512, calib_tokens))]

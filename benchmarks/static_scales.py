@@ -17,9 +17,9 @@ import json
 import time
 from pathlib import Path
 
-from arhq_jax.pipeline import calibration_ids, evaluate_models, load_corpus
-from arhq_jax.quant_config import QuantConfig, takes
-from arhq_jax.quantize_model import quantize_model
+from arhq_jax.evaluation.pipeline import calibration_ids, evaluate_models, load_corpus
+from arhq_jax.run.config import QuantConfig, takes
+from arhq_jax.run.quantize import quantize_model
 from converters import load_model
 
 VARIANTS = {

@@ -17,13 +17,13 @@ import time
 import jax
 import numpy as np
 
-from arhq_jax.checkpoint import tree_nbytes
-from arhq_jax.eval import make_chunks
+from arhq_jax.checkpoint.store import tree_nbytes
+from arhq_jax.evaluation.metrics import make_chunks
+from arhq_jax.evaluation.pipeline import calibration_ids, load_corpus
+from arhq_jax.linears.quantized import dequantized
 from arhq_jax.models import transformer
-from arhq_jax.pipeline import calibration_ids, load_corpus
-from arhq_jax.qlinear import dequantized
-from arhq_jax.quant_config import QuantConfig, takes
-from arhq_jax.quantize_model import quantize_model
+from arhq_jax.run.config import QuantConfig, takes
+from arhq_jax.run.quantize import quantize_model
 from converters import load_model
 
 

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
-from arhq_jax.atomic import atomic_dir
 from arhq_jax.models import config_from_hf, config_to_hf, family_of
 from arhq_jax.models.config import ModelConfig, Params
 from arhq_jax.models.params import params_from_tensors, params_to_tensors
+from arhq_jax.storage.atomic import atomic_dir
 from converters.orbax_layout import ORBAX_ENTRIES, is_orbax_dir
 from converters.safetensors_io import SafetensorsReader, read_header, write_safetensors
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 
-from arhq_jax.linear import Dense
+from arhq_jax.linears.base import Dense
 from arhq_jax.models import config_from_hf
 from arhq_jax.models.config import PROJECTIONS, Layer, ModelConfig, Params
 from arhq_jax.models.params import (

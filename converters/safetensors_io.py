@@ -27,7 +27,7 @@ import ml_dtypes
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
-from arhq_jax.atomic import atomic_file
+from arhq_jax.storage.atomic import atomic_file
 
 DTYPES: dict[str, np.dtype] = {
     "F64": np.dtype(np.float64),

@@ -14,7 +14,7 @@ would move block scales and E2M1 roundings at ties. Every quantizer division goe
 ``formats.div`` (correctly rounded on XLA:CPU) in interpret mode. Divisions by powers of two are
 multiplications by the exact reciprocal instead.
 
-The formats themselves are defined in ``arhq_jax/formats.py`` (spec formats.md); this module is the
+The formats themselves are defined in ``arhq_jax/numerics/formats.py`` (spec formats.md); this module is the
 kernel's own encode/decode and is tested against it bit for bit.
 """
 
@@ -23,7 +23,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from arhq_jax.elements import div as _xla_div
+from arhq_jax.numerics.elements import div as _xla_div
 
 _F32_ONE_HALF_BITS = 0x3F000000  # bits of 0.5f
 

@@ -1,8 +1,11 @@
 """The dependency rule of docs/architecture.md, checked on the source (``ast``, no imports run).
 
-- No import cycles between the project's modules (module-level and function-level imports).
-- ``pallas_kernels`` imports only ``arhq_jax.formats`` / ``arhq_jax.elements`` of the library
-  (plus jax, numpy and itself).
+- No import cycles between the project's modules (module-level and function-level imports),
+  counting imports that go through a package's ``__init__`` (its face): ``from pkg import sub``
+  depends on ``pkg/__init__`` as well as on ``pkg.sub``, even inside ``pkg``.
+- A submodule imports its siblings by module path, never through its own package's face.
+- The subpackages of ``arhq_jax`` import only the subpackages below them (``LAYERS``).
+- ``pallas_kernels`` imports only ``arhq_jax.numerics`` of the library (plus jax, numpy, itself).
 - An import inside a function is only for an optional or heavy dependency (``ALLOWED_LAZY``).
 """
 
@@ -29,11 +32,79 @@ ALLOWED_LAZY = {
     "orbax",
     "pydoc_data",
     "jax.experimental.pallas.triton",
-    "arhq_jax.lm_eval_backend",  # the "eval" extra's module: it imports lm_eval
+    "arhq_jax.evaluation.lm_eval_backend",  # the "eval" extra's module: it imports lm_eval
 }
 # Library modules the kernels may import (``arhq_jax`` is the package __init__ that importing
 # either runs first; it imports only the standard library).
-KERNEL_DEPS = {"arhq_jax.formats", "arhq_jax.elements", "arhq_jax"}
+KERNEL_DEPS = {
+    "arhq_jax.numerics.formats",
+    "arhq_jax.numerics.elements",
+    "arhq_jax.numerics",
+    "arhq_jax",
+}
+# The dependency rule of docs/architecture.md: each unit (a subpackage of ``arhq_jax``, or a
+# top-level package) and the units it may import. ``arhq_jax`` itself (its face) imports only the
+# standard library, so every unit may name it.
+LAYERS = {
+    "storage": set(),
+    "numerics": set(),
+    "pallas_kernels": {"numerics"},
+    "linears": {"numerics", "pallas_kernels"},
+    "models": {"numerics", "linears"},
+    "parallel": {"numerics", "linears"},
+    "decomposition": {"numerics", "linears", "models"},
+    "calibration": {"numerics", "linears", "models", "parallel", "decomposition"},
+    "methods": {"numerics", "linears", "models", "parallel", "decomposition", "calibration"},
+    "converters": {"storage", "numerics", "linears", "models"},
+    "checkpoint": {"storage", "numerics", "linears", "models", "methods", "converters"},
+    "run": {
+        "storage",
+        "numerics",
+        "linears",
+        "models",
+        "parallel",
+        "decomposition",
+        "calibration",
+        "methods",
+        "checkpoint",
+        "converters",
+    },
+    "evaluation": {
+        "storage",
+        "numerics",
+        "linears",
+        "models",
+        "calibration",
+        "checkpoint",
+        "converters",
+    },
+    "cli": {
+        "storage",
+        "numerics",
+        "linears",
+        "models",
+        "parallel",
+        "decomposition",
+        "calibration",
+        "methods",
+        "checkpoint",
+        "converters",
+        "run",
+        "evaluation",
+        "pallas_kernels",
+    },
+}
+
+
+def _unit(module: str) -> str | None:
+    """The unit of LAYERS a module belongs to (None for the ``arhq_jax`` face itself)."""
+    parts = module.split(".")
+    if parts[0] != "arhq_jax":
+        return parts[0]
+    return parts[1] if len(parts) > 1 else None
+
+
+FACE = ":face"  # marks an import that reads a submodule through its package's __init__
 
 
 def _module_name(path: Path) -> str:
@@ -67,12 +138,15 @@ def _imports(path: Path, name: str, modules: dict) -> list[tuple[str, bool, int]
                     pkg = name.split(".") if is_pkg else name.split(".")[:-1]
                     pkg = pkg[: len(pkg) - child.level + 1]
                     base = ".".join([*pkg, base] if base else pkg)
+                ours = base.split(".")[0] in PACKAGES or base in modules
                 for a in child.names:
                     sub = f"{base}.{a.name}"
-                    ours = base.split(".")[0] in PACKAGES
-                    out.append(
-                        (base if ours and sub not in modules else sub, in_func, child.lineno)
-                    )
+                    if ours and sub in modules:
+                        # ``from pkg import sub`` runs pkg's face and reads sub from it.
+                        out.append((base + FACE, in_func, child.lineno))
+                        out.append((sub, in_func, child.lineno))
+                    else:
+                        out.append((base if ours else sub, in_func, child.lineno))
             visit(child, func)
 
     visit(tree, False)
@@ -92,6 +166,11 @@ def _graph():
         if path.name == "__init__.py":
             own.add(name)
         for mod, in_func, line in _imports(path, name, modules):
+            if mod.endswith(FACE):
+                face = mod.removesuffix(FACE)
+                if face != name:  # a package's own __init__ may name its submodules
+                    deps.add(face)
+                continue
             if in_func:
                 lazy.append((name, mod, line))
             parts = mod.split(".")
@@ -146,6 +225,50 @@ def test_cycle_detection_finds_a_cycle():
     assert _cycles(edges) == [["a", "b", "c"]]
 
 
+def test_the_face_of_a_package_is_an_edge_even_from_inside_it(tmp_path):
+    """``from pkg import sub`` inside pkg is the cycle pkg/__init__ → … → the importer."""
+    (tmp_path / "pkg").mkdir()
+    src = tmp_path / "pkg" / "a.py"
+    src.write_text("from pkg import b\nimport pkg.c as c\n")
+    got = _imports(src, "pkg.a", {"pkg", "pkg.a", "pkg.b", "pkg.c"})
+    assert got == [("pkg" + FACE, False, 1), ("pkg.b", False, 1), ("pkg.c", False, 2)]
+
+
+def test_siblings_are_imported_by_module_path():
+    modules, _, _ = _graph()
+    bad = []
+    for name, path in modules.items():
+        if path.name == "__init__.py":
+            continue
+        own = {".".join(name.split(".")[:k]) for k in range(1, name.count(".") + 1)}
+        for mod, _, line in _imports(path, name, modules):
+            if mod.endswith(FACE) and mod.removesuffix(FACE) in own:
+                bad.append(f"{name}:{line} imports a sibling through {mod.removesuffix(FACE)}")
+    assert bad == []
+
+
+def test_every_module_sits_in_a_subpackage():
+    modules, _, _ = _graph()
+    flat = [n for n in modules if n.count(".") == 1 and n.startswith("arhq_jax.")]
+    assert [n for n in flat if n.split(".")[1] not in LAYERS] == []
+    assert {_unit(n) for n in modules} - {None} == set(LAYERS)
+
+
+def test_subpackages_import_only_the_ones_below_them():
+    _, edges, _ = _graph()
+    bad = [
+        f"{name} imports {dep}"
+        for name, deps in edges.items()
+        for dep in deps
+        if _unit(dep) not in (None, _unit(name)) and _unit(dep) not in LAYERS[_unit(name)]
+    ]
+    assert bad == []
+
+
+def test_the_layer_rule_is_acyclic():
+    assert _cycles({u: set(d) for u, d in LAYERS.items()}) == []
+
+
 def test_kernels_import_only_formats_and_elements():
     modules, edges, _ = _graph()
     for name, deps in edges.items():
@@ -155,7 +278,9 @@ def test_kernels_import_only_formats_and_elements():
     # ... and nothing of the library outside the kernels' own users imports them but qlinear.
     assert edges["arhq_jax"] == set()
     users = {n for n, deps in edges.items() if any(d.startswith("pallas_kernels") for d in deps)}
-    assert {u for u in users if not u.startswith("pallas_kernels")} == {"arhq_jax.qlinear"}
+    assert {u for u in users if not u.startswith("pallas_kernels")} == {
+        "arhq_jax.linears.quantized"
+    }
 
 
 def test_function_level_imports_only_for_optional_dependencies():

@@ -1,6 +1,6 @@
 """Tiny random transformers models (offline, torch CPU, eager, f32) and their JAX twins.
 
-Shared by tests/test_models.py and tests/test_generate.py.
+Shared by tests/models/test_models.py and tests/models/test_generate.py.
 """
 
 from __future__ import annotations

@@ -43,9 +43,9 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from arhq_jax import formats as F
-from arhq_jax.elements import HIGHEST
-from arhq_jax.formats import div
+from arhq_jax.numerics import formats as F
+from arhq_jax.numerics.elements import HIGHEST
+from arhq_jax.numerics.formats import div
 
 QMAX = 15  # int4 asymmetric [0, 15]
 

@@ -2,9 +2,9 @@
 
 A method is one object (see ``Method``): its ``name``, the ``formats`` it supports (with its
 native defaults), an ``Options`` dataclass it owns (fields declared with ``option(...)``: the
-default, the help text and the CLI flag are stated there once; ``arhq_jax.cli`` generates the
+default, the help text and the CLI flag are stated there once; ``arhq_jax.cli.main`` generates the
 ``quantize`` flags from them) and the pipeline hooks ``prepare`` / ``quantize_stage`` /
-``finish`` that ``arhq_jax.quantize_model`` calls. ``QuantConfig`` routes the keyword options of
+``finish`` that ``arhq_jax.run.quantize`` calls. ``QuantConfig`` routes the keyword options of
 ``QuantConfig(method=..., **options)`` into ``method.Options``; an option the method does not use
 is an error naming both.
 
@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, ClassVar
 
-from arhq_jax.argtypes import POS, float_in
+from arhq_jax.methods.argtypes import POS, float_in
 
 # Formats the packed QuantLinear runs (weights and activations).
 LINEAR_FORMATS = ("nvfp4", "nvfp4-paper", "mxfp4", "int4", "int8", "int4-asym", "int8-asym")
@@ -106,7 +106,7 @@ class Method:
     def quantize_stage(self, layer, groups, projs, calib, qcfg, layer_idx, timings):
         """Quantize ``projs`` (fed by input ``groups``) of ``layer`` → (layer, diagnostics).
 
-        ``calib`` is an ``arhq_jax.calibrate.Calibration``; ``timings`` the mutable dict of
+        ``calib`` is an ``arhq_jax.calibration.calibrate.Calibration``; ``timings`` the mutable dict of
         ``calibration_s`` / ``decomposition_s`` / ``packing_s`` to add to."""
         raise NotImplementedError
 
@@ -115,7 +115,7 @@ class Method:
         return qparams
 
     def streams(self, qcfg) -> bool:
-        """Whether the recipe quantizes one layer at a time (``arhq_jax.stream``): no
+        """Whether the recipe quantizes one layer at a time (``arhq_jax.run.stream``): no
         whole-model ``prepare`` or ``plan``. A method overriding either says when it is a
         no-op."""
         return type(self).prepare is Method.prepare and type(self).plan is Method.plan
@@ -213,7 +213,7 @@ class GPTQOptions(GPTQCoreOptions):
     mse_clip: bool = option(
         False,
         "MSE search of GPTQ's weight scales: QuaRot's range shrink (int formats), the E4M3 "
-        "block-scale search of arhq_jax/scale_search.py (nvfp4)",
+        "block-scale search of arhq_jax/decomposition/scale_search.py (nvfp4)",
         action="BooleanOptionalAction",
     )
 

@@ -33,7 +33,7 @@ Faithfulness notes:
     instead of an exception. Rounding and scales come from ``formats`` (pass
     ``int_rule="gptq"`` for the reference's ≥ 1e-5 scale clamp); ``mse_clip`` is QuaRot's
     ``find_params(mse=True)`` (grid 100, shrink to 0.2, |Δ|^2.4) for int formats; for nvfp4
-    it is the E4M3 block-scale search of ``arhq_jax.scale_search`` (issue 12; not QuaRot's).
+    it is the E4M3 block-scale search of ``arhq_jax.decomposition.scale_search`` (issue 12; not QuaRot's).
   - act-order with groups requires ``static_groups`` (ValueError otherwise), as does combining it
     with mixed precision or tiles.
 
@@ -51,9 +51,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from arhq_jax import formats as F
-from arhq_jax import scale_search
-from arhq_jax.elements import HIGHEST
+from arhq_jax.decomposition import scale_search
+from arhq_jax.numerics import formats as F
+from arhq_jax.numerics.elements import HIGHEST
 
 # QuaRot's find_params(mse=True): p = 1 − k/grid for k < maxshrink·grid, error Σ|Δ|^norm.
 MSE_GRID, MSE_MAXSHRINK, MSE_NORM = 100, 0.8, 2.4

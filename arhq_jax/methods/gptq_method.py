@@ -15,7 +15,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from arhq_jax import formats as F
+from arhq_jax.linears.quantized import QuantLinear
 from arhq_jax.methods.base import ALL_ACTS, LINEAR_FORMATS, GPTQOptions, Method, MethodFormats
 from arhq_jax.methods.gptq import GPTQResult, gptq_quantize
 from arhq_jax.methods.util import (
@@ -27,7 +27,7 @@ from arhq_jax.methods.util import (
     timed,
 )
 from arhq_jax.models.config import GROUP_OF
-from arhq_jax.qlinear import QuantLinear
+from arhq_jax.numerics import formats as F
 
 
 def gptq_int_rule(w_spec) -> str:
@@ -88,7 +88,7 @@ class GPTQMethod(Method):
         act = static_act_scales(qcfg, st, projs)
         w_scales = fused_w_scales(qcfg, {p: getattr(layer, p).w for p in projs})
         # issue 11: with several devices each projection runs on its own one, all dispatched
-        # before any is waited on (arhq_jax.devices); one device: as before, one at a time.
+        # before any is waited on (arhq_jax.parallel.devices); one device: as before, one at a time.
         spread = calib.spread
         many = spread is not None and spread.active
         order = spread.plan({p: getattr(layer, p).w.shape for p in projs}) if many else projs

@@ -1,5 +1,5 @@
 """SmoothQuant, FPRAG-AWQ (+ dynamic heuristic) and SERQ as methods of the PTQ pipeline
-(``arhq_jax.quantize_model``); GPTQ lives in ``gptq_method``, ResQ in ``resq_method``, the
+(``arhq_jax.run.quantize``); GPTQ lives in ``gptq_method``, ResQ in ``resq_method``, the
 low-rank family in ``lowrank``.
 
 Each class is a ``methods.base.Method``: ``needs_calibration(qcfg)``,
@@ -8,7 +8,7 @@ and optionally ``finish(qparams, cfg, calib, qcfg)``; its ``Options`` dataclass 
 options. The numerics are the per-linear algorithms of ``smoothquant``, ``awq`` and ``serq``;
 here they only meet calibration statistics
 (``Calibration.stats`` / ``inputs`` / ``head_*``) and become packed linears (``QuantLinear`` or
-``SERQLinear`` holding ``QTensor`` s) that ``arhq_jax.checkpoint`` saves as they are.
+``SERQLinear`` holding ``QTensor`` s) that ``arhq_jax.checkpoint.store`` saves as they are.
 
 Time split: statistics and token sampling count as ``calibration_s``, the per-linear solves
 (GPTQ, the AWQ α search, SERQ) as ``decomposition_s``, quantize/pack as ``packing_s``.
@@ -22,10 +22,13 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from arhq_jax import formats as F
-from arhq_jax import global_scales as GS
-from arhq_jax.argtypes import NONNEG, float_in
-from arhq_jax.methods import awq, serq, smoothquant
+import arhq_jax.methods.awq as awq
+import arhq_jax.methods.serq as serq
+import arhq_jax.methods.smoothquant as smoothquant
+from arhq_jax.calibration import global_scales as GS
+from arhq_jax.calibration.stats import StatsConfig
+from arhq_jax.linears.quantized import QuantLinear
+from arhq_jax.methods.argtypes import NONNEG, float_in
 from arhq_jax.methods.base import (
     GPTQ_CORE_OPTIONS,
     GPTQCoreOptions,
@@ -45,8 +48,7 @@ from arhq_jax.methods.util import (
     timed,
 )
 from arhq_jax.models.config import GROUP_OF, INPUT_GROUPS
-from arhq_jax.qlinear import QuantLinear
-from arhq_jax.stats import StatsConfig
+from arhq_jax.numerics import formats as F
 
 AWQ_TOKENS = 2048  # FPRAG: at most 2,048 random stored tokens per linear (1,024 for lm_head)
 AWQ_HEAD_TOKENS = 1024

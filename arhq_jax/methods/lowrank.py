@@ -2,7 +2,7 @@
 
 Per layer stage and input group:
 
-1. *Calibrate*: stream the group's input through ``arhq_jax.stats`` (G = EᵀE/N for ARHQ; in the
+1. *Calibrate*: stream the group's input through ``arhq_jax.calibration.stats`` (G = EᵀE/N for ARHQ; in the
    smooth setting first absmax, then the 21-point α search per projection, then G on x/s). With
    static nvfp4 activation scales (the default) the input amax comes first and fixes the
    activation global scale (one per input group, per projection when smoothed), and G is taken
@@ -23,10 +23,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from arhq_jax import decompose, global_scales, rank_budget, refine, rotate, stats
-from arhq_jax.argtypes import NONNEG, POS, float_in
-from arhq_jax.calibrate import Calibration, LayerwiseRunner
-from arhq_jax.formats import dequantize
+from arhq_jax.calibration import global_scales, stats
+from arhq_jax.calibration.calibrate import Calibration, LayerwiseRunner
+from arhq_jax.decomposition import decompose, rank_budget, refine, rotate
+from arhq_jax.linears.quantized import QuantLinear
+from arhq_jax.methods.argtypes import NONNEG, POS, float_in
 from arhq_jax.methods.base import (
     ALL_ACTS,
     GPTQ_OPTIONS,
@@ -43,7 +44,7 @@ from arhq_jax.methods.base import (
 )
 from arhq_jax.methods.gptq_method import gptq_weight
 from arhq_jax.models.config import GROUP_OF
-from arhq_jax.qlinear import QuantLinear
+from arhq_jax.numerics.formats import dequantize
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,7 +56,7 @@ class RTNOptions(Options):
         "raw, or smooth: per-projection α-searched smoothing (docs/spec/methods.md §2.3)",
         choices=SETTINGS,
     )
-    # issue 12 (beyond ARHQ): arhq_jax/rotate.py; the α search on the first batches only.
+    # issue 12 (beyond ARHQ): arhq_jax/decomposition/rotate.py; the α search on the first batches only.
     rotate: int = option(
         0,
         "block-Hadamard rotation of each projection's input, block size (a power of two; "
@@ -104,7 +105,7 @@ class SVDQuantOptions(GPTQOptions, RTNOptions):
         "quantizer of the residual / main weight: rtn or gptq",
         choices=RESIDUAL_QUANTS,
     )
-    # issue 12 (beyond ARHQ): arhq_jax/rank_budget.py, refine.py.
+    # issue 12 (beyond ARHQ): arhq_jax/decomposition/rank_budget.py, refine.py.
     rank_budget: bool = option(
         False,
         "spread the factor budget of uniform --rank over the (layer, projection) pairs",

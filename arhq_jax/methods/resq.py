@@ -40,10 +40,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from arhq_jax import formats as F
-from arhq_jax.elements import HIGHEST
-from arhq_jax.linear import WeightFeatures, matmul_nt
-from arhq_jax.methods import gptq as G
+import arhq_jax.methods.gptq as G
+from arhq_jax.linears.base import WeightFeatures, matmul_nt
+from arhq_jax.numerics import formats as F
+from arhq_jax.numerics.elements import HIGHEST
 
 W_LOW = F.resolve_format("int4", group_size=-1)
 W_HIGH = F.resolve_format("int8", group_size=-1)

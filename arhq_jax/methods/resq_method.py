@@ -1,6 +1,6 @@
 """ResQ on whole models (docs/spec/methods.md §8): the model-level fusions around ``resq``'s
 per-linear
-pieces, as a layer quantizer of ``arhq_jax.quantize_model``.
+pieces, as a layer quantizer of ``arhq_jax.run.quantize``.
 
 ``prepare`` (before the layer loop, on the float model):
   1. Untie the embeddings (``lm_head = Dense(embed)``) and fuse every RMSNorm γ into the linears
@@ -36,11 +36,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from arhq_jax import formats as F
-from arhq_jax.calibrate import Calibration, LayerwiseRunner
-from arhq_jax.elements import HIGHEST
-from arhq_jax.linear import Dense
-from arhq_jax.methods import resq
+import arhq_jax.methods.resq as resq
+from arhq_jax.calibration.calibrate import Calibration, LayerwiseRunner
+from arhq_jax.calibration.stats import StatsConfig
+from arhq_jax.linears.base import Dense
 from arhq_jax.methods.base import (
     GPTQ_CORE_OPTIONS,
     GPTQCoreOptions,
@@ -50,7 +49,8 @@ from arhq_jax.methods.base import (
     option,
 )
 from arhq_jax.models.config import GROUP_OF
-from arhq_jax.stats import StatsConfig
+from arhq_jax.numerics import formats as F
+from arhq_jax.numerics.elements import HIGHEST
 
 HIGH_FRAC = 1 / 8
 

@@ -43,9 +43,9 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from arhq_jax import formats as F
-from arhq_jax.linear import WeightFeatures, add_bias, matmul_nt
+from arhq_jax.linears.base import WeightFeatures, add_bias, matmul_nt
 from arhq_jax.methods.gptq import gptq_quantize
+from arhq_jax.numerics import formats as F
 
 C_INT_FMT = F.resolve_format("int4", group_size=-1, sign_magnitude=True)
 MAIN_INT_FMT = F.resolve_format("int4", group_size=128)

@@ -33,7 +33,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
-from arhq_jax.formats import div
+from arhq_jax.numerics.formats import div
 
 # Reference clamps (smoothquant/smooth.py): weight absmax and the final scale.
 SQ_FLOOR = 1e-5

@@ -8,9 +8,9 @@ import time
 import jax
 import jax.numpy as jnp
 
-from arhq_jax import global_scales as GS
+from arhq_jax.calibration import global_scales as GS
+from arhq_jax.calibration.stats import StatsConfig
 from arhq_jax.models.config import GROUP_OF
-from arhq_jax.stats import StatsConfig
 
 
 @contextlib.contextmanager

@@ -2,7 +2,7 @@
 
 ``ModelConfig`` is a frozen, hashable dataclass, so it can be a static argument of ``jax.jit``.
 ``Params`` and ``Layer`` are pytrees (``flax.struct``); their projections follow the ``Linear``
-interface of ``arhq_jax.linear``, so quantized linears drop in with ``layer.replace(q_proj=...)``.
+interface of ``arhq_jax.linears.base``, so quantized linears drop in with ``layer.replace(q_proj=...)``.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import dataclasses
 import jax
 from flax import struct
 
-from arhq_jax.linear import Linear
+from arhq_jax.linears.base import Linear
 
 SUPPORTED_FAMILIES = ("llama", "qwen3")
 SUPPORTED_ROPE_TYPES = ("default", "llama3")

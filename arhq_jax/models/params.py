@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from arhq_jax.linear import Dense
+from arhq_jax.linears.base import Dense
 from arhq_jax.models.config import PROJECTIONS, Layer, ModelConfig, Params
 
 EMBED = "model.embed_tokens.weight"

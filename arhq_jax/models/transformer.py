@@ -18,8 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from arhq_jax.elements import HIGHEST
 from arhq_jax.models.config import Layer, ModelConfig, Params
+from arhq_jax.numerics.elements import HIGHEST
 
 F32 = jnp.float32
 

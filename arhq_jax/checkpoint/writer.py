@@ -1,0 +1,186 @@
+"""The checkpoint writer: a checkpoint directory written tensor by tensor (see ``checkpoint``).
+
+``writing(path)`` yields a ``CheckpointWriter`` into a temporary directory that becomes ``path``
+at the end (``out_dir.replacing``). ``checkpoint.save`` (a model in memory) and
+``arhq_jax.run.stream`` (a model streamed from disk) both write through it, so one code path decides
+every file's bytes: tensor order, shards, the ``config.json`` entries and the LoRA adapter.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+
+import jax
+import numpy as np
+
+import arhq_jax.checkpoint.nvfp4_pack as ct_nvfp4
+import arhq_jax.checkpoint.out_dir as out_dir
+from arhq_jax.checkpoint.lora import AdapterWriter
+from arhq_jax.checkpoint.schema import encode_linear, to_numpy
+from arhq_jax.models import config_to_hf
+from arhq_jax.models.config import PROJECTIONS, Layer, ModelConfig
+from arhq_jax.models.params import linear_key, norm_key
+from converters.safetensors_io import SafetensorsWriter
+
+FORMAT = "arhq-jax-checkpoint"
+FORMAT_VERSION = 2
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+LORA_DIR = "lora"
+DEFAULT_SHARD_BYTES = 5 * 2**30  # transformers' default max_shard_size
+
+
+@contextlib.contextmanager
+def writing(path, max_shard_bytes: int = DEFAULT_SHARD_BYTES):
+    """Yield a ``CheckpointWriter`` into a temporary directory that becomes ``path`` once the
+    block ends after ``finish`` (``out_dir.replacing``: nothing half-written, nothing foreign
+    touched). Raises FileExistsError for a foreign ``path``."""
+    with out_dir.replacing(path, FORMAT, FORMAT_VERSION) as tmp:
+        w = CheckpointWriter(tmp, max_shard_bytes)
+        try:
+            yield w
+        except BaseException:
+            w.abort()
+            raise
+        if not w.finished:
+            w.abort()
+            raise RuntimeError("checkpoint writer left without finish()")
+
+
+class CheckpointWriter:
+    """A checkpoint written tensor by tensor, in checkpoint order: the embedding, each layer
+    (norms, then projections), the final norm, the lm_head; then ``finish`` (config, adapter,
+    tokenizer). Only the tensor being added is in memory; big dense tensors can come in row
+    blocks (``add_blocks``). ``save`` and the streaming quantizer both write through it."""
+
+    def __init__(self, tmp: Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES):
+        self.tmp, self.max_shard_bytes = Path(tmp), max_shard_bytes
+        self.shards: list[SafetensorsWriter] = []
+        self.modules: dict = {}
+        self.kinds: dict = {}
+        self.nbytes = 0
+        self.finished = False
+        self._adapter: AdapterWriter | None = None
+
+    def _shard(self, nbytes: int) -> SafetensorsWriter:
+        last = self.shards[-1] if self.shards else None
+        if last is None or (last.nbytes and last.nbytes + nbytes > self.max_shard_bytes):
+            name = f".shard-{len(self.shards):05d}.safetensors"
+            self.shards.append(SafetensorsWriter(self.tmp / name))
+        self.nbytes += nbytes
+        return self.shards[-1]
+
+    def add(self, name: str, arr) -> None:
+        """One tensor (numpy or jax array)."""
+        arr = np.asarray(arr)
+        self._shard(arr.nbytes).add(name, arr)
+
+    def add_blocks(self, name: str, dtype, shape, blocks) -> None:
+        """One tensor of ``dtype`` / ``shape`` from consecutive row blocks (``blocks``)."""
+        nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        self._shard(nbytes).add_chunks(name, dtype, shape, blocks)
+
+    def add_layer(self, i: int, layer: Layer) -> None:
+        """Decoder layer ``i``: its norms, then every projection (``encode_linear``)."""
+        for name, arr, prefix, enc in layer_records(i, layer):
+            if enc is None:
+                self.add(name, arr)
+            else:
+                self.add_encoded(prefix, enc.entry, enc.tensors, enc.lora)
+
+    def add_linear(self, prefix: str, lin) -> None:
+        enc = encode_linear(prefix, lin)
+        self.add_encoded(prefix, enc.entry, enc.tensors, enc.lora)
+
+    def add_encoded(self, prefix: str, entry: dict, tensors, lora) -> None:
+        """A linear already encoded: its ``config.json`` entry, model tensors, adapter tensors."""
+        for name, arr in tensors:
+            self.add(name, arr)
+        for name, arr in lora:
+            if self._adapter is None:
+                self._adapter = AdapterWriter(self.tmp / LORA_DIR)
+            self._adapter.add(name, arr)
+        self.modules[prefix] = entry
+        kind = entry["kind"]
+        self.kinds[kind] = self.kinds.get(kind, 0) + 1
+        if kind != "dense":
+            self.kinds["quantized"] = self.kinds.get("quantized", 0) + 1
+
+    def finish(self, cfg: ModelConfig, *, quant=None, tokenizer=None, source=None) -> int:
+        """Close the shards, write the adapter, config.json and tokenizer → tensor bytes."""
+        _close_shards(self.tmp, self.shards)
+        nbytes = self.nbytes
+        if self._adapter is not None:
+            nbytes += self._adapter.close()
+        hf = config_to_hf(cfg)
+        hf["quantization_config"] = _quantization_config(self.modules, self.kinds)
+        hf["arhq_jax"] = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "param_dtype": jax.numpy.dtype(cfg.param_dtype).name,
+            "dtype": jax.numpy.dtype(cfg.dtype).name,
+            "recipe": quant or {},
+            "source": source or {},
+            "modules": self.modules,
+        }
+        if not self.kinds.get("quantized"):
+            hf.pop("quantization_config")
+        (self.tmp / CONFIG_FILE).write_text(json.dumps(hf, indent=1, sort_keys=True) + "\n")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(self.tmp))
+        self.finished = True
+        return nbytes
+
+    def abort(self) -> None:
+        for w in self.shards:
+            w.abort()
+        if self._adapter is not None:
+            self._adapter.abort()
+
+
+def layer_records(i: int, layer: Layer):
+    """``(name, array, None, None)`` per norm then ``(None, None, prefix, Encoded)`` per
+    projection of decoder layer ``i``, in checkpoint order."""
+    for n in ("input_norm", "post_norm", "q_norm", "k_norm"):
+        if getattr(layer, n, None) is not None:
+            yield norm_key(i, n), to_numpy(getattr(layer, n)), None, None
+    for p in PROJECTIONS:
+        yield None, None, linear_key(i, p), encode_linear(linear_key(i, p), getattr(layer, p))
+
+
+def _close_shards(tmp: Path, shards) -> int:
+    """Name the shards as transformers does and write the index (several shards only)."""
+    n = len(shards)
+    if n == 1:
+        shards[0].path = tmp / WEIGHTS_FILE
+        shards[0].close({"format": "pt"})
+        return 1
+    weight_map, total = {}, 0
+    for i, w in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+        w.path = tmp / name
+        total += w.nbytes
+        weight_map.update(dict.fromkeys(w.entries, name))
+        w.close({"format": "pt"})
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (tmp / INDEX_FILE).write_text(json.dumps(index, indent=1, sort_keys=True) + "\n")
+    return n
+
+
+def _quantization_config(modules: dict, kinds: dict) -> dict:
+    """compressed-tensors' block when every quantized linear is ``ct-nvfp4``, else our own."""
+    quantized = {k: e for k, e in modules.items() if e["kind"] != "dense"}
+    if quantized and all(e["kind"] == "ct-nvfp4" for e in quantized.values()):
+        w4a4 = {e["w4a4"] for e in quantized.values()}
+        if len(w4a4) == 1:
+            ignore = [k for k, e in modules.items() if e["kind"] == "dense"]
+            if "lm_head" not in modules:  # tied: transformers still has an lm_head Linear
+                ignore.append("lm_head")
+            return ct_nvfp4.quantization_config(ignore=ignore, w4a4=w4a4.pop())
+    return {
+        "quant_method": "arhq-jax",
+        "note": "arhq-jax's own layout (see config.json 'arhq_jax'); only arhq-jax reads it",
+    }

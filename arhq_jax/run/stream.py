@@ -1,0 +1,332 @@
+"""Quantize disk to disk: one decoder layer in memory at a time, resumable after a kill.
+
+``quantize_stream`` runs the layer loop of ``arhq_jax.run.quantize`` on a lazy source
+(``converters.lazy``): it reads layer l (f32), quantizes it stage by stage with the method, writes
+its encoded tensors to a work directory, advances the calibration hidden states and frees the
+layer. Once every layer is done it assembles the checkpoint through the same
+``checkpoint_writer.CheckpointWriter`` as ``checkpoint.save`` (the embedding and lm_head copied
+in row blocks from the source), so the files are the ones ``save(quantize_model(...))``
+writes, byte for byte. Host memory: the largest layer + the calibration hidden states + a row
+block; device memory: one layer + the hidden states.
+
+The work directory ``.<out>.arhq-resume`` beside ``out``::
+
+    state.json                 marker, run key, layers done, their records, diagnostics, timings
+    layer-NNNNN.safetensors    layer N's tensors, in checkpoint order (norms, encoded projections)
+    lora-NNNNN.safetensors     its adapter tensors (when it has low-rank branches)
+    hidden-NNNNN.safetensors   the calibration hidden states entering layer N (with a runner)
+
+A layer is committed by rewriting ``state.json`` after its files; a rerun with the same key (the
+recipe, the source fingerprint, the calibration ids, the batch layout) continues after the last
+committed layer, with the stored hidden states, so it computes what the uninterrupted run would
+have. A different key is refused with a one-line error naming the directory: a partial run is
+never overwritten by another recipe, and nothing is removed that this module did not write.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from arhq_jax import __version__
+from arhq_jax.calibration.calibrate import Calibration, LayerwiseRunner, data_mesh
+from arhq_jax.checkpoint import out_dir
+from arhq_jax.checkpoint import store as checkpoint
+from arhq_jax.checkpoint import writer as checkpoint_writer
+from arhq_jax.models.params import EMBED, FINAL_NORM, LM_HEAD
+from arhq_jax.parallel.devices import Spread
+from arhq_jax.parallel.layer_sharding import data_size
+from arhq_jax.run.config import QuantConfig
+from arhq_jax.run.quantize import layer_stages, quantize_layer
+from arhq_jax.storage.atomic import atomic_write
+from converters.lazy import LazySource
+from converters.safetensors_io import SafetensorsReader, SafetensorsWriter, write_safetensors
+
+WORK_FORMAT = "arhq-jax-resume"
+WORK_VERSION = 1
+STATE = "state.json"
+# The files this module writes, and the temporaries of their atomic writes (a killed run's).
+_OURS = re.compile(
+    r"^(?:(state\.json|(layer|lora|hidden)-\d{5}\.safetensors)"
+    r"|\.(state\.json|(layer|lora|hidden)-\d{5}\.safetensors)\.\w+\.(tmp|data))$"
+)
+
+
+@dataclasses.dataclass
+class StreamResult:
+    """What ``quantize_stream`` did: per-projection diagnostics, the time split (this run and
+    the interrupted ones it resumed), calibration tokens, bytes written, the first layer this
+    run quantized (0: not resumed)."""
+
+    projections: list[dict]
+    timings: dict[str, float]
+    calib_tokens: int
+    nbytes: int
+    resumed_from: int
+
+
+def work_dir(out) -> Path:
+    """The work directory of output ``out``: ``.<name>.arhq-resume`` beside it."""
+    out = Path(out).absolute()
+    return out.parent / f".{out.name}.arhq-resume"
+
+
+def run_key(qcfg: QuantConfig, fingerprint: dict, calib_ids, batch_size: int, ndev: int) -> str:
+    """Digest of everything a partial run's layers depend on (resume only with an equal key)."""
+    ids = None if calib_ids is None else np.ascontiguousarray(np.asarray(calib_ids, np.int64))
+    doc = {
+        "recipe": qcfg.to_dict(),
+        "fingerprint": fingerprint,
+        "calib": None if ids is None else [list(ids.shape), hashlib.sha256(ids).hexdigest()],
+        "batch": [batch_size, ndev],
+        "arhq_jax": __version__,
+        "work_version": WORK_VERSION,
+    }
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _jsonable(x):
+    return np.asarray(jax.device_get(x)).tolist()
+
+
+class _Work:
+    """The work directory: its state, its files (only ones named as this module names them)."""
+
+    def __init__(self, path: Path, key: str):
+        self.path, self.key = path, key
+        self.state = {"format": WORK_FORMAT, "key": key, "done": 0, "layers": [], "diags": []}
+        self.state["timings"] = {"calibration_s": 0.0, "decomposition_s": 0.0, "packing_s": 0.0}
+        if path.exists() or path.is_symlink():
+            self._open_existing()
+        else:
+            path.mkdir(parents=True)
+        self.state["pid"] = os.getpid()
+        self._commit()
+
+    def _open_existing(self) -> None:
+        f = self.path / STATE
+        try:
+            st = json.loads(f.read_text())
+            ok = isinstance(st, dict) and st.get("format") == WORK_FORMAT
+        except (OSError, ValueError):
+            ok = False
+        if self.path.is_symlink() or not self.path.is_dir() or not ok:
+            raise FileExistsError(
+                f"{self.path} exists and is not an arhq-jax resume directory; not touching it "
+                "(move it away or choose another --out)"
+            )
+        pid = st.get("pid")
+        if isinstance(pid, int) and pid != os.getpid() and out_dir.pid_alive(pid):
+            raise ValueError(f"{self.path} is in use by a running quantize (pid {pid})")
+        if st.get("key") != self.key and st.get("done") == 0:
+            return  # nothing finished in it: start over in it (the files are rewritten)
+        if st.get("key") != self.key:
+            raise ValueError(
+                f"{self.path} holds a partial run of another recipe, source or calibration set; "
+                "rerun that command to finish it, or remove the directory to start over"
+            )
+        missing = [f for f in self.layer_files(st["done"]) if not (self.path / f).is_file()]
+        if missing:
+            raise ValueError(f"{self.path}: {missing[0]} is missing; remove the directory")
+        self.state = st
+
+    def layer_files(self, done: int) -> list[str]:
+        return [f"layer-{i:05d}.safetensors" for i in range(done)]
+
+    def file(self, kind: str, i: int) -> Path:
+        return self.path / f"{kind}-{i:05d}.safetensors"
+
+    def _commit(self) -> None:
+        atomic_write(self.path / STATE, json.dumps(self.state, default=_jsonable) + "\n")
+
+    def commit_layer(self, record: list, diags: list, timings: dict) -> None:
+        self.state["layers"].append(record)
+        self.state["diags"] += diags
+        self.state["timings"] = dict(timings)
+        self.state["done"] += 1
+        self._commit()
+
+    def remove(self) -> None:
+        """Delete the directory if it holds only what this module writes (else leave it)."""
+        for p in self.path.iterdir():
+            if p.is_file() and _OURS.match(p.name):
+                p.unlink()
+        try:
+            self.path.rmdir()
+        except OSError:
+            pass  # something else is in there: not ours to delete
+
+
+def _write_layer(work: _Work, i: int, layer) -> list:
+    """Layer ``i``'s encoded tensors → ``layer-i`` / ``lora-i`` files; its record for state."""
+    record, lora_w, w = [], None, SafetensorsWriter(work.file("layer", i))
+    try:
+        for name, arr, prefix, enc in checkpoint_writer.layer_records(i, layer):
+            if enc is None:
+                w.add(name, arr)
+                record.append(["tensor", name])
+                continue
+            for n, a in enc.tensors:
+                w.add(n, a)
+            for n, a in enc.lora:
+                lora_w = lora_w or SafetensorsWriter(work.file("lora", i))
+                lora_w.add(n, a)
+            names = [n for n, _ in enc.tensors]
+            record.append(["linear", prefix, enc.entry, names, [n for n, _ in enc.lora]])
+        w.close()
+        if lora_w is not None:
+            lora_w.close()
+    except BaseException:
+        w.abort()
+        if lora_w is not None:
+            lora_w.abort()
+        raise
+    return record
+
+
+def _save_hidden(work: _Work, i: int, runner: LayerwiseRunner) -> None:
+    write_safetensors(
+        work.file("hidden", i), ((f"h.{k}", h) for k, h in enumerate(runner.hidden_states()))
+    )
+
+
+def _load_hidden(work: _Work, i: int) -> list[np.ndarray]:
+    with SafetensorsReader([work.file("hidden", i)]) as r:
+        return [r.read_rows(f"h.{k}") for k in range(len(r.names()))]
+
+
+def quantize_stream(
+    src: LazySource,
+    calib_ids,
+    qcfg: QuantConfig,
+    out,
+    *,
+    quant: dict | None = None,
+    source: dict | None = None,
+    batch_size: int = 8,
+    mesh=None,
+    devices=None,
+    hidden_on_host: bool = False,
+    progress: bool = True,
+    on_layer=None,
+    max_shard_bytes: int = checkpoint_writer.DEFAULT_SHARD_BYTES,
+) -> StreamResult:
+    """Quantize ``src`` layer by layer into the checkpoint directory ``out``.
+
+    Args:
+      src: the float model (``converters.lazy.open_source``).
+      calib_ids: ``[S, L]`` int calibration ids, or None for a data-free recipe.
+      qcfg: the recipe; its method must stream (``Method.streams``).
+      quant: recorded as the checkpoint's recipe; ``calib_tokens`` and ``timings`` are added.
+      source: ``{"model": ...}`` provenance; the fingerprint is added (computed here).
+      batch_size, mesh, devices, hidden_on_host: as ``quantize_model`` (the batch layout is part
+        of the run key).
+      on_layer: called with the layer index after each layer is committed (tests kill a run
+        there).
+
+    Returns:
+      A ``StreamResult``. The work directory is removed once the checkpoint is in place.
+    """
+    cfg = src.cfg
+    qcfg.check_model(cfg)
+    method = qcfg.method_impl
+    if not method.streams(qcfg):
+        raise ValueError(f"{qcfg.label()} reads the whole model before its layers; not streamable")
+    checkpoint.check_out(out)
+    need_runner = qcfg.sequential or method.needs_calibration(qcfg)
+    if need_runner and calib_ids is None:
+        raise ValueError(f"{qcfg.label()} needs calibration tokens; calib_ids is None")
+    fp = checkpoint.fingerprint_of(cfg, src.fingerprint_samples())  # also checks embed/lm_head
+    mesh = data_mesh() if mesh is None else mesh
+    ndev = data_size(mesh)
+    key = run_key(qcfg, fp, calib_ids if need_runner else None, batch_size, ndev)
+    work = _Work(work_dir(out), key)
+    start = work.state["done"]
+    timings = dict(work.state["timings"])
+    runner = None
+    if need_runner:
+        t0 = time.perf_counter()
+        hidden = _load_hidden(work, start) if start else None
+        runner = LayerwiseRunner(
+            None,
+            cfg,
+            calib_ids,
+            batch_size,
+            mesh,
+            embed_rows=src.embed_rows,
+            hidden=hidden,
+            hidden_on_host=hidden_on_host,
+        )
+        timings["calibration_s"] += time.perf_counter() - t0
+    calib = Calibration(runner, cfg, None, Spread.for_mesh(mesh, devices))
+    stages = layer_stages(qcfg)
+    bar = tqdm(
+        total=cfg.num_layers * len(stages),
+        initial=start * len(stages),
+        desc=f"quantize {qcfg.label()}",
+        disable=not progress,
+        unit="stage",
+    )
+    for li in range(start, cfg.num_layers):
+        fp_layer = src.layer(li)
+        layer, layer_diags = quantize_layer(fp_layer, li, stages, calib, qcfg, timings, bar)
+        record = _write_layer(work, li, layer)
+        if runner is not None:
+            t0 = time.perf_counter()
+            runner.advance(layer if qcfg.sequential else fp_layer)
+            _save_hidden(work, li + 1, runner)
+            timings["calibration_s"] += time.perf_counter() - t0
+        layer_diags = json.loads(json.dumps(layer_diags, default=_jsonable))
+        work.commit_layer(record, layer_diags, timings)
+        if work.file("hidden", li).is_file():
+            work.file("hidden", li).unlink()  # the one entering this layer: no longer needed
+        del fp_layer, layer
+        if on_layer is not None:
+            on_layer(li)
+    bar.close()
+    head = None
+    if method.finishes(qcfg):  # e.g. AWQ's quantized lm_head: needs the head in memory
+        head = method.finish(src.head_params(), cfg, calib, qcfg)
+    quant = {**(quant or {}), "calib_tokens": 0 if runner is None else runner.num_tokens}
+    quant["timings"] = timings
+    source = {**(source or {}), "fingerprint": fp}
+    nbytes = _assemble(src, work, head, out, quant, source, max_shard_bytes)
+    work.remove()
+    return StreamResult(work.state["diags"], timings, quant["calib_tokens"], nbytes, start)
+
+
+def _assemble(src, work: _Work, head, out, quant, source, max_shard_bytes) -> int:
+    """The checkpoint from the source's dense tensors and the work directory's layers."""
+    cfg = src.cfg
+    pdt = jnp.dtype(cfg.param_dtype)
+    shape = (cfg.vocab_size, cfg.hidden_size)
+    with checkpoint_writer.writing(out, max_shard_bytes) as w:
+        w.add_blocks(EMBED, pdt, shape, src.row_blocks(EMBED))
+        for i, record in enumerate(work.state["layers"]):
+            lora_file = work.file("lora", i)
+            with SafetensorsReader([work.file("layer", i)]) as r:
+                lr = SafetensorsReader([lora_file]) if lora_file.is_file() else None
+                for rec in record:
+                    if rec[0] == "tensor":
+                        w.add(rec[1], r.read_rows(rec[1]))
+                        continue
+                    _, prefix, entry, names, lnames = rec
+                    tensors = [(n, r.read_rows(n)) for n in names]
+                    w.add_encoded(prefix, entry, tensors, [(n, lr.read_rows(n)) for n in lnames])
+        w.add(FINAL_NORM, np.asarray(src.final_norm()))
+        if head is not None and head.lm_head is not None:
+            w.add_linear("lm_head", head.lm_head)
+        elif not cfg.tie_word_embeddings:
+            w.add_blocks(LM_HEAD, pdt, shape, src.row_blocks(LM_HEAD))
+            w.add_encoded("lm_head", {"kind": "dense", "dtype": pdt.name}, [], [])
+        return w.finish(cfg, quant=quant, tokenizer=src.tokenizer, source=source)

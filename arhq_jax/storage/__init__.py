@@ -1,0 +1,4 @@
+"""Files on disk: atomic writes (nothing is left half-written).
+
+Imports nothing of the library.
+"""
