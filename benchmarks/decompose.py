@@ -1,4 +1,5 @@
-"""Time ``arhq_jax.decomposition.decompose.arhq`` against a numpy float64 implementation of the same steps.
+"""Time ``arhq_jax.decomposition.decompose.arhq`` against a numpy float64 implementation of the
+same steps.
 
 Shapes are the projections of SmolLM2-135M (576×576, 1536×576, 576×1536) and Qwen3-4B
 (4096×2560, 9728×2560, 2560×9728 with a 9728×9728 G); G is [in, in]. W is random normal and G a

@@ -91,6 +91,13 @@ def params_from_getter(cfg: ModelConfig, get: Callable[[str], np.ndarray | None]
         params = params_from_tensors(cfg, tracked)
     except ValueError as e:
         raise ValueError(f"{where}: {e}") from None
+    reject_unused(cfg, names, used, where)
+    return params
+
+
+def reject_unused(cfg: ModelConfig, names, used, where) -> None:
+    """ValueError naming the tensors of ``names`` (the source's) outside ``used`` (the model's):
+    a config that does not match its weights would otherwise drop them silently."""
     unused = [n for n in names if n not in used and not n.endswith(IGNORED_SUFFIXES)]
     if unused:
         more = f" and {len(unused) - 5} more" if len(unused) > 5 else ""
@@ -98,7 +105,6 @@ def params_from_getter(cfg: ModelConfig, get: Callable[[str], np.ndarray | None]
             f"{where}: tensors not used by the {cfg.family} model (config mismatch?): "
             f"{', '.join(unused[:5])}{more}"
         )
-    return params
 
 
 def load_hf_dir(

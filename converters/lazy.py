@@ -39,7 +39,7 @@ from arhq_jax.models.params import (
     tensor_loader,
 )
 from converters.gguf import gguf_has_tokenizer, load_gguf_tokenizer, open_gguf
-from converters.hf import IGNORED_SUFFIXES, read_hf_config, weight_files
+from converters.hf import read_hf_config, reject_unused, weight_files
 from converters.orbax_io import load_orbax
 from converters.registry import _hf_tokenizer, check_tokenizer, source_kind
 from converters.safetensors_io import SafetensorsReader
@@ -240,15 +240,7 @@ class LazySource:
 
     def _check_names(self) -> None:
         want = set(expected_tensors(self.cfg)) | {LM_HEAD}
-        unused = [
-            n for n in self.store.names() if n not in want and not n.endswith(IGNORED_SUFFIXES)
-        ]
-        if unused:
-            more = f" and {len(unused) - 5} more" if len(unused) > 5 else ""
-            raise ValueError(
-                f"{self.where}: tensors not used by the {self.cfg.family} model (config "
-                f"mismatch?): {', '.join(unused[:5])}{more}"
-            )
+        reject_unused(self.cfg, self.store.names(), want, self.where)
 
     def close(self) -> None:
         self.store.close()

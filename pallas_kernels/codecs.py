@@ -14,7 +14,8 @@ would move block scales and E2M1 roundings at ties. Every quantizer division goe
 ``formats.div`` (correctly rounded on XLA:CPU) in interpret mode. Divisions by powers of two are
 multiplications by the exact reciprocal instead.
 
-The formats themselves are defined in ``arhq_jax/numerics/formats.py`` (spec formats.md); this module is the
+The formats themselves are defined in ``arhq_jax/numerics/formats.py`` (spec formats.md); this
+module is the
 kernel's own encode/decode and is tested against it bit for bit.
 """
 

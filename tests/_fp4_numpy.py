@@ -6,7 +6,8 @@ gs = fl(2688·fl(1/amax)), s = E4M3(gs·fl(a/6)) or 0.125, d = fl(s/gs), sign fr
 "nvfp4-modelopt" is docs/spec/formats.md §3 (g = amax/2688, s = E4M3((a/6)/g), d = fl(s·g)).
 
 Used by test_kernels.py and test_qlinear.py as the float64 reference: it shares no code with
-``arhq_jax.numerics.formats`` or the kernels. All quantization arithmetic is numpy float32, as the spec says.
+``arhq_jax.numerics.formats`` or the kernels. All quantization arithmetic is numpy float32, as the
+spec says.
 """
 
 from __future__ import annotations

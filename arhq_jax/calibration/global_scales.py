@@ -48,7 +48,8 @@ def joint_weight_scale(weights) -> jnp.ndarray:
     ``formats.nvfp4_tensor_scale`` of the largest amax over all of them."""
     m = [jnp.max(jnp.abs(jnp.asarray(w).astype(jnp.float32))) for w in weights]
     if len({frozenset(x.devices()) for x in m}) > 1:
-        # partitions decomposed on different devices (arhq_jax.parallel.devices): a max is exact on host
+        # partitions decomposed on different devices (arhq_jax.parallel.devices): a max is exact on
+        # host
         m = jax.device_get(m)
     return formats.nvfp4_tensor_scale(jnp.stack(m))
 

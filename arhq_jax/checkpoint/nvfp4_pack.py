@@ -15,7 +15,8 @@ compressed-tensors (0.20) stores a linear ``<name>`` quantized with its NVFP4 / 
 and decodes w = value(code) · fl32(s / gs). That is exactly arhq-jax's default ``"nvfp4"``
 (compressed-tensors convention, ``formats.FormatSpec.convention == "ct"``): a ``QTensor`` maps to
 these arrays without any arithmetic, and compressed-tensors' own decompression of them is
-bit-identical to ``formats.dequantize`` (tests/checkpoint/test_nvfp4_pack.py). ``"nvfp4-modelopt"`` tensors use
+bit-identical to ``formats.dequantize`` (tests/checkpoint/test_nvfp4_pack.py). ``"nvfp4-modelopt"``
+tensors use
 another tensor-scale convention and are refused, as are K not a multiple of 16 (compressed-tensors
 requires it; our formats pad), other formats, tiles and non-2-D arrays.
 

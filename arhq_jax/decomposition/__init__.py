@@ -1,4 +1,5 @@
-"""Low-rank algorithms (pure): ARHQ / SVDQuant splits and smoothing (`decompose`), joint refinement, rank budgets, block-Hadamard rotation, searched NVFP4 block scales.
+"""Low-rank algorithms (pure): ARHQ / SVDQuant splits and smoothing (`decompose`), joint
+refinement, rank budgets, block-Hadamard rotation, searched NVFP4 block scales.
 
 May import: `numerics`, `linears`, `models`.
 """

@@ -310,7 +310,8 @@ def arhq(
     ``λ̃ = max(λ, ε, ε_rel·λ_max)``, ``M = W G̃½ = U_m Σ V_mᵀ``: ``B = U_m[:, :r] Σ[:r]``,
     ``A = G̃⁻½ V_m[:, :r]``, ``residual = W − B Aᵀ``, ``objective = Σ_{i>r} σ_i²``.
 
-    Two solvers give this split (the same in exact arithmetic, see tests/decomposition/test_decompose.py for
+    Two solvers give this split (the same in exact arithmetic, see
+    tests/decomposition/test_decompose.py for
     the measured agreement):
 
     - ``"gram"`` (default): G̃ = G and its Cholesky factor when no eigenvalue is below the floor

@@ -12,7 +12,8 @@ c₀ (positive E4M3 codes are ordered by value: consecutive codes are consecutiv
 per octave), clipped to the finite positive codes 1…0x7E (0x7E = 448). The amax code itself is
 the first candidate and a candidate replaces the best only when its error is strictly lower,
 so the result is never worse than the amax rule under the same weights, and equals the brute
-force minimum over the window (tests/decomposition/test_scale_search.py). An all-zero block (every error 0)
+force minimum over the window (tests/decomposition/test_scale_search.py). An all-zero block (every
+error 0)
 and a non-finite one (NaN errors, which compare false) therefore keep the amax rule's scale.
 """
 

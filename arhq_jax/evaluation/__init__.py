@@ -1,4 +1,6 @@
-"""Evaluation: perplexity / KL / top-1 (`metrics`), per-layer SNR, corpora, the CLI's evaluation loop (`pipeline`), reports, the lm-evaluation-harness backend.
+"""Evaluation: perplexity / KL / top-1 (`metrics`), per-layer SNR, corpora, the CLI's evaluation
+loop (`pipeline`), reports, the lm-evaluation-harness backend.
 
-May import: `storage`, `numerics`, `linears`, `models`, `calibration`, `checkpoint`, `converters`.
+May import: `storage`, `numerics`, `linears`, `models`, `calibration`, `checkpoint`,
+`converters`.
 """

@@ -6,7 +6,8 @@ needs ``pip install arhq-jax[eval]``. lm-eval 0.4.x has no plugin discovery for 
 (its ``--include_path`` adds tasks only), so the name is registered two ways: ``import arhq_jax``
 registers a lazy placeholder in lm-eval's model registry when lm-eval is installed (so
 ``lm_eval.simple_evaluate(model="arhq-jax", …)`` works in any script that imports arhq_jax), and
-``python -m arhq_jax.evaluation.lm_eval_backend <lm_eval arguments>`` is lm-eval's own command line with the
+``python -m arhq_jax.evaluation.lm_eval_backend <lm_eval arguments>`` is lm-eval's own command line
+with the
 backend registered first. ``arhq-jax lm-eval`` is the shorter shell (arhq_jax/cli/main.py).
 
 The request semantics are lm-eval's ``hf`` backend's (tokenization and the split of context and

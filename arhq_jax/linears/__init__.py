@@ -1,4 +1,5 @@
-"""Linears: the pluggable linear interface and its one matmul policy (`base`), the quantized linear (`quantized`).
+"""Linears: the pluggable linear interface and its one matmul policy (`base`), the quantized linear
+(`quantized`).
 
 May import: `numerics`, `pallas_kernels`.
 """

@@ -106,7 +106,8 @@ class Method:
     def quantize_stage(self, layer, groups, projs, calib, qcfg, layer_idx, timings):
         """Quantize ``projs`` (fed by input ``groups``) of ``layer`` → (layer, diagnostics).
 
-        ``calib`` is an ``arhq_jax.calibration.calibrate.Calibration``; ``timings`` the mutable dict of
+        ``calib`` is an ``arhq_jax.calibration.calibrate.Calibration``; ``timings`` the mutable
+        dict of
         ``calibration_s`` / ``decomposition_s`` / ``packing_s`` to add to."""
         raise NotImplementedError
 

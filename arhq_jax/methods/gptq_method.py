@@ -28,6 +28,7 @@ from arhq_jax.methods.util import (
 )
 from arhq_jax.models.config import GROUP_OF
 from arhq_jax.numerics import formats as F
+from arhq_jax.parallel import devices
 
 
 def gptq_int_rule(w_spec) -> str:
@@ -89,12 +90,8 @@ class GPTQMethod(Method):
         w_scales = fused_w_scales(qcfg, {p: getattr(layer, p).w for p in projs})
         # issue 11: with several devices each projection runs on its own one, all dispatched
         # before any is waited on (arhq_jax.parallel.devices); one device: as before, one at a time.
-        spread = calib.spread
-        many = spread is not None and spread.active
-        order = spread.plan({p: getattr(layer, p).w.shape for p in projs}) if many else projs
-
-        def place(tree, p):
-            return spread.put(tree, p) if many else tree
+        stage = devices.stage_placement(calib.spread, {p: getattr(layer, p).w.shape for p in projs})
+        many, order, place = stage.many, stage.order, stage.put
 
         new, diags, t0 = {}, {}, time.perf_counter()
         for p in order:
@@ -116,7 +113,7 @@ class GPTQMethod(Method):
             # Device scalars only: the f32 weight and GPTQ's w_hat are not kept past this step.
             diags[p] = (device_rel_err(res.w_hat, w), res.err)
         if many:
-            new = spread.gather(jax.block_until_ready(new))
+            new = stage.gather(new)
             timings["decomposition_s"] += time.perf_counter() - t0
         out = []
         for p, (err, gptq_err) in zip(
@@ -125,6 +122,6 @@ class GPTQMethod(Method):
             row = {"layer": layer_idx, "proj": p, "w_quant_rel_err": float(err)}
             row["gptq_err"] = float(gptq_err)
             if many:
-                row["device"] = spread.device(p).id
+                row["device"] = stage.device_id(p)
             out.append(row)
         return layer.replace(**new), out

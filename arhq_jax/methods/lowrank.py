@@ -2,7 +2,8 @@
 
 Per layer stage and input group:
 
-1. *Calibrate*: stream the group's input through ``arhq_jax.calibration.stats`` (G = EᵀE/N for ARHQ; in the
+1. *Calibrate*: stream the group's input through ``arhq_jax.calibration.stats`` (G = EᵀE/N for
+ARHQ; in the
    smooth setting first absmax, then the 21-point α search per projection, then G on x/s). With
    static nvfp4 activation scales (the default) the input amax comes first and fixes the
    activation global scale (one per input group, per projection when smoothed), and G is taken
@@ -45,6 +46,7 @@ from arhq_jax.methods.base import (
 from arhq_jax.methods.gptq_method import gptq_weight
 from arhq_jax.models.config import GROUP_OF
 from arhq_jax.numerics.formats import dequantize
+from arhq_jax.parallel import devices
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,7 +58,8 @@ class RTNOptions(Options):
         "raw, or smooth: per-projection α-searched smoothing (docs/spec/methods.md §2.3)",
         choices=SETTINGS,
     )
-    # issue 12 (beyond ARHQ): arhq_jax/decomposition/rotate.py; the α search on the first batches only.
+    # issue 12 (beyond ARHQ): arhq_jax/decomposition/rotate.py; the α search on the first batches
+    # only.
     rotate: int = option(
         0,
         "block-Hadamard rotation of each projection's input, block size (a power of two; "
@@ -237,11 +240,8 @@ def _quantize_group(
     projection's inputs go to its own device and all of them are dispatched before any is
     waited on (one device: each is timed on its own, as before)."""
     mom_of = mom_of or {}
-    many = spread is not None and spread.active
-    order = spread.plan({p: getattr(layer, p).w.shape for p in projs}) if many else projs
-
-    def place(tree, p):
-        return spread.put(tree, p) if many else tree
+    stage = devices.stage_placement(spread, {p: getattr(layer, p).w.shape for p in projs})
+    many, order, place = stage.many, stage.order, stage.put
 
     new, diags, splits, refined, roots, maps = {}, {}, {}, {}, {}, {}
     h_of = dict(h_of)
@@ -338,7 +338,7 @@ def _quantize_group(
             / jnp.maximum(jnp.linalg.norm(residual), 1e-30),
         }
         if many:
-            d["device"] = spread.device(p).id
+            d["device"] = stage.device_id(p)
         if p in refined:  # issue 12: J of every accepted refinement iterate
             d["refine_objectives"] = [float(j) for j in refined[p]]
         if split is not None:
@@ -355,7 +355,7 @@ def _quantize_group(
             ql = rotate.RotatedLinear(ql, d["rotate"])
         new[p] = ql
     if many:  # back to the calibration mesh, one placement for the whole model
-        new = spread.gather(jax.block_until_ready(new))
+        new = stage.gather(new)
         timings["packing_s"] += time.perf_counter() - t_all
     # One device→host transfer for the group's diagnostics, not one per number.
     return {p: new[p] for p in projs}, [

@@ -2,7 +2,8 @@
 
 ``ModelConfig`` is a frozen, hashable dataclass, so it can be a static argument of ``jax.jit``.
 ``Params`` and ``Layer`` are pytrees (``flax.struct``); their projections follow the ``Linear``
-interface of ``arhq_jax.linears.base``, so quantized linears drop in with ``layer.replace(q_proj=...)``.
+interface of ``arhq_jax.linears.base``, so quantized linears drop in with
+``layer.replace(q_proj=...)``.
 """
 
 from __future__ import annotations

@@ -5,7 +5,8 @@ arithmetic is float32 from a float32 upcast of the input.
 
 Layers of this module, from the bottom up:
 
-* element codecs (defined in ``arhq_jax.numerics.elements``, re-exported here): ``e2m1_encode`` (RNE),
+* element codecs (defined in ``arhq_jax.numerics.elements``, re-exported here): ``e2m1_encode``
+(RNE),
   ``e2m1_encode_ties_down``, ``e2m1_decode``, ``pack_nibbles`` / ``unpack_nibbles`` (element 2i
   in the low nibble), ``div`` (correctly rounded f32 division: XLA rewrites x / broadcast(y)
   as x * (1/y), so every division here goes through it);

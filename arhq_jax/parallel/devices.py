@@ -17,6 +17,7 @@ projection, so all processes hold the same quantized model (docs/distributed.md)
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Hashable, Sequence
 
@@ -132,3 +133,38 @@ class Spread:
     def gather(self, tree):
         """Every array of ``tree`` replicated over the home mesh."""
         return jax.tree.map(lambda x: replicated(x, self.home), tree)
+
+
+@dataclasses.dataclass(frozen=True)
+class StagePlacement:
+    """One stage's projections placed by a ``Spread``, or left where they are.
+
+    ``order``: the projections in dispatch order. With an active spread each projection's inputs
+    go to its own device (``put``) and ``gather`` brings the results back to the home mesh; with
+    none (or one device) both are the identity and ``order`` is the given one.
+    """
+
+    spread: Spread | None
+    order: list[str]
+
+    @property
+    def many(self) -> bool:
+        return self.spread is not None
+
+    def put(self, tree, proj: str):
+        return self.spread.put(tree, proj) if self.many else tree
+
+    def gather(self, tree):
+        """``tree`` on the home mesh, once every array of it is computed."""
+        return self.spread.gather(jax.block_until_ready(tree)) if self.many else tree
+
+    def device_id(self, proj: str) -> int:
+        return self.spread.device(proj).id
+
+
+def stage_placement(spread: Spread | None, shapes: dict[str, tuple[int, int]]) -> StagePlacement:
+    """Place the projections ``{proj: [out, in]}`` of one stage (``spread``: None or inactive
+    keeps the one-device path)."""
+    if spread is None or not spread.active:
+        return StagePlacement(None, list(shapes))
+    return StagePlacement(spread, spread.plan(shapes))

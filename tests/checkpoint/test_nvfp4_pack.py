@@ -1,4 +1,5 @@
-"""The compressed-tensors nvfp4-pack-quantized layout (arhq_jax.checkpoint.nvfp4_pack) against compressed-tensors
+"""The compressed-tensors nvfp4-pack-quantized layout (arhq_jax.checkpoint.nvfp4_pack) against
+compressed-tensors
 itself: its own decompression of our arrays is bit-identical to formats.dequantize, its own
 quantization of the same f32 weight gives our codes, scales and global scale, and its pydantic
 classes write / parse our quantization_config."""

@@ -1,4 +1,5 @@
-"""Rank allocation (arhq_jax.decomposition.rank_budget): exact against brute force, never worse than uniform."""
+"""Rank allocation (arhq_jax.decomposition.rank_budget): exact against brute force, never worse
+than uniform."""
 
 import itertools
 

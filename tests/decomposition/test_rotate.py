@@ -1,4 +1,5 @@
-"""Block-Hadamard rotations (arhq_jax.decomposition.rotate): orthogonal, exact against float64 numpy."""
+"""Block-Hadamard rotations (arhq_jax.decomposition.rotate): orthogonal, exact against float64
+numpy."""
 
 import jax
 import jax.numpy as jnp

@@ -1,4 +1,5 @@
-"""The searched NVFP4 block scales (arhq_jax.decomposition.scale_search) against a numpy / ml_dtypes brute
+"""The searched NVFP4 block scales (arhq_jax.decomposition.scale_search) against a numpy /
+ml_dtypes brute
 force over every E4M3 code of the window, and GPTQ's ``mse_clip`` for nvfp4."""
 
 from __future__ import annotations

@@ -414,7 +414,8 @@ def test_model_args_win_over_lm_eval_flags(monkeypatch):
 
 
 def test_module_runs_as_lm_evals_command_line():
-    """``python -m arhq_jax.evaluation.lm_eval_backend`` is lm-eval's CLI with the backend registered once."""
+    """``python -m arhq_jax.evaluation.lm_eval_backend`` is lm-eval's CLI with the backend
+    registered once."""
     import subprocess
     import sys
 

@@ -1,4 +1,5 @@
-"""arhq_jax.evaluation.metrics: corpus split, GPTQ-style perplexity, KL and top-1 against float64 references."""
+"""arhq_jax.evaluation.metrics: corpus split, GPTQ-style perplexity, KL and top-1 against float64
+references."""
 
 from __future__ import annotations
 

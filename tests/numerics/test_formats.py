@@ -1,4 +1,5 @@
-"""Tests of arhq_jax.numerics.formats: docs/spec/formats.md §10 vectors and independent numpy/ml_dtypes
+"""Tests of arhq_jax.numerics.formats: docs/spec/formats.md §10 vectors and independent
+numpy/ml_dtypes
 references."""
 
 from __future__ import annotations
