@@ -9,7 +9,9 @@ last-bit change in a low-rank factor flips a few FP4 roundings of the residual. 
 - the quantized model's logit error against the float model, ‖ŷ − y‖/‖y‖ on the fixed ids, is held
   to the value below within 3 % relative. Measured: a one-ulp change of every float weight (more
   than a CPU's last-bit difference in a factorization) moves it by 0.4–0.5 % for ARHQ and
-  SVDQuant; the recipes themselves differ by 10 % to 15× from each other;
+  SVDQuant, < 1e-6 for GPTQ and SERQ, and 2.8 % for ResQ, whose PCA bases of near-equal
+  eigenvalues turn freely within their span: ResQ is held within 10 % (still apart from its
+  neighbours, GPTQ at 0.154 and AWQ at 0.238). The recipes differ by 10 % to 15× from each other;
 - bit-identity is asserted only between two results of the same run (quantizing twice).
 
 A refactor that must not move a bit is checked with ``benchmarks/recipe_digests.py`` run before
@@ -50,6 +52,7 @@ EXPECTED = {
     "svdquant-r8-gptq-int4": (76, 0.128843),
 }
 RTOL = 0.03
+RTOL_OF = {"resq": 0.10}
 
 
 def _quantize(params, ids, name):
@@ -80,7 +83,7 @@ def test_recipe_structure_and_quality(model, name):
     leaves, err = EXPECTED[name]
     assert len(jax.tree_util.tree_leaves(q)) == leaves
     assert np.isfinite(err) and 0 < err < 1
-    assert _logit_error(params, q, ids) == pytest.approx(err, rel=RTOL)
+    assert _logit_error(params, q, ids) == pytest.approx(err, rel=RTOL_OF.get(name, RTOL))
 
 
 @pytest.mark.parametrize("name", ["arhq-r32-raw", "resq"])
