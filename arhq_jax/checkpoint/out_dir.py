@@ -192,12 +192,26 @@ def check_replaceable(path: Path, fmt: str) -> None:
             f"{path} holds directories arhq-jax did not write ({', '.join(extra[:3])}); "
             "not replacing it"
         )
+    # The same directory is checked several times per run (before the work, before the rename):
+    # its files are hashed again only when their size, mtime or inode changed meanwhile.
+    snap = tuple((f, *_stat_key(path / f)) for f in present)
+    if _VERIFIED.get(str(path)) == snap:
+        return
     try:
         verify(path, fmt)
     except CheckpointError as e:
         raise FileExistsError(
             f"{path}: its manifest does not match its files ({e}); not replacing it"
         ) from None
+    _VERIFIED[str(path)] = snap
+
+
+_VERIFIED: dict[str, tuple] = {}
+
+
+def _stat_key(p: Path) -> tuple:
+    st = p.lstat()
+    return st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns
 
 
 def process_start(pid: int) -> int | None:

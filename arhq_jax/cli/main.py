@@ -646,6 +646,9 @@ def cmd_lm_eval(args) -> int:
     out = args.output or (args.quantized and leb.results_path(args.quantized, tasks))
     if out:
         leb.check_writable(out)  # fail before the run, not after it
+    leb.check_model_args(
+        {"kernel": args.kernel, "batch_size": args.batch_size, "max_length": args.max_length}
+    )
     task_manager = leb.check_tasks(tasks, args.include_path)  # before the model loads
     m = _load(args)
     params, _ = _quantized(args, m)

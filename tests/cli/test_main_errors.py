@@ -487,6 +487,7 @@ def test_lm_eval_values_are_checked_before_the_model_loads(capsys, tmp_path):
     for bad in ("-1", "0", "nan", "1.5"):
         _fails(capsys, [*le, "--tasks", "arc_easy", "--limit", bad], "argument --limit:", bad)
     _fails(capsys, [*le, "--tasks", ","], "no lm-eval task given")
+    _fails(capsys, [*le, "--tasks", "arc_easy", "--batch-size", "100000"], "batch_size must be in")
     _fails(
         capsys,
         [*le, "--tasks", "no_such_task,arc_easy,also_not"],
