@@ -243,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="nvfp4 weights: one weight global scale for the fused q/k/v and gate/up partitions "
         "(default: on for rtn, svdquant, arhq, gptq, smoothquant)",
     )
-    q.add_argument(  # issue 12: beyond ARHQ (arhq_jax/decomposition/rotate.py, rank_budget.py, refine.py)
+    q.add_argument(  # beyond ARHQ (decomposition/rotate.py, rank_budget.py, refine.py)
         "--preset",
         default=None,
         choices=tuple(PRESETS),
