@@ -23,7 +23,13 @@ from jax.errors import JaxRuntimeError  # noqa: E402
 from arhq_jax.checkpoint import store as checkpoint  # noqa: E402
 from arhq_jax.cli.demo import METHODS as DEMO_METHODS  # noqa: E402
 from arhq_jax.cli.demo import run_demo  # noqa: E402
-from arhq_jax.evaluation.corpora import PAPER_SEQ_LEN, dataset_tokens  # noqa: E402
+from arhq_jax.evaluation.corpora import (  # noqa: E402
+    PAPER_SEQ_LEN,
+    check_text_file,
+    dataset_tokens,
+    read_dataset,
+)
+from arhq_jax.evaluation.metrics import make_chunks  # noqa: E402
 from arhq_jax.evaluation.pipeline import (  # noqa: E402
     calibration_ids,
     evaluate_models,  # noqa: E402
@@ -66,12 +72,46 @@ _NONNEG = int_at_least(0)
 _SEQ_LEN = int_at_least(2)
 
 
+SEED_MAX = 2**32 - 1  # seeds are uint32 (jax.random.key takes them without overflow)
+GROUP_MAX = 2**20  # beyond any projection's input size; the model's own bound is checked later
+
+
 def _fmt_or_none(s: str) -> str | None:
     return None if s.lower() == "none" else s
 
 
 def _group(s: str) -> int:
-    return -1 if s.lower() in ("row", "channel", "token", "-1") else int(s)
+    if s.lower() in ("row", "channel", "token", "-1"):
+        return -1
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a positive integer or 'row', got {s!r}"
+        ) from None
+    if not 1 <= v <= GROUP_MAX:
+        raise argparse.ArgumentTypeError(f"must be in [1, {GROUP_MAX}] or 'row', got {s}")
+    return v
+
+
+def _seed(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {s!r}") from None
+    if not 0 <= v <= SEED_MAX:
+        raise argparse.ArgumentTypeError(f"seeds are uint32: in [0, {SEED_MAX}], got {s}")
+    return v
+
+
+def _limit(s: str) -> float | int:
+    """lm-eval's ``--limit``: a fraction of each task's documents in (0, 1), or a count >= 1."""
+    v = float_in(0, lo_open=True)(s)
+    if v >= 1:
+        if v != int(v):
+            raise argparse.ArgumentTypeError(f"a count >= 1 must be an integer, got {s}")
+        return int(v)
+    return v
 
 
 def _add_model(p):
@@ -203,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="nvfp4 weights: one weight global scale for the fused q/k/v and gate/up partitions "
         "(default: on for rtn, svdquant, arhq, gptq, smoothquant)",
     )
-    q.add_argument(  # issue 12: beyond ARHQ (arhq_jax/decomposition/rotate.py, rank_budget.py, refine.py)
+    q.add_argument(  # beyond ARHQ (decomposition/rotate.py, rank_budget.py, refine.py)
         "--preset",
         default=None,
         choices=tuple(PRESETS),
@@ -278,7 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float_in(0), default=0.0, help="0: greedy")
     g.add_argument("--top-p", type=float_in(0, 1, lo_open=True), default=1.0)
     g.add_argument("--top-k", type=_NONNEG, default=0, help="0: off")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=_seed, default=0, help=f"sampling seed in [0, {SEED_MAX}]")
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
     _add_weights_only(g)
     _add_allow_long(g)
@@ -305,7 +345,9 @@ def build_parser() -> argparse.ArgumentParser:
     le.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")
     le.add_argument("--include-path", default=None, help="directory of extra task YAMLs")
     le.add_argument("--num-fewshot", type=_NONNEG, default=None)
-    le.add_argument("--limit", type=float, default=None, help="documents per task (or fraction)")
+    le.add_argument(
+        "--limit", type=_limit, default=None, help="documents per task (>= 1) or a fraction (< 1)"
+    )
     le.add_argument("--batch-size", type=_POS, default=8)
     le.add_argument(
         "--max-length", type=_SEQ_LEN, default=None, help="default: the model's context"
@@ -376,6 +418,18 @@ def _no_gpu() -> bool:
     return jax.default_backend() != "gpu"
 
 
+def _check_groups(args, cfg) -> None:
+    """A group size is at most the largest input size of the model's projections (beyond it,
+    one group per row is 'row'); a larger one would only pad every row to it."""
+    largest = max(i for _, i in cfg.linear_shapes().values())
+    for flag, g in (("--group-size", args.group_size), ("--act-group-size", args.act_group_size)):
+        if g is not None and g > largest:
+            raise ValueError(
+                f"{flag} {g} is larger than the model's largest projection input ({largest}); "
+                "use 'row' for one group per row"
+            )
+
+
 def cmd_quantize(args) -> int:
 
     common = {
@@ -407,6 +461,8 @@ def cmd_quantize(args) -> int:
         )
     if distributed.is_writer():
         checkpoint.check_out(args.out)  # refuse a foreign --out before any work
+    if args.calib_text is not None:
+        check_text_file(args.calib_text)
     t0 = time.perf_counter()
     with open_source(args.model, require_tokenizer=True) as src:
         cfg = src.cfg
@@ -416,6 +472,7 @@ def cmd_quantize(args) -> int:
             file=sys.stderr,
         )
         qcfg.check_model(cfg)
+        _check_groups(args, cfg)
         _positions(args, cfg, args.calib_seq_len, f"--calib-seq-len {args.calib_seq_len}")
         corpus = load_corpus(src.tokenizer, args.calib_text, None)
         what = "calibration text" + (f" {args.calib_text}" if args.calib_text else "")
@@ -494,14 +551,20 @@ def cmd_eval(args) -> int:
         raise ValueError("give --text (a plain text file) or --dataset/--data-file, not both")
     seq_len = args.seq_len or (PAPER_SEQ_LEN if paper else 512)
     max_chunks = args.max_chunks if args.max_chunks is not None else (None if paper else 40)
+    for f, what in ((args.text, "text file"), (args.data_file, "dataset file")):
+        if f is not None:
+            check_text_file(f, what)
+    raw = read_dataset(args.dataset, args.data_file) if paper else None  # before the model
     m = _load(args)
     _positions(args, m.cfg, seq_len, f"--seq-len {seq_len}")
     params, quant = _quantized(args, m)
     if paper or args.data_file is not None:
-        tokens = dataset_tokens(args.dataset, m.tokenizer, args.data_file, seq_len=seq_len)
+        tokens = dataset_tokens(args.dataset, m.tokenizer, args.data_file, seq_len=seq_len, raw=raw)
     else:
         tokens = load_corpus(m.tokenizer, None, args.text).eval
     models = {} if quant is None else {"quantized": params}
+    # Eval pads the last batch to the batch size: more rows than chunks would be padding only.
+    n_chunks = len(make_chunks(tokens, seq_len, max_chunks)) if len(tokens) >= seq_len else 1
     res = evaluate_models(
         models,
         m.params,
@@ -509,7 +572,7 @@ def cmd_eval(args) -> int:
         tokens,
         seq_len=seq_len,
         max_chunks=max_chunks,
-        batch_size=args.batch_size,
+        batch_size=min(args.batch_size, n_chunks),
         source=(
             f"--text {args.text}"
             if args.text
@@ -583,6 +646,10 @@ def cmd_lm_eval(args) -> int:
     out = args.output or (args.quantized and leb.results_path(args.quantized, tasks))
     if out:
         leb.check_writable(out)  # fail before the run, not after it
+    leb.check_model_args(
+        {"kernel": args.kernel, "batch_size": args.batch_size, "max_length": args.max_length}
+    )
+    task_manager = leb.check_tasks(tasks, args.include_path)  # before the model loads
     m = _load(args)
     params, _ = _quantized(args, m)
     lm = leb.ArhqJaxLM.from_params(
@@ -596,7 +663,12 @@ def cmd_lm_eval(args) -> int:
         max_length=args.max_length,
     )
     res = leb.evaluate_tasks(
-        lm, tasks, num_fewshot=args.num_fewshot, limit=args.limit, include_path=args.include_path
+        lm,
+        tasks,
+        num_fewshot=args.num_fewshot,
+        limit=args.limit,
+        include_path=args.include_path,
+        task_manager=task_manager,
     )
     print(make_table(res))
     if out:
@@ -647,8 +719,9 @@ def main(argv=None) -> int:
 
     The expected failures are the library's: ValueError for a bad value or a malformed file (the
     converters and loaders name the file; UnicodeDecodeError and JSON errors are ValueErrors),
-    OSError for a missing, unreadable or existing path, and XLA running out of memory. Anything
-    else is a bug and keeps its traceback.
+    OSError for a missing, unreadable or existing path, XLA running out of memory, host memory
+    running out (MemoryError) and input nested too deeply for Python's parsers (RecursionError).
+    Anything else is a bug and keeps its traceback.
     """
 
     args = build_parser().parse_args(argv)
@@ -661,6 +734,11 @@ def main(argv=None) -> int:
             raise
         first = str(e).splitlines()[0][:200]
         return _fail(args.cmd, f"out of memory ({first}); use smaller sizes")
+    except MemoryError as e:
+        return _fail(args.cmd, f"out of host memory ({str(e)[:200] or 'MemoryError'}); use "
+                     "smaller sizes")  # fmt: skip
+    except RecursionError:
+        return _fail(args.cmd, "an input file is nested too deeply (JSON or config depth)")
 
 
 if __name__ == "__main__":

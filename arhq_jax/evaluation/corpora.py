@@ -23,6 +23,7 @@ from __future__ import annotations
 import gzip
 import json
 import random
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -37,15 +38,29 @@ WIKITEXT2_HUB = ("Salesforce/wikitext", "wikitext-2-raw-v1", "test")
 C4_HUB = ("allenai/c4", "en/c4-validation.00000-of-00008.json.gz")
 
 
+def check_text_file(path, what: str = "text file") -> Path:
+    """``path`` as a Path if it is a regular file (or a link to one); else FileNotFoundError
+    (absent), IsADirectoryError, or ValueError for a FIFO, device or socket — which would block
+    or never end when read (``/dev/zero``). Cheap: one ``stat``; run it before loading a model."""
+    path = Path(path)
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what} not found: {path}") from None
+    if stat.S_ISDIR(mode):
+        raise IsADirectoryError(f"{what} {path} is a directory")
+    if not stat.S_ISREG(mode):
+        raise ValueError(f"{what} {path} is not a regular file (a FIFO, device or socket)")
+    return path
+
+
 def read_rows(path, column: str = "text") -> list[str]:
     """The ``column`` of every row of a local dataset file (parquet, json/jsonl[.gz], txt).
 
     A ``.txt`` file gives one row per line (line ends stripped). Raises FileNotFoundError or
     ValueError (unknown suffix, missing column, unreadable file) naming the file.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"dataset file not found: {path}")
+    path = check_text_file(path, "dataset file")
     suffixes = [s.lower() for s in path.suffixes]
     gz = suffixes[-1:] == [".gz"]
     kind = suffixes[-2] if gz and len(suffixes) > 1 else (suffixes[-1] if suffixes else "")
@@ -86,6 +101,8 @@ def read_rows(path, column: str = "text") -> list[str]:
             records = [json.loads(line) for line in raw.splitlines() if line.strip()]
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not JSON or JSON lines ({e})") from None
+    except RecursionError:
+        raise ValueError(f"{path}: JSON nested too deeply") from None
     rows = []
     for i, rec in enumerate(records):
         if not isinstance(rec, dict) or column not in rec:
@@ -126,9 +143,7 @@ def wikitext2_text(data_file=None) -> str:
     joined text itself); None: through ``datasets``.
     """
     if data_file is not None and Path(data_file).suffix.lower() == ".txt":
-        if not Path(data_file).is_file():
-            raise FileNotFoundError(f"dataset file not found: {data_file}")
-        text = Path(data_file).read_text(encoding="utf-8")
+        text = check_text_file(data_file, "dataset file").read_text(encoding="utf-8")
     else:
         rows = _hub_rows("wikitext2") if data_file is None else read_rows(data_file)
         text = "\n\n".join(rows)
@@ -182,21 +197,34 @@ def c4_windows(
     return np.concatenate(windows)
 
 
+def read_dataset(name: str, data_file=None):
+    """The raw text of ``name`` before any tokenizer: wikitext2's joined text (str), c4's
+    documents (list of str), or None for pydoc (read by ``dataset_tokens``). Reading and
+    checking the file needs no model: do it before one loads."""
+    if name == "wikitext2":
+        return wikitext2_text(data_file)
+    if name == "c4":
+        return c4_documents(data_file)
+    if name == "pydoc":
+        return None
+    raise ValueError(f"unknown dataset {name!r}; supported: {', '.join(DATASETS)}")
+
+
 def dataset_tokens(
-    name: str, tokenizer, data_file=None, *, seq_len: int = PAPER_SEQ_LEN
+    name: str, tokenizer, data_file=None, *, seq_len: int = PAPER_SEQ_LEN, raw=None
 ) -> np.ndarray:
     """Evaluation token ids int32 ``[T]`` of ``name`` in ``DATASETS``.
 
     ``seq_len`` matters for c4 only (the window length; evaluate with the same ``seq_len``).
     For pydoc, ``data_file`` None is the built-in corpus's evaluation part, else a text file
-    tokenized whole.
+    tokenized whole. ``raw``: what ``read_dataset(name, data_file)`` returned (not read again).
     """
 
     if name == "pydoc":
         ids = ev.load_text_tokens(tokenizer, data_file)
         return ids if data_file is not None else ev.split_tokens(ids)[1]
+    if raw is None:
+        raw = read_dataset(name, data_file)
     if name == "wikitext2":
-        return np.asarray(tokenizer(wikitext2_text(data_file))["input_ids"], np.int32)
-    if name == "c4":
-        return c4_windows(tokenizer, c4_documents(data_file), seq_len=seq_len)
-    raise ValueError(f"unknown dataset {name!r}; supported: {', '.join(DATASETS)}")
+        return np.asarray(tokenizer(raw)["input_ids"], np.int32)
+    return c4_windows(tokenizer, raw, seq_len=seq_len)

@@ -6,9 +6,9 @@ needs ``pip install arhq-jax[eval]``. lm-eval 0.4.x has no plugin discovery for 
 (its ``--include_path`` adds tasks only), so the name is registered two ways: ``import arhq_jax``
 registers a lazy placeholder in lm-eval's model registry when lm-eval is installed (so
 ``lm_eval.simple_evaluate(model="arhq-jax", …)`` works in any script that imports arhq_jax), and
-``python -m arhq_jax.evaluation.lm_eval_backend <lm_eval arguments>`` is lm-eval's own command line
-with the
-backend registered first. ``arhq-jax lm-eval`` is the shorter shell (arhq_jax/cli/main.py).
+``python -m arhq_jax.evaluation.lm_eval_backend <lm_eval arguments>`` is lm-eval's own command
+line with the backend registered first (bad ``--model_args`` are one line, exit status 2).
+``arhq-jax lm-eval`` is the shorter shell (arhq_jax/cli/main.py).
 
 The request semantics are lm-eval's ``hf`` backend's (tokenization and the split of context and
 continuation by ``TemplateLM``, left truncation to ``max_length``, the rolling windows, stop
@@ -62,6 +62,97 @@ from converters import load_model
 NAME = "arhq-jax"
 # f32 logits elements of one forward (2 GiB): long contexts get fewer rows than batch_size
 LOGITS_BUDGET = 2**29
+# Generation pads every batch to batch_size (ids, mask, KV cache): a sane bound, checked first.
+MAX_BATCH = 4096
+MODEL_ARGS = (
+    "model",
+    "quantized",
+    "kernel",
+    "batch_size",
+    "max_length",
+    "max_gen_toks",
+    "add_bos_token",
+    "device",
+    "max_batch_size",
+    "allow_other_source",
+)
+_TRUE, _FALSE = ("1", "true", "yes"), ("0", "false", "no")
+
+
+def _int_arg(name: str, v, lo: int, hi: int | None = None) -> int:
+    """``v`` (an int, or its decimal string) as an int in [lo, hi]; ValueError naming ``name``."""
+    ok = isinstance(v, int) and not isinstance(v, bool)
+    if isinstance(v, str) and v.strip().lstrip("+-").isdigit():
+        v, ok = int(v), True
+    if not ok:
+        raise ValueError(f"{name} must be an integer, got {v!r}")
+    if v < lo or (hi is not None and v > hi):
+        bound = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+        raise ValueError(f"{name} must be {bound}, got {v}")
+    return v
+
+
+def _bool_arg(name: str, v, default: bool | None) -> bool | None:
+    if v is None or isinstance(v, bool):
+        return default if v is None else v
+    if str(v).lower() in _TRUE:
+        return True
+    if str(v).lower() in _FALSE:
+        return False
+    raise ValueError(f"{name} must be true or false, got {v!r}")
+
+
+def check_model_args(args: dict) -> dict:
+    """The backend's arguments (``--model_args`` and lm-eval's own flags) checked and typed, with
+    a one-line ValueError naming the first bad one: unknown keys, wrong types, out-of-range
+    values. Runs before any model loads."""
+    unknown = sorted(set(args) - set(MODEL_ARGS))
+    if unknown:
+        raise ValueError(
+            f"unknown --model_args key(s) {', '.join(map(repr, unknown))}; known: "
+            f"{', '.join(MODEL_ARGS)}"
+        )
+    a = dict(args)
+    for k in ("model", "quantized", "device"):
+        v = a.get(k)
+        if v is not None and not isinstance(v, (str, int, float)) or isinstance(v, bool):
+            raise ValueError(f"{k} must be a string, got {v!r}")
+        if v is not None:
+            a[k] = str(v)
+    if "model" in a and not a["model"]:
+        raise ValueError("model must not be empty")
+    kernel = a.get("kernel", "xla")
+    if kernel not in KERNELS:
+        raise ValueError(f"unknown kernel {kernel!r}; supported: {', '.join(KERNELS)}")
+    bs = a.get("batch_size", 8)
+    a["batch_size"] = (
+        8
+        if isinstance(bs, str) and bs.startswith("auto")
+        else _int_arg("batch_size", bs, 1, MAX_BATCH)
+    )
+    if a.get("max_length") is not None:
+        a["max_length"] = _int_arg("max_length", a["max_length"], 2)
+    a["max_gen_toks"] = _int_arg("max_gen_toks", a.get("max_gen_toks", 256), 1)
+    if a.get("max_batch_size") is not None:
+        a["max_batch_size"] = _int_arg("max_batch_size", a["max_batch_size"], 1)
+    a["add_bos_token"] = _bool_arg("add_bos_token", a.get("add_bos_token"), None)
+    a["allow_other_source"] = _bool_arg("allow_other_source", a.get("allow_other_source"), False)
+    return a
+
+
+def parse_model_args(text: str) -> dict:
+    """``key=value,key=value`` (lm-eval's ``--model_args``) → dict, strictly: every item has
+    a ``=`` and a non-empty key, no key twice; values typed as lm-eval types them."""
+    out: dict = {}
+    for item in (x for x in text.split(",") if x.strip()):
+        key, eq, value = item.partition("=")
+        key = key.strip()
+        if not eq or not key:
+            raise ValueError(f"--model_args: expected key=value, got {item.strip()!r}")
+        if key in out:
+            raise ValueError(f"--model_args: {key!r} given twice")
+        out[key] = lm_utils.handle_arg_string(value)
+    return out
 
 
 def bucket_length(n: int, max_len: int) -> int:
@@ -115,33 +206,46 @@ class ArhqJaxLM(TemplateLM):
         loaded=None,
     ):
         super().__init__()
+        a = check_model_args(
+            dict(
+                model=model,
+                quantized=quantized,
+                kernel=kernel,
+                batch_size=batch_size,
+                max_length=max_length,
+                max_gen_toks=max_gen_toks,
+                add_bos_token=add_bos_token,
+                device=device,
+                max_batch_size=max_batch_size,
+                allow_other_source=allow_other_source,
+            )
+        )  # before the model loads
         if loaded is None:
-            other = str(allow_other_source).lower() in ("1", "true", "yes")
-            loaded = load_for_eval(model, quantized, kernel, other)
+            loaded = load_for_eval(a["model"], a["quantized"], kernel, a["allow_other_source"])
         params, cfg, tokenizer = loaded
         if tokenizer is None:
             raise ValueError(f"model {model!r} has no tokenizer; lm-eval needs one")
         self.params, self.cfg, self.tokenizer = params, cfg, tokenizer
         self.model_name, self.quantized = str(model), quantized
         self.kernel = kernel
-        bs = 8 if str(batch_size).startswith("auto") else int(batch_size)
-        if bs < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self._batch_size = bs
-        self._max_length = int(max_length) if max_length else int(cfg.max_position_embeddings)
-        self._max_gen_toks = int(max_gen_toks)
-        self.add_bos_token = add_bos_token
+        self._batch_size = a["batch_size"]
+        self._max_length = a["max_length"] or int(cfg.max_position_embeddings)
+        self._max_gen_toks = a["max_gen_toks"]
+        self.add_bos_token = a["add_bos_token"]
 
     @classmethod
     def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None):
         """``--model_args`` win over lm-eval's own flags (its ``--batch_size`` defaults to 1 and
         would otherwise collide with ``batch_size=`` in the model args)."""
-        extra = {k: v for k, v in (additional_config or {}).items() if v is not None}
+        check_model_args(arg_dict)  # unknown keys: a named error, not a TypeError
+        extra = {
+            k: v for k, v in (additional_config or {}).items() if v is not None and k in MODEL_ARGS
+        }
         return cls(**{**extra, **arg_dict})
 
     @classmethod
     def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None):
-        args = lm_utils.simple_parse_args_string(arg_string) if arg_string else {}
+        args = parse_model_args(arg_string) if arg_string else {}
         return cls.create_from_arg_obj(args, additional_config)
 
     @classmethod
@@ -368,6 +472,27 @@ def load_for_eval(model: str, quantized: str | None, kernel: str, allow_other_so
 RESULTS_MARK = "arhq-jax lm-eval"
 
 
+def check_tasks(tasks: list[str], include_path: str | None = None):
+    """lm-eval's ``TaskManager`` (with ``include_path``, a directory of task YAMLs) after
+    checking that it knows every name in ``tasks`` (tasks, groups, tags, or YAML files):
+    ValueError naming the unknown ones. Run it before loading a model."""
+    from lm_eval.tasks import TaskManager
+
+    if not tasks:
+        raise ValueError("no lm-eval task given (--tasks a,b,...)")
+    if include_path is not None and not Path(include_path).is_dir():
+        raise FileNotFoundError(f"task directory not found: {include_path}")
+    tm = TaskManager(include_path=include_path) if include_path else TaskManager()
+    known = set(tm.match_tasks(list(tasks)))
+    unknown = [t for t in tasks if t not in known and not Path(t).is_file()]
+    if unknown:
+        raise ValueError(
+            f"unknown lm-eval task(s): {', '.join(unknown)} (list them with `lm-eval ls tasks`"
+            f"{'; ' + str(include_path) + ' was searched too' if include_path else ''})"
+        )
+    return tm
+
+
 def evaluate_tasks(
     lm: ArhqJaxLM,
     tasks: list[str],
@@ -376,15 +501,16 @@ def evaluate_tasks(
     limit: float | None = None,
     include_path: str | None = None,
     log_samples: bool = False,
+    task_manager=None,
 ) -> dict:
     """``lm_eval.simple_evaluate`` of ``lm`` on ``tasks`` (``include_path``: a directory of task
-    YAMLs of your own). Returns lm-eval's results dict."""
+    YAMLs of your own; ``task_manager``: the one ``check_tasks`` returned, else one is made and
+    the names checked). Returns lm-eval's results dict."""
     import lm_eval
-    from lm_eval.tasks import TaskManager
 
-    if include_path is not None and not Path(include_path).is_dir():
-        raise FileNotFoundError(f"task directory not found: {include_path}")
-    tm = TaskManager(include_path=include_path) if include_path else TaskManager()
+    if limit is not None and not (isinstance(limit, (int, float)) and limit > 0):
+        raise ValueError(f"limit must be > 0 (a count, or a fraction below 1), got {limit!r}")
+    tm = task_manager if task_manager is not None else check_tasks(tasks, include_path)
     return lm_eval.simple_evaluate(
         model=lm,
         tasks=list(tasks),
@@ -441,13 +567,60 @@ def write_results(path, results: dict, info: dict) -> Path:
     return path
 
 
+def _precheck(argv: list[str]) -> None:
+    """With ``--model arhq-jax``: every ``--model_args`` value parsed and checked
+    (``check_model_args``) before lm-eval's command line runs (and loads anything)."""
+    model, margs, i = None, [], 0
+    while i < len(argv):
+        a = argv[i]
+        if a == "--model" and i + 1 < len(argv):
+            model, i = argv[i + 1], i + 2
+            continue
+        if a.startswith("--model="):
+            model = a.split("=", 1)[1]
+        elif a == "--model_args":
+            i += 1
+            while i < len(argv) and not argv[i].startswith("-"):
+                margs.append(argv[i])
+                i += 1
+            continue
+        elif a.startswith("--model_args="):
+            margs.append(a.split("=", 1)[1])
+        i += 1
+    if model != NAME:
+        return
+    merged: dict = {}
+    for m in margs:
+        if m.lstrip().startswith("{"):
+            try:
+                d = json.loads(m)
+            except (ValueError, RecursionError):
+                raise ValueError(f"--model_args: not a JSON object: {m[:60]!r}") from None
+            if not isinstance(d, dict):
+                raise ValueError(f"--model_args: not a JSON object: {m[:60]!r}")
+        else:
+            d = parse_model_args(m)
+        merged.update(d)
+    check_model_args(merged)
+
+
 def main(argv: list[str] | None = None) -> None:
-    """lm-eval's own command line with ``arhq-jax`` registered (``python -m`` this module)."""
+    """lm-eval's own command line with ``arhq-jax`` registered (``python -m`` this module).
+
+    Bad input to the backend (``--model_args`` keys and values, files, unknown tasks) is one
+    line on stderr, ``arhq-jax lm-eval: error: ...``, and exit status 2."""
     from lm_eval.__main__ import cli_evaluate
 
-    if argv is not None:
-        sys.argv = [sys.argv[0], *argv]
-    cli_evaluate()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    sys.argv = [sys.argv[0], *argv]
+    try:
+        _precheck(argv)
+        cli_evaluate()
+    except (ValueError, OSError, MemoryError, RecursionError) as e:
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        msg = "; ".join(lines) or type(e).__name__
+        print(f"arhq-jax lm-eval: error: {msg}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

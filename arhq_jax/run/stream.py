@@ -11,7 +11,8 @@ block; device memory: one layer + the hidden states.
 
 The work directory ``.<out>.arhq-resume`` beside ``out``::
 
-    state.json                 marker, run key, layers done, their records, diagnostics, timings
+    state.json                 marker, run key, writer (pid and its start time), layers done,
+                               their records, the sha256 of every file, diagnostics, timings
     layer-NNNNN.safetensors    layer N's tensors, in checkpoint order (norms, encoded projections)
     lora-NNNNN.safetensors     its adapter tensors (when it has low-rank branches)
     hidden-NNNNN.safetensors   the calibration hidden states entering layer N (with a runner)
@@ -21,6 +22,15 @@ recipe, the source fingerprint, the calibration ids, the batch layout) continues
 committed layer, with the stored hidden states, so it computes what the uninterrupted run would
 have. A different key is refused with a one-line error naming the directory: a partial run is
 never overwritten by another recipe, and nothing is removed that this module did not write.
+
+Nothing is reused unverified (``ResumeError`` otherwise, naming the file and how to start over):
+the directory holds only regular files named as this module names them (no symlink, nothing
+foreign); ``state.json`` is validated like a checkpoint's config (types, keys, one record per
+finished layer, each projection's entry decoded by the checkpoint decoder against the layer
+file's tensors, no tensor missing or extra); each layer, adapter and hidden-state file matches
+the sha256 recorded when it was written, checked when the run resumes and again right before the
+file is read. A writer that is still running (its pid alive with the recorded start time) is
+never resumed under; a pid reused by another process does not block.
 """
 
 from __future__ import annotations
@@ -40,10 +50,19 @@ from tqdm.auto import tqdm
 
 from arhq_jax import __version__
 from arhq_jax.calibration.calibrate import Calibration, LayerwiseRunner, data_mesh
-from arhq_jax.checkpoint import out_dir
+from arhq_jax.checkpoint import out_dir, schema
 from arhq_jax.checkpoint import store as checkpoint
 from arhq_jax.checkpoint import writer as checkpoint_writer
-from arhq_jax.models.params import EMBED, FINAL_NORM, LM_HEAD
+from arhq_jax.models.config import PROJECTIONS, ModelConfig
+from arhq_jax.models.params import (
+    EMBED,
+    FINAL_NORM,
+    LM_HEAD,
+    expected_tensors,
+    has_bias,
+    linear_key,
+    norm_key,
+)
 from arhq_jax.parallel.devices import Spread
 from arhq_jax.parallel.layer_sharding import data_size
 from arhq_jax.run.config import QuantConfig
@@ -53,13 +72,20 @@ from converters.lazy import LazySource
 from converters.safetensors_io import SafetensorsReader, SafetensorsWriter, write_safetensors
 
 WORK_FORMAT = "arhq-jax-resume"
-WORK_VERSION = 1
+WORK_VERSION = 2  # 2: files' sha256 and the writer's start time recorded
 STATE = "state.json"
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_TIMINGS = ("calibration_s", "decomposition_s", "packing_s")
 # The files this module writes, and the temporaries of their atomic writes (a killed run's).
 _OURS = re.compile(
     r"^(?:(state\.json|(layer|lora|hidden)-\d{5}\.safetensors)"
     r"|\.(state\.json|(layer|lora|hidden)-\d{5}\.safetensors)\.\w+\.(tmp|data))$"
 )
+
+
+class ResumeError(ValueError):
+    """A resume directory that cannot be trusted: foreign or symlinked files, a malformed state
+    record, or a file that differs from the sha256 recorded when it was written."""
 
 
 @dataclasses.dataclass
@@ -100,34 +126,48 @@ def _jsonable(x):
 
 
 class _Work:
-    """The work directory: its state, its files (only ones named as this module names them)."""
+    """The work directory: its state, its files (only ones named as this module names them).
 
-    def __init__(self, path: Path, key: str):
-        self.path, self.key = path, key
+    ``cfg`` (the model's) checks the records of a directory being resumed."""
+
+    def __init__(self, path: Path, key: str, cfg: ModelConfig):
+        self.path, self.key, self.cfg = path, key, cfg
         self.state = {"format": WORK_FORMAT, "key": key, "done": 0, "layers": [], "diags": []}
-        self.state["timings"] = {"calibration_s": 0.0, "decomposition_s": 0.0, "packing_s": 0.0}
+        self.state["timings"] = dict.fromkeys(_TIMINGS, 0.0)
+        self.state["files"] = {}
         if path.exists() or path.is_symlink():
             self._open_existing()
         else:
             path.mkdir(parents=True)
-        self.state["pid"] = os.getpid()
+        self.state["pid"], self.state["pid_start"] = out_dir.this_process()
         self._commit()
+
+    def _fail(self, what: str) -> ResumeError:
+        return ResumeError(
+            f"{self.path}: {what}; not resuming from it (remove the directory to start over)"
+        )
 
     def _open_existing(self) -> None:
         f = self.path / STATE
         try:
-            st = json.loads(f.read_text())
+            st = json.loads(f.read_text()) if not f.is_symlink() else None
             ok = isinstance(st, dict) and st.get("format") == WORK_FORMAT
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):
             ok = False
         if self.path.is_symlink() or not self.path.is_dir() or not ok:
             raise FileExistsError(
                 f"{self.path} exists and is not an arhq-jax resume directory; not touching it "
                 "(move it away or choose another --out)"
             )
-        pid = st.get("pid")
-        if isinstance(pid, int) and pid != os.getpid() and out_dir.pid_alive(pid):
+        pid, pid_start = st.get("pid"), st.get("pid_start")
+        if (
+            isinstance(pid, int)
+            and not isinstance(pid, bool)
+            and pid != os.getpid()
+            and out_dir.pid_alive(pid, pid_start if isinstance(pid_start, int) else None)
+        ):
             raise ValueError(f"{self.path} is in use by a running quantize (pid {pid})")
+        self._check_entries()
         if st.get("key") != self.key and st.get("done") == 0:
             return  # nothing finished in it: start over in it (the files are rewritten)
         if st.get("key") != self.key:
@@ -135,10 +175,91 @@ class _Work:
                 f"{self.path} holds a partial run of another recipe, source or calibration set; "
                 "rerun that command to finish it, or remove the directory to start over"
             )
-        missing = [f for f in self.layer_files(st["done"]) if not (self.path / f).is_file()]
-        if missing:
-            raise ValueError(f"{self.path}: {missing[0]} is missing; remove the directory")
+        self._check_state(st)
         self.state = st
+        for i in range(st["done"]):
+            self.check_layer(i)
+        if f"hidden-{st['done']:05d}.safetensors" in st["files"]:
+            self.verify(self.file("hidden", st["done"]))
+
+    def _check_entries(self) -> None:
+        """Only regular files named as this module names them (no symlink, no directory)."""
+        for p in sorted(self.path.iterdir()):
+            if p.is_symlink():
+                raise self._fail(f"{p.name} is a symbolic link")
+            if not _OURS.match(p.name) or not p.is_file():
+                raise self._fail(f"it holds {p.name!r}, which arhq-jax did not write")
+
+    def _check_state(self, st: dict) -> None:
+        """``state.json``'s types and keys, one record per finished layer, a sha256 per file."""
+        where = f"{STATE}"
+        keys = {"format", "key", "done", "layers", "diags", "timings", "files", "pid", "pid_start"}
+        if set(st) != keys:
+            extra, missing = sorted(set(st) - keys), sorted(keys - set(st))
+            raise self._fail(f"{where}: unexpected keys {extra}, missing keys {missing}")
+        done = st["done"]
+        if not isinstance(done, int) or isinstance(done, bool):
+            raise self._fail(f"{where}: 'done' must be an integer, got {done!r}")
+        if not 0 <= done <= self.cfg.num_layers:
+            raise self._fail(f"{where}: 'done' {done} is not in [0, {self.cfg.num_layers}]")
+        if not isinstance(st["layers"], list) or len(st["layers"]) != done:
+            raise self._fail(f"{where}: 'layers' must be a list of {done} records")
+        if not isinstance(st["diags"], list):
+            raise self._fail(f"{where}: 'diags' must be a list")
+        t = st["timings"]
+        ok = (
+            isinstance(t, dict)
+            and set(t) == set(_TIMINGS)
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in t.values())
+        )
+        if not ok:
+            raise self._fail(f"{where}: 'timings' must map {', '.join(_TIMINGS)} to numbers")
+        files = st["files"]
+        if not isinstance(files, dict):
+            raise self._fail(f"{where}: 'files' must be a JSON object")
+        for name, h in files.items():
+            if not _OURS.match(name) or name == STATE or not isinstance(h, str):
+                raise self._fail(f"{where}: bad 'files' entry {name!r}")
+            if not _SHA256.fullmatch(h):
+                raise self._fail(f"{where}: bad sha256 for {name!r}")
+        for i in range(done):
+            if f"layer-{i:05d}.safetensors" not in files:
+                raise self._fail(f"{where}: no sha256 recorded for layer {i}")
+
+    def verify(self, p: Path) -> None:
+        """``p`` is a regular file whose sha256 is the one recorded when it was written."""
+        want = self.state["files"].get(p.name)
+        if want is None:
+            raise self._fail(f"no sha256 recorded for {p.name}")
+        if p.is_symlink() or not p.is_file():
+            raise self._fail(f"{p.name} is missing or not a regular file")
+        if out_dir.sha256_file(p) != want:
+            kind, n = p.name.split(".")[0].split("-")
+            what = {"layer": "layer {}", "lora": "layer {}'s adapter", "hidden": "the hidden "
+                    "states entering layer {}"}[kind].format(int(n))  # fmt: skip
+            raise self._fail(
+                f"{p.name} ({what}) differs from the file the run wrote (sha256 mismatch: "
+                "changed since)"
+            )
+
+    def check_layer(self, i: int) -> None:
+        """Layer ``i``'s files match their sha256 and its record decodes against them exactly
+        (the checkpoint's own decoder: entry keys and types, tensor names, dtypes, shapes)."""
+        rec, layer_f, lora_f = self.state["layers"][i], self.file("layer", i), self.file("lora", i)
+        self.verify(layer_f)
+        has_lora = lora_f.name in self.state["files"]
+        if has_lora:
+            self.verify(lora_f)
+        try:
+            with SafetensorsReader([layer_f]) as r:
+                lr = SafetensorsReader([lora_f]) if has_lora else None
+                try:
+                    _check_record(self.cfg, i, rec, r, lr)
+                finally:
+                    if lr is not None:
+                        lr.close()
+        except schema.CheckpointError as e:
+            raise self._fail(f"{STATE}: layer {i}'s record: {e}") from None
 
     def layer_files(self, done: int) -> list[str]:
         return [f"layer-{i:05d}.safetensors" for i in range(done)]
@@ -146,10 +267,16 @@ class _Work:
     def file(self, kind: str, i: int) -> Path:
         return self.path / f"{kind}-{i:05d}.safetensors"
 
+    def record_file(self, p: Path) -> None:
+        """Note ``p``'s sha256 (just written) in the state (committed with the next layer)."""
+        self.state["files"][p.name] = out_dir.sha256_file(p)
+
     def _commit(self) -> None:
         atomic_write(self.path / STATE, json.dumps(self.state, default=_jsonable) + "\n")
 
     def commit_layer(self, record: list, diags: list, timings: dict) -> None:
+        done = self.state["done"]
+        self.state["files"].pop(f"hidden-{done:05d}.safetensors", None)  # used: removed next
         self.state["layers"].append(record)
         self.state["diags"] += diags
         self.state["timings"] = dict(timings)
@@ -159,12 +286,82 @@ class _Work:
     def remove(self) -> None:
         """Delete the directory if it holds only what this module writes (else leave it)."""
         for p in self.path.iterdir():
-            if p.is_file() and _OURS.match(p.name):
+            if (p.is_file() or p.is_symlink()) and _OURS.match(p.name):
                 p.unlink()
         try:
             self.path.rmdir()
         except OSError:
             pass  # something else is in there: not ours to delete
+
+
+def _getter(reader, allowed: list[str], where: str):
+    """``get(name)`` for the decoder: only the names ``allowed`` (a record's), from ``reader``;
+    the set of names it gave out."""
+    got: set[str] = set()
+
+    def get(n: str) -> np.ndarray:
+        x = None if reader is None or n not in allowed else reader.get(n)
+        if x is None:
+            raise schema.CheckpointError(f"{where}: tensor {n!r} is missing")
+        got.add(n)
+        return np.asarray(x)
+
+    return get, got
+
+
+def _check_record(cfg: ModelConfig, i: int, rec, r, lr) -> None:
+    """Raise ``CheckpointError`` unless ``rec`` is layer ``i``'s record as ``_write_layer``
+    makes it, every entry decodes against the tensors of reader ``r`` (``lr``: the adapter's)
+    and the records name exactly the tensors the files hold."""
+    err = schema.CheckpointError
+    norms = ["input_norm", "post_norm"] + (["q_norm", "k_norm"] if cfg.qk_norm else [])
+    want = [("tensor", norm_key(i, n)) for n in norms]
+    want += [("linear", linear_key(i, p)) for p in PROJECTIONS]
+    if not isinstance(rec, list) or len(rec) != len(want):
+        raise err(f"expected a list of {len(want)} entries")
+    shapes, hf_shapes = cfg.linear_shapes(), expected_tensors(cfg)
+    pdt = jnp.dtype(cfg.param_dtype).name
+    used, lused = [], []
+    for e, (kind, name) in zip(rec, want, strict=True):
+        if not isinstance(e, list) or not e or e[0] != kind:
+            raise err(f"expected a {kind!r} entry for {name}, got {str(e)[:80]}")
+        if kind == "tensor":
+            if e != ["tensor", name]:
+                raise err(f"expected ['tensor', {name!r}], got {str(e)[:80]}")
+            x = r.get(name)
+            if x is None:
+                raise err(f"tensor {name!r} is missing from its layer file")
+            if x.dtype.name != pdt or tuple(x.shape) != tuple(hf_shapes[name]):
+                raise err(f"tensor {name!r}: {x.dtype.name}{list(x.shape)}, expected {pdt}")
+            used.append(name)
+            continue
+        ok = (
+            len(e) == 5
+            and e[1] == name
+            and isinstance(e[2], dict)
+            and all(isinstance(v, list) and all(isinstance(n, str) for n in v) for v in e[3:])
+        )
+        if not ok:
+            raise err(f"expected ['linear', {name!r}, entry, names, adapter names] for {name}")
+        _, prefix, entry, names, lnames = e
+        get, got = _getter(r, names, prefix)
+        get_lora, lgot = _getter(lr, lnames, f"{prefix} (adapter)")
+        proj = prefix.rsplit(".", 1)[1]
+        bias = pdt if has_bias(cfg, proj) else None
+        schema.decode_linear(prefix, entry, get, get_lora, shapes[proj], bias)
+        if got != set(names) or lgot != set(lnames):
+            extra = sorted((set(names) - got) | (set(lnames) - lgot))
+            raise err(f"{prefix}: unexpected tensors {extra[:3]}")
+        used += names
+        lused += lnames
+    for reader, names, what in ((r, used, "layer"), (lr, lused, "adapter")):
+        have = [] if reader is None else reader.names()
+        if sorted(have) != sorted(names) or len(set(names)) != len(names):
+            extra = sorted(set(have) ^ set(names)) or sorted(names)
+            raise err(
+                f"its {what} file holds {len(have)} tensors, the record names "
+                f"{len(names)} ({', '.join(extra[:3])})"
+            )
 
 
 def _write_layer(work: _Work, i: int, layer) -> list:
@@ -184,8 +381,10 @@ def _write_layer(work: _Work, i: int, layer) -> list:
             names = [n for n, _ in enc.tensors]
             record.append(["linear", prefix, enc.entry, names, [n for n, _ in enc.lora]])
         w.close()
+        work.record_file(work.file("layer", i))
         if lora_w is not None:
             lora_w.close()
+            work.record_file(work.file("lora", i))
     except BaseException:
         w.abort()
         if lora_w is not None:
@@ -198,11 +397,16 @@ def _save_hidden(work: _Work, i: int, runner: LayerwiseRunner) -> None:
     write_safetensors(
         work.file("hidden", i), ((f"h.{k}", h) for k, h in enumerate(runner.hidden_states()))
     )
+    work.record_file(work.file("hidden", i))
 
 
 def _load_hidden(work: _Work, i: int) -> list[np.ndarray]:
+    work.verify(work.file("hidden", i))
     with SafetensorsReader([work.file("hidden", i)]) as r:
-        return [r.read_rows(f"h.{k}") for k in range(len(r.names()))]
+        names = r.names()
+        if sorted(names) != sorted(f"h.{k}" for k in range(len(names))):
+            raise work._fail(f"hidden-{i:05d}.safetensors: unexpected tensors {names[:3]}")
+        return [r.read_rows(f"h.{k}") for k in range(len(names))]
 
 
 def quantize_stream(
@@ -250,7 +454,7 @@ def quantize_stream(
     mesh = data_mesh() if mesh is None else mesh
     ndev = data_size(mesh)
     key = run_key(qcfg, fp, calib_ids if need_runner else None, batch_size, ndev)
-    work = _Work(work_dir(out), key)
+    work = _Work(work_dir(out), key, cfg)
     start = work.state["done"]
     timings = dict(work.state["timings"])
     runner = None
@@ -314,8 +518,12 @@ def _assemble(src, work: _Work, head, out, quant, source, max_shard_bytes) -> in
         w.add_blocks(EMBED, pdt, shape, src.row_blocks(EMBED))
         for i, record in enumerate(work.state["layers"]):
             lora_file = work.file("lora", i)
+            has_lora = lora_file.name in work.state["files"]
+            work.verify(work.file("layer", i))  # again: the file may have changed meanwhile
+            if has_lora:
+                work.verify(lora_file)
             with SafetensorsReader([work.file("layer", i)]) as r:
-                lr = SafetensorsReader([lora_file]) if lora_file.is_file() else None
+                lr = SafetensorsReader([lora_file]) if has_lora else None
                 for rec in record:
                     if rec[0] == "tensor":
                         w.add(rec[1], r.read_rows(rec[1]))

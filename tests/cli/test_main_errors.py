@@ -392,3 +392,104 @@ def test_library_checks(files, tmp_path):
     (tmp_path / "y.safetensors").write_bytes(raw.replace(b'"b"', b'"c"', 1))
     with pytest.raises(ValueError, match=r"y.safetensors: corrupt .*overlapping or missing"):
         read_header(tmp_path / "y.safetensors")
+
+
+# ------------------------------------------------------------------ sizes, seeds, special files
+
+
+def test_seed_must_fit_uint32(files, capsys):
+    from arhq_jax.cli.main import SEED_MAX, _seed
+
+    assert SEED_MAX == np.iinfo(np.uint32).max and _seed(str(SEED_MAX)) == SEED_MAX
+    for bad in (str(10**30), "-1", str(2**32)):
+        g = ["generate", "--model", files["hf"], "--prompt", "x"]
+        _fails(capsys, [*g, "--seed", bad], "argument --seed:", "uint32", bad)
+
+
+def test_group_sizes_are_bounded_before_any_work(files, capsys, tmp_path):
+    """A group far larger than any row padded every row to it (device out of memory): refused
+    by the flag's bound, then by the model's largest projection input (128), before quantizing."""
+    out = tmp_path / "q"
+    q = ["quantize", "--model", files["hf"], "--method", "rtn", "--format", "int4", "--out", out]
+    q += ["--calib-seq-len", "64", "--calib-tokens", "128"]
+    _fails(capsys, [*q, "--group-size", "1000000000"], "argument --group-size:", "1048576")
+    _fails(capsys, [*q, "--group-size", "0"], "argument --group-size:")
+    _fails(
+        capsys, [*q, "--group-size", "129"], "--group-size 129", "largest projection input (128)"
+    )
+    _fails(
+        capsys, [*q, "--act-format", "int8", "--act-group-size", "4096"], "--act-group-size 4096"
+    )
+    assert list(tmp_path.iterdir()) == []  # no checkpoint, no work directory
+
+
+def test_eval_batch_size_is_capped_to_the_chunks(files, capsys):
+    """Eval pads the last batch to the batch size: 10**9 rows was a host MemoryError; capped to
+    the number of chunks it gives what a batch of all chunks gives."""
+    ev = ["eval", "--model", str(files["hf"]), "--seq-len", "64", "--max-chunks", "3", "--json"]
+    res = []
+    for bs in ("3", "1000000000"):
+        assert main([*ev, "--batch-size", bs]) == 0
+        res.append(json.loads(capsys.readouterr().out.splitlines()[-1]))
+    assert res[0]["tokens"] == res[1]["tokens"] == 3 * 63
+    assert res[1]["ppl"] == pytest.approx(res[0]["ppl"], rel=1e-6)
+
+
+def test_main_turns_host_memory_and_recursion_errors_into_one_line(capsys, monkeypatch):
+    import arhq_jax.cli.main as cli
+
+    for exc, needle in ((MemoryError(), "out of host memory"), (RecursionError(), "too deeply")):
+
+        def boom(args, exc=exc):
+            raise exc
+
+        monkeypatch.setitem(cli.COMMANDS, "eval", boom)
+        _fails(capsys, ["eval"], needle)
+
+
+@pytest.fixture()
+def special(tmp_path):
+    """A FIFO (reading it would block forever) and /dev/zero (would never end)."""
+    fifo = tmp_path / "fifo.txt"
+    os.mkfifo(fifo)
+    return {"fifo": fifo, "zero": Path("/dev/zero")}
+
+
+@pytest.mark.parametrize("kind", ["fifo", "zero"])
+def test_fifo_or_device_as_text_is_not_a_regular_file(files, capsys, tmp_path, special, kind):
+    """Refused before the model loads (the model named does not exist: its error never comes)."""
+    path, nomodel, out = special[kind], tmp_path / "no-model", tmp_path / "q"
+    needle = "is not a regular file"
+    _fails(capsys, ["eval", "--model", nomodel, "--text", path, *EVAL], path, needle)
+    for ds in ("pydoc", "wikitext2"):
+        argv = ["eval", "--model", nomodel, "--dataset", ds, "--data-file", path, *EVAL]
+        _fails(capsys, argv, path, needle)
+    _fails(capsys, ["quantize", "--model", nomodel, "--calib-text", path, "--out", out], needle)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(("dataset", "name"), [("wikitext2", "deep.json"), ("c4", "deep.jsonl")])
+def test_deeply_nested_json_data_file(capsys, tmp_path, dataset, name):
+    """100,000 nested lists: Python's parser raised RecursionError; a one-line error, before the
+    model (which does not exist) loads."""
+    deep = "[" * 100_000 + "]" * 100_000
+    f = tmp_path / name
+    f.write_text(deep if name.endswith(".json") else '{"text": ' + deep + "}\n")
+    argv = ["eval", "--model", tmp_path / "no-model", "--dataset", dataset, "--data-file", f]
+    _fails(capsys, [*argv, *EVAL], f, "nested too deeply")
+
+
+def test_lm_eval_values_are_checked_before_the_model_loads(capsys, tmp_path):
+    """``--limit`` (a count >= 1 or a fraction in (0, 1)) and the task names come before the
+    model: the model named does not exist, and its error never comes."""
+    pytest.importorskip("lm_eval")
+    le = ["lm-eval", "--model", tmp_path / "no-model"]
+    for bad in ("-1", "0", "nan", "1.5"):
+        _fails(capsys, [*le, "--tasks", "arc_easy", "--limit", bad], "argument --limit:", bad)
+    _fails(capsys, [*le, "--tasks", ","], "no lm-eval task given")
+    _fails(capsys, [*le, "--tasks", "arc_easy", "--batch-size", "100000"], "batch_size must be in")
+    _fails(
+        capsys,
+        [*le, "--tasks", "no_such_task,arc_easy,also_not"],
+        "unknown lm-eval task(s): no_such_task, also_not",
+    )

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import jax
 import numpy as np
@@ -409,7 +410,7 @@ def test_model_args_win_over_lm_eval_flags(monkeypatch):
     assert (lm.batch_size, lm.max_length, lm.prefix_token_id) == (8, 512, 2)
     assert seen == [("m", "q", "xla", False)]
     assert leb.ArhqJaxLM.create_from_arg_obj({}, {"batch_size": "4"}).batch_size == 4
-    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+    with pytest.raises(ValueError, match=r"batch_size must be in \[1, 4096\], got 0"):
         leb.ArhqJaxLM.create_from_arg_string("batch_size=0")
 
 
@@ -437,3 +438,82 @@ def test_cli_lm_eval_without_lm_eval_installed(monkeypatch, capsys):
     )  # as if not importable
     assert main(["lm-eval", "--tasks", TASK]) == 2
     assert "pip install arhq-jax[eval]" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ bad --model_args
+
+
+BAD_MODEL_ARGS = [
+    ("foo", "expected key=value, got 'foo'"),
+    ("model=m,=3", "expected key=value, got '=3'"),
+    ("model=m,model=n", "'model' given twice"),
+    ("model=m,bogus=1", "unknown --model_args key(s) 'bogus'"),
+    ("model=m,pretrained=gpt2", "unknown --model_args key(s) 'pretrained'"),
+    ("model=m,batch_size=abc", "batch_size must be an integer, got 'abc'"),
+    ("model=m,batch_size=2.5", "batch_size must be an integer, got 2.5"),
+    ("model=m,batch_size=0", "batch_size must be in [1, 4096], got 0"),
+    ("model=m,batch_size=1000000000", "batch_size must be in [1, 4096], got 1000000000"),
+    ("model=m,kernel=cuda", "unknown kernel 'cuda'"),
+    ("model=m,max_length=1", "max_length must be >= 2, got 1"),
+    ("model=m,max_gen_toks=-1", "max_gen_toks must be >= 1, got -1"),
+    ("model=m,max_batch_size=x", "max_batch_size must be an integer"),
+    ("model=m,add_bos_token=maybe", "add_bos_token must be true or false"),
+    ("model=m,allow_other_source=2", "allow_other_source must be true or false"),
+    ('{"model": [1]}', "model must be a string, got [1]"),
+    ('{"model": "m"', "not a JSON object"),
+]
+
+
+@pytest.mark.parametrize(("margs", "needle"), BAD_MODEL_ARGS)
+def test_bad_model_args_are_one_line_before_any_load(margs, needle, monkeypatch, capsys):
+    """``python -m arhq_jax.evaluation.lm_eval_backend``: exit 2, one ``arhq-jax lm-eval: error``
+    line naming the argument, before lm-eval runs or a model loads (both would fail loudly)."""
+    import sys
+
+    monkeypatch.setattr(sys, "argv", ["lm_eval_backend"])
+    monkeypatch.setattr(leb, "load_for_eval", lambda *a: pytest.fail("a model was loaded"))
+    with pytest.raises(SystemExit) as e:
+        leb.main(["run", "--model", "arhq-jax", "--model_args", margs, "--tasks", TASK])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [err[-1]] and err[-1].startswith("arhq-jax lm-eval: error: "), err
+    assert needle in err[-1], err
+    # The library's entry points raise the same named ValueError (never a TypeError).
+    if not margs.startswith("{"):
+        with pytest.raises(ValueError, match=re.escape(needle)):
+            leb.ArhqJaxLM.create_from_arg_string(margs)
+
+
+def test_bad_model_args_in_a_real_process():
+    import subprocess
+    import sys
+
+    r = subprocess.run(
+        [sys.executable, "-m", "arhq_jax.evaluation.lm_eval_backend", "run", "--model", "arhq-jax",
+         "--model_args", "model=smollm2,batch_size=abc", "--tasks", TASK],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1, r.stderr[-2000:]
+    assert lines[0] == "arhq-jax lm-eval: error: batch_size must be an integer, got 'abc'"
+
+
+def test_good_model_args_are_typed(monkeypatch):
+    a = leb.check_model_args(leb.parse_model_args("model=m,batch_size=auto:4,max_length=64"))
+    assert (a["batch_size"], a["max_length"], a["max_gen_toks"]) == (8, 64, 256)
+    a = leb.check_model_args({"batch_size": "16", "add_bos_token": "True", "allow_other_source": 1})
+    assert (a["batch_size"], a["add_bos_token"], a["allow_other_source"]) == (16, True, True)
+    # lm-eval's own flags beyond the backend's arguments are dropped, not passed on
+    seen = []
+    monkeypatch.setattr(leb, "load_for_eval", lambda *a: seen.append(a) or pytest.skip("loaded"))
+    with pytest.raises(pytest.skip.Exception):
+        leb.ArhqJaxLM.create_from_arg_obj({"model": "m"}, {"batch_size": 2, "new_flag": 1})
+    assert seen == [("m", None, "xla", False)]
+
+
+def test_evaluate_tasks_refuses_a_bad_limit_and_unknown_tasks():
+    for bad in (-1, 0, float("nan"), "3"):
+        with pytest.raises(ValueError, match="limit must be > 0"):
+            leb.evaluate_tasks(None, [TASK], limit=bad)
+    with pytest.raises(ValueError, match="no lm-eval task given"):
+        leb.check_tasks([])

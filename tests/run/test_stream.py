@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
+import subprocess
+import sys
 
 import _tiny_cli as T
 import jax
@@ -19,6 +22,7 @@ import pytest
 from _tiny import CFG
 
 from arhq_jax.calibration.calibrate import LayerwiseRunner
+from arhq_jax.checkpoint import out_dir
 from arhq_jax.checkpoint import store as checkpoint
 from arhq_jax.cli.main import main
 from arhq_jax.models.params import random_params
@@ -27,6 +31,7 @@ from arhq_jax.run.config import QuantConfig
 from arhq_jax.run.quantize import quantize_model
 from converters import load_model, save_hf_dir
 from converters.lazy import open_source
+from converters.safetensors_io import SafetensorsReader, write_safetensors
 
 UNTIED = CFG.replace(tie_word_embeddings=False, num_layers=3)
 RECIPES = {
@@ -251,3 +256,179 @@ def test_cli_streams_resumes_and_falls_back(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "loaded in memory, not streamed" in err
     checkpoint.load(tmp_path / "budget")
+
+
+# ------------------------------------------------------------------ a resume verifies its files
+
+KILLED = {"data-free": "rtn-w4a16", "calibrated": "rtn-w4a4"}
+
+
+@pytest.fixture(scope="module")
+def killed(sources, ids, tmp_path_factory):
+    """Work directories of runs killed after layer 1 of 3 (2 layers done), data-free and
+    calibrated (these hold the hidden states entering layer 2); tests resume copies of them."""
+    out = {}
+    for name, recipe in KILLED.items():
+        d = tmp_path_factory.mktemp("killed") / "out"
+
+        def kill_after_1(i):
+            if i == 1:
+                raise Killed
+
+        with pytest.raises(Killed):
+            _streamed(
+                sources["untied"], QuantConfig(**RECIPES[recipe]), ids, d, on_layer=kill_after_1
+            )
+        out[name] = stream.work_dir(d)
+    return out
+
+
+def _copy_work(killed, name, tmp_path):
+    """A copy of a killed run's work directory beside ``tmp_path / 'out'``; the output path."""
+    out = tmp_path / "out"
+    shutil.copytree(killed[name], stream.work_dir(out), symlinks=True)
+    return out
+
+
+def _resume(sources, ids, name, out, **kw):
+    return _streamed(sources["untied"], QuantConfig(**RECIPES[KILLED[name]]), ids, out, **kw)
+
+
+def _files(d):
+    return {
+        p.name: "link" if p.is_symlink() else p.read_bytes() if p.is_file() else "dir"
+        for p in d.iterdir()
+    }
+
+
+def _refused(sources, ids, name, out, *needles):
+    """Resuming ``out`` raises ResumeError naming every needle and how to start over; nothing
+    in the work directory changed, no checkpoint appeared."""
+    work = stream.work_dir(out)
+    before = _files(work)
+    with pytest.raises(stream.ResumeError) as e:
+        _resume(sources, ids, name, out)
+    msg = str(e.value)
+    for n in (str(work), "remove the directory to start over", *needles):
+        assert n in msg, msg
+    assert "\n" not in msg
+    assert _files(work) == before and not out.exists()
+    return msg
+
+
+def test_the_copied_killed_run_resumes(sources, ids, killed, tmp_path):
+    """The baseline of the refusals below: the unchanged copy resumes after layer 1."""
+    for name in KILLED:
+        out = _copy_work(killed, name, tmp_path / name)
+        assert _resume(sources, ids, name, out).resumed_from == 2
+        checkpoint.load(out)
+
+
+def test_an_edited_layer_file_is_refused(sources, ids, killed, tmp_path):
+    """layer-00000 rewritten with a norm set to 7.0: same names, shapes, size; only its bytes
+    differ from the sha256 recorded when it was written."""
+    out = _copy_work(killed, "data-free", tmp_path)
+    f = stream.work_dir(out) / "layer-00000.safetensors"
+    with SafetensorsReader([f]) as r:
+        tensors = [(n, r.get(n).copy()) for n in r.names()]
+    norm = "model.layers.0.input_layernorm.weight"
+    tensors = [(n, np.full_like(a, 7.0) if n == norm else a) for n, a in tensors]
+    size = f.stat().st_size
+    write_safetensors(f, tensors)
+    assert f.stat().st_size == size
+    _refused(sources, ids, "data-free", out, "layer-00000.safetensors (layer 0)", "sha256")
+
+
+def test_hidden_states_times_1000_are_refused(sources, ids, killed, tmp_path):
+    out = _copy_work(killed, "calibrated", tmp_path)
+    f = stream.work_dir(out) / "hidden-00002.safetensors"
+    with SafetensorsReader([f]) as r:
+        tensors = [(n, r.get(n) * 1000) for n in r.names()]
+    write_safetensors(f, tensors)
+    _refused(sources, ids, "calibrated", out, "hidden states entering layer 2", "sha256")
+
+
+def test_symlinks_and_foreign_files_are_refused(sources, ids, killed, tmp_path):
+    out = _copy_work(killed, "data-free", tmp_path)
+    work = stream.work_dir(out)
+    # a symlink to an identical copy elsewhere: the bytes would verify, the link does not
+    elsewhere = tmp_path / "elsewhere.safetensors"
+    shutil.copy(work / "layer-00001.safetensors", elsewhere)
+    (work / "layer-00001.safetensors").unlink()
+    (work / "layer-00001.safetensors").symlink_to(elsewhere)
+    _refused(sources, ids, "data-free", out, "layer-00001.safetensors is a symbolic link")
+    (work / "layer-00001.safetensors").unlink()
+    shutil.copy(elsewhere, work / "layer-00001.safetensors")
+    for foreign in ("notes.txt", "layer-1.safetensors", "sub"):
+        p = work / foreign
+        p.mkdir() if foreign == "sub" else p.write_text("mine")
+        _refused(sources, ids, "data-free", out, f"holds {foreign!r}, which arhq-jax did not write")
+        p.rmdir() if foreign == "sub" else p.unlink()
+    assert _resume(sources, ids, "data-free", out).resumed_from == 2  # restored: resumes
+
+
+def _extra_name(st):
+    st["layers"][1][-1][3].append("model.layers.1.mlp.down_proj.extra")
+
+
+def _extra_file_tensor(st):  # a name the file does not hold, in place of one it does
+    st["layers"][0][-1][3][0] = "model.layers.0.mlp.down_proj.other"
+
+
+def _entry_kind(st):
+    st["layers"][0][2][2]["kind"] = "evil-kind"
+
+
+def _entry_extra_key(st):
+    st["layers"][0][2][2]["code"] = "os:system"
+
+
+@pytest.mark.parametrize(
+    ("mutate", "needle"),
+    [
+        (_extra_name, "layer 1's record"),
+        (_extra_file_tensor, "layer 0's record"),
+        (_entry_kind, "layer 0's record"),
+        (_entry_extra_key, "layer 0's record"),
+        (lambda st: st["layers"][0].pop(0), "layer 0's record: expected a list of"),
+        (lambda st: st["layers"].__setitem__(1, {"a": 1}), "layer 1's record"),
+        (lambda st: st["layers"][0].__setitem__(0, ["tensor", "x"]), "layer 0's record"),
+        (lambda st: st.__setitem__("done", "2"), "'done' must be an integer"),
+        (lambda st: st.__setitem__("done", 9), "'done' 9 is not in [0, 3]"),
+        (lambda st: st.__setitem__("done", 3), "'layers' must be a list of 3 records"),
+        (lambda st: st.pop("timings"), "missing keys ['timings']"),
+        (lambda st: st.__setitem__("evil", 1), "unexpected keys ['evil']"),
+        (lambda st: st["timings"].__setitem__("packing_s", "x"), "'timings' must map"),
+        (lambda st: st["files"].pop("layer-00001.safetensors"), "no sha256 recorded for layer 1"),
+        (lambda st: st["files"].__setitem__("../x", "0" * 64), "bad 'files' entry '../x'"),
+        (lambda st: st["files"].__setitem__("layer-00000.safetensors", "0" * 64), "sha256"),
+    ],
+)
+def test_state_records_are_validated(sources, ids, killed, tmp_path, mutate, needle):
+    out = _copy_work(killed, "data-free", tmp_path)
+    f = stream.work_dir(out) / "state.json"
+    st = json.loads(f.read_text())
+    mutate(st)
+    f.write_text(json.dumps(st))
+    _refused(sources, ids, "data-free", out, needle)
+
+
+def test_a_stale_pid_reused_by_another_process_does_not_block(sources, ids, killed, tmp_path):
+    """The writer's pid now belongs to another live process: its start time differs from the
+    recorded one, so the writer is dead and the run resumes; with the recorded start time equal,
+    it is a running writer and the directory is refused."""
+    out = _copy_work(killed, "data-free", tmp_path)
+    f = stream.work_dir(out) / "state.json"
+    st = json.loads(f.read_text())
+    with subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]) as other:
+        try:
+            start = out_dir.process_start(other.pid)
+            if start is None:
+                pytest.skip("no /proc/<pid>/stat on this system")
+            f.write_text(json.dumps({**st, "pid": other.pid, "pid_start": start}))
+            with pytest.raises(ValueError, match=f"in use by a running quantize .pid {other.pid}"):
+                _resume(sources, ids, "data-free", out)
+            f.write_text(json.dumps({**st, "pid": other.pid, "pid_start": start - 1}))
+            assert _resume(sources, ids, "data-free", out).resumed_from == 2
+        finally:
+            other.kill()
