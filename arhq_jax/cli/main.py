@@ -154,8 +154,9 @@ def _add_weights_only(p):
     p.add_argument(
         "--weights-only",
         action="store_true",
-        help="run the --quantized model with activations unquantized (what any consumer of the "
-        "weights gets)",
+        help="run the --quantized model with activations unquantized (W4A16): what weight-only "
+        "serving computes (vLLM's FP4 Marlin on Hopper/Ada); W4A4 serving on Blackwell also "
+        "quantizes the activations",
     )
 
 
@@ -327,7 +328,13 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("convert", help="convert a HF directory or .gguf to a HF dir or orbax dir")
     c.add_argument("src", help="HF model directory, .gguf file, or 'smollm2'")
     c.add_argument("dst", help="output directory (orbax if it ends with .orbax, else HF)")
-    c.add_argument("--dtype", default=None, choices=(None, "float32", "bfloat16"))
+    c.add_argument(
+        "--dtype",
+        default=None,
+        choices=("float32", "bfloat16"),
+        help="parameter dtype of dst (default: the source's; float32 for a .gguf, float16 widened "
+        "to float32)",
+    )
     c.add_argument(
         "--overwrite",
         action="store_true",

@@ -323,8 +323,10 @@ def dequantized(params):
 def weights_only(params):
     """The same model with every quantized linear's activations left unquantized (W4A16 form).
 
-    What any consumer of the stored weights gets: the packed/dequantized weights, low-rank
-    factors, smoothing divisors, permutations and rotations are kept as they are; only the
+    What weight-only serving of the stored weights computes (an NVFP4 W4A16 kernel such as
+    vLLM's FP4 Marlin on Hopper/Ada, which never reads the activation scales; W4A4 serving on
+    Blackwell quantizes the activations as the full model does): the packed/dequantized weights,
+    low-rank factors, smoothing divisors, permutations and rotations are kept as they are; only the
     activation quantizer is switched off (``QuantLinear`` / ``FakeQuantLinear``: ``act_fmt`` and
     the static ``act_scale`` → None; ``SERQLinear``: ``act`` → None; ``ResQLinear``: ``act_low``
     → None, which disables its mixed activation quantizer, ``act_high`` then being unused, as
