@@ -19,8 +19,7 @@ from flax import struct
 from arhq_jax import formats
 from arhq_jax.formats import smooth_input, smooth_reciprocal  # noqa: F401 (public here too)
 from arhq_jax.linear import WeightFeatures, add_bias, lowrank_branch, matmul_nt
-from pallas_kernels import fp4_lowrank_matmul
-from pallas_kernels.fp4_matmul import KERNEL_FORMATS
+from pallas_kernels.fp4_matmul import KERNEL_FORMATS, fp4_lowrank_matmul
 
 KERNELS = ("xla", "pallas")
 

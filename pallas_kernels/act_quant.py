@@ -25,8 +25,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+import pallas_kernels.codecs as codecs
 from arhq_jax.elements import HIGHEST
-from pallas_kernels import codecs
 
 
 def expand_blocks(v: jax.Array, per_block: int) -> jax.Array:

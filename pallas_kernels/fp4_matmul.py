@@ -32,10 +32,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
+import pallas_kernels.codecs as codecs
 from arhq_jax import formats
 from arhq_jax.elements import HIGHEST
 from arhq_jax.formats import smooth_input, smooth_reciprocal
-from pallas_kernels import codecs
 from pallas_kernels.act_quant import act_prepare_call, expand_blocks
 
 KERNEL_FORMATS = ("nvfp4", "mxfp4")  # by FormatSpec.name: both nvfp4 conventions

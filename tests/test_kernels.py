@@ -13,10 +13,15 @@ import ml_dtypes
 import numpy as np
 import pytest
 
+import pallas_kernels.codecs as codecs
 from arhq_jax import formats
 from arhq_jax.qlinear import quant_matmul_ref, smooth_input
-from pallas_kernels import codecs, fp4_lowrank_matmul, quantize_activations
-from pallas_kernels.fp4_matmul import choose_tiles, matmul_impl
+from pallas_kernels.fp4_matmul import (
+    choose_tiles,
+    fp4_lowrank_matmul,
+    matmul_impl,
+    quantize_activations,
+)
 
 ON_GPU = jax.default_backend() == "gpu"
 

@@ -7,9 +7,9 @@ version and the GPU support it, and reports achieved GB/s and TFLOP/s and the ra
 bandwidth and bf16 matmul rate measured in the same run. Results go to
 ``benchmarks/results/<device>.json`` and a PNG plot next to it.
 
-    .venv/bin/python benchmarks/kernels.py                    # GPU: everything
-    .venv/bin/python benchmarks/kernels.py --models llama3-8b --ms 1,16 --formats nvfp4
-    .venv/bin/python benchmarks/kernels.py --quick            # GPU: a few shapes
+    .venv/bin/python benchmarks/fp4_kernels.py                    # GPU: everything
+    .venv/bin/python benchmarks/fp4_kernels.py --models llama3-8b --ms 1,16 --formats nvfp4
+    .venv/bin/python benchmarks/fp4_kernels.py --quick            # GPU: a few shapes
 
 On a machine without a GPU the kernels run in Pallas interpret mode on small shapes, for
 correctness only: the script says so, reports the error against the jnp path and no timings.
@@ -42,7 +42,7 @@ from arhq_jax import formats  # noqa: E402
 from arhq_jax.atomic import atomic_file  # noqa: E402
 from arhq_jax.models.config import ModelConfig  # noqa: E402
 from arhq_jax.qlinear import quant_matmul_ref, smooth_input  # noqa: E402
-from pallas_kernels import choose_tiles, fp4_lowrank_matmul  # noqa: E402
+from pallas_kernels.fp4_matmul import choose_tiles, fp4_lowrank_matmul  # noqa: E402
 
 MODELS = {
     "smollm2-135m": ModelConfig(
