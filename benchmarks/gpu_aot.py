@@ -369,8 +369,15 @@ def pallas_flops(name: str, c: dict, tiles) -> float:
     if "gemm" in name:
         return 2.0 * mp * np_ * kp + 2.0 * mp * rp * np_
     if "act" in name:
-        return 2.0 * mp * kp * rp if c["M"] > fp4_matmul._T_IN_KERNEL_MIN_M else 0.0
+        return 0.0 if _t_in_xla(c) else 2.0 * mp * kp * rp
     return 0.0
+
+
+def _t_in_xla(c: dict) -> bool:
+    """Whether this version of the kernels leaves t = (x/s)·A to XLA at this M (the kernels
+    before issue 20 did at M <= 64)."""
+    limit = getattr(fp4_matmul, "_T_IN_KERNEL_MIN_M", None)
+    return bool(c["rank"]) and limit is not None and c["M"] <= limit
 
 
 def k_trip(name: str, c: dict, tiles) -> int:
@@ -388,7 +395,7 @@ def model_call(res: dict, c: dict, tiles, tgt: dict, launch_us: float, pallas: b
     # small M on the Pallas path (docs/spec/kernels.md §2).
     if not pallas:
         xla_flops = useful_flops(c)
-    elif c["rank"] and c["M"] <= fp4_matmul._T_IN_KERNEL_MIN_M:
+    elif _t_in_xla(c):
         xla_flops = 2.0 * c["M"] * c["K"] * c["rank"]
     else:
         xla_flops = 0.0
@@ -439,7 +446,8 @@ def compulsory_bytes(c: dict) -> float:
     """docs/spec/kernels.md §10 without the intermediates: weights, factors, s, x and y."""
     m, n, k, r = c["M"], c["N"], c["K"], c["rank"]
     xb = 2 if c["dtype"] == "bfloat16" else 4
-    return n * k * BITS[c["fmt"].split("-")[0]] / 8 + r * (k + n) * 2 + k * 4 + m * k * xb + m * n * xb
+    wb = n * k * BITS[c["fmt"].split("-")[0]] / 8
+    return wb + r * (k + n) * 2 + k * 4 + m * k * xb + m * n * xb
 
 
 def useful_flops(c: dict) -> float:
