@@ -587,6 +587,61 @@ def markdown(data: dict) -> str:
     return "\n".join(lines)
 
 
+def group_of(r: dict) -> str:
+    mode = "W4A16" if r["act"] is None else "W4A4"
+    phase = "decode M<=16" if r["M"] <= 16 else f"M={r['M']}"
+    return f"{r['group']} {phase} {mode} {r['fmt']}"
+
+
+def compare(before: dict, after: dict) -> str:
+    """Markdown: per configuration group, medians (min for the roofline fraction) before/after."""
+
+    def stats(rows):
+        out = {}
+        for r in rows:
+            if "error" in r:
+                continue
+            out.setdefault(group_of(r), []).append(r)
+        res = {}
+        for g, rs in out.items():
+            k2 = [v for r in rs for n, v in r["pallas_kernels"].items() if "gemm" in n]
+            ipw = [k["instr_per_weight"] for k in k2 if k.get("instr_per_weight")]
+            regs = [k["registers"] or 0 for r in rs for k in r["pallas_kernels"].values()]
+            res[g] = dict(
+                n=len(rs),
+                ipw=statistics.median(ipw) if ipw else float("nan"),
+                regs=max(regs) if regs else 0,
+                spill=sum(r["spills"] for r in rs),
+                nomma=sum(not r["mma"] for r in rs),
+                launches=statistics.median(r["pallas"]["launches"] for r in rs),
+                mem=min(r["frac_mem_roofline"] for r in rs),
+                mem_med=statistics.median(r["frac_mem_roofline"] for r in rs),
+                peak=statistics.median(r["frac_bf16_peak"] for r in rs),
+                xla=min(r.get("speedup_vs_xla", float("nan")) for r in rs),
+            )
+        return res
+
+    b, a = stats(before["rows"]), stats(after["rows"])
+    lines = [
+        "| group | configs | K2 instr/weight | max regs | spilling | no mma | launches | "
+        "mem roofline min (median) | bf16 peak median | vs XLA min |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for g in sorted(set(b) | set(a)):
+        cells = []
+        for key, fmt in (("n", "{}"), ("ipw", "{:.1f}"), ("regs", "{}"), ("spill", "{}"),
+                         ("nomma", "{}"), ("launches", "{:g}")):  # fmt: skip
+            cells.append(" → ".join(fmt.format(d[g][key]) if g in d else "-" for d in (b, a)))
+        cells.append(" → ".join(f"{d[g]['mem']:.2f} ({d[g]['mem_med']:.2f})" if g in d else "-"
+                                for d in (b, a)))  # fmt: skip
+        cells.append(" → ".join(f"{d[g]['peak']:.2f}" if g in d else "-" for d in (b, a)))
+        cells.append(" → ".join(f"{d[g]['xla']:.2f}" if g in d else "-" for d in (b, a)))
+        lines.append(f"| {g} | " + " | ".join(cells) + " |")
+    lines += ["", f"before: `{json.dumps(before['summary'])}`", "",
+              f"after: `{json.dumps(after['summary'])}`", ""]  # fmt: skip
+    return "\n".join(lines)
+
+
 def write_json(path: str, data: dict) -> None:
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
@@ -601,11 +656,16 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "gpu_aot"))
     p.add_argument("--launch-us", type=float, default=LAUNCH_US)
     p.add_argument("--quick", action="store_true", help="Llama-3-8B q/o only, M = 1 and 2048")
-    p.add_argument("--only", default="", help="substring filter on the configuration id")
+    p.add_argument("--only", default="", help="regular expression on the configuration id")
+    p.add_argument("--compare", nargs=2, metavar=("BEFORE", "AFTER"), help="print a before/after "
+                   "table by configuration group from two result files and exit")  # fmt: skip
     p.add_argument("--no-tests", action="store_true", help="skip the GPU tests' cases")
     p.add_argument("--reuse-xla", default="", help="take the unfused-XLA rows from <this>_<target>"
                    ".json (same launch cost) instead of compiling them again")  # fmt: skip
     args = p.parse_args(argv)
+    if args.compare:
+        print(compare(*[json.load(open(f)) for f in args.compare]))
+        return 0
     if "PTXAS_KEEP_DIR" not in os.environ and not _ptxas_wrapped():
         print("warning: ptxas is not the gpu-aot wrapper (make gpu-aot installs it): no "
               "registers, spills or PTX will be collected", file=sys.stderr)  # fmt: skip
@@ -613,7 +673,7 @@ def main(argv=None) -> int:
         configs = benchmark_configs({"llama3-8b": {"q/o": (4096, 4096)}}, (1, 2048))
     else:
         configs = benchmark_configs() + ([] if args.no_tests else gpu_test_cases())
-    configs = [c for c in configs if args.only in config_id(c)]
+    configs = [c for c in configs if re.search(args.only, config_id(c))]
     # The unfused-XLA and kernel compiles do not depend on the target's bandwidth, but XLA's
     # own fusion heuristics may: each target is compiled in full.
     summaries = {}
