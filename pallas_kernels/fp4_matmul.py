@@ -290,6 +290,8 @@ def fp4_lowrank_matmul(
         cap = 64 if bm >= 64 else 128
         if bk > cap and (w.codes.shape[1] * 2) % cap == 0:
             bk = cap
+    if three_parts and bm >= 64 and bk > 64 and num_stages is None:
+        ns = min(ns, 2)  # an explicit large K tile: fewer pipeline stages fit in smem
     for name, v, lo in (("block_m", bm, 16), ("block_n", bn, 16), ("block_k", bk, 32)):
         if not _is_pow2(v) or v < lo:
             raise ValueError(f"{name} must be a power of two >= {lo}, got {v}")
