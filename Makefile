@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.stamp
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench clean gpu-aot
 
 $(VENV)/bin/python:
 	python3 -m venv $(VENV)
@@ -41,6 +41,26 @@ test: $(STAMP)-test
 
 lint: $(STAMP)-test
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+# Deviceless compile of every kernel configuration for an H100 and an H200 target, and the static
+# roofline model (benchmarks/gpu_aot.py, docs/spec/kernels.md §11). Its own Python 3.12
+# environment with pinned wheels (never the test venv); ptxas is wrapped to report registers and
+# spills and keep the PTX. GPU_TARGET_DIR holds XLA's h100_sxm.txtpb target description.
+AOT_VENV   ?= .venv-aot
+PY312      ?= $(firstword $(wildcard /root/.pyenv/versions/3.12*/bin/python3.12) python3.12)
+NVCC_BIN   := $(AOT_VENV)/lib/python3.12/site-packages/nvidia/cuda_nvcc/bin
+GPU_TARGET_DIR ?= /work/shared/gpu
+
+$(AOT_VENV)/.stamp-aot: benchmarks/gpu_aot_requirements.txt benchmarks/aot/ptxas_wrapper.sh
+	test -x $(AOT_VENV)/bin/python || $(PY312) -m venv $(AOT_VENV)
+	$(AOT_VENV)/bin/python -m pip install -q --no-deps -r benchmarks/gpu_aot_requirements.txt
+	grep -q gpu-aot $(NVCC_BIN)/ptxas || mv $(NVCC_BIN)/ptxas $(NVCC_BIN)/ptxas.real
+	cp benchmarks/aot/ptxas_wrapper.sh $(NVCC_BIN)/ptxas
+	touch $@
+
+gpu-aot: $(AOT_VENV)/.stamp-aot
+	nice $(AOT_VENV)/bin/python benchmarks/gpu_aot.py --targets h100,h200 \
+		--target-dir $(GPU_TARGET_DIR) --out benchmarks/results/gpu_aot
 
 clean:
 	rm -rf $(VENV) build *.egg-info

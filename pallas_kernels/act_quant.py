@@ -1,9 +1,13 @@
 """Kernel 1: prepare the activations (docs/spec/kernels.md §2), reading x from HBM once.
 
-One program per block of ``bm`` rows loops over K in slabs of ``bk`` (a multiple of 32, so 16- and
-32-blocks align). Per slab it forms x_s = f32(x)·fl32(1/s) (see ``qlinear.smooth_input``),
-accumulates the low-rank down-projection
-t += x_s·A in f32 (no atomics: a program owns whole rows), and quantizes x_s to nvfp4/mxfp4.
+Per slab of ``bk`` columns (a multiple of 32, so 16- and 32-blocks align) it forms
+x_s = f32(x)·fl32(1/s) (see ``qlinear.smooth_input``; 1/s by ``codecs.div_rn``), accumulates the
+low-rank down-projection t += x_s·A (bf16 A: x_s as three bf16 parts on the tensor cores, exact
+products; else f32) and writes the activation operand. Two grids:
+  * ``split`` (decode, M <= 64): one program per (row block, slab), parallel over rows and K; t is
+    written as one partial sum per slab ``[Kp/bk, Mp, r]`` (deterministic, no atomics), which
+    kernel 2's epilogue adds;
+  * otherwise one program per block of ``bm`` rows looping over K (a program owns whole rows).
 
 The slab is read as its even and odd elements (two stride-2 loads, docs/spec/kernels.md §3) and the
 activation operand is written as:
@@ -12,9 +16,12 @@ activation operand is written as:
     [even | odd], which is the order in which kernel 2 consumes the low and high nibbles of the
     weights;
   * ``"packed"``: canonical uint8 codes (element 2i in the low nibble) and scale bytes, the
-    Blackwell form, bit-identical to ``formats.quantize``.
+    Blackwell form, bit-identical to ``formats.quantize``;
+  * ``"parts1"`` / ``"parts3"`` (W4A16): x_s as one bf16 array or three whose f32 sum is x_s, in
+    the same [even | odd] order.
 
-All arrays arrive padded (rows to bm, K to bk, r to a power of two >= 16); see ``fp4_matmul``.
+K arrives padded to bk and r to a power of two >= 16; rows need not fill the last block (masked
+edge loads; every row is independent); see ``fp4_matmul``.
 """
 
 from __future__ import annotations
@@ -93,8 +100,7 @@ def _act_kernel(
     a_ref = next(it) if has_a else None
     g_ref = next(it) if _is_nv(act) else None
     t_ref = next(it) if has_a else None
-    if act is not None:
-        outs = (next(it),) if form == "bf16" else (next(it), next(it))
+    outs = () if form == "none" else (next(it), next(it)) if form == "packed" else (next(it),)
     bm = x_ref.shape[0]
     h = bk // 2
     nk = x_ref.shape[1] // bk
@@ -106,15 +112,30 @@ def _act_kernel(
         k0 = kt * bk
         xe = x_ref[:, pl.ds(k0, h, stride=2)].astype(jnp.float32)
         xo = x_ref[:, pl.ds(k0 + 1, h, stride=2)].astype(jnp.float32)
-        if has_s:
-            xe = xe * s_ref[:, pl.ds(k0, h, stride=2)]
-            xo = xo * s_ref[:, pl.ds(k0 + 1, h, stride=2)]
-        if has_a:
+        if has_s:  # x·fl32(1/s), as qlinear.smooth_input (div_rn: correctly rounded)
+            xe = xe * codecs.div_rn(1.0, s_ref[:, pl.ds(k0, h, stride=2)], interpret=interpret)
+            xo = xo * codecs.div_rn(1.0, s_ref[:, pl.ds(k0 + 1, h, stride=2)], interpret=interpret)
+        if has_a and a_ref.dtype == jnp.bfloat16:
+            # bf16 tensor cores: x_s as three bf16 parts (exact sum) times bf16 A (exact).
+            ae = a_ref[pl.ds(k0, h, stride=2), :]
+            ao = a_ref[pl.ds(k0 + 1, h, stride=2), :]
+            for pe, po in zip(codecs.bf16_parts(xe, 3), codecs.bf16_parts(xo, 3), strict=True):
+                t = t + jnp.dot(pe, ae, preferred_element_type=jnp.float32)
+                t = t + jnp.dot(po, ao, preferred_element_type=jnp.float32)
+        elif has_a:
             ae = a_ref[pl.ds(k0, h, stride=2), :].astype(jnp.float32)
             ao = a_ref[pl.ds(k0 + 1, h, stride=2), :].astype(jnp.float32)
             t = t + jnp.dot(xe, ae, precision=HIGHEST, preferred_element_type=jnp.float32)
             t = t + jnp.dot(xo, ao, precision=HIGHEST, preferred_element_type=jnp.float32)
-        if act is not None:
+        if form.startswith("parts"):  # W4A16: x_s as bf16 parts, [even | odd] per slab
+            (xp_ref,) = outs
+            n = xp_ref.shape[0]
+            for p, (pe, po) in enumerate(
+                zip(codecs.bf16_parts(xe, n), codecs.bf16_parts(xo, n), strict=True)
+            ):
+                xp_ref[p, :, pl.ds(k0, h)] = pe
+                xp_ref[p, :, pl.ds(k0 + h, h)] = po
+        elif act is not None:
             ce, co, s, byte = _quant_halves(xe, xo, g, act, interpret)
             if form == "bf16":
                 (xa_ref,) = outs
@@ -130,7 +151,7 @@ def _act_kernel(
     r = a_ref.shape[1] if has_a else 1
     t = jax.lax.fori_loop(0, nk, body, jnp.zeros((bm, r), jnp.float32))
     if has_a:
-        t_ref[...] = t
+        t_ref[0] = t
 
 
 def _is_nv(act: str | None) -> bool:
@@ -147,55 +168,76 @@ def act_prepare_call(
     form: str,
     bm: int,
     bk: int,
+    split: bool,
     interpret: bool,
+    rows: int | None = None,
     compiler_params=None,
 ):
     """Run kernel 1 on padded operands.
 
     Args:
-      x: ``[Mp, Kp]`` f32/bf16, Mp % bm == 0, Kp % bk == 0.
-      s: ``[1, Kp]`` f32 reciprocal 1/s of the smoothing divisor (padding 1.0) or None.
+      x: ``[M, Kp]`` f32/bf16, Kp % bk == 0. Rows need not fill the last block of bm: its loads
+        are masked and its extra rows are garbage in the outputs (every row is independent).
+      s: ``[1, Kp]`` f32 smoothing divisor s (padding 1.0) or None; the kernel multiplies by
+        fl32(1/s) like ``formats.smooth_input``.
       a: ``[Kp, rp]`` down-projection (padding rows/columns 0) or None (rank 0).
       g: ``[1, 1]`` f32 nvfp4 activation tensor scale, in the convention of ``act`` (gs for
         "nvfp4", g for "nvfp4-modelopt"); required for both.
-      act: "nvfp4", "nvfp4-modelopt", "mxfp4" or None (then only t is computed).
-      form: "bf16" or "packed".
+      act: "nvfp4", "nvfp4-modelopt", "mxfp4" or None (W4A16).
+      form: "bf16" or "packed" (W4A4 activation operand), "parts1" / "parts3" (W4A16: x/s as one
+        bf16 array, or three whose f32 sum is exact) or "none" (t only).
+      split: one program per (row block, slab of bk columns) — parallel over rows and K, for
+        decode — with t written as one partial sum per slab; else one program per row block
+        looping over K.
     Returns:
-      dict with ``t`` ``[Mp, rp]`` f32 (when a is given) and either ``xa`` ``[Mp, Kp]`` bf16 in
-      per-slab [even | odd] order, or ``codes`` uint8 ``[Mp, Kp/2]`` and ``scale_bytes`` uint8
-      ``[Mp, Kp/B]`` (when act is given).
+      dict (Mp = ``rows``, default M rounded up to bm) with ``t`` ``[nt, Mp, rp]`` f32 (nt
+      partial sums over K: Kp/bk when split, else 1; when a is given) and the activation
+      operand: ``xa`` ``[Mp, Kp]`` bf16 in per-slab [even | odd] order, ``codes`` uint8
+      ``[Mp, Kp/2]`` and ``scale_bytes`` uint8 ``[Mp, Kp/B]``, or ``xp`` ``[P, Mp, Kp]`` bf16 in
+      per-slab [even | odd] order.
     """
-    mp, kp = x.shape
+    kp = x.shape[1]
+    mp = rows or -(-x.shape[0] // bm) * bm  # the outputs' rows: whole blocks
     if _is_nv(act) and g is None:
         raise ValueError("nvfp4 activations need the tensor scale g")
-    in_specs = [pl.BlockSpec((bm, kp), lambda i: (i, 0))]
-    args = [x]
+    nks = kp // bk if split else 1
+    grid = (mp // bm, nks)
+
+    def cols(width):  # this program's block of a [rows, width] array (a slab when split)
+        w = width // nks
+        return pl.BlockSpec((bm, w), lambda i, j: (i, j))
+
+    in_specs, args = [cols(kp)], [x]
     if s is not None:
-        in_specs.append(pl.BlockSpec((1, kp), lambda i: (0, 0)))
+        in_specs.append(pl.BlockSpec((1, kp // nks), lambda i, j: (0, j)))
         args.append(s)
     if a is not None:
-        in_specs.append(pl.BlockSpec(a.shape, lambda i: (0, 0)))
+        in_specs.append(pl.BlockSpec((kp // nks, a.shape[1]), lambda i, j: (j, 0)))
         args.append(a)
     if _is_nv(act):
-        in_specs.append(pl.BlockSpec((1, 1), lambda i: (0, 0)))
+        in_specs.append(pl.BlockSpec((1, 1), lambda i, j: (0, 0)))
         args.append(g)
     names, out_shape, out_specs = [], [], []
     if a is not None:
         names.append("t")
-        out_shape.append(jax.ShapeDtypeStruct((mp, a.shape[1]), jnp.float32))
-        out_specs.append(pl.BlockSpec((bm, a.shape[1]), lambda i: (i, 0)))
-    if act is not None:
-        if form == "bf16":
-            names.append("xa")
-            out_shape.append(jax.ShapeDtypeStruct((mp, kp), jnp.bfloat16))
-            out_specs.append(pl.BlockSpec((bm, kp), lambda i: (i, 0)))
-        else:
-            blk = 16 if _is_nv(act) else 32
-            names += ["codes", "scale_bytes"]
-            out_shape.append(jax.ShapeDtypeStruct((mp, kp // 2), jnp.uint8))
-            out_specs.append(pl.BlockSpec((bm, kp // 2), lambda i: (i, 0)))
-            out_shape.append(jax.ShapeDtypeStruct((mp, kp // blk), jnp.uint8))
-            out_specs.append(pl.BlockSpec((bm, kp // blk), lambda i: (i, 0)))
+        out_shape.append(jax.ShapeDtypeStruct((nks, mp, a.shape[1]), jnp.float32))
+        out_specs.append(pl.BlockSpec((1, bm, a.shape[1]), lambda i, j: (j, i, 0)))
+    if form == "bf16":
+        names.append("xa")
+        out_shape.append(jax.ShapeDtypeStruct((mp, kp), jnp.bfloat16))
+        out_specs.append(cols(kp))
+    elif form == "packed":
+        blk = 16 if _is_nv(act) else 32
+        names += ["codes", "scale_bytes"]
+        out_shape.append(jax.ShapeDtypeStruct((mp, kp // 2), jnp.uint8))
+        out_specs.append(cols(kp // 2))
+        out_shape.append(jax.ShapeDtypeStruct((mp, kp // blk), jnp.uint8))
+        out_specs.append(cols(kp // blk))
+    elif form.startswith("parts"):
+        n = int(form[5:])
+        names.append("xp")
+        out_shape.append(jax.ShapeDtypeStruct((n, mp, kp), jnp.bfloat16))
+        out_specs.append(pl.BlockSpec((n, bm, kp // nks), lambda i, j: (0, i, j)))
     if not names:
         return {}
     kernel = functools.partial(
@@ -210,7 +252,7 @@ def act_prepare_call(
     outs = pl.pallas_call(
         kernel,
         out_shape=tuple(out_shape),
-        grid=(mp // bm,),
+        grid=grid,
         in_specs=in_specs,
         out_specs=tuple(out_specs),
         interpret=interpret,

@@ -97,6 +97,41 @@ def e2m1_code(v: jax.Array, sign_of: jax.Array | None = None) -> jax.Array:
     return m | jnp.where(_bits(v) < 0, 8, 0)
 
 
+F16_FOLD = 2.0**14  # e2m1_pair_f16 yields E2M1 × 2^-14: fold 2^14 into the block scale
+
+
+def e2m1_pair_f16(byte: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Packed byte (uint16, value in [0, 255]) -> its low and high E2M1 nibbles as float16 values
+    E2M1 × 2^-14, with 3 integer ops per nibble (shift, shift, and-or) and no float arithmetic.
+
+    The nibble's bits s e1 e0 m are moved into the fp16 pattern s 000 e1e0 m 000000000: the fp16
+    exponent field is e (bias 15) and the top mantissa bit m, so the value is 2^(e-15)·(1 + m/2)
+    for e >= 1 and the subnormal 0.5·2^-14 for code 1, i.e. exactly E2M1 × 2^-14 (the Marlin
+    decode, with fp16 in place of bf16: the fp16 subnormal of code 1 is a normal f32/bf16 after the
+    conversion, while a bf16 subnormal would be flushed by XLA:CPU and by the tensor cores). The
+    caller multiplies by the block scale × ``F16_FOLD`` in f32 (exact: at most 6 significant bits).
+    """
+    b = byte.astype(jnp.uint16)
+    sign, mag = jnp.uint16(0x8000), jnp.uint16(0x0E00)
+    lo = ((b << 12) & sign) | ((b << 9) & mag)
+    hi = ((b << 8) & sign) | ((b << 5) & mag)
+    return (
+        jax.lax.bitcast_convert_type(lo, jnp.float16),
+        jax.lax.bitcast_convert_type(hi, jnp.float16),
+    )
+
+
+def bf16_parts(xs: jax.Array, n: int) -> list[jax.Array]:
+    """f32 ``xs`` -> ``n`` bf16 arrays whose f32 sum is xs (exactly for n = 3: 3 × 8 significant
+    bits cover f32's 24; each remainder xs - Σ parts is exact in f32)."""
+    out, rest = [], xs
+    for _ in range(n):
+        p = rest.astype(jnp.bfloat16)
+        out.append(p)
+        rest = rest - p.astype(jnp.float32)
+    return out
+
+
 def e4m3_value(byte: jax.Array) -> jax.Array:
     """Non-negative E4M3 scale byte (int32) -> f32 (docs/spec/formats.md §2). Scales carry no sign
     or NaN.

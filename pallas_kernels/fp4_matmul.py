@@ -5,18 +5,21 @@
 
 Kernel 2 has grid (Mp/bm, Np/bn) and a K loop inside the program (Triton: no scratch memory, the
 accumulator is the ``fori_loop`` carry). Per K tile it loads the packed weight tile ``[bn, bk/2]``
-and its scale bytes, decodes the low and high nibbles separately into bf16 (exact: E2M1 × E4M3 or
-× 2^e has at most 6 significant bits) and runs two dots, x_even·w_loᵀ + x_odd·w_hiᵀ
-(docs/spec/kernels.md
-§3, no interleave). The epilogue multiplies by the tensor parts of the nvfp4 decodes
+and its scale bytes and decodes each byte's two nibbles with 3 integer ops per nibble into fp16
+bit patterns E2M1 × 2^-14 (``codecs.e2m1_pair_f16``, the Marlin decode), multiplies by the block
+scale × 2^14 in f32 and rounds to bf16 (exact: at most 6 significant bits), then runs two bf16
+tensor-core dots per activation part, x_even·w_loᵀ + x_odd·w_hiᵀ (docs/spec/kernels.md §3, no
+interleave). The epilogue multiplies by the tensor parts of the nvfp4 decodes
 (fl(1/gs_x)·fl(1/gs_w), or g_x·g_w for nvfp4-modelopt; applied to the f32 accumulator because they
-are not exact in bf16), adds t·Bᵀ and the bias while the tile is in registers, and stores the
-output once.
+are not exact in bf16), adds t·Bᵀ (t summed over kernel 1's K-slab partials) and the bias while the
+tile is in registers, and stores the output once.
 
-Modes: W4A4 (activations from kernel 1, bf16 values in [even | odd] slab order) and W4A16
-(activations read directly with stride-2 loads and multiplied by fl32(1/s) in the kernel; f32
-operands at HIGHEST precision unless x is bf16 without smoothing, or ``a16_bf16=True`` requests the
-fast mode that rounds x/s to bf16 like ``qlinear.quant_matmul_ref(..., a16_bf16=True)``).
+Both modes take their activation operand from kernel 1 in per-slab [even | odd] order, as bf16:
+W4A4 the quantized values (code × block scale), W4A16 x/s as three bf16 parts whose f32 sum is x/s
+exactly (three tensor-core dots per parity instead of an f32 FMA dot), or as one part when x is
+bf16 without smoothing (exact) or ``a16_bf16=True`` (the fast mode that rounds x/s to bf16 like
+``qlinear.quant_matmul_ref(..., a16_bf16=True)``). A call is kernel 1 + kernel 2 (plus XLA's
+reduction for a dynamic nvfp4 activation scale, and a pad when K or N is not a tile multiple).
 
 Backends: ``interpret=True`` anywhere (CPU tests); on GPU the generic ``pallas_call`` is lowered
 by Triton (selected by ``compiler_params=pltriton.CompilerParams``, jax 0.9.1+;
@@ -35,28 +38,25 @@ from jax.experimental import pallas as pl
 import pallas_kernels.codecs as codecs
 from arhq_jax.numerics import formats
 from arhq_jax.numerics.elements import HIGHEST
-from arhq_jax.numerics.formats import smooth_input, smooth_reciprocal
+from arhq_jax.numerics.formats import smooth_input
 from pallas_kernels.act_quant import act_prepare_call, expand_blocks
 
 KERNEL_FORMATS = ("nvfp4", "mxfp4")  # by FormatSpec.name: both nvfp4 conventions
 _NV_LABELS = ("nvfp4", "nvfp4-modelopt")
-_T_IN_KERNEL_MIN_M = 64  # t = (x/s)·A runs in kernel 1 above this M, in XLA at or below it
+_K1_BM = 16  # kernel 1's row block: its work is per row, so small blocks give many programs
+_K1_SPLIT_MAX_BLOCKS = 64  # with fewer row blocks than this, kernel 1 is parallel over K too
 
 
 def _gemm_kernel(
     *refs,
-    mode: str,
-    has_s: bool,
     has_g: bool,
     has_lr: bool,
     has_bias: bool,
     w_fmt: str,
     bk: int,
-    op_dtype,
 ):
     it = iter(refs)
     x_ref = next(it)
-    s_ref = next(it) if has_s else None
     c_ref = next(it)
     sc_ref = next(it)
     g_ref = next(it) if has_g else None
@@ -66,6 +66,7 @@ def _gemm_kernel(
     o_ref = next(it)
 
     bm, bn = o_ref.shape
+    parts = x_ref.shape[0]
     h = bk // 2
     hb = 8 if w_fmt == "nvfp4" else 16  # bytes per scale block
     nb = h // hb
@@ -73,40 +74,34 @@ def _gemm_kernel(
     dims = (((1,), (1,)), ((), ()))
 
     def body(kt, acc):
-        c = c_ref[:, pl.ds(kt * h, h)].astype(jnp.int32)
+        # Weights: 3 integer ops per nibble to fp16 (codecs.e2m1_pair_f16), then one f32 multiply
+        # by the block scale × 2^14 and the bf16 rounding (exact): bf16 tensor-core operands.
+        lo, hi = codecs.e2m1_pair_f16(c_ref[:, pl.ds(kt * h, h)])
         sb = sc_ref[:, pl.ds(kt * nb, nb)].astype(jnp.int32)
         if w_fmt == "nvfp4":
-            sw = codecs.e4m3_value(sb)
-        else:
-            sw = codecs.e8m0_value(sb)
+            sw = codecs.e4m3_value(sb) * codecs.F16_FOLD
+        else:  # 2^(b - 127) · 2^14, built as f32 bits (b = 0 gives 2^-113, still normal)
+            sw = jax.lax.bitcast_convert_type((sb + 14) << 23, jnp.float32)
         sw = expand_blocks(sw, hb)
-        w_lo = (codecs.e2m1_value(c & 0xF) * sw).astype(op_dtype)
-        w_hi = (codecs.e2m1_value(c >> 4) * sw).astype(op_dtype)
+        w_lo = (lo.astype(jnp.float32) * sw).astype(jnp.bfloat16)
+        w_hi = (hi.astype(jnp.float32) * sw).astype(jnp.bfloat16)
         k0 = kt * bk
-        if mode == "w4a4":
-            xe = x_ref[:, pl.ds(k0, h)]
-            xo = x_ref[:, pl.ds(k0 + h, h)]
-        else:
-            xe = x_ref[:, pl.ds(k0, h, stride=2)].astype(jnp.float32)
-            xo = x_ref[:, pl.ds(k0 + 1, h, stride=2)].astype(jnp.float32)
-            if has_s:
-                xe = xe * s_ref[:, pl.ds(k0, h, stride=2)]
-                xo = xo * s_ref[:, pl.ds(k0 + 1, h, stride=2)]
-        xe = xe.astype(op_dtype)
-        xo = xo.astype(op_dtype)
-        acc = acc + jax.lax.dot_general(
-            xe, w_lo, dims, precision=HIGHEST, preferred_element_type=jnp.float32
-        )
-        return acc + jax.lax.dot_general(
-            xo, w_hi, dims, precision=HIGHEST, preferred_element_type=jnp.float32
-        )
+        for p in range(parts):  # W4A16 f32 x/s: three bf16 parts whose sum is exact
+            xe = x_ref[p, :, pl.ds(k0, h)]
+            xo = x_ref[p, :, pl.ds(k0 + h, h)]
+            acc = acc + jax.lax.dot_general(xe, w_lo, dims, preferred_element_type=jnp.float32)
+            acc = acc + jax.lax.dot_general(xo, w_hi, dims, preferred_element_type=jnp.float32)
+        return acc
 
     acc = jax.lax.fori_loop(0, nk, body, jnp.zeros((bm, bn), jnp.float32))
     if has_g:
         acc = acc * g_ref[...]
     if has_lr:
+        t = t_ref[0]
+        for i in range(1, t_ref.shape[0]):  # the partial sums of a K-parallel kernel 1
+            t = t + t_ref[i]
         acc = acc + jax.lax.dot_general(
-            t_ref[...],
+            t,
             b_ref[...].astype(jnp.float32),
             dims,
             precision=HIGHEST,
@@ -151,9 +146,11 @@ def choose_tiles(m: int, n: int, k_pad: int, block_m=None, block_n=None, block_k
     if block_k:
         bk = block_k
     else:
-        order = (256, 128, 64) if m <= 64 else (128, 256, 64)
+        order = (128, 256, 64)  # decode: 128 keeps kernel 1 (quantizer + x·A) out of spills
         bk = next((c for c in order if k_pad % c == 0), 128 if k_pad >= 128 else 64)
-    num_warps = 8 if bm * bn >= 128 * 128 else 4
+    # Decode tiles (bm = 16, bn <= 32) use one warp: with more, every warp decodes the same
+    # weight tile (Triton splits the bm x bn MMA among the warps and replicates the B operand).
+    num_warps = 8 if bm * bn >= 128 * 128 else 1 if bm * bn <= 16 * 32 else 4
     return bm, bn, bk, num_warps, 3
 
 
@@ -286,6 +283,15 @@ def fp4_lowrank_matmul(
     if m == 0:
         return jnp.zeros((*x.shape[:-1], n), x.dtype)
     bm, bn, bk, nw, ns = choose_tiles(m, n, w.codes.shape[1] * 2, block_m, block_n, block_k)
+    three_parts = act is None and not a16_bf16 and not (x.dtype == jnp.bfloat16 and smooth is None)
+    if three_parts and block_k is None:
+        # W4A16 f32 x/s is three bf16 operand tiles: smaller K tiles keep the pipelined tiles in
+        # shared memory (prefill) and the decode warp's operands in registers.
+        cap = 64 if bm >= 64 else 128
+        if bk > cap and (w.codes.shape[1] * 2) % cap == 0:
+            bk = cap
+    if three_parts and bm >= 64 and bk > 64 and num_stages is None:
+        ns = min(ns, 2)  # an explicit large K tile: fewer pipeline stages fit in smem
     for name, v, lo in (("block_m", bm, 16), ("block_n", bn, 16), ("block_k", bk, 32)):
         if not _is_pow2(v) or v < lo:
             raise ValueError(f"{name} must be a power of two >= {lo}, got {v}")
@@ -325,7 +331,9 @@ def matmul_impl(
     # padded codes, scale bytes, factor rows and activations are zero, so they add exact zeros.
     mp, np_, kp = _round_up(m, bm), _round_up(n, bn), _round_up(k, bk)
     rp = max(16, 1 << (r - 1).bit_length()) if r else 0
-    inv_s = None if smooth is None else _pad2(smooth_reciprocal(smooth).reshape(1, k), 1, kp, 1.0)
+    # Kernel 1 takes the divisor s and forms fl32(1/s) itself (div.rn: the same bits as
+    # ``smooth_reciprocal``), so no XLA kernel runs before it.
+    s_div = None if smooth is None else _pad2(smooth.astype(jnp.float32).reshape(1, k), 1, kp, 1.0)
     a2 = None if r == 0 else _pad2(a, kp, rp)
     codes = _pad2(w.codes, np_, kp // 2)
     sbytes = _pad2(jax.lax.bitcast_convert_type(w.scales, jnp.uint8), np_, kp // blk)
@@ -340,38 +348,40 @@ def matmul_impl(
         g_w = formats.nvfp4_decode_scale(jnp.asarray(w.tensor_scale).reshape(()), w.spec)
         g = g_w if g is None else g * g_w
 
-    xp = _pad2(x2, mp, kp)
-    # For small M (decode) a single kernel-1 program would stream all of A [K, r] alone, so XLA's
-    # parallel GEMV computes t instead (the spec allows it); from M > 64 kernel 1 fuses it.
-    t_xla = r > 0 and m <= _T_IN_KERNEL_MIN_M
+    # Rows are independent (every output row depends only on its x row), so x and y are not
+    # padded to bm rows: the edge blocks' loads and stores are masked (Triton) / padded and
+    # sliced (interpret mode). Only a K or N that is not a tile multiple is padded in memory.
+    xp = x2 if kp == k else _pad2(x2, m, kp)
+    # Kernel 1 reads x once: t = (x/s)·A and the activation operand (W4A4: quantized values;
+    # W4A16: x/s as bf16 parts — three whose sum is exact, or one when x is bf16 without
+    # smoothing (exact) or in the a16_bf16 fast mode (rounded)). At decode it runs one program
+    # per (16-row block, K slab) and t comes as Kp/bk partial sums, added in kernel 2's epilogue;
+    # with many row blocks (prefill) one program per 16 rows loops over K.
+    if act is not None:
+        form = "bf16"
+    else:
+        exact_bf16 = x.dtype == jnp.bfloat16 and smooth is None
+        form = "parts1" if (exact_bf16 or a16_bf16) else "parts3"
     prep = act_prepare_call(
         xp,
-        inv_s,
-        None if t_xla else a2,
+        s_div,
+        a2,
         None if g_x is None else g_x.reshape(1, 1),
         act=act,
-        form="bf16",
-        bm=bm,
+        form=form,
+        bm=_K1_BM,
         bk=bk,
+        split=mp // _K1_BM < _K1_SPLIT_MAX_BLOCKS,
         interpret=interpret,
-        compiler_params=cparams,
+        rows=mp,
+        # Kernel 1 holds x slabs, A slabs and three bf16 parts: 8 warps keep it out of spills.
+        compiler_params=_compiler_params(interpret, 8, warps[1]),
     )
-    if t_xla:
-        xs = xp.astype(jnp.float32) if inv_s is None else xp.astype(jnp.float32) * inv_s
-        prep["t"] = jnp.dot(xs, a2.astype(jnp.float32), precision=HIGHEST)
-    if act is not None:
-        mode, xin, op_dtype, s_in = "w4a4", prep["xa"], jnp.bfloat16, None
-    else:
-        # bf16 x without smoothing is exact in bf16, so the fast MMA loses nothing.
-        exact_bf16 = x.dtype == jnp.bfloat16 and smooth is None
-        op_dtype = jnp.bfloat16 if (exact_bf16 or a16_bf16) else jnp.float32
-        mode, xin, s_in = "w4a16", xp, inv_s
+    xin = prep["xa"][None] if act is not None else prep["xp"]
 
+    nparts = xin.shape[0]
     args = [xin]
-    in_specs = [pl.BlockSpec((bm, kp), lambda i, j: (i, 0))]
-    if s_in is not None:
-        args.append(s_in)
-        in_specs.append(pl.BlockSpec((1, kp), lambda i, j: (0, 0)))
+    in_specs = [pl.BlockSpec((nparts, bm, kp), lambda i, j: (0, i, 0))]
     args += [codes, sbytes]
     in_specs += [
         pl.BlockSpec((bn, kp // 2), lambda i, j: (j, 0)),
@@ -381,9 +391,10 @@ def matmul_impl(
         args.append(g.reshape(1, 1))
         in_specs.append(pl.BlockSpec((1, 1), lambda i, j: (0, 0)))
     if r:
+        nt = prep["t"].shape[0]
         args += [prep["t"], _pad2(b, np_, rp)]
         in_specs += [
-            pl.BlockSpec((bm, rp), lambda i, j: (i, 0)),
+            pl.BlockSpec((nt, bm, rp), lambda i, j: (0, i, 0)),
             pl.BlockSpec((bn, rp), lambda i, j: (j, 0)),
         ]
     if bias is not None:
@@ -391,18 +402,15 @@ def matmul_impl(
         in_specs.append(pl.BlockSpec((1, bn), lambda i, j: (0, j)))
     kernel = functools.partial(
         _gemm_kernel,
-        mode=mode,
-        has_s=s_in is not None,
         has_g=g is not None,
         has_lr=r > 0,
         has_bias=bias is not None,
         w_fmt=wfmt,
         bk=bk,
-        op_dtype=op_dtype,
     )
     y = pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct((mp, np_), x.dtype),
+        out_shape=jax.ShapeDtypeStruct((m, np_), x.dtype),
         grid=(mp // bm, np_ // bn),
         in_specs=in_specs,
         out_specs=pl.BlockSpec((bm, bn), lambda i, j: (i, j)),
@@ -410,8 +418,8 @@ def matmul_impl(
         compiler_params=cparams,
         name="arhq_fp4_lowrank_gemm",
     )(*args)
-    if (mp, np_) != (m, n):
-        y = y[:m, :n]
+    if np_ != n:
+        y = y[:, :n]
     return y.reshape(*lead, n)
 
 
@@ -463,20 +471,23 @@ def _quantize_impl(x, smooth, tensor_scale, *, spec, tiles, warps, interpret):
     bm, bk = tiles
     m, k = x.shape
     mp, kp = _round_up(m, bm), _round_up(k, bk)
-    inv_s = None if smooth is None else _pad2(smooth_reciprocal(smooth).reshape(1, k), 1, kp, 1.0)
+    # Kernel 1 takes the divisor s and forms fl32(1/s) itself (div.rn: the same bits as
+    # ``smooth_reciprocal``), so no XLA kernel runs before it.
+    s_div = None if smooth is None else _pad2(smooth.astype(jnp.float32).reshape(1, k), 1, kp, 1.0)
     nv = spec.name == "nvfp4"
     g = _act_tensor_scale(x, smooth, tensor_scale, spec.label) if nv else None
     out = act_prepare_call(
         _pad2(x, mp, kp),
-        inv_s,
+        s_div,
         None,
         None if g is None else g.reshape(1, 1),
         act=spec.label,
         form="packed",
         bm=bm,
         bk=bk,
+        split=True,
         interpret=interpret,
-        compiler_params=_compiler_params(interpret, *warps),
+        compiler_params=_compiler_params(interpret, max(4, warps[0]), warps[1]),
     )
     k_pad = _round_up(k, spec.block)
     codes = out["codes"][:m, : k_pad // 2]
