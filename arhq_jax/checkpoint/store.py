@@ -330,10 +330,9 @@ def load(
     hf = read_meta(path)
     meta = hf["arhq_jax"]
     cfg_file = path / CONFIG_FILE
+    view = _hf_view(hf, cfg_file)
     try:
-        cfg = config_from_hf(
-            _hf_view(hf, cfg_file), param_dtype=meta["param_dtype"], dtype=meta["dtype"]
-        )
+        cfg = config_from_hf(view, param_dtype=meta["param_dtype"], dtype=meta["dtype"])
         check_config_values(cfg, cfg_file)
     except (ValueError, TypeError, KeyError) as e:
         raise CheckpointError(f"{cfg_file}: {e}") from None
