@@ -39,7 +39,7 @@ def loads_json(text, where: str, max_depth: int = MAX_DEPTH):
     except RecursionError:
         raise JSONFileError(f"{where}: JSON nested too deeply") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise JSONFileError(f"{where}: not valid JSON: {e}") from None
+        raise JSONFileError(f"{where}: invalid JSON: {e}") from None
     if not _depth_ok(obj, max_depth):
         raise JSONFileError(f"{where}: JSON nested deeper than {max_depth} levels")
     return obj

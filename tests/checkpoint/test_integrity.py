@@ -194,7 +194,7 @@ def test_a_non_json_or_missing_adapter_config_is_a_named_error(ck, tmp_path):
     d = _copy(ck, tmp_path / "ck")
     (d / "lora" / "adapter_config.json").write_text("{r: 4")
     _reseal(d)
-    _refused(d, "adapter_config.json: not valid JSON")
+    _refused(d, "adapter_config.json: invalid JSON")
 
 
 # ----------------------------------------------------------------------------- adapter config
@@ -423,6 +423,6 @@ def test_json_helpers_name_what_they_refuse():
     with pytest.raises(JSONFileError, match="deeper than 3"):
         loads_json("[[[[1]]]]", "x", max_depth=3)
     assert loads_json("[[[1]]]", "x", max_depth=3) == [[[1]]]
-    with pytest.raises(JSONFileError, match="not valid JSON"):
+    with pytest.raises(JSONFileError, match="invalid JSON"):
         loads_json(b"\xff{", "x")
     assert math.isnan(loads_json("NaN", "x"))  # (the loaders' range checks refuse it)
