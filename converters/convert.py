@@ -6,10 +6,9 @@ The output is written to a temporary directory beside ``dst`` and renamed into p
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from converters.hf import check_replaceable, save_hf_dir
+from converters.hf import check_replaceable, read_hf_config, save_hf_dir
 from converters.orbax_io import read_orbax_metadata, save_orbax
 from converters.registry import load_model, source_kind
 
@@ -33,7 +32,7 @@ def stored_param_dtype(src: str | Path) -> str:
         return "float32"
     if kind == "orbax":
         return read_orbax_metadata(path)["config"]["param_dtype"]
-    d = json.loads((path / "config.json").read_text())
+    d = read_hf_config(path)
     stored = d.get("dtype") or d.get("torch_dtype") or "float32"
     # f16 checkpoints are widened to f32 (exact); the models run in f32 or bf16 only.
     return "bfloat16" if stored == "bfloat16" else "float32"

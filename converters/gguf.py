@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import functools
 import re
+import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from arhq_jax.models import config_from_hf
 from arhq_jax.models.config import ModelConfig, Params
-from converters.hf import params_from_getter
+from converters.hf import check_config_values, params_from_getter
 
 SUPPORTED_GGUF_ARCHS = ("llama", "qwen3")
 
@@ -166,7 +167,9 @@ def open_gguf(path: str | Path, *, param_dtype: str = "float32", dtype: str | No
     reader = _reader(path)
     try:
         d = gguf_hf_config(reader, path)
-        cfg = config_from_hf(d, param_dtype=param_dtype, dtype=dtype or param_dtype)
+        cfg = check_config_values(
+            config_from_hf(d, param_dtype=param_dtype, dtype=dtype or param_dtype), path
+        )
     except ValueError as e:  # (UnicodeDecodeError included: a corrupt metadata string)
         raise ValueError(e if str(e).startswith(str(path)) else f"{path}: {e}") from None
 
@@ -202,19 +205,33 @@ def gguf_has_tokenizer(path: str | Path) -> bool:
 
 
 @functools.lru_cache(maxsize=4)
-def _tokenizer(path: str, mtime_ns: int):
+def _tokenizer(path: str, mtime_ns: int, tokenizer_dir: str | None):
     from transformers import AutoTokenizer
 
     p = Path(path)
     try:
-        return AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
-    except (ValueError, KeyError, TypeError, IndexError) as e:  # transformers' GGUF parser
+        if tokenizer_dir is not None:
+            return AutoTokenizer.from_pretrained(
+                tokenizer_dir, gguf_file=str(p), trust_remote_code=False
+            )
+        # transformers reads a gguf_file's tokenizer from the directory it names: give it one
+        # that holds only a link to the file, so that nothing else lying beside the .gguf
+        # (a tokenizer_config.json, an auto_map) takes part.
+        with tempfile.TemporaryDirectory(prefix="arhq-gguf-tok-") as d:
+            (Path(d) / p.name).symlink_to(p)
+            return AutoTokenizer.from_pretrained(d, gguf_file=p.name, trust_remote_code=False)
+    except (ValueError, KeyError, TypeError, IndexError, OSError) as e:  # transformers' parser
         raise ValueError(f"{p}: cannot build its tokenizer: {e}") from None
 
 
-def load_gguf_tokenizer(path: str | Path):
-    """The transformers tokenizer built from a GGUF's metadata (slow: cached per file)."""
+def load_gguf_tokenizer(path: str | Path, tokenizer_dir: str | Path | None = None):
+    """The transformers tokenizer built from a GGUF's own metadata (slow: cached per file).
+
+    ``tokenizer_dir``: a directory whose tokenizer files complete the GGUF's (transformers'
+    ``from_pretrained(tokenizer_dir, gguf_file=path)``); by default nothing but the file is read.
+    """
     p = Path(path).resolve()
     if not p.is_file():
         raise FileNotFoundError(f"GGUF file not found: {p}")
-    return _tokenizer(str(p), p.stat().st_mtime_ns)
+    where = None if tokenizer_dir is None else str(Path(tokenizer_dir).resolve())
+    return _tokenizer(str(p), p.stat().st_mtime_ns, where)

@@ -21,6 +21,8 @@ from arhq_jax.models import config_from_hf, config_to_hf, family_of
 from arhq_jax.models.config import ModelConfig, Params
 from arhq_jax.models.params import params_from_tensors, params_to_tensors
 from arhq_jax.storage.atomic import atomic_dir
+from arhq_jax.storage.jsonio import loads_json, read_json
+from arhq_jax.storage.paths import hf_cache_link, inside
 from converters.orbax_layout import ORBAX_ENTRIES, is_orbax_dir
 from converters.safetensors_io import SafetensorsReader, read_header, write_safetensors
 
@@ -41,10 +43,8 @@ def read_hf_config(path: str | Path) -> dict:
     cfg_file = path / CONFIG_FILE
     if not cfg_file.is_file():
         raise FileNotFoundError(f"{cfg_file} not found (a HF model directory needs {CONFIG_FILE})")
-    try:
-        d = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{cfg_file}: invalid JSON: {e}") from None
+    inside(path, CONFIG_FILE, allow_link=hf_cache_link)
+    d = read_json(cfg_file)
     if not isinstance(d, dict):
         raise ValueError(f"{cfg_file}: not a JSON object")
     try:
@@ -55,23 +55,85 @@ def read_hf_config(path: str | Path) -> dict:
 
 
 def weight_files(path: str | Path) -> list[Path]:
-    """The safetensors files of a HF directory: the index's shards, or ``model.safetensors``."""
+    """The safetensors files of a HF directory: the index's shards, or ``model.safetensors``.
+
+    The index's ``weight_map`` must map tensor names (str) to plain file names in the directory
+    (``storage.paths.inside``: no ``..``, no absolute path, no symlink leading out of it, the
+    Hugging Face cache's blob links aside); anything else is a ValueError naming the index.
+    """
     path = Path(path)
     index = path / INDEX_FILE
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ValueError(f"{index}: not a safetensors index ({e!r})") from None
-        files = [path / f for f in dict.fromkeys(weight_map.values())]
-        for f in files:
-            if not f.is_file():
-                raise FileNotFoundError(f"{f} not found (listed in {index})")
-        return files
-    single = path / WEIGHTS_FILE
+    if index.is_file() or index.is_symlink():
+        return [inside(path, f, str(index), allow_link=hf_cache_link) for f in index_shards(path)]
+    single = inside(path, WEIGHTS_FILE, allow_link=hf_cache_link)
     if single.is_file():
         return [single]
     raise FileNotFoundError(f"no weights in {path}: neither {WEIGHTS_FILE} nor {INDEX_FILE}")
+
+
+def read_index(path: str | Path) -> dict[str, str]:
+    """``weight_map`` of ``path``'s ``model.safetensors.index.json``, validated: a JSON object of
+    str → plain file name (each shard present as a regular file)."""
+    path = Path(path)
+    index = inside(path, INDEX_FILE, allow_link=hf_cache_link)
+    doc = read_json(index)
+    weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ValueError(
+            f"{index}: not a safetensors index ('weight_map' must be a JSON object "
+            "of tensor name -> shard file name)"
+        )
+    for name, f in weight_map.items():
+        if not isinstance(f, str):
+            raise ValueError(f"{index}: weight_map[{name!r}] must be a file name, got {f!r}")
+        inside(path, f, str(index), allow_link=hf_cache_link)
+    return weight_map
+
+
+def index_shards(path: str | Path) -> list[str]:
+    """The shard file names of ``path``'s index, in first-use order, each present."""
+    path = Path(path)
+    names = list(dict.fromkeys(read_index(path).values()))
+    for f in names:
+        if not (path / f).is_file():
+            raise FileNotFoundError(f"{path / f} not found (listed in {path / INDEX_FILE})")
+    return names
+
+
+def check_index_matches(path: str | Path, reader) -> None:
+    """ValueError unless the index's ``weight_map`` names every tensor of ``reader`` (opened on
+    the index's shards) at the shard that holds it, and nothing else (transformers reads each
+    tensor where the map says; we read the shards' headers: both must be the same)."""
+    path = Path(path)
+    weight_map = read_index(path)
+    held = {n: reader.info_path(n).name for n in reader.names()}
+    if held != weight_map:
+        diff = sorted(set(held.items()) ^ set(weight_map.items()))
+        raise ValueError(
+            f"{path / INDEX_FILE}: weight_map does not match the shards' tensors "
+            f"(first difference: {diff[0][0]!r})"
+        )
+
+
+def check_config_values(cfg: ModelConfig, where) -> ModelConfig:
+    """ValueError unless the config's numbers give finite results: 1 < rope_theta < 1e12,
+    0 < rms_norm_eps < 1, 1 <= vocab_size < 2**31 (int32 token ids), rope scaling values
+    finite and positive. Returns ``cfg``."""
+
+    def bad(what):
+        raise ValueError(f"{where}: {what}")
+
+    theta = cfg.rope_theta
+    if not isinstance(theta, (int, float)) or not 1.0 < theta < 1e12:
+        bad(f"rope_theta must be a number in (1, 1e12), got {theta!r}")
+    if not 0.0 < cfg.rms_norm_eps < 1.0:
+        bad(f"rms_norm_eps must be in (0, 1), got {cfg.rms_norm_eps!r}")
+    if not 1 <= cfg.vocab_size < 2**31:
+        bad(f"vocab_size must be in [1, 2**31), got {cfg.vocab_size}")
+    for k, v in cfg.rope_scaling_dict().items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and not 0 < v < 1e12:
+            bad(f"rope scaling {k} must be positive and finite, got {v!r}")
+    return cfg
 
 
 def params_from_getter(cfg: ModelConfig, get: Callable[[str], np.ndarray | None], names, where):
@@ -121,8 +183,11 @@ def load_hf_dir(
         cfg = config_from_hf(d, param_dtype=param_dtype, dtype=dtype or param_dtype)
     except (ValueError, TypeError) as e:  # a wrong value or type in the JSON (int([..]), ...)
         raise ValueError(f"{path / CONFIG_FILE}: {e}") from None
+    check_config_values(cfg, path / CONFIG_FILE)
     files = weight_files(path)
     with SafetensorsReader(files) as reader:
+        if len(files) > 1 or files[0].name != WEIGHTS_FILE:
+            check_index_matches(path, reader)
         params = params_from_getter(cfg, reader.get, reader.names(), path)
     return cfg, params
 
@@ -159,7 +224,7 @@ def written_by_converters(path: str | Path) -> bool:
         return entries <= ORBAX_ENTRIES
     try:
         meta = read_header(path / WEIGHTS_FILE).metadata
-        files = json.loads(meta[FILES_KEY]) if meta.get(WRITER_KEY) == WRITER else None
+        files = loads_json(meta[FILES_KEY], str(path)) if meta.get(WRITER_KEY) == WRITER else None
     except (OSError, ValueError, KeyError):
         return False
     return isinstance(files, list) and entries <= set(files)

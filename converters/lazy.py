@@ -39,7 +39,14 @@ from arhq_jax.models.params import (
     tensor_loader,
 )
 from converters.gguf import gguf_has_tokenizer, load_gguf_tokenizer, open_gguf
-from converters.hf import read_hf_config, reject_unused, weight_files
+from converters.hf import (
+    WEIGHTS_FILE,
+    check_config_values,
+    check_index_matches,
+    read_hf_config,
+    reject_unused,
+    weight_files,
+)
 from converters.orbax_io import load_orbax
 from converters.registry import _hf_tokenizer, check_tokenizer, source_kind
 from converters.safetensors_io import SafetensorsReader
@@ -265,7 +272,11 @@ def open_source(
             cfg = config_from_hf(d, param_dtype=param_dtype, dtype=param_dtype)
         except (ValueError, TypeError) as e:
             raise ValueError(f"{path / 'config.json'}: {e}") from None
-        store = _SafetensorsStore(weight_files(path))
+        check_config_values(cfg, path / "config.json")
+        files = weight_files(path)  # plain names inside the directory (storage.paths)
+        store = _SafetensorsStore(files)
+        if len(files) > 1 or files[0].name != WEIGHTS_FILE:
+            check_index_matches(path, store.reader)
         tok = _hf_tokenizer(path)
     elif kind == "gguf":
         cfg, get, names = open_gguf(path, param_dtype=param_dtype)

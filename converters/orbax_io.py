@@ -21,6 +21,7 @@ import numpy as np
 
 from arhq_jax.models.config import ModelConfig, Params, config_from_dict, config_to_dict  # noqa: F401
 from arhq_jax.models.params import params_to_tensors
+from arhq_jax.storage.jsonio import read_json
 from converters.hf import atomic_model_dir, params_from_getter
 from converters.orbax_layout import (  # noqa: F401 (public here too)
     FORMAT,
@@ -62,10 +63,7 @@ def read_orbax_metadata(path: str | Path) -> dict:
     f = path / METADATA_FILE
     if not f.is_file():
         raise FileNotFoundError(f"{f} not found (not an arhq-jax orbax checkpoint)")
-    try:
-        meta = json.loads(f.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{f}: invalid JSON: {e}") from None
+    meta = read_json(f)
     if not isinstance(meta, dict):
         raise ValueError(f"{f}: not a JSON object")
     if meta.get("format") != FORMAT:

@@ -3,8 +3,9 @@ orbax dependency, so that the HF writer can recognize one (``written_by_converte
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+
+from arhq_jax.storage.jsonio import read_json
 
 FORMAT = "arhq-jax-float-params"
 VERSION = 1
@@ -19,6 +20,6 @@ def is_orbax_dir(path: str | Path) -> bool:
     if not f.is_file():
         return False
     try:
-        return json.loads(f.read_text()).get("format") == FORMAT
-    except (json.JSONDecodeError, AttributeError):
+        return read_json(f).get("format") == FORMAT
+    except (ValueError, AttributeError, OSError):
         return False

@@ -100,7 +100,7 @@ def _hf_tokenizer(path: Path):
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(str(path))
+        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
     except (ValueError, OSError, KeyError, TypeError) as e:
         # transformers' own messages for a broken tokenizer.json / tokenizer_config.json.
         raise ValueError(f"{path}: cannot load its tokenizer: {e}") from None

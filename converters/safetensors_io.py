@@ -28,6 +28,7 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 
 from arhq_jax.storage.atomic import atomic_file
+from arhq_jax.storage.jsonio import JSONFileError, loads_json
 
 DTYPES: dict[str, np.dtype] = {
     "F64": np.dtype(np.float64),
@@ -87,20 +88,33 @@ def read_header(path: str | Path) -> Header:
                 f"{path}: truncated safetensors file (header needs {8 + n} bytes, file has {size})"
             )
         try:
-            doc = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"{path}: corrupt safetensors header: {e}") from None
+            doc = loads_json(f.read(n), f"{path}: safetensors header", max_depth=4)
+        except JSONFileError as e:
+            raise ValueError(f"corrupt safetensors header: {e}") from None
     if not isinstance(doc, dict):
         raise ValueError(f"{path}: corrupt safetensors header (not a JSON object)")
     metadata = doc.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
+        raise ValueError(f"{path}: corrupt safetensors header (__metadata__ must map str to str)")
     start = 8 + n
     tensors = {}
     data_end = 0
     for name, d in doc.items():
-        try:
-            dtype, shape, (b, e) = d["dtype"], tuple(int(s) for s in d["shape"]), d["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise ValueError(f"{path}: corrupt safetensors entry for {name!r}: {d}") from None
+        ok = (
+            isinstance(d, dict)
+            and set(d) == {"dtype", "shape", "data_offsets"}
+            and isinstance(d["dtype"], str)
+            and isinstance(d["shape"], list)
+            and all(_is_uint(s) for s in d["shape"])
+            and isinstance(d["data_offsets"], list)
+            and len(d["data_offsets"]) == 2
+            and all(_is_uint(x) for x in d["data_offsets"])
+        )
+        if not ok:
+            raise ValueError(f"{path}: corrupt safetensors entry for {name!r}: {str(d)[:200]}")
+        dtype, shape, (b, e) = d["dtype"], tuple(d["shape"]), d["data_offsets"]
         if dtype not in DTYPES:
             raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {dtype}")
         nbytes = math.prod(shape) * DTYPES[dtype].itemsize
@@ -130,6 +144,10 @@ def read_header(path: str | Path) -> Header:
             f"{path}: corrupt safetensors file ({size - start - data_end} bytes after the data)"
         )
     return Header(path, tensors, metadata)
+
+
+def _is_uint(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 2**63
 
 
 def _mapped(path: Path, t: TensorInfo) -> np.memmap:
@@ -162,6 +180,11 @@ class SafetensorsReader:
     def info(self, name: str) -> TensorInfo | None:
         h = self._where.get(name)
         return None if h is None else h.tensors[name]
+
+    def info_path(self, name: str) -> Path | None:
+        """The file that holds tensor ``name``, or None."""
+        h = self._where.get(name)
+        return None if h is None else h.path
 
     def get(self, name: str) -> np.ndarray | None:
         h = self._where.get(name)

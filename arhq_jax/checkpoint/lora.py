@@ -10,16 +10,23 @@ differ) that is ``x Wᵀ + (x A) Bᵀ``. Tensor names follow PEFT's saved form
 from __future__ import annotations
 
 import json
+import math
+import re
 from pathlib import Path
 
 import numpy as np
 
+from arhq_jax.checkpoint.out_dir import CheckpointError
 from converters.safetensors_io import SafetensorsWriter
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 _SUFFIX_A = ".lora_A.weight"
 _PREFIX = "base_model.model."
+# rank_pattern / alpha_pattern keys read from a file: literal module names, optionally anchored
+# (what ``adapter_config`` writes); PEFT matches them as regexes, so anything with regex syntax
+# beyond "." is refused rather than interpreted.
+_PATTERN_KEY = re.compile(r"\^?[A-Za-z0-9_.]{1,400}\$?")
 
 
 def adapter_config(ranks: dict[str, int]) -> dict:
@@ -88,3 +95,109 @@ class AdapterWriter:
 
     def abort(self) -> None:
         self._w.abort()
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def adapter_ranks(reader) -> dict[str, int]:
+    """``{module: rank}`` of the adapter tensors a ``SafetensorsReader`` holds (lora_A rows)."""
+    out = {}
+    for name in reader.names():
+        if name.startswith(_PREFIX) and name.endswith(_SUFFIX_A):
+            info = reader.info(name)
+            out[name[len(_PREFIX) : -len(_SUFFIX_A)]] = int(info.shape[0]) if info.shape else 0
+    return out
+
+
+def _pattern_value(patterns: dict, module: str, default, where: str):
+    r"""PEFT's ``get_pattern_key`` lookup: the first key k with ``re.match(rf"(.*\.)?({k})$",
+    module)``, else ``default``."""
+    for k, v in patterns.items():
+        if not _PATTERN_KEY.fullmatch(k):
+            raise CheckpointError(f"{where}: pattern key {k!r} is not a plain module name")
+        if re.match(rf"(.*\.)?({k})$", module):
+            return v
+    return default
+
+
+def _number(v, where: str, what: str) -> float:
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    if not ok:
+        raise CheckpointError(f"{where}: {what} must be a finite number, got {v!r}")
+    return v
+
+
+def check_adapter_config(doc, ranks: dict[str, int], where: str) -> None:
+    """``lora/adapter_config.json`` read as PEFT reads it must give, for the adapter tensors of
+    ``ranks`` (``{module: rank}``), exactly the branch arhq-jax computes, ``x A Bᵀ`` with scaling
+    1; else a one-line CheckpointError naming the field.
+
+    Checked: ``peft_type`` LORA; ``use_dora`` false (DoRA rescales the weight); ``bias`` none,
+    ``fan_in_fan_out`` false, no ``modules_to_save``, ``layers_to_transform`` or
+    ``layer_replication``; ``target_modules`` a list whose names select exactly the modules that
+    have tensors (PEFT's rule: a name equals the module or ends it after a "."); per module, the
+    rank ``rank_pattern`` or ``r`` gives equals the tensors' rank, and PEFT's scaling
+    ``lora_alpha / r`` (``/ sqrt(r)`` with ``use_rslora``), alphas from ``alpha_pattern``, is 1.
+    """
+    if not isinstance(doc, dict):
+        raise CheckpointError(f"{where}: not a JSON object")
+    if doc.get("peft_type") != "LORA":
+        raise CheckpointError(f"{where}: peft_type {doc.get('peft_type')!r}, expected 'LORA'")
+    for key, allowed in (
+        ("use_dora", (False,)),
+        ("use_rslora", (False, True)),
+        ("fan_in_fan_out", (False,)),
+        ("bias", ("none",)),
+        ("modules_to_save", (None, [])),
+        ("layers_to_transform", (None, [])),
+        ("layer_replication", (None, [])),
+    ):
+        v = doc.get(key, allowed[0])
+        if not any(v is a or (type(v) is type(a) and v == a) for a in allowed):
+            raise CheckpointError(
+                f"{where}: {key} is {v!r}; arhq-jax's adapter needs {allowed[0]!r}"
+            )
+    r = doc.get("r")
+    if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+        raise CheckpointError(f"{where}: r must be a positive int, got {r!r}")
+    alpha = _number(doc.get("lora_alpha"), where, "lora_alpha")
+    rank_pattern, alpha_pattern = doc.get("rank_pattern") or {}, doc.get("alpha_pattern") or {}
+    for key, pat in (("rank_pattern", rank_pattern), ("alpha_pattern", alpha_pattern)):
+        if not isinstance(pat, dict):
+            raise CheckpointError(f"{where}: {key} must be a JSON object")
+    targets = doc.get("target_modules")
+    if (
+        not isinstance(targets, list)
+        or not targets
+        or not all(isinstance(t, str) and t for t in targets)
+    ):
+        raise CheckpointError(
+            f"{where}: target_modules must be a list of module names, got {str(targets)[:80]}"
+        )
+
+    def selected(module: str) -> bool:
+        return any(module == t or module.endswith("." + t) for t in targets)
+
+    for m in sorted(ranks):
+        if not selected(m):
+            raise CheckpointError(
+                f"{where}: target_modules do not select {m!r}, which has adapter tensors "
+                "(PEFT would ignore them)"
+            )
+    for t in targets:
+        if not any(m == t or m.endswith("." + t) for m in ranks):
+            raise CheckpointError(f"{where}: target module {t!r} has no adapter tensors")
+    rslora = doc.get("use_rslora", False)
+    for m, rank in sorted(ranks.items()):
+        r_m = _pattern_value(rank_pattern, m, r, where)
+        if r_m != rank:
+            raise CheckpointError(f"{where}: r for {m} is {r_m!r}, its tensors have rank {rank}")
+        a_m = _number(_pattern_value(alpha_pattern, m, alpha, where), where, f"alpha of {m}")
+        scaling = a_m / math.sqrt(rank) if rslora else a_m / rank
+        if scaling != 1.0:
+            how = f"lora_alpha/{'sqrt(r)' if rslora else 'r'} = {a_m}/{rank}"
+            raise CheckpointError(
+                f"{where}: PEFT scales the branch of {m} by {how} = {scaling:.4g}; arhq-jax's "
+                "branch is unscaled: only scaling 1 is read"
+            )

@@ -102,6 +102,14 @@ _ARRAY_DTYPES = (*_FLOAT_DTYPES, "int32", "uint8", "int8", "float8_e4m3fn", "flo
 _QT_PARTS = ("codes", "scales", "tensor_scale", "zeros")
 _QT_KEYS = {"shape", "axis", "dtype", "format", "zeros"}
 _REQUIRED = (ARRAY, QTENSOR, WEIGHT, INT, BOOL, PARTS)
+# Bounds on a file's numbers, so that a loaded model computes finite results. Real weights,
+# norms, embeddings, biases, LoRA factors and SmoothQuant factors are far below 1e3 in size;
+# 1e6 still leaves f32 headroom for the squares of RMSNorm and the matmul sums. Block scales are
+# at most 448 (e4m3) or 2^127 (e8m0 exponents); tensor (global) scales are positive, and both
+# s and 1/s must be far from f32's limits (1e-45 is a denormal: 1/s overflows).
+WEIGHT_LIMIT = 1e6
+SCALE_LIMIT = 1e30
+TENSOR_SCALE_RANGE = (1e-30, 1e30)
 
 
 def lora_names(prefix: str) -> tuple[str, str]:
@@ -293,15 +301,35 @@ def _shape(v, where: str) -> tuple[int, ...]:
     return tuple(v)
 
 
-def _checked(x: np.ndarray, name: str, dtype: str, shape: tuple | None) -> np.ndarray:
+def check_magnitude(x: np.ndarray, name: str, limit: float) -> None:
+    """CheckpointError unless every value of float array ``x`` is finite with ``|x| < limit``."""
+    x32 = np.asarray(x).astype(np.float32)
+    bad = ~np.isfinite(x32)
+    _expect(not bad.any(), name, f"{int(bad.sum())} non-finite values")
+    big = float(np.abs(x32).max(initial=0.0))
+    if big >= limit:
+        raise CheckpointError(f"{name}: values up to {big:.3g} (|x| must stay below {limit:.0e})")
+
+
+def check_tensor_scale(x: np.ndarray, name: str) -> None:
+    """CheckpointError unless every value is in ``TENSOR_SCALE_RANGE`` (open interval)."""
+    x32 = np.asarray(x).astype(np.float32).reshape(-1)
+    lo, hi = TENSOR_SCALE_RANGE
+    ok = np.isfinite(x32) & (x32 > lo) & (x32 < hi)
+    if not ok.all():
+        raise CheckpointError(f"{name}: scale {x32[~ok][0]!r} outside ({lo:.0e}, {hi:.0e})")
+
+
+def _checked(
+    x: np.ndarray, name: str, dtype: str, shape: tuple | None, limit: float = WEIGHT_LIMIT
+) -> np.ndarray:
     _expect(x.dtype.name == dtype, name, f"dtype {x.dtype.name}, expected {dtype}")
     if shape is not None:
         _expect(
             tuple(x.shape) == tuple(shape), name, f"shape {list(x.shape)}, expected {list(shape)}"
         )
     if x.dtype.kind == "f" or x.dtype.name.startswith("float8"):
-        bad = ~np.isfinite(x.astype(np.float32))
-        _expect(not bad.any(), name, f"{int(bad.sum())} non-finite values")
+        check_magnitude(x, name, limit)
     return x
 
 
@@ -373,7 +401,10 @@ def _qtensor(name: str, d, get: Getter) -> formats.QTensor:
         if ref is None:
             continue
         n = f"{name}.{part}"
-        parts[part] = jnp.asarray(_checked(get(n), n, jnp.dtype(ref.dtype).name, ref.shape))
+        x = _checked(get(n), n, jnp.dtype(ref.dtype).name, ref.shape, SCALE_LIMIT)
+        if part == "tensor_scale":
+            check_tensor_scale(x, n)
+        parts[part] = jnp.asarray(x)
     return formats.QTensor(
         codes=parts["codes"],
         scales=parts["scales"],
@@ -495,16 +526,26 @@ def decode_linear(
         _expect(wdt in _FLOAT_DTYPES, prefix, f"unsupported dtype {wdt!r}")
         raw = {k: get(f"{prefix}.{k}") for k in ct_nvfp4.WEIGHT_KEYS}
         for k, x in raw.items():
-            _checked(x, f"{prefix}.{k}", x.dtype.name, None)  # finite scales
+            _checked(x, f"{prefix}.{k}", x.dtype.name, None, SCALE_LIMIT)  # finite scales
+        check_tensor_scale(raw["weight_global_scale"], f"{prefix}.weight_global_scale")
         try:
             w = ct_nvfp4.from_ct(raw, (out_f, in_f), wdt)
         except ValueError as e:
             raise CheckpointError(f"{prefix}: {e}") from None
+        # The decoded weights are at most 6 · max(s) / gs in size (E2M1 values reach 6).
+        bound = 6.0 * float(np.asarray(raw["weight_scale"], np.float32).max(initial=0.0))
+        bound /= float(np.asarray(raw["weight_global_scale"], np.float32).reshape(-1)[0])
+        if not bound < WEIGHT_LIMIT:
+            raise CheckpointError(
+                f"{prefix}.weight_global_scale: decodes weights up to {bound:.3g} "
+                f"(|w| must stay below {WEIGHT_LIMIT:.0e})"
+            )
         act_scale = act_fmt = None
         if w4a4:
             n = f"{prefix}.input_global_scale"
             x = get(n)
-            _checked(x, n, "float32", None)
+            _checked(x, n, "float32", None, SCALE_LIMIT)
+            check_tensor_scale(x, n)
             try:
                 act_scale = jnp.asarray(ct_nvfp4.act_scale_from_input_global_scale(x))
             except ValueError as e:

@@ -33,14 +33,26 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import arhq_jax.checkpoint.lora as lora
 import arhq_jax.checkpoint.out_dir as out_dir
-from arhq_jax.checkpoint.schema import CheckpointError, decode_linear, to_numpy
+from arhq_jax.checkpoint.schema import (
+    WEIGHT_LIMIT,
+    CheckpointError,
+    check_magnitude,
+    decode_linear,
+    to_numpy,
+)
 from arhq_jax.checkpoint.writer import (
     CONFIG_FILE,
     DEFAULT_SHARD_BYTES,
     FORMAT,
     FORMAT_VERSION,
+    INDEX_FILE,
     LORA_DIR,
+    OWN_LAYOUT_MODEL_TYPE,
+    OWN_QUANT_METHOD,
+    WEIGHTS_FILE,
+    quantization_config,
     writing,
 )
 from arhq_jax.linears.base import Dense
@@ -55,7 +67,9 @@ from arhq_jax.models.params import (
     linear_key,
     norm_key,
 )
-from converters.hf import weight_files
+from arhq_jax.storage.jsonio import read_json
+from arhq_jax.storage.paths import files_in, links_in
+from converters.hf import check_config_values, check_index_matches, index_shards, weight_files
 from converters.safetensors_io import SafetensorsReader
 
 MANIFEST = out_dir.MANIFEST
@@ -185,7 +199,7 @@ def check_out(path) -> None:
 
 def describe(path) -> str:
     """One line saying who can read the checkpoint at ``path`` (after ``save``)."""
-    hf = json.loads((Path(path) / CONFIG_FILE).read_text())
+    hf = read_json(Path(path) / CONFIG_FILE)
     kinds: dict[str, int] = {}
     for e in hf["arhq_jax"]["modules"].values():
         kinds[e["kind"]] = kinds.get(e["kind"], 0) + 1
@@ -203,14 +217,11 @@ def describe(path) -> str:
 
 
 def read_meta(path) -> dict:
-    """The checkpoint's ``config.json`` after the manifest check: every file's sha256."""
+    """The checkpoint's ``config.json`` after the directory check (``check_directory``)."""
     path = Path(path)
-    out_dir.verify(path, FORMAT)
+    check_directory(path)
     cfg_file = path / CONFIG_FILE
-    try:
-        hf = json.loads(cfg_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{cfg_file}: not JSON: {e}") from None
+    hf = _json(cfg_file)
     if not isinstance(hf, dict) or not isinstance(hf.get("arhq_jax"), dict):
         raise CheckpointError(f"{cfg_file}: no 'arhq_jax' section (not an arhq-jax checkpoint)")
     meta = hf["arhq_jax"]
@@ -228,6 +239,73 @@ def read_meta(path) -> dict:
         if meta.get(key) not in _DTYPES:
             raise CheckpointError(f"{cfg_file}: 'arhq_jax.{key}' must be one of {_DTYPES}")
     return hf
+
+
+def _json(f: Path):
+    try:
+        return read_json(f)
+    except ValueError as e:  # JSONFileError: not JSON, not UTF-8, nested too deeply
+        raise CheckpointError(str(e)) from None
+
+
+def check_directory(path: Path) -> dict:
+    """The manifest vouches for the whole directory, or a one-line ``CheckpointError``.
+
+    - the manifest is JSON of the checkpoint format (nesting limited: ``storage.jsonio``);
+    - the directory holds no symlinks (a checkpoint is regular files only: a link could lead
+      out of it);
+    - every file the manifest lists is present, regular, of its size and sha256
+      (``out_dir.verify``), and every file present is listed (an added file is refused);
+    - the required files are there: ``config.json``; ``model.safetensors`` or the index and the
+      shards it names (plain names: ``storage.paths``), and no other ``.safetensors`` file;
+      ``lora/`` (when present) holds exactly the adapter's config and weights.
+
+    Returns the manifest's ``{relative name: {"sha256", "bytes"}}``.
+    """
+    manifest = path / MANIFEST
+    if not manifest.is_file() or manifest.is_symlink():
+        raise CheckpointError(f"not an arhq-jax checkpoint: {manifest} is missing")
+    _json(manifest)  # a one-line error for deep or broken JSON before out_dir reads it
+    links = links_in(path)
+    if links:
+        raise CheckpointError(
+            f"{path / links[0]}: a symlink inside a checkpoint (refused: a checkpoint holds only "
+            "regular files)"
+        )
+    listed = out_dir.verify(path, FORMAT)
+    present = set(files_in(path)) - {MANIFEST}
+    unlisted = sorted(present - set(listed))
+    if unlisted:
+        raise CheckpointError(
+            f"{path / unlisted[0]}: not listed in {MANIFEST} (a file added to the checkpoint; "
+            "the manifest vouches for every file)"
+        )
+    if CONFIG_FILE not in listed:
+        raise CheckpointError(f"{path}: {CONFIG_FILE} is not listed in {MANIFEST}")
+    top = {f for f in listed if "/" not in f}
+    if INDEX_FILE in top:
+        if WEIGHTS_FILE in top:
+            raise CheckpointError(f"{path}: both {WEIGHTS_FILE} and {INDEX_FILE}; one or the other")
+        try:
+            weights = set(index_shards(path))
+        except (ValueError, OSError) as e:
+            raise CheckpointError(str(e)) from None
+    elif WEIGHTS_FILE in top:
+        weights = {WEIGHTS_FILE}
+    else:
+        raise CheckpointError(f"{path}: neither {WEIGHTS_FILE} nor {INDEX_FILE} in {MANIFEST}")
+    stray = sorted(f for f in top if f.endswith(".safetensors") and f not in weights)
+    if stray:
+        raise CheckpointError(f"{path / stray[0]}: a weight file the checkpoint does not use")
+    in_lora = {f for f in listed if f.startswith(LORA_DIR + "/")}
+    want = {f"{LORA_DIR}/{lora.ADAPTER_CONFIG}", f"{LORA_DIR}/{lora.ADAPTER_WEIGHTS}"}
+    if in_lora and in_lora != want:
+        odd = sorted(in_lora ^ want)[0]
+        raise CheckpointError(f"{path}/{LORA_DIR}: must hold exactly {sorted(want)} ({odd!r})")
+    if any("/" in f for f in set(listed) - in_lora):
+        other = sorted(f for f in set(listed) - in_lora if "/" in f)[0]
+        raise CheckpointError(f"{path / other}: an unexpected subdirectory file")
+    return listed
 
 
 def load(
@@ -251,15 +329,26 @@ def load(
         raise FileNotFoundError(f"quantized checkpoint not found: {path}")
     hf = read_meta(path)
     meta = hf["arhq_jax"]
+    cfg_file = path / CONFIG_FILE
+    view = _hf_view(hf, cfg_file)
     try:
-        cfg = config_from_hf(hf, param_dtype=meta["param_dtype"], dtype=meta["dtype"])
+        cfg = config_from_hf(view, param_dtype=meta["param_dtype"], dtype=meta["dtype"])
+        check_config_values(cfg, cfg_file)
     except (ValueError, TypeError, KeyError) as e:
-        raise CheckpointError(f"{path / CONFIG_FILE}: {e}") from None
+        raise CheckpointError(f"{cfg_file}: {e}") from None
     _check_source(path, cfg, meta, expect_config, expect_fingerprint)
     files = _weight_files(path)
-    lora_file = path / LORA_DIR / "adapter_model.safetensors"
+    lora_file = path / LORA_DIR / lora.ADAPTER_WEIGHTS
     try:
         with SafetensorsReader(files) as reader, _maybe_reader(lora_file) as lreader:
+            if INDEX_FILE in {f.name for f in path.iterdir()}:
+                check_index_matches(path, reader)
+            if lreader is not None:
+                lora.check_adapter_config(
+                    _json(path / LORA_DIR / lora.ADAPTER_CONFIG),
+                    lora.adapter_ranks(lreader),
+                    str(path / LORA_DIR / lora.ADAPTER_CONFIG),
+                )
             get, used = _getter(reader, path)
             get_lora, used_lora = (None, set()) if lreader is None else _getter(lreader, lora_file)
             params = _assemble(cfg, meta["modules"], get, get_lora)
@@ -268,9 +357,60 @@ def load(
                 _check_all_used(lreader, used_lora, lora_file)
     except CheckpointError:
         raise
-    except ValueError as e:  # the safetensors reader's named errors
+    except ValueError as e:  # the safetensors reader's and the index's named errors
         raise CheckpointError(str(e)) from None
+    _check_quantization_config(hf, cfg_file)
     return params, cfg, meta["recipe"]
+
+
+def _hf_view(hf: dict, cfg_file: Path) -> dict:
+    """config.json as the model config parser reads it: arhq-jax's own layout stores the model
+    type in its section (config.json's ``model_type`` is ``OWN_LAYOUT_MODEL_TYPE``, which
+    transformers refuses)."""
+    if hf.get("model_type") != OWN_LAYOUT_MODEL_TYPE:
+        return hf
+    inner = hf["arhq_jax"].get("model_type")
+    if not isinstance(inner, str):
+        raise CheckpointError(f"{cfg_file}: 'arhq_jax.model_type' must name the model type")
+    qc = hf.get("quantization_config")
+    if not isinstance(qc, dict) or qc.get("quant_method") != OWN_QUANT_METHOD:
+        raise CheckpointError(
+            f"{cfg_file}: model_type {OWN_LAYOUT_MODEL_TYPE!r} is for arhq-jax's own layout only"
+        )
+    return {**hf, "model_type": inner}
+
+
+def _check_quantization_config(hf: dict, cfg_file: Path) -> None:
+    """config.json's ``quantization_config`` (what transformers and vLLM decode the weights
+    with) must be the one the decoded module entries imply (``writer.quantization_config``):
+    method, format, bits, group size, strategy, dynamic flags, ignore list."""
+    want = quantization_config(hf["arhq_jax"]["modules"])
+    got = hf.get("quantization_config")
+    if got != want:
+        where = _first_difference(got, want, "quantization_config")
+        raise CheckpointError(
+            f"{cfg_file}: {where} does not match the tensors (the loader decodes "
+            f"{'no quantized linear' if want is None else want['quant_method']}); refused"
+        )
+
+
+def _first_difference(got, want, where: str) -> str:
+    if isinstance(got, dict) and isinstance(want, dict):
+        for k in sorted(set(got) | set(want), key=str):
+            if got.get(k, _MISSING) != want.get(k, _MISSING):
+                return _first_difference(
+                    got.get(k, _MISSING), want.get(k, _MISSING), f"{where}.{k}"
+                )
+    if isinstance(got, list) and isinstance(want, list) and len(got) == len(want):
+        for i, (a, b) in enumerate(zip(got, want, strict=True)):
+            if a != b:
+                return _first_difference(a, b, f"{where}[{i}]")
+    shown = "absent" if got is _MISSING or got is None else f"{json.dumps(got)[:60]}"
+    need = "absent" if want is _MISSING or want is None else f"{json.dumps(want)[:60]}"
+    return f"{where} ({shown}, expected {need})"
+
+
+_MISSING = object()
 
 
 def _check_source(path, cfg, meta, expect_config, expect_fingerprint) -> None:
@@ -347,8 +487,7 @@ def _assemble(cfg: ModelConfig, modules: dict, get, get_lora) -> Params:
             raise CheckpointError(
                 f"tensor {name!r}: {x.dtype.name}{list(x.shape)}, expected {pdt}{list(shape)}"
             )
-        if not np.isfinite(x.astype(np.float32)).all():
-            raise CheckpointError(f"tensor {name!r} has non-finite values")
+        check_magnitude(x, name, WEIGHT_LIMIT)
         return jnp.asarray(x)
 
     def linear(prefix, shape, bias):

@@ -31,6 +31,15 @@ WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 LORA_DIR = "lora"
 DEFAULT_SHARD_BYTES = 5 * 2**30  # transformers' default max_shard_size
+# config.json's model_type for arhq-jax's own layout: transformers (and vLLM, which reads configs
+# through it) refuse an unknown model type with an error naming it, where an unknown
+# quant_method is only a warning followed by a model with every projection randomly initialised.
+# The model's own type is kept in the "arhq_jax" section.
+OWN_LAYOUT_MODEL_TYPE = "arhq-jax"
+OWN_QUANT_METHOD = "arhq-jax"
+# Recipe keys that describe one run rather than the checkpoint (they go to the log): leaving them
+# out makes two identical runs write identical bytes.
+RUN_ONLY_KEYS = ("timings",)
 
 
 @contextlib.contextmanager
@@ -116,18 +125,22 @@ class CheckpointWriter:
         if self._adapter is not None:
             nbytes += self._adapter.close()
         hf = config_to_hf(cfg)
-        hf["quantization_config"] = _quantization_config(self.modules, self.kinds)
+        recipe = {k: v for k, v in (quant or {}).items() if k not in RUN_ONLY_KEYS}
         hf["arhq_jax"] = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
             "param_dtype": jax.numpy.dtype(cfg.param_dtype).name,
             "dtype": jax.numpy.dtype(cfg.dtype).name,
-            "recipe": quant or {},
+            "recipe": recipe,
             "source": source or {},
             "modules": self.modules,
         }
-        if not self.kinds.get("quantized"):
-            hf.pop("quantization_config")
+        qc = quantization_config(self.modules)
+        if qc is not None:
+            hf["quantization_config"] = qc
+        if qc is not None and qc["quant_method"] == OWN_QUANT_METHOD:
+            hf["arhq_jax"]["model_type"] = hf["model_type"]
+            hf["model_type"] = OWN_LAYOUT_MODEL_TYPE
         (self.tmp / CONFIG_FILE).write_text(json.dumps(hf, indent=1, sort_keys=True) + "\n")
         if tokenizer is not None:
             tokenizer.save_pretrained(str(self.tmp))
@@ -170,9 +183,14 @@ def _close_shards(tmp: Path, shards) -> int:
     return n
 
 
-def _quantization_config(modules: dict, kinds: dict) -> dict:
-    """compressed-tensors' block when every quantized linear is ``ct-nvfp4``, else our own."""
+def quantization_config(modules: dict) -> dict | None:
+    """config.json's ``quantization_config`` for these module entries: None when no linear is
+    quantized, compressed-tensors' block when every quantized linear is ``ct-nvfp4`` with one
+    activation setting, else our own (``OWN_QUANT_METHOD``). The loader recomputes it from the
+    entries it decodes and refuses a config.json that says otherwise."""
     quantized = {k: e for k, e in modules.items() if e["kind"] != "dense"}
+    if not quantized:
+        return None
     if quantized and all(e["kind"] == "ct-nvfp4" for e in quantized.values()):
         w4a4 = {e["w4a4"] for e in quantized.values()}
         if len(w4a4) == 1:
@@ -181,6 +199,6 @@ def _quantization_config(modules: dict, kinds: dict) -> dict:
                 ignore.append("lm_head")
             return ct_nvfp4.quantization_config(ignore=ignore, w4a4=w4a4.pop())
     return {
-        "quant_method": "arhq-jax",
+        "quant_method": OWN_QUANT_METHOD,
         "note": "arhq-jax's own layout (see config.json 'arhq_jax'); only arhq-jax reads it",
     }

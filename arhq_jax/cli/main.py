@@ -483,7 +483,13 @@ def cmd_quantize(args) -> int:
         _positions(args, cfg, args.calib_seq_len, f"--calib-seq-len {args.calib_seq_len}")
         corpus = load_corpus(src.tokenizer, args.calib_text, None)
         what = "calibration text" + (f" {args.calib_text}" if args.calib_text else "")
-        ids = calibration_ids(corpus.calib, args.calib_tokens, args.calib_seq_len, source=what)
+        ids = calibration_ids(
+            corpus.calib,
+            args.calib_tokens,
+            args.calib_seq_len,
+            source=what,
+            vocab_size=cfg.vocab_size,
+        )
         quant = {**qcfg.to_dict(), "source_model": args.model, "calib_source": corpus.source}
         source = {"model": str(args.model)}
         # One process streams disk to disk; several (jax.distributed) and whole-model recipes
@@ -593,7 +599,7 @@ def cmd_eval(args) -> int:
     if quant is None:
         r = {**r, "kl": 0.0, "top1": 1.0}
     if args.json:
-        print(json.dumps({k: r[k] for k in ("ppl", "kl", "top1", "tokens")}))
+        print(json.dumps({k: r[k] for k in ("ppl", "kl", "top1", "tokens")}, allow_nan=False))
     else:
         what = args.quantized or args.model
         what += " (weights only)" if args.weights_only else ""

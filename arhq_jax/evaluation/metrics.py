@@ -241,8 +241,11 @@ def evaluate(
     n_pred = n * (seq_len - 1)
     nll = nll_sum / n_pred
     ppl = math.exp(nll) if nll < 709.0 else math.inf  # exp overflows past 709
-    if math.isnan(nll):
-        ppl = math.nan
+    if not math.isfinite(ppl):
+        raise ValueError(
+            f"perplexity is {'NaN' if math.isnan(nll) else 'infinite'} (non-finite logits: "
+            "corrupted weights or config?); no result"
+        )
     if ref_fn is None:
         return EvalResult(ppl, nll, n, n_pred, seq_len)
     return EvalResult(ppl, nll, n, n_pred, seq_len, kl=kl_sum / n_pred, top1=agree_sum / n_pred)

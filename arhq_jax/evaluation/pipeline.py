@@ -42,13 +42,46 @@ def load_corpus(tokenizer, calib_text=None, eval_text=None) -> Corpus:
     return Corpus(np.asarray(calib, np.int32), np.asarray(evl, np.int32), source)
 
 
+def check_token_ids(tokens, vocab_size: int | None, source: str) -> None:
+    """ValueError unless every id lies in ``[0, vocab_size)`` (a tokenizer that does not belong
+    to the model gives ids past its embedding: an index error or garbage, never a result)."""
+    tokens = np.asarray(tokens)
+    if vocab_size is None or tokens.size == 0:
+        return
+    lo, hi = int(tokens.min()), int(tokens.max())
+    if lo < 0 or hi >= vocab_size:
+        bad = hi if hi >= vocab_size else lo
+        raise ValueError(
+            f"{source}: token id {bad} is outside the model's vocabulary [0, {vocab_size}) "
+            "(the tokenizer does not match the model)"
+        )
+
+
+def check_finite_scores(scores: dict[str, dict], source: str) -> dict[str, dict]:
+    """ValueError naming the model and metric when a score is NaN or infinite (a result is
+    never NaN: the CLI exits non-zero and prints no JSON)."""
+    for name, row in scores.items():
+        for k, v in row.items():
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ValueError(
+                    f"the {name} model's {k} on {source} is {v} (non-finite logits: corrupted "
+                    "weights or config?); no result"
+                )
+    return scores
+
+
 def calibration_ids(
-    tokens: np.ndarray, n_tokens: int, seq_len: int, *, source: str = "calibration text"
+    tokens: np.ndarray,
+    n_tokens: int,
+    seq_len: int,
+    *,
+    source: str = "calibration text",
+    vocab_size: int | None = None,
 ) -> np.ndarray:
     """The first ``n_tokens`` calibration tokens as ``[n_tokens // seq_len, seq_len]``.
 
     Raises ValueError when the text (named ``source`` in the message) is too short, saying how
-    many tokens it has.
+    many tokens it has, or (given ``vocab_size``) holds ids outside the vocabulary.
     """
     if seq_len < 2 or n_tokens < seq_len:
         raise ValueError(
@@ -61,7 +94,9 @@ def calibration_ids(
             f"{source} is too short: it has {len(tokens)} tokens, {need} were asked for "
             f"({n_seq} sequences of {seq_len}); give a longer --calib-text or fewer --calib-tokens"
         )
-    return np.asarray(tokens[:need], np.int32).reshape(n_seq, seq_len)
+    ids = np.asarray(tokens[:need], np.int32).reshape(n_seq, seq_len)
+    check_token_ids(ids, vocab_size, source)
+    return ids
 
 
 def evaluate_models(
@@ -83,7 +118,8 @@ def evaluate_models(
     The chunks follow ``eval.make_chunks`` (GPTQ protocol); the batch of chunks is sharded over
     the mesh's devices. Returns ``{name: {"ppl", "kl", "top1", "tokens"}}`` with ``"float"`` for
     the reference. ``source`` names the text in errors; ``seq_len`` beyond the model's
-    ``max_position_embeddings`` is a ValueError unless ``allow_long``.
+    ``max_position_embeddings`` is a ValueError unless ``allow_long``; so are token ids outside
+    the vocabulary and a non-finite score (``check_finite_scores``).
     """
     if (
         isinstance(batch_size, bool)
@@ -99,6 +135,7 @@ def evaluate_models(
         )
     mesh = data_mesh() if mesh is None else mesh
     chunks = ev.make_chunks(eval_tokens, seq_len, max_chunks)
+    check_token_ids(chunks, cfg.vocab_size, source)
     fwd = ev.jitted_forward()
     ref = replicate(ref, mesh)
     models = {k: replicate(v, mesh) for k, v in models.items()}
@@ -116,5 +153,7 @@ def evaluate_models(
     out = {}
     for n in names:
         nll, kl, agree = sums[n] / n_pred
-        out[n] = {"ppl": math.exp(nll), "kl": kl, "top1": agree, "tokens": n_pred}
-    return out
+        ppl = math.exp(nll) if nll < 709.0 else math.inf  # (exp overflows past 709)
+        ppl = math.nan if math.isnan(nll) else ppl
+        out[n] = {"ppl": ppl, "kl": float(kl), "top1": float(agree), "tokens": n_pred}
+    return check_finite_scores(out, source)
