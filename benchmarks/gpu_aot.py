@@ -377,7 +377,7 @@ def pallas_flops(name: str, c: dict, tiles) -> float:
 
 def _t_in_xla(c: dict) -> bool:
     """Whether this version of the kernels leaves t = (x/s)·A to XLA at this M (the kernels
-    before issue 20 did at M <= 64)."""
+    before the decode rework did at M <= 64)."""
     limit = getattr(fp4_matmul, "_T_IN_KERNEL_MIN_M", None)
     return bool(c["rank"]) and limit is not None and c["M"] <= limit
 

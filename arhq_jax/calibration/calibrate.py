@@ -257,7 +257,7 @@ def accumulate(
     smoothed first, as the runtime does it (``smooth_input``: x·fl32(1/s), G of the smoothed
     space); ``tensor_scales[name]`` fixes the nvfp4 activation scale of E = x − Q(x) (the static
     runtime quantizer; default dynamic over each batch); ``rotate_block`` > 0: statistics of the
-    rotated input x R (``rotate.rotate``, issue 12)."""
+    rotated input x R (``rotate.rotate``)."""
     scales = scales or {}
     tensor_scales = tensor_scales or {}
     shapes = runner.cfg.linear_shapes()
@@ -267,7 +267,7 @@ def accumulate(
     }
 
     def update(name, state, x, mask):
-        if rotate_block:  # issue 12: statistics of the rotated input x R
+        if rotate_block:  # statistics of the rotated input x R
             x = rotate.rotate(x, rotate.block_for(x.shape[-1], rotate_block))
         s = scales.get(name)
         if s is not None:
@@ -286,7 +286,7 @@ def alpha_search(runner, layer, projs, m_x, qcfg):
     With static nvfp4 activation scales each candidate α quantizes x/s_α with the static scale
     of its amax over the calibration set (from ``m_x``), as the runtime will."""
     init = {f"{GROUP_OF[p]}:{p}": decompose.init_alpha_search() for p in projs}
-    # issue 12: search α on the first batches only (None: all)
+    # search α on the first batches only (None: all)
     limit = getattr(qcfg, "alpha_tokens", None)
 
     def update(name, state, x, mask):
@@ -329,7 +329,7 @@ class Calibration:
         # What the method's ``plan`` hook computed over the whole model (e.g. per-projection
         # ranks of the rank budget); None by default.
         self.plan = plan
-        # issue 11: the ``devices.Spread`` of the per-projection work (None: one device).
+        # the ``devices.Spread`` of the per-projection work (None: one device).
         self.spread = spread
 
     def _need(self) -> LayerwiseRunner:
@@ -352,7 +352,7 @@ class Calibration:
         self, layer: Layer, groups, act_fmt, tensor_scales=None, rotate_block: int = 0
     ) -> dict:
         """``{group: {"H", "C", "G", ...}}``: the second moments of the joint refinement
-        (``refine.accumulate_moments``, issue 12)."""
+        (``refine.accumulate_moments``)."""
         return refine.accumulate_moments(
             self._need(), layer, groups, act_fmt, tensor_scales, rotate_block
         )

@@ -37,7 +37,7 @@ COLUMNS = (
 )
 
 
-# The demo's rows: the three methods at --rank and --format, then the best-w4a4 preset (issue 12).
+# The demo's rows: the three methods at --rank and --format, then the best-w4a4 preset.
 METHODS = ("rtn", "svdquant", "arhq", "best-w4a4")
 
 
@@ -72,7 +72,7 @@ def run_demo(
 
     qmodels, rows, snr_rows, diag_rows = {}, [], [], []
     for method in methods:
-        if method in PRESETS:  # issue 12: a named recipe (its own rank and formats)
+        if method in PRESETS:  # a named recipe (its own rank and formats)
             qcfg = preset(method)
         else:
             qcfg = QuantConfig(method=method, w_fmt=fmt, act_fmt=fmt, **takes(method, rank=rank))

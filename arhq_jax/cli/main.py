@@ -255,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--batch-size", type=_POS, default=8, help="calibration sequences per forward")
     _add_allow_long(q)
     q.add_argument("--out", required=True, help="checkpoint directory to write")
-    # issue 11: one process per host through jax.distributed (docs/distributed.md).
+    # one process per host through jax.distributed (docs/distributed.md).
     q.add_argument(
         "--coordinator",
         default=None,
@@ -457,7 +457,7 @@ def cmd_quantize(args) -> int:
     mesh = model_mesh(model=args.model_shards) if args.model_shards > 1 else None
     # The method options the user gave (a flag left out is None: the method's default).
     given = {k: getattr(args, k) for k in REGISTRY.all_options() if getattr(args, k) is not None}
-    if args.preset is not None:  # issue 12
+    if args.preset is not None:
         qcfg = preset(args.preset, stats_dtype=args.stats_dtype)
     else:
         qcfg = QuantConfig(**common, **given)

@@ -1,5 +1,5 @@
 """Rank allocation: spread a budget of low-rank parameters over the (layer, projection) pairs
-(issue 12, "rank allocation").
+("rank allocation").
 
 Each pair i has a free objective per candidate rank, e.g. ARHQ's tail
 ``J_i(r) = Σ_{j>r} σ_j²(W G̃½)`` (methods.md §2.2 step 7, an output-error estimate in the

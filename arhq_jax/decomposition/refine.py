@@ -1,4 +1,4 @@
-"""Joint refinement of the low-rank branch and the quantized residual (issue 12).
+"""Joint refinement of the low-rank branch and the quantized residual.
 
 ARHQ's split minimises ``‖(W − L) G̃½‖²``, the output error of the activation quantizer alone; it
 ignores the error of quantizing its own residual. Over calibration tokens X (with E = X − Q_a(X))
@@ -225,7 +225,7 @@ def refine(
 
 @jax.jit
 def act_aware_map(h, c, g, lam):
-    """``(P, Ĥ)`` of the activation-aware residual (issue 12): for a fixed branch L, with
+    """``(P, Ĥ)`` of the activation-aware residual: for a fixed branch L, with
     ``M = W − L`` and ``Ĥ = E[Q_a(x)ᵀ Q_a(x)] = H − C − Cᵀ + G``, the regularised objective
 
         J_λ(R) = J(L, R) + λ ‖R − M‖²_F = ‖(R − T) (Ĥ + λI)½‖²_F + const,

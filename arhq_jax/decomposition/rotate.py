@@ -1,4 +1,4 @@
-"""Block-Hadamard rotations of a linear's input, combined with the low-rank branch (issue 12).
+"""Block-Hadamard rotations of a linear's input, combined with the low-rank branch.
 
 A projection ``y = x Wᵀ`` is unchanged by any orthogonal R: ``y = (x R)(W R)ᵀ``. With
 ``R = blockdiag(H_b, …, H_b)`` (``H_b`` the normalised Sylvester Hadamard matrix of size b, a power

@@ -1,4 +1,4 @@
-"""Searched NVFP4 block scales (issue 12): the stored E4M3 scale of each 16-element block chosen
+"""Searched NVFP4 block scales: the stored E4M3 scale of each 16-element block chosen
 to minimise the block's (weighted) squared error, instead of the amax rule s = E4M3(gs · a/6).
 
 The amax rule maps each block's largest magnitude onto the top FP4 value 6; a smaller scale

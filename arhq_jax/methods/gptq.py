@@ -33,7 +33,7 @@ Faithfulness notes:
     instead of an exception. Rounding and scales come from ``formats`` (pass
     ``int_rule="gptq"`` for the reference's ≥ 1e-5 scale clamp); ``mse_clip`` is QuaRot's
     ``find_params(mse=True)`` (grid 100, shrink to 0.2, |Δ|^2.4) for int formats; for nvfp4
-    it is the E4M3 block-scale search of ``arhq_jax.decomposition.scale_search`` (issue 12; not
+    it is the E4M3 block-scale search of ``arhq_jax.decomposition.scale_search`` (not
     QuaRot's).
   - act-order with groups requires ``static_groups`` (ValueError otherwise), as does combining it
     with mixed precision or tiles.

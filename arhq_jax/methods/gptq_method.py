@@ -88,7 +88,7 @@ class GPTQMethod(Method):
             st = group_stats(calib, layer, groups, qcfg, keep_h=True, keep_absmax=static)
         act = static_act_scales(qcfg, st, projs)
         w_scales = fused_w_scales(qcfg, {p: getattr(layer, p).w for p in projs})
-        # issue 11: with several devices each projection runs on its own one, all dispatched
+        # with several devices each projection runs on its own one, all dispatched
         # before any is waited on (arhq_jax.parallel.devices); one device: as before, one at a time.
         stage = devices.stage_placement(calib.spread, {p: getattr(layer, p).w.shape for p in projs})
         many, order, place = stage.many, stage.order, stage.put

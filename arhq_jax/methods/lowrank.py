@@ -58,7 +58,7 @@ class RTNOptions(Options):
         "raw, or smooth: per-projection α-searched smoothing (docs/spec/methods.md §2.3)",
         choices=SETTINGS,
     )
-    # issue 12 (beyond ARHQ): arhq_jax/decomposition/rotate.py; the α search on the first batches
+    # beyond ARHQ: arhq_jax/decomposition/rotate.py; the α search on the first batches
     # only.
     rotate: int = option(
         0,
@@ -108,7 +108,7 @@ class SVDQuantOptions(GPTQOptions, RTNOptions):
         "quantizer of the residual / main weight: rtn or gptq",
         choices=RESIDUAL_QUANTS,
     )
-    # issue 12 (beyond ARHQ): arhq_jax/decomposition/rank_budget.py, refine.py.
+    # beyond ARHQ: arhq_jax/decomposition/rank_budget.py, refine.py.
     rank_budget: bool = option(
         False,
         "spread the factor budget of uniform --rank over the (layer, projection) pairs",
@@ -233,10 +233,10 @@ def _quantize_group(
 ):
     """Decompose and pack ``projs`` of ``layer``; returns ({proj: QuantLinear}, diagnostics).
 
-    ``act``: {proj: static activation scale}. issue 12: ``mom_of`` {proj: moments H, C, G} for
+    ``act``: {proj: static activation scale}. ``mom_of`` {proj: moments H, C, G} for
     the joint refinement, ``ranks`` {(layer, proj): rank} of the rank budget. Every projection
     is split first, so that the fused partitions (q/k/v, gate/up) can share one nvfp4 weight
-    global scale of their residuals. issue 11: with an active ``devices.Spread`` every
+    global scale of their residuals. With an active ``devices.Spread`` every
     projection's inputs go to its own device and all of them are dispatched before any is
     waited on (one device: each is timed on its own, as before)."""
     mom_of = mom_of or {}
@@ -259,7 +259,7 @@ def _quantize_group(
     t_all = time.perf_counter()
     for p in order:
         w = place(getattr(layer, p).w, p).astype(jnp.float32)
-        if qcfg.rotate:  # issue 12: the weight of the rotated space, W R
+        if qcfg.rotate:  # the weight of the rotated space, W R
             w = rotate.rotate_weight(w, rotate.block_for(w.shape[1], qcfg.rotate))
         alpha, s = smooth.get(p, (None, None))
         w_t = w if s is None else w * place(s, p)[None, :]
@@ -270,9 +270,9 @@ def _quantize_group(
             split = jax.block_until_ready(split)
         grp = GROUP_OF[p]
         quantizer = refine.rtn_quantizer(qcfg.w_spec)
-        if qcfg.refine_gptq:  # issue 12: GPTQ under H (Ĥ when act-aware) inside the loop
+        if qcfg.refine_gptq:  # GPTQ under H (Ĥ when act-aware) inside the loop
             quantizer = _gptq_quantizer(qcfg, h_of, p, place)
-        if qcfg.act_aware:  # issue 12: the residual's target T = res P under Ĥ
+        if qcfg.act_aware:  # the residual's target T = res P under Ĥ
             if grp not in maps:
                 mom = place(mom_of[p], p)
                 lam = refine.act_aware_lambda(mom, qcfg.percdamp)
@@ -280,7 +280,7 @@ def _quantize_group(
             quantizer = refine.mapped_quantizer(quantizer, place(maps[grp][0], p))
             if qcfg.residual_quant == "gptq":  # GPTQ of the target under Ĥ (RTN: no H)
                 h_of[p] = maps[grp][1]
-        if split is not None and qcfg.refine_iters:  # issue 12: joint refinement
+        if split is not None and qcfg.refine_iters:  # joint refinement
             mom = place(mom_of[p], p)
             if grp not in roots:
                 roots[grp] = refine.h_roots(mom)
@@ -339,7 +339,7 @@ def _quantize_group(
         }
         if many:
             d["device"] = stage.device_id(p)
-        if p in refined:  # issue 12: J of every accepted refinement iterate
+        if p in refined:  # J of every accepted refinement iterate
             d["refine_objectives"] = [float(j) for j in refined[p]]
         if split is not None:
             d.update(
@@ -350,7 +350,7 @@ def _quantize_group(
                 branch_rel_norm=split.branch_rel_norm,
             )
         diags[p] = d
-        if qcfg.rotate:  # issue 12: online rotation of the input
+        if qcfg.rotate:  # online rotation of the input
             d["rotate"] = rotate.block_for(residual.shape[1], qcfg.rotate)
             ql = rotate.RotatedLinear(ql, d["rotate"])
         new[p] = ql
@@ -406,7 +406,7 @@ class LowRankMethod(Method):
         return not qcfg.rank_budget  # the rank budget's plan reads the whole model
 
     def plan(self, params, cfg, calib_ids, qcfg, *, batch_size=8, mesh=None):
-        """issue 12: ``{(layer, proj): rank}`` of the rank budget (None without one)."""
+        """``{(layer, proj): rank}`` of the rank budget (None without one)."""
         if not qcfg.rank_budget:
             return None
         return allocate_model_ranks(params, cfg, calib_ids, qcfg, batch_size, mesh)
@@ -451,7 +451,7 @@ class LowRankMethod(Method):
                 h_of = {p: gs[names[p]]["H"] for p in projs} if need_h else {}
         else:
             gs, scale, rot = {}, None, qcfg.rotate
-            # issue 12: H, C and G in one pass instead
+            # H, C and G in one pass instead
             moments = bool(qcfg.refine_iters) or qcfg.act_aware
             if static:  # pass 1: the amax (with H when only H is needed: it ignores the scale)
                 spec = stats_config(qcfg, g=False, absmax=True, h=need_h and not need_g)
@@ -533,7 +533,7 @@ class ARHQ(LowRankMethod):
             )
 
 
-# ----------------------------------------------------------------------------- issue 12
+# ----------------------------------------------------------------------------- beyond ARHQ
 
 
 def rank_grid(qcfg, step: int = 8) -> tuple[int, ...]:

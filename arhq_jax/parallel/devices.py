@@ -1,4 +1,4 @@
-"""Placement of a layer stage's per-projection work over several devices (issue 11).
+"""Placement of a layer stage's per-projection work over several devices.
 
 Calibration is data parallel (``arhq_jax.calibration.calibrate``: the batch is split over a ``data``
 mesh). What follows the statistics — the eigh / Cholesky / SVD of every projection (or of one

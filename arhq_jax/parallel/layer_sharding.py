@@ -1,5 +1,5 @@
 """A decoder layer too large for one device: its float linears sharded over a ``model`` axis
-for the calibration forwards (issue 11).
+for the calibration forwards.
 
 The calibration mesh is 2-D, ``("data", "model")``: the batch is split over ``data`` (as with
 the 1-D ``calibrate.data_mesh``) and every float ``Dense`` weight ``[out, in]`` of the layer

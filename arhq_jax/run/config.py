@@ -349,7 +349,7 @@ class QuantConfig:
         if self.act_scale == "dynamic":
             act += "-dyn"
         setting = f"-{self.setting}" if self.setting is not None else ""
-        # issue 12 (options of the low-rank methods; None elsewhere)
+        # the beyond-ARHQ options of the low-rank methods (None elsewhere)
         extra = "-budget" if self.rank_budget else ""
         extra += f"-refine{self.refine_iters}" if self.refine_iters else ""
         extra += f"-rot{self.rotate}" if self.rotate else ""
@@ -359,7 +359,7 @@ class QuantConfig:
         return f"{self.method}{rank}{extra}{res}{setting}-{w}/{act}"
 
 
-# issue 12: named recipes (``--preset``), expanded to QuantConfig arguments. best-w4a4: hardware
+# named recipes (``--preset``), expanded to QuantConfig arguments. best-w4a4: hardware
 # NVFP4 W4A4 (static activation scales), at most 6.0 stored bits per weight over the seven
 # projections (4.5 for codes and block scales + 1.47 for the rank-32 bf16 factors), the best
 # combination measured on SmolLM2 (docs/beyond_arhq.md, benchmarks/results/beyond_w4a4.md): ARHQ

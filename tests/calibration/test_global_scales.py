@@ -1,4 +1,4 @@
-"""Static NVFP4 activation scales and fused weight global scales (issue 9, item 2).
+"""Static NVFP4 activation scales and fused weight global scales.
 
 References are independent: numpy amax of the captured linear inputs, numpy float64 EᵀE/N with
 the numpy NVFP4 fake-quantizer (``_fp4_numpy``), numpy reductions of the float weights. Scales

@@ -1,4 +1,4 @@
-"""issue 12's options in quantize_model (tiny random Llama): rotation, rank budget, refinement."""
+"""The beyond-ARHQ options in quantize_model (tiny model): rotation, rank budget, refinement."""
 
 from __future__ import annotations
 

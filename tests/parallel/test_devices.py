@@ -1,4 +1,4 @@
-"""issue 11, many devices: per-projection decompositions spread over fake CPU devices, and two
+"""Many devices: per-projection decompositions spread over fake CPU devices, and two
 ``jax.distributed`` processes on one machine, against the one-device result.
 
 Fake devices need ``--xla_force_host_platform_device_count`` before jax is imported, so the

@@ -89,12 +89,18 @@ def _streamed(path, qcfg, ids, out, **kw):
 
 
 def _digests(d):
-    """sha256 of every file but config.json / manifest.json (which hold the timings)."""
+    """sha256 of every file but config.json / manifest.json (the in-memory and streamed paths
+    record their calibration differently there; see ``_config``)."""
     return {
         str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest()
         for p in sorted(d.rglob("*"))
         if p.is_file() and p.name not in ("config.json", "manifest.json")
     }
+
+
+def _all_bytes(d):
+    """{relative path: bytes} of every file of a directory."""
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
 
 
 def _config(d):
@@ -173,6 +179,10 @@ def test_killed_run_resumes_to_the_same_checkpoint(sources, ids, tmp_path, recip
     assert res.resumed_from == 2 and seen == [2]
     _same(tmp_path / "ref", out)
     assert not work.exists()
+    # The resumed directory is the uninterrupted run's, every byte of every file (config.json and
+    # manifest.json included: no run timings are stored in the checkpoint).
+    _streamed(sources["untied"], qcfg, ids, tmp_path / "whole")
+    assert _all_bytes(out) == _all_bytes(tmp_path / "whole")
 
 
 def test_another_recipe_does_not_resume_a_partial_run(sources, ids, tmp_path):
