@@ -29,6 +29,9 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
+# The repository root first on sys.path, never benchmarks/ itself (python puts a script's folder
+# there): this folder's module names must not shadow installed packages.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "benchmarks"]
 sys.path.insert(0, str(ROOT))
 
 import jax  # noqa: E402
@@ -85,6 +88,9 @@ def resq_extra_bits(cfg) -> float:
     extra = sum(s[p][0] * (4 * n_hi + 32) for p in PROJECTIONS if p != "down_proj")
     extra += 32 * s["o_proj"][1]  # o_proj's int32 input permutation
     return extra / sum(o * i for o, i in s.values())
+
+
+TINY_ROWS = ("rtn", "arhq r32")  # the rows of a --tiny run
 
 
 def runs(cfg) -> list[dict]:
@@ -305,13 +311,21 @@ def main(argv=None) -> int:
         default=None,
         help="issue 12: also score every row on this UTF-8 text file (columns ppl², KL², top-1²)",
     )
+    ap.add_argument("--tiny", action="store_true", help="smoke run: tiny random model (bench_tiny)")
     args = ap.parse_args(argv)
 
     from converters import load_model
 
     t_start = time.perf_counter()
-    m = load_model(args.model)
-    corpus = load_corpus(m.tokenizer)
+    if args.tiny:  # two rows on the tiny random model, a few chunks, results in --out
+        from benchmarks import bench_tiny
+
+        m, corpus = bench_tiny.tiny_model(), bench_tiny.tiny_corpus()
+        args.calib_tokens, args.calib_seq_len = bench_tiny.CALIB_TOKENS, bench_tiny.SEQ_LEN
+        args.seq_len, args.max_chunks = bench_tiny.SEQ_LEN, 2
+    else:
+        m = load_model(args.model)
+        corpus = load_corpus(m.tokenizer)
     calib = calibration_ids(corpus.calib, args.calib_tokens, args.calib_seq_len)
     eval_kw = dict(seq_len=args.seq_len, max_chunks=args.max_chunks, progress=False)
     fp = evaluate_models({}, m.params, m.cfg, corpus.eval, **eval_kw)["float"]
@@ -359,7 +373,9 @@ def main(argv=None) -> int:
     )
     only = None if args.only is None else [s.strip() for s in args.only.split(",")]
     every = runs(m.cfg) + beyond_runs(args.ablation_tokens)
-    if only is None:
+    if args.tiny and only is None:
+        todo = [r for r in every if r["name"] in TINY_ROWS]
+    elif only is None:
         todo = every
     else:  # in the order of the prefixes given
         todo = [r for o in only for r in every if r["name"].startswith(o)]
