@@ -6,8 +6,11 @@ its encoded tensors to a work directory, advances the calibration hidden states 
 layer. Once every layer is done it assembles the checkpoint through the same
 ``checkpoint_writer.CheckpointWriter`` as ``checkpoint.save`` (the embedding and lm_head copied
 in row blocks from the source), so the files are the ones ``save(quantize_model(...))``
-writes, byte for byte. Host memory: the largest layer + the calibration hidden states + a row
-block; device memory: one layer + the hidden states.
+writes, byte for byte. Layer l+1 is read and layer l written by two background threads while
+layer l+1 is quantized. Host memory: three layers (the one read ahead, the one quantized, the one
+being written) + the calibration hidden states + a row block; device memory: two layers (the
+one quantized, the one being written) + two sets of hidden states (the current ones and those
+being written).
 
 The work directory ``.<out>.arhq-resume`` beside ``out``::
 
