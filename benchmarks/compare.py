@@ -29,6 +29,9 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
+# The repository root first on sys.path, never benchmarks/ itself (python puts a script's folder
+# there): this folder's module names must not shadow installed packages.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "benchmarks"]
 sys.path.insert(0, str(ROOT))
 
 import jax  # noqa: E402
@@ -55,7 +58,7 @@ COLUMNS = (
     ("top1", "top-1", ".4f"),
     ("quant_s", "quantize s", ".0f"),
 )
-# issue 12: the same measures on a second text (``--second-text``), after the pydoc ones.
+# the same measures on a second text (``--second-text``), after the pydoc ones.
 SECOND_COLUMNS = (("ppl2", "ppl²", ".3f"), ("kl2", "KL²", ".4f"), ("top1_2", "top-1²", ".4f"))
 
 
@@ -85,6 +88,9 @@ def resq_extra_bits(cfg) -> float:
     extra = sum(s[p][0] * (4 * n_hi + 32) for p in PROJECTIONS if p != "down_proj")
     extra += 32 * s["o_proj"][1]  # o_proj's int32 input permutation
     return extra / sum(o * i for o, i in s.values())
+
+
+TINY_ROWS = ("rtn", "arhq r32")  # the rows of a --tiny run
 
 
 def runs(cfg) -> list[dict]:
@@ -157,7 +163,7 @@ def runs(cfg) -> list[dict]:
     ]
 
 
-# issue 12: the ingredients of the best-w4a4 preset, each alone on ARHQ r32 (raw, RTN residual,
+# the ingredients of the best-w4a4 preset, each alone on ARHQ r32 (raw, RTN residual,
 # parallel) and each removed from the preset (its plain-ARHQ value restored); REJECTED: tried and
 # left out of the preset, each alone and added to the preset. Rows "beyond…". The ablation rows
 # can calibrate on fewer tokens than the run (``--ablation-tokens``: the first n of its ids).
@@ -298,20 +304,28 @@ def main(argv=None) -> int:
         "--ablation-tokens",
         type=int,
         default=None,
-        help="issue 12: calibrate the beyond@n ablation rows on the first n tokens only",
+        help="calibrate the beyond@n ablation rows on the first n tokens only",
     )
     ap.add_argument(
         "--second-text",
         default=None,
-        help="issue 12: also score every row on this UTF-8 text file (columns ppl², KL², top-1²)",
+        help="also score every row on this UTF-8 text file (columns ppl², KL², top-1²)",
     )
+    ap.add_argument("--tiny", action="store_true", help="smoke run: tiny random model (bench_tiny)")
     args = ap.parse_args(argv)
 
     from converters import load_model
 
     t_start = time.perf_counter()
-    m = load_model(args.model)
-    corpus = load_corpus(m.tokenizer)
+    if args.tiny:  # two rows on the tiny random model, a few chunks, results in --out
+        from benchmarks import bench_tiny
+
+        m, corpus = bench_tiny.tiny_model(), bench_tiny.tiny_corpus()
+        args.calib_tokens, args.calib_seq_len = bench_tiny.CALIB_TOKENS, bench_tiny.SEQ_LEN
+        args.seq_len, args.max_chunks = bench_tiny.SEQ_LEN, 2
+    else:
+        m = load_model(args.model)
+        corpus = load_corpus(m.tokenizer)
     calib = calibration_ids(corpus.calib, args.calib_tokens, args.calib_seq_len)
     eval_kw = dict(seq_len=args.seq_len, max_chunks=args.max_chunks, progress=False)
     fp = evaluate_models({}, m.params, m.cfg, corpus.eval, **eval_kw)["float"]
@@ -359,7 +373,9 @@ def main(argv=None) -> int:
     )
     only = None if args.only is None else [s.strip() for s in args.only.split(",")]
     every = runs(m.cfg) + beyond_runs(args.ablation_tokens)
-    if only is None:
+    if args.tiny and only is None:
+        todo = [r for r in every if r["name"] in TINY_ROWS]
+    elif only is None:
         todo = every
     else:  # in the order of the prefixes given
         todo = [r for o in only for r in every if r["name"].startswith(o)]
@@ -379,7 +395,7 @@ def main(argv=None) -> int:
     qmodels = {}
     for i, run in enumerate(todo):
         kw = dict(run["kw"])
-        n_calib = kw.pop("calib_tokens", None)  # issue 12: a row on fewer calibration tokens
+        n_calib = kw.pop("calib_tokens", None)  # a row on fewer calibration tokens
         ids = calib if n_calib is None else calib.reshape(-1)[:n_calib].reshape(-1, calib.shape[1])
         qcfg = QuantConfig(**kw)
         print(f"[{i + 1}/{len(todo)}] {run['name']}: {qcfg.label()} ...", flush=True)

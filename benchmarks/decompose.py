@@ -13,7 +13,7 @@ clamp has to catch).
 Timings of the JAX path are of the public ``arhq`` call; for shapes that run in under a few
 seconds a warm-up call is made first (so compile time is excluded), for larger ones the single
 timed call includes compilation (about a second, marked ``*``).
-"""
+"""  # noqa: E501
 
 from __future__ import annotations
 
@@ -21,10 +21,15 @@ import argparse
 import os
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = Path(__file__).resolve().parent.parent
+# The repository root first on sys.path, never benchmarks/ itself (python puts a script's folder
+# there): this folder's module names must not shadow installed packages.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "benchmarks"]
+sys.path.insert(0, str(ROOT))
 
 import jax  # noqa: E402
 
@@ -99,9 +104,12 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="SmolLM2 shapes only")
     ap.add_argument("--rank", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3, help="best of N for the small shapes")
+    ap.add_argument("--tiny", action="store_true", help="smoke run: one 96x64 problem, rank 4")
     args = ap.parse_args(argv)
     shapes = [("SmolLM2-135M", s) for s in SMOL]
-    if not args.quick:
+    if args.tiny:
+        shapes, args.rank, args.repeats = [("tiny", (96, 64))], 4, 1
+    elif not args.quick:
         shapes += [("Qwen3-4B", s) for s in QWEN]
 
     print(

@@ -1,5 +1,5 @@
-"""Exploration runs for issue 12: quantize SmolLM2 with a few QuantConfigs, one at a time, and
-score each (ppl, KL, top-1 on the demo's split: pydoc evaluation part, seq-len 512, 16 chunks).
+"""Exploration runs for the best W4A4 recipe: quantize SmolLM2 with a few QuantConfigs, one at a
+time, and score each (ppl, KL, top-1 on the demo's split: pydoc evaluation part, seq-len 512, 16 chunks).
 
     .venv/bin/python benchmarks/explore_w4a4.py --out runs/explore.jsonl \
         --run 'arhq r32={"method":"arhq","rank":32}' ...
@@ -20,6 +20,9 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
+# The repository root first on sys.path, never benchmarks/ itself (python puts a script's folder
+# there): this folder's module names must not shadow installed packages.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "benchmarks"]
 sys.path.insert(0, str(ROOT))
 
 from arhq_jax.evaluation.pipeline import calibration_ids, evaluate_models, load_corpus  # noqa: E402
@@ -35,12 +38,22 @@ def main(argv=None) -> int:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--out", default="runs/explore.jsonl")
     ap.add_argument("--run", action="append", default=[], help="NAME=JSON kwargs of QuantConfig")
+    ap.add_argument("--tiny", action="store_true", help="smoke run: tiny random model (bench_tiny)")
     args = ap.parse_args(argv)
     from converters import load_model
 
-    m = load_model("smollm2")
-    corpus = load_corpus(m.tokenizer)
-    calib = calibration_ids(corpus.calib, args.calib_tokens, 512)
+    seq_len = 512
+    if args.tiny:  # one ARHQ row unless --run is given
+        from benchmarks import bench_tiny
+
+        m, corpus = bench_tiny.tiny_model(), bench_tiny.tiny_corpus()
+        args.calib_tokens, args.max_chunks = bench_tiny.CALIB_TOKENS, 2
+        seq_len = args.seq_len = bench_tiny.SEQ_LEN
+        args.run = args.run or ['arhq={"method": "arhq", "rank": 4}']
+    else:
+        m = load_model("smollm2")
+        corpus = load_corpus(m.tokenizer)
+    calib = calibration_ids(corpus.calib, args.calib_tokens, seq_len)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     for spec in args.run:

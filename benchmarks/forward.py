@@ -18,10 +18,15 @@ import statistics
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = Path(__file__).resolve().parent.parent
+# The repository root first on sys.path, never benchmarks/ itself (python puts a script's folder
+# there): this folder's module names must not shadow installed packages.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "benchmarks"]
+sys.path.insert(0, str(ROOT))
 
 import jax  # noqa: E402
 import torch  # noqa: E402
@@ -49,13 +54,21 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--attn", default="sdpa", choices=("sdpa", "eager"))
     ap.add_argument("--torch-threads", type=int, default=None)
+    ap.add_argument("--tiny", action="store_true", help="smoke run: tiny random model (bench_tiny)")
     args = ap.parse_args(argv)
+    if args.tiny:
+        args.seq_len, args.repeats = 32, 2
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
 
     from transformers import AutoModelForCausalLM
 
-    m = load_model(args.model, tokenizer=False)
+    if args.tiny:
+        from benchmarks import bench_tiny
+
+        m = bench_tiny.tiny_model()
+    else:
+        m = load_model(args.model, tokenizer=False)
     with tempfile.TemporaryDirectory() as tmp:
         path = save_hf_dir(m.cfg, m.params, os.path.join(tmp, "hf"))
         ref = AutoModelForCausalLM.from_pretrained(
@@ -78,7 +91,8 @@ def main(argv=None) -> int:
     t_torch = statistics.median(_time(run_torch, args.repeats))
     n = args.batch * args.seq_len
     print(
-        f"SmolLM2-135M forward, f32, batch {args.batch} x {args.seq_len} tokens, "
+        f"{'tiny' if args.tiny else args.model} forward, f32, batch {args.batch} x "
+        f"{args.seq_len} tokens, "
         f"median of {args.repeats} (warm-up excluded); CPU: {os.cpu_count()} cores, "
         f"torch threads {torch.get_num_threads()}, jax {jax.__version__} on "
         f"{jax.devices()[0].platform}"

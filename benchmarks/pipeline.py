@@ -1,15 +1,21 @@
-"""arhq-jax's quantize beside a compact torch implementation of the same work, in one process.
+"""arhq-jax's quantize, streamed and in memory, beside a compact torch implementation, in one run.
 
-    .venv/bin/python benchmarks/pipeline.py                  # SmolLM2, ARHQ r32 W4A4, 16,384 tokens
-    .venv/bin/python benchmarks/pipeline.py --calib-tokens 4096 --layers 4
+    .venv/bin/python benchmarks/pipeline.py                 # SmolLM2, ARHQ r32 W4A4, 16,384 tokens
+    .venv/bin/python benchmarks/pipeline.py --path stream   # only the path `arhq-jax quantize` runs
+    .venv/bin/python benchmarks/pipeline.py --tiny          # a smoke run on a tiny random model
 
-Both calibrate on the same tokens (the pydoc calibration part, sequences of 512): arhq-jax runs
-``quantize_model`` (compilation included, as the CLI does), the torch side
-``benchmarks/torch_reference.py`` (hooks + per-linear eigh/SVD). Printed: both times per phase,
-the ratio torch / arhq-jax, the f32 matmul peak of jnp and torch measured in the same run, and the
-fraction of it the calibration reaches (model FLOPs: the linears' and attention's forward plus
-the G updates each side computes). ``uptime`` before and after: on a shared machine the ratio is
-the figure, not the seconds.
+All calibrate on the same tokens (the pydoc calibration part, sequences of 512). ``stream`` is what
+``arhq-jax quantize`` runs: ``quantize_stream`` from the lazy source (``open_source``) to a
+checkpoint directory, disk to disk; ``memory`` is ``quantize_model`` on the loaded model (nothing
+written); the torch side is ``benchmarks/torch_reference.py`` (hooks + per-linear eigh/SVD).
+Each path runs in a fresh process, compilation included, as in the CLI. Printed per path: the
+phase times, the wall time, the CPU seconds of the process (all threads; on a shared machine they
+move far less with the load than wall seconds), the ratio torch / arhq-jax of the phases (torch's
+calibration + decomposition over arhq-jax's calibration + decomposition + packing), of the wall
+times and of the CPU seconds, the fraction of the f32 matmul peak
+(jnp and torch, measured in the same run) the calibration reaches (model FLOPs: the linears' and
+attention's forward plus the G updates each side computes), and the load times of the model.
+``uptime`` before and after: on a shared machine the ratio is the figure, not the seconds.
 """
 
 from __future__ import annotations
@@ -20,14 +26,19 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # see arhq_jax/cli/main.py
 
 import argparse  # noqa: E402
 import json  # noqa: E402
+import resource  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
+import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+import numpy as np  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
+# The repository root, never benchmarks/ itself, on sys.path (its modules would shadow packages).
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "benchmarks"]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
 def uptime() -> str:
@@ -77,74 +88,172 @@ def flops(cfg, n_tokens: int, seq_len: int, layers: int) -> dict:
     }
 
 
+def _phases(t: dict) -> float:
+    return sum(t.get(k, 0.0) for k in ("calibration_s", "decomposition_s", "packing_s"))
+
+
+def _cpu() -> float:
+    """CPU seconds (user + system) of this process so far, every thread included: on a shared
+    machine they move far less with the load than wall seconds do."""
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
+def _child(args) -> int:
+    """One path, in this (fresh) process: load, quantize, the figures to ``<child-dir>/<path>.json``
+    (the ids from ``<child-dir>/ids.npy``)."""
+    from arhq_jax.run.config import QuantConfig
+    from arhq_jax.run.quantize import quantize_model, summarize
+    from arhq_jax.run.stream import quantize_stream
+    from converters import load_model
+    from converters.lazy import open_source
+
+    d = Path(args.child_dir)
+    ids = np.load(d / "ids.npy")
+    qcfg = QuantConfig(method="arhq", rank=args.rank, w_fmt="nvfp4-paper", act_fmt="nvfp4-paper")
+    t0 = time.perf_counter()
+    if args.child == "memory":
+        m = load_model(args.model)
+        load_s, t0, c0 = time.perf_counter() - t0, time.perf_counter(), _cpu()
+        res = quantize_model(m.params, m.cfg, ids, qcfg, batch_size=args.batch_size, progress=False)
+    else:
+        with open_source(args.model) as src:  # as `arhq-jax quantize` does
+            load_s, t0, c0 = time.perf_counter() - t0, time.perf_counter(), _cpu()
+            res = quantize_stream(
+                src,
+                ids,
+                qcfg,
+                d / "stream-out",
+                quant=qcfg.to_dict(),
+                source={"model": args.model},
+                batch_size=args.batch_size,
+                progress=False,
+            )
+    wall, cpu = time.perf_counter() - t0, _cpu() - c0
+    doc = {
+        "timings": res.timings,
+        "wall_s": wall,
+        "cpu_s": cpu,
+        "load_s": load_s,
+        "loader": "load_model" if args.child == "memory" else "open_source",
+        "diagnostics": summarize(res.projections),
+    }
+    (d / f"{args.child}.json").write_text(json.dumps(doc))
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--path", choices=("stream", "memory", "both"), default="both")
+    ap.add_argument("--model", default="smollm2", help="smollm2, a .gguf, a HF or orbax dir")
     ap.add_argument("--calib-tokens", type=int, default=16384)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--rank", type=int, default=32)
     ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--layers", type=int, default=None, help="first N decoder layers only")
     ap.add_argument("--skip-torch", action="store_true")
+    ap.add_argument("--tiny", action="store_true", help="smoke run: tiny random model, few tokens")
     ap.add_argument("--json", default=None, help="also write the figures to this file")
+    ap.add_argument("--child", choices=("stream", "memory"), help=argparse.SUPPRESS)
+    ap.add_argument("--child-dir", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-
-    import dataclasses
+    if args.child:
+        return _child(args)
 
     from arhq_jax.evaluation.pipeline import calibration_ids, load_corpus
-    from arhq_jax.run.config import QuantConfig
-    from arhq_jax.run.quantize import quantize_model, summarize
     from converters import load_model
 
+    tmp = tempfile.TemporaryDirectory(prefix="arhq-pipeline-")
     load_before = uptime()
-    m = load_model("smollm2")
-    cfg, params = m.cfg, m.params
-    if args.layers is not None:
-        cfg = dataclasses.replace(cfg, num_layers=args.layers)
-        params = params.replace(layers=params.layers[: args.layers])
-    corpus = load_corpus(m.tokenizer)
-    ids = calibration_ids(corpus.calib, args.calib_tokens, args.seq_len)
-    n_tok = int(ids.size)
-    peak = matmul_peak()
-    qcfg = QuantConfig(method="arhq", rank=args.rank, w_fmt="nvfp4-paper", act_fmt="nvfp4-paper")
+    source, n_calib, seq_len, rank, peak_n = (
+        args.model,
+        args.calib_tokens,
+        args.seq_len,
+        args.rank,
+        2048,
+    )
+    if args.tiny:
+        from benchmarks import bench_tiny
 
+        source = bench_tiny.tiny_hf_dir(Path(tmp.name) / "model")
+        n_calib, seq_len, rank, peak_n = bench_tiny.CALIB_TOKENS, bench_tiny.SEQ_LEN, 4, 256
     t0 = time.perf_counter()
-    res = quantize_model(params, cfg, ids, qcfg, batch_size=args.batch_size, progress=False)
-    jax_wall = time.perf_counter() - t0
-    jt = res.timings
-    fl = flops(cfg, n_tok, args.seq_len, cfg.num_layers)
+    m = load_model(source)
+    load_s = time.perf_counter() - t0
+    cfg, params = m.cfg, m.params
+    corpus = bench_tiny.tiny_corpus() if args.tiny else load_corpus(m.tokenizer)
+    ids = calibration_ids(corpus.calib, n_calib, seq_len)
+    n_tok = int(ids.size)
+    peak = matmul_peak(peak_n)
     ref_peak = max(peak.values())
+    fl = flops(cfg, n_tok, seq_len, cfg.num_layers)
     out = {
+        "model": str(args.model) if not args.tiny else "tiny",
         "calib_tokens": n_tok,
         "layers": cfg.num_layers,
         "peak_gflops": peak,
-        "jax": {**jt, "wall_s": jax_wall},
+        "load_s": {"load_model": load_s},
         "uptime_before": load_before,
     }
-    cal_jax = (fl["forward"] + fl["g_jax"]) / jt["calibration_s"] / 1e9
-    print(
-        f"arhq-jax: calibration {jt['calibration_s']:.1f}s, decomposition "
-        f"{jt['decomposition_s']:.1f}s, packing {jt['packing_s']:.1f}s "
-        f"(wall {jax_wall:.1f}s) on {n_tok} tokens; calibration {cal_jax:.0f} GFLOP/s "
-        f"= {cal_jax / ref_peak:.0%} of peak"
-    )
-    out["diagnostics"] = summarize(res.projections)
-    print(f"arhq-jax diagnostics (means over projections): {out['diagnostics']}")
+    print(f"load_model({out['model']}): {load_s:.1f}s")
+    paths = ("stream", "memory") if args.path == "both" else (args.path,)
+    np.save(Path(tmp.name) / "ids.npy", ids)
+    for path in paths:
+        # Each path in a fresh process, as a user's CLI run: its compilations are its own.
+        got = Path(tmp.name) / f"{path}.json"
+        cmd = [sys.executable, __file__, "--child", path, "--child-dir", tmp.name]
+        cmd += ["--model", str(source), "--rank", str(rank), "--batch-size", str(args.batch_size)]
+        subprocess.run(cmd, check=True)
+        r = json.loads(got.read_text())
+        jt = r["timings"]
+        cal = (fl["forward"] + fl["g_jax"]) / jt["calibration_s"] / 1e9
+        out[path] = {**r, "phases_s": _phases(jt), "calib_frac_peak": cal / ref_peak}
+        out["load_s"][r["loader"]] = r.pop("load_s")
+        written = ", checkpoint written" if path == "stream" else ""
+        print(
+            f"arhq-jax {path}: calibration {jt['calibration_s']:.1f}s, decomposition "
+            f"{jt['decomposition_s']:.1f}s, packing {jt['packing_s']:.1f}s = "
+            f"{_phases(jt):.1f}s of phases (wall {r['wall_s']:.1f}s{written}, CPU "
+            f"{r['cpu_s']:.1f}s; "
+            f"{r['loader']} {out['load_s'][r['loader']]:.1f}s before) on {n_tok} tokens; "
+            f"calibration {cal:.0f} GFLOP/s = {cal / ref_peak:.0%} of peak"
+        )
+        print(f"  diagnostics (means over projections): {r['diagnostics']}")
     if not args.skip_torch:
-        import torch_reference
+        from benchmarks import torch_reference
 
         model = torch_reference.torch_model(cfg, params)
-        t0 = time.perf_counter()
-        _, tt = torch_reference.quantize(model, ids, rank=args.rank, batch_size=args.batch_size)
-        torch_wall = time.perf_counter() - t0
+        t0, c0 = time.perf_counter(), _cpu()
+        _, tt = torch_reference.quantize(model, ids, rank=rank, batch_size=args.batch_size)
+        torch_wall, torch_cpu = time.perf_counter() - t0, _cpu() - c0
         cal_t = (fl["forward"] + fl["g_torch"]) / tt["calibration_s"] / 1e9
-        out["torch"] = {**tt, "wall_s": torch_wall}
-        out["ratio"] = torch_wall / jax_wall
+        out["torch"] = {
+            **tt,
+            "wall_s": torch_wall,
+            "cpu_s": torch_cpu,
+            "calib_frac_peak": cal_t / ref_peak,
+        }
         print(
-            f"torch:    calibration {tt['calibration_s']:.1f}s, decomposition "
-            f"{tt['decomposition_s']:.1f}s (wall {torch_wall:.1f}s); calibration {cal_t:.0f} "
+            f"torch: calibration {tt['calibration_s']:.1f}s, decomposition "
+            f"{tt['decomposition_s']:.1f}s (wall {torch_wall:.1f}s, CPU {torch_cpu:.1f}s); "
+            f"calibration {cal_t:.0f} "
             f"GFLOP/s = {cal_t / ref_peak:.0%} of peak"
         )
-        print(f"ratio torch / arhq-jax: {out['ratio']:.2f}x")
+        torch_phases = tt["calibration_s"] + tt["decomposition_s"]
+        for path in paths:
+            r = out[path]
+            r["ratio_phases"] = torch_phases / r["phases_s"]
+            r["ratio_wall"] = torch_wall / r["wall_s"]
+            r["ratio_cpu"] = torch_cpu / r["cpu_s"]
+            print(
+                f"ratio torch / arhq-jax {path}: {r['ratio_phases']:.2f}x (phases), "
+                f"{r['ratio_wall']:.2f}x (wall), {r['ratio_cpu']:.2f}x (CPU seconds)"
+            )
+    if len(paths) == 2:
+        s, mem = out["stream"], out["memory"]
+        print(
+            f"stream / memory: phases {s['phases_s'] / mem['phases_s']:.3f}, CPU seconds "
+            f"{s['cpu_s'] / mem['cpu_s']:.3f}"
+        )
     out["uptime_after"] = uptime()
     print(
         f"f32 matmul peak: jnp {peak['jnp']:.0f}, torch {peak['torch']:.0f} GFLOP/s; "
@@ -154,6 +263,7 @@ def main(argv=None) -> int:
     print(f"load before: {load_before}\nload after:  {out['uptime_after']}")
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+    tmp.cleanup()
     return 0
 
 

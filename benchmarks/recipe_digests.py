@@ -17,9 +17,16 @@ import argparse
 import hashlib
 import json
 import sys
+from pathlib import Path
 
 import jax
 import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+# The repository root first on sys.path, never benchmarks/ itself (python puts a script's folder
+# there): this folder's module names must not shadow installed packages.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "benchmarks"]
+sys.path.insert(0, str(ROOT))
 
 # name → QuantConfig keyword arguments (the same construction before and after a refactor).
 RECIPES = {
@@ -91,7 +98,7 @@ def recipe_digests(params, cfg, ids, recipes: dict, *, batch_size: int = 8) -> d
 
 
 def _tiny():
-    sys.path.insert(0, "tests")
+    sys.path.insert(1, str(ROOT / "tests"))
     from _tiny import CFG
 
     from arhq_jax.models.params import random_params

@@ -32,6 +32,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+# The repository root first on sys.path, never benchmarks/ itself (python puts a script's folder
+# there): this folder's module names must not shadow installed packages.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "benchmarks"]
 sys.path.insert(0, str(ROOT))
 
 SHAPES = {
@@ -67,6 +70,18 @@ SHAPES = {
         "max_position_embeddings": 40960,
         "tie_word_embeddings": True,
     },
+}
+# The --tiny smoke run: SmolLM2's vocabulary (its tokenizer calibrates), small everything else.
+SHAPES["tiny"] = {
+    **SHAPES["qwen3-4b"],
+    "hidden_size": 64,
+    "intermediate_size": 96,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "vocab_size": 49152,
+    "max_position_embeddings": 512,
 }
 COMMON = {"hidden_act": "silu", "attention_bias": False, "torch_dtype": "bfloat16"}
 METHODS = {
@@ -106,7 +121,8 @@ def write_checkpoint(shape: str, layers: int, path: Path, seed: int = 0) -> int:
     import torch
     from safetensors.torch import save_file
 
-    from converters import load_model
+    from converters.gguf import load_gguf_tokenizer
+    from converters.registry import smollm2_gguf_path
 
     cfg = {**SHAPES[shape], **COMMON, "num_hidden_layers": layers}
     tmp = Path(tempfile.mkdtemp(prefix=path.name + ".", dir=path.parent))
@@ -134,7 +150,7 @@ def write_checkpoint(shape: str, layers: int, path: Path, seed: int = 0) -> int:
         index = {"metadata": {}, "weight_map": weight_map}
         (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
-        load_model("smollm2").tokenizer.save_pretrained(str(tmp))
+        load_gguf_tokenizer(smollm2_gguf_path()).save_pretrained(str(tmp))
         if path.exists():
             shutil.rmtree(path)
         os.rename(tmp, path)
@@ -255,7 +271,10 @@ def main(argv=None) -> int:
     ap.add_argument("--keep", action="store_true", help="keep the checkpoints written")
     ap.add_argument("--results", default=None, help="write the figures as JSON here")
     ap.add_argument("--gpu", action="store_true", help="require a GPU; results/<device>.json")
+    ap.add_argument("--tiny", action="store_true", help="smoke run: --shape tiny --layers 1 ...")
     args = ap.parse_args(argv)
+    if args.tiny:
+        args.shape, args.layers, args.methods, args.calib_tokens = "tiny", "1", "arhq", 128
     shapes, depths = args.shape.split(","), [int(x) for x in args.layers.split(",")]
     methods = args.methods.split(",")
     for s in shapes:

@@ -1,4 +1,4 @@
-"""Static vs dynamic NVFP4 activation scales on SmolLM2-135M (issue 9, item 2).
+"""Static vs dynamic NVFP4 activation scales on SmolLM2-135M.
 
     python benchmarks/static_scales.py [--calib-tokens 16384] [--out benchmarks/results/...]
 
@@ -14,13 +14,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
-from arhq_jax.evaluation.pipeline import calibration_ids, evaluate_models, load_corpus
-from arhq_jax.run.config import QuantConfig, takes
-from arhq_jax.run.quantize import quantize_model
-from converters import load_model
+ROOT = Path(__file__).resolve().parent.parent
+# The repository root first on sys.path, never benchmarks/ itself (python puts a script's folder
+# there): this folder's module names must not shadow installed packages.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "benchmarks"]
+sys.path.insert(0, str(ROOT))
+
+from arhq_jax.evaluation.pipeline import calibration_ids, evaluate_models, load_corpus  # noqa: E402
+from arhq_jax.run.config import QuantConfig, takes  # noqa: E402
+from arhq_jax.run.quantize import quantize_model  # noqa: E402
+from converters import load_model  # noqa: E402
 
 VARIANTS = {
     "dynamic (today)": {"act_scale": "dynamic", "fused_w_scale": False},
@@ -30,16 +37,28 @@ VARIANTS = {
 }
 
 
-def main() -> None:
+def main(argv=None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--calib-tokens", type=int, default=16384)
     ap.add_argument("--methods", default="rtn,arhq")
     ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated names")
     ap.add_argument("--out", default="benchmarks/results/static_scales.json")
-    args = ap.parse_args()
-    m = load_model("smollm2")
-    corpus = load_corpus(m.tokenizer)
-    calib = calibration_ids(corpus.calib, args.calib_tokens, 512)
+    ap.add_argument("--tiny", action="store_true", help="smoke run: tiny random model (bench_tiny)")
+    args = ap.parse_args(argv)
+    seq_len, chunks, bsz = 512, 16, 2
+    if args.tiny:  # RTN, two variants, a few chunks
+        from benchmarks import bench_tiny
+
+        m, corpus = bench_tiny.tiny_model(), bench_tiny.tiny_corpus()
+        args.calib_tokens, seq_len, chunks = bench_tiny.CALIB_TOKENS, bench_tiny.SEQ_LEN, 2
+        if args.methods == "rtn,arhq":
+            args.methods = "rtn"
+        if args.variants == ",".join(VARIANTS):
+            args.variants = "dynamic (today),static + fused W scale"
+    else:
+        m = load_model("smollm2")
+        corpus = load_corpus(m.tokenizer)
+    calib = calibration_ids(corpus.calib, args.calib_tokens, seq_len)
     models, rows = {}, []
     for method in args.methods.split(","):
         for vname in args.variants.split(","):
@@ -58,9 +77,9 @@ def main() -> None:
         m.params,
         m.cfg,
         corpus.eval,
-        seq_len=512,
-        max_chunks=16,
-        batch_size=2,
+        seq_len=seq_len,
+        max_chunks=chunks,
+        batch_size=bsz,
         progress=False,
     )
     for r in rows:
@@ -73,8 +92,8 @@ def main() -> None:
                 m.params,
                 m.cfg,
                 corpus.eval,
-                seq_len=256,
-                max_chunks=4,
+                seq_len=seq_len // 2,
+                max_chunks=max(1, chunks // 4),
                 batch_size=bs,
                 progress=False,
             )

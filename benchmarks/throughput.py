@@ -12,19 +12,27 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import jax
 import numpy as np
 
-from arhq_jax.checkpoint.store import tree_nbytes
-from arhq_jax.evaluation.metrics import make_chunks
-from arhq_jax.evaluation.pipeline import calibration_ids, load_corpus
-from arhq_jax.linears.quantized import dequantized
-from arhq_jax.models import transformer
-from arhq_jax.run.config import QuantConfig, takes
-from arhq_jax.run.quantize import quantize_model
-from converters import load_model
+ROOT = Path(__file__).resolve().parent.parent
+# The repository root first on sys.path, never benchmarks/ itself (python puts a script's folder
+# there): this folder's module names must not shadow installed packages.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "benchmarks"]
+sys.path.insert(0, str(ROOT))
+
+from arhq_jax.checkpoint.store import tree_nbytes  # noqa: E402
+from arhq_jax.evaluation.metrics import make_chunks  # noqa: E402
+from arhq_jax.evaluation.pipeline import calibration_ids, load_corpus  # noqa: E402
+from arhq_jax.linears.quantized import dequantized  # noqa: E402
+from arhq_jax.models import transformer  # noqa: E402
+from arhq_jax.run.config import QuantConfig, takes  # noqa: E402
+from arhq_jax.run.quantize import quantize_model  # noqa: E402
+from converters import load_model  # noqa: E402
 
 
 def tokens_per_second(params, cfg, batches, repeats: int) -> float:
@@ -50,12 +58,19 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--chunks", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--tiny", action="store_true", help="smoke run: tiny random model (bench_tiny)")
     args = ap.parse_args(argv)
 
     t0 = time.perf_counter()
-    m = load_model(args.model)
+    if args.tiny:
+        from benchmarks import bench_tiny
+
+        m, corpus = bench_tiny.tiny_model(), bench_tiny.tiny_corpus()
+        args.calib_tokens, args.seq_len, args.chunks, args.repeats = 256, 32, 2, 1
+    else:
+        m = load_model(args.model)
+        corpus = load_corpus(m.tokenizer)
     load_s = time.perf_counter() - t0
-    corpus = load_corpus(m.tokenizer)
     calib = calibration_ids(corpus.calib, args.calib_tokens, args.seq_len)
     qcfg = QuantConfig(
         method=args.method,
@@ -64,7 +79,7 @@ def main(argv=None):
         **takes(args.method, rank=args.rank),
     )
     t0 = time.perf_counter()
-    res = quantize_model(m.params, m.cfg, calib, qcfg)
+    res = quantize_model(m.params, m.cfg, calib, qcfg, progress=not args.tiny)
     total = time.perf_counter() - t0
     t = res.timings
     print(

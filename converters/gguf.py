@@ -73,16 +73,24 @@ def _f32_value(x) -> float:
 
 
 def _reader(path: str | Path):
-    from gguf import GGUFReader
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"GGUF file not found: {path}")
+    st = path.stat()
     try:
-        return GGUFReader(str(path))
+        return _parsed(str(path.resolve()), st.st_mtime_ns, st.st_size)
     except (ValueError, OSError, IndexError, KeyError, OverflowError) as e:
         # gguf's parser fails on a truncated or corrupt file with whatever numpy raises.
         raise ValueError(f"{path}: not a readable GGUF file, truncated or corrupt ({e})") from None
+
+
+@functools.lru_cache(maxsize=2)
+def _parsed(path: str, mtime_ns: int, size: int):
+    """The ``GGUFReader`` of one version of a file: parsing the metadata of a 49k-token
+    vocabulary takes seconds, and the config, the tokenizer check and the tensors share it."""
+    from gguf import GGUFReader
+
+    return GGUFReader(path)
 
 
 def gguf_hf_config(reader, path) -> dict:
@@ -161,8 +169,12 @@ def open_gguf(path: str | Path, *, param_dtype: str = "float32", dtype: str | No
     """``(cfg, get, names)`` of a GGUF: ``get(hf_name)`` dequantizes one tensor to f32 (HF
     layout) from the reader's memory map, None for a name the file lacks; ``names`` every HF
     name it holds."""
-    from gguf import dequantize
+    cfg, tensors = gguf_tensors(path, param_dtype=param_dtype, dtype=dtype)
+    return cfg, tensors.read, tensors.names()
 
+
+def gguf_tensors(path: str | Path, *, param_dtype: str = "float32", dtype: str | None = None):
+    """``(cfg, GGUFTensors)`` of a GGUF file (see ``GGUFTensors``)."""
     path = Path(path)
     reader = _reader(path)
     try:
@@ -183,20 +195,95 @@ def open_gguf(path: str | Path, *, param_dtype: str = "float32", dtype: str | No
             by_hf[name] = t
     if unknown:
         raise ValueError(f"{path}: GGUF tensors with no HF counterpart: {', '.join(unknown[:5])}")
+    return cfg, GGUFTensors(path, cfg, by_hf)
 
-    def get(name: str) -> np.ndarray | None:
-        t = by_hf.get(name)
+
+class GGUFTensors:
+    """The tensors of a GGUF by HF name, dequantized to f32 (HF layout) from the reader's memory
+    map when asked for, and only as much as is asked for: a row range or a row gather of a 2-D
+    tensor decodes those rows' blocks only (a GGUF block never spans two rows), a strided sample
+    the rows it touches, a shape none. Every piece is gguf's own numpy dequantizer applied to the
+    same blocks, so it equals the same piece of the whole tensor bit for bit.
+
+    Methods as ``converters.lazy``'s stores: ``names``, ``shape``, ``read``, ``rows``,
+    ``gather``, ``strided``, ``close``.
+    """
+
+    def __init__(self, path: Path, cfg: ModelConfig, by_hf: dict):
+        self.path, self.cfg, self._by_hf = path, cfg, by_hf
+
+    def names(self) -> list[str]:
+        return list(self._by_hf)
+
+    def _tensor(self, name: str):
+        t = self._by_hf.get(name)
+        if t is None:
+            raise ValueError(f"missing tensor {name!r}")
+        return t
+
+    def _heads(self, name: str) -> int | None:
+        """The head count of a q/k weight whose rows llama.cpp permuted (else None)."""
+        if self.cfg.family != "llama":
+            return None
+        if ".q_proj." in name:
+            return self.cfg.num_heads
+        return self.cfg.num_kv_heads if ".k_proj." in name else None
+
+    def _decode(self, t, data) -> np.ndarray:
+        from gguf import dequantize
+
+        try:
+            return dequantize(data, t.tensor_type)
+        except NotImplementedError as e:
+            raise ValueError(f"{self.path}: tensor {t.name}: {e}") from None
+
+    def shape(self, name: str) -> tuple[int, ...] | None:
+        t = self._by_hf.get(name)
+        return None if t is None else tuple(int(n) for n in reversed(t.shape))
+
+    def read(self, name: str) -> np.ndarray | None:
+        """The whole tensor (f32), None when the file lacks it."""
+        t = self._by_hf.get(name)
         if t is None:
             return None
-        try:
-            w = dequantize(t.data, t.tensor_type)
-        except NotImplementedError as e:
-            raise ValueError(f"{path}: tensor {t.name}: {e}") from None
-        if cfg.family == "llama" and (".q_proj." in name or ".k_proj." in name):
-            w = unpermute_qk(w, cfg.num_heads if ".q_proj." in name else cfg.num_kv_heads)
-        return w
+        w = self._decode(t, t.data)
+        heads = self._heads(name)
+        return w if heads is None else unpermute_qk(w, heads)
 
-    return cfg, get, list(by_hf)
+    def _by_rows(self, name: str) -> bool:
+        return self._tensor(name).data.ndim == 2 and self._heads(name) is None
+
+    def rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows ``[start, stop)`` of a tensor (f32)."""
+        if not self._by_rows(name):
+            return self.read(name)[start:stop]
+        t = self._tensor(name)
+        return self._decode(t, t.data[start:stop])
+
+    def gather(self, name: str, ids: np.ndarray) -> np.ndarray:
+        """``tensor[ids]`` (``ids`` int ``[...]``) → ``[..., cols]`` f32; each distinct row
+        decoded once."""
+        ids = np.asarray(ids)
+        if not self._by_rows(name):
+            return self.read(name)[ids]
+        t = self._tensor(name)
+        uniq, inv = np.unique(ids.reshape(-1), return_inverse=True)
+        rows = self._decode(t, t.data[uniq])
+        return rows[inv].reshape(*ids.shape, rows.shape[-1])
+
+    def strided(self, name: str, step: int) -> np.ndarray:
+        """``tensor.reshape(-1)[::step]`` (f32)."""
+        if not self._by_rows(name):
+            return self.read(name).reshape(-1)[::step]
+        rows, cols = self.shape(name)
+        flat = np.arange(0, rows * cols, step)
+        r, c = np.divmod(flat, cols)
+        uniq, inv = np.unique(r, return_inverse=True)
+        t = self._tensor(name)
+        return self._decode(t, t.data[uniq])[inv, c]
+
+    def close(self) -> None:
+        pass
 
 
 def gguf_has_tokenizer(path: str | Path) -> bool:

@@ -4,9 +4,10 @@
 the safetensors files: whole tensors and row blocks with plain file reads, row gathers (the
 calibration ids' embedding rows) and strided samples (the fingerprint) through a memory map that
 is dropped after each read, so that nothing stays resident but what the caller holds. From a GGUF
-each tensor is dequantized from the reader's memory map when asked for (the last one is kept for
-row blocks). An orbax directory is restored whole (orbax reads the tree at once) and served from
-memory.
+(``converters.gguf.GGUFTensors``) only the blocks asked for are dequantized from the reader's
+memory map: a layer's tensors whole, the embedding's gathered rows and row blocks, the rows a
+fingerprint sample touches. An orbax directory is restored whole (orbax reads the tree at
+once) and served from memory.
 
 Every tensor goes through the same checks and cast as ``load_model`` (``params.tensor_loader``:
 shape, float dtype, finite, ``cfg.param_dtype``), so a layer read here equals the same layer of
@@ -38,7 +39,7 @@ from arhq_jax.models.params import (
     params_to_tensors,
     tensor_loader,
 )
-from converters.gguf import gguf_has_tokenizer, load_gguf_tokenizer, open_gguf
+from converters.gguf import gguf_has_tokenizer, gguf_tensors, load_gguf_tokenizer
 from converters.hf import (
     WEIGHTS_FILE,
     check_config_values,
@@ -85,7 +86,7 @@ class _SafetensorsStore:
 
 
 class _GetterStore:
-    """Tensors from a ``get(name)`` callback (GGUF dequantizer, a restored orbax tree): each read
+    """Tensors from a ``get(name)`` callback (a restored orbax tree): each read
     whole; the last one is cached so that its row blocks do not read it again."""
 
     def __init__(self, get, names):
@@ -279,8 +280,7 @@ def open_source(
             check_index_matches(path, store.reader)
         tok = _hf_tokenizer(path)
     elif kind == "gguf":
-        cfg, get, names = open_gguf(path, param_dtype=param_dtype)
-        store = _GetterStore(get, names)
+        cfg, store = gguf_tensors(path, param_dtype=param_dtype)
         tok = load_gguf_tokenizer(path) if gguf_has_tokenizer(path) else None
     else:
         cfg, params = load_orbax(path, param_dtype=param_dtype)

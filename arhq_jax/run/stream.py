@@ -6,8 +6,11 @@ its encoded tensors to a work directory, advances the calibration hidden states 
 layer. Once every layer is done it assembles the checkpoint through the same
 ``checkpoint_writer.CheckpointWriter`` as ``checkpoint.save`` (the embedding and lm_head copied
 in row blocks from the source), so the files are the ones ``save(quantize_model(...))``
-writes, byte for byte. Host memory: the largest layer + the calibration hidden states + a row
-block; device memory: one layer + the hidden states.
+writes, byte for byte. Layer l+1 is read and layer l written by two background threads while
+layer l+1 is quantized. Host memory: three layers (the one read ahead, the one quantized, the one
+being written) + the calibration hidden states + a row block; device memory: two layers (the
+one quantized, the one being written) + two sets of hidden states (the current ones and those
+being written).
 
 The work directory ``.<out>.arhq-resume`` beside ``out``::
 
@@ -41,6 +44,7 @@ import json
 import os
 import re
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import jax
@@ -409,6 +413,38 @@ def _load_hidden(work: _Work, i: int) -> list[np.ndarray]:
         return [r.read_rows(f"h.{k}") for k in range(len(names))]
 
 
+class _Held:
+    """A runner's hidden states at one moment (its immutable batches), for ``_save_hidden`` in
+    the writer thread while the runner moves on (device memory: one more set of hidden states)."""
+
+    def __init__(self, runner: LayerwiseRunner):
+        self._hs = [h for h, _ in runner.batches()]
+
+    def hidden_states(self) -> list[np.ndarray]:
+        return [np.asarray(jax.device_get(h)) for h in self._hs]
+
+
+def _write_and_commit(work: _Work, li: int, layer, held, diags, timings) -> None:
+    """The writer thread's step: layer ``li``'s files, the hidden states after it, the commit."""
+    record = _write_layer(work, li, layer)
+    if held is not None:
+        _save_hidden(work, li + 1, held)
+    diags = json.loads(json.dumps(diags, default=_jsonable))
+    work.commit_layer(record, diags, timings)
+    if work.file("hidden", li).is_file():
+        work.file("hidden", li).unlink()  # the one entering this layer: no longer needed
+
+
+def _join(pending, on_layer) -> None:
+    """Wait for the pending write and commit (re-raising its error), then ``on_layer``."""
+    if pending is None:
+        return
+    li, future = pending
+    future.result()
+    if on_layer is not None:
+        on_layer(li)
+
+
 def quantize_stream(
     src: LazySource,
     calib_ids,
@@ -481,22 +517,33 @@ def quantize_stream(
         disable=not progress,
         unit="stage",
     )
-    for li in range(start, cfg.num_layers):
-        fp_layer = src.layer(li)
-        layer, layer_diags = quantize_layer(fp_layer, li, stages, calib, qcfg, timings, bar)
-        record = _write_layer(work, li, layer)
-        if runner is not None:
-            t0 = time.perf_counter()
-            runner.advance(layer if qcfg.sequential else fp_layer)
-            _save_hidden(work, li + 1, runner)
-            timings["calibration_s"] += time.perf_counter() - t0
-        layer_diags = json.loads(json.dumps(layer_diags, default=_jsonable))
-        work.commit_layer(record, layer_diags, timings)
-        if work.file("hidden", li).is_file():
-            work.file("hidden", li).unlink()  # the one entering this layer: no longer needed
-        del fp_layer, layer
-        if on_layer is not None:
-            on_layer(li)
+    # Overlap: a reader thread decodes layer li+1 from the source and a writer thread writes and
+    # commits layer li (and the hidden states after it) while layer li+1 is quantized. A layer is
+    # committed only after its files, in order; ``on_layer(li)`` runs once layer li's commit is
+    # done, and every started write is finished (or failed) before this function returns.
+    reader = ThreadPoolExecutor(1, thread_name_prefix="arhq-read")
+    writer = ThreadPoolExecutor(1, thread_name_prefix="arhq-write")
+    pending = None  # (li, future) of the last submitted write and commit
+    nxt = reader.submit(src.layer, start) if start < cfg.num_layers else None
+    try:
+        for li in range(start, cfg.num_layers):
+            fp_layer = nxt.result()
+            nxt = reader.submit(src.layer, li + 1) if li + 1 < cfg.num_layers else None
+            layer, layer_diags = quantize_layer(fp_layer, li, stages, calib, qcfg, timings, bar)
+            held = None
+            if runner is not None:
+                t0 = time.perf_counter()
+                runner.advance(layer if qcfg.sequential else fp_layer)
+                held = _Held(runner)
+                timings["calibration_s"] += time.perf_counter() - t0
+            _join(pending, on_layer)
+            job = (work, li, layer, held, layer_diags, dict(timings))
+            pending = (li, writer.submit(_write_and_commit, *job))
+            del fp_layer, layer, job
+        _join(pending, on_layer)
+    finally:
+        reader.shutdown(wait=True, cancel_futures=True)
+        writer.shutdown(wait=True)  # a started write completes: nothing is left half-written
     bar.close()
     head = None
     if method.finishes(qcfg):  # e.g. AWQ's quantized lm_head: needs the head in memory

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 pytest.importorskip("torch")
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-import scale  # noqa: E402
+from _bench_loader import load_benchmark  # noqa: E402
+
+scale = load_benchmark("scale")
 
 TINY = {
     "llama3-tiny": {**scale.SHAPES["llama3-8b"], "hidden_size": 64, "intermediate_size": 96,

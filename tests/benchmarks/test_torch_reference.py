@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-import torch_reference  # noqa: E402
+from _bench_loader import load_benchmark  # noqa: E402
+
+torch_reference = load_benchmark("torch_reference")
 
 from arhq_jax.decomposition import decompose  # noqa: E402
 from arhq_jax.numerics.formats import fake_quant  # noqa: E402
