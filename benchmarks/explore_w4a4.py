@@ -1,5 +1,6 @@
 """Exploration runs for the best W4A4 recipe: quantize SmolLM2 with a few QuantConfigs, one at a
-time, and score each (ppl, KL, top-1 on the demo's split: pydoc evaluation part, seq-len 512, 16 chunks).
+time, and score each (ppl, KL, top-1 on the demo's split: pydoc evaluation part, seq-len 512,
+16 chunks).
 
     .venv/bin/python benchmarks/explore_w4a4.py --out runs/explore.jsonl \
         --run 'arhq r32={"method":"arhq","rank":32}' ...
