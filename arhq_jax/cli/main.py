@@ -10,6 +10,7 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 
 # OpenBLAS (scipy's LAPACK, which jax's CPU Cholesky/eigh call) busy-waits its worker threads;
 # on a shared or oversubscribed CPU that makes a 576×576 Cholesky take ~1 s instead of ~1 ms.
@@ -58,6 +59,7 @@ from converters import (
     load_model,  # noqa: E402
 )
 from converters.lazy import open_source  # noqa: E402
+from converters.registry import _hf_tokenizer  # noqa: E402
 
 
 class _Parser(argparse.ArgumentParser):
@@ -571,10 +573,13 @@ def cmd_eval(args) -> int:
     m = _load(args)
     _positions(args, m.cfg, seq_len, f"--seq-len {seq_len}")
     params, quant = _quantized(args, m)
+    # A consumer of the checkpoint tokenizes with the tokenizer stored in it (checked by its
+    # manifest), not with --model's: so do we, for the float reference too.
+    tok = (_hf_tokenizer(Path(args.quantized)) if args.quantized else None) or m.tokenizer
     if paper or args.data_file is not None:
-        tokens = dataset_tokens(args.dataset, m.tokenizer, args.data_file, seq_len=seq_len, raw=raw)
+        tokens = dataset_tokens(args.dataset, tok, args.data_file, seq_len=seq_len, raw=raw)
     else:
-        tokens = load_corpus(m.tokenizer, None, args.text).eval
+        tokens = load_corpus(tok, None, args.text).eval
     models = {} if quant is None else {"quantized": params}
     # Eval pads the last batch to the batch size: more rows than chunks would be padding only.
     n_chunks = len(make_chunks(tokens, seq_len, max_chunks)) if len(tokens) >= seq_len else 1
