@@ -78,7 +78,8 @@ def test_eval_json_is_never_nan(small_vocab_dir, capsys, monkeypatch):
     invalid JSON literal."""
     nan = {"ppl": math.nan, "kl": 0.0, "top1": 1.0, "tokens": 63}
     monkeypatch.setattr(cli, "evaluate_models", lambda *a, **k: {"float": dict(nan)})
-    monkeypatch.setattr(cli, "load_corpus", lambda *a, **k: type("C", (), {"eval": None}))
+    tokens = np.zeros(128, np.int32)  # two chunks of 64: the scores come from the stub above
+    monkeypatch.setattr(cli, "load_corpus", lambda *a, **k: type("C", (), {"eval": tokens}))
     rc = cli.main(["eval", "--model", str(small_vocab_dir), "--seq-len", "64", "--json"])
     out, err = capsys.readouterr()
     assert rc == 2 and "NaN" not in out and "Out of range float values" in err
