@@ -109,41 +109,38 @@ def test_alpha_tokens_searches_on_the_first_batches_only(model):
     assert got != {d["proj"]: d["alpha"] for d in full.projections if d["layer"] == 0}
 
 
+def _layer0_output_error(params, ids, res) -> float:
+    """Σ_proj Σ_x ‖x Wᵀ − QuantLinear(x)‖² over layer 0's calibration inputs, float64 on the
+    host (parallel calibration: every run of the same model and ids sees the same x)."""
+    from arhq_jax.calibration.calibrate import LayerwiseRunner
+    from arhq_jax.models.config import GROUP_OF
+
+    caps = list(LayerwiseRunner(params, CFG, ids, batch_size=6).captures(params.layers[0]))
+    x_of = {g: np.concatenate([np.asarray(c[g]).reshape(-1, c[g].shape[-1]) for c, _ in caps])
+            for g in ("qkv", "o", "gate_up", "down")}  # fmt: skip
+    tot = 0.0
+    for p in PROJECTIONS:
+        x = x_of[GROUP_OF[p]]
+        ref = x.astype(np.float64) @ np.asarray(getattr(params.layers[0], p).w, np.float64).T
+        got = np.asarray(getattr(res.params.layers[0], p)(jnp.asarray(x)), np.float64)
+        tot += ((got - ref) ** 2).sum()
+    return tot
+
+
 @pytest.mark.parametrize("residual_quant", ["rtn", "gptq"])
 def test_act_aware_lowers_the_deployed_output_error(model, residual_quant):
-    # Explicit reference: Σ_proj E‖x Wᵀ − QuantLinear(x)‖² over layer 0's calibration inputs
-    # (parallel calibration: both runs see the same x), float64 on the host.
-    from arhq_jax.calibration.calibrate import LayerwiseRunner
-
+    # Reference: the deployed output error on layer 0's calibration inputs (_layer0_output_error).
     params, ids = model
     kw = dict(rank=4, residual_quant=residual_quant, **NV)
     base = quantize_model(params, CFG, ids, QuantConfig(**kw), progress=False)
     aware = quantize_model(params, CFG, ids, QuantConfig(act_aware=True, **kw), progress=False)
-    caps = list(LayerwiseRunner(params, CFG, ids, batch_size=6).captures(params.layers[0]))
-    x_of = {g: np.concatenate([np.asarray(c[g]).reshape(-1, c[g].shape[-1]) for c, _ in caps])
-            for g in ("qkv", "o", "gate_up", "down")}  # fmt: skip
-    from arhq_jax.models.config import GROUP_OF
-
-    def err(res):
-        tot = 0.0
-        for p in PROJECTIONS:
-            x = x_of[GROUP_OF[p]]
-            ref = x.astype(np.float64) @ np.asarray(getattr(params.layers[0], p).w, np.float64).T
-            got = np.asarray(getattr(res.params.layers[0], p)(jnp.asarray(x)), np.float64)
-            tot += ((got - ref) ** 2).sum()
-        return tot
-
-    assert err(aware) < err(base)
+    assert _layer0_output_error(params, ids, aware) < _layer0_output_error(params, ids, base)
 
 
 def test_refine_gptq_objectives_monotone_and_below_a_run_without_it(model):
     # The refinement with GPTQ inside records J per accepted iterate, never increasing; and the
-    # model it gives has a lower deployed output error than the same recipe without refine_gptq.
-    # Reference: Σ_proj Σ_x ‖x Wᵀ − QuantLinear(x)‖² over layer 0's calibration inputs
-    # (parallel calibration: both runs see the same x), float64 on the host.
-    from arhq_jax.calibration.calibrate import LayerwiseRunner
-    from arhq_jax.models.config import GROUP_OF
-
+    # model it gives has a lower deployed output error (_layer0_output_error) than the same
+    # recipe without refine_gptq.
     params, ids = model
     kw = dict(rank=4, residual_quant="gptq", refine_iters=2, **NV)
     plain = quantize_model(params, CFG, ids, QuantConfig(**kw), progress=False)
@@ -151,17 +148,4 @@ def test_refine_gptq_objectives_monotone_and_below_a_run_without_it(model):
     for d in refined.projections:
         objs = d["refine_objectives"]
         assert all(b < a for a, b in zip(objs, objs[1:], strict=False))
-    caps = list(LayerwiseRunner(params, CFG, ids, batch_size=6).captures(params.layers[0]))
-    x_of = {g: np.concatenate([np.asarray(c[g]).reshape(-1, c[g].shape[-1]) for c, _ in caps])
-            for g in ("qkv", "o", "gate_up", "down")}  # fmt: skip
-
-    def err(res):
-        tot = 0.0
-        for p in PROJECTIONS:
-            x = x_of[GROUP_OF[p]]
-            ref = x.astype(np.float64) @ np.asarray(getattr(params.layers[0], p).w, np.float64).T
-            got = np.asarray(getattr(res.params.layers[0], p)(jnp.asarray(x)), np.float64)
-            tot += ((got - ref) ** 2).sum()
-        return tot
-
-    assert err(refined) < err(plain)
+    assert _layer0_output_error(params, ids, refined) < _layer0_output_error(params, ids, plain)
