@@ -322,3 +322,56 @@ def load_gguf_tokenizer(path: str | Path, tokenizer_dir: str | Path | None = Non
         raise FileNotFoundError(f"GGUF file not found: {p}")
     where = None if tokenizer_dir is None else str(Path(tokenizer_dir).resolve())
     return _tokenizer(str(p), p.stat().st_mtime_ns, where)
+
+
+# ----------------------------------------------------------------------------- writing (export)
+
+_HF_GLOBAL = {v: k for k, v in _GLOBAL.items()}
+_HF_BLOCK = {v: k for k, v in _BLOCK.items()}
+_HF_BLOCK_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)\.(weight|bias)$")
+_HF_GLOBAL_RE = re.compile(r"^(model\.embed_tokens|model\.norm|lm_head)\.(weight|bias)$")
+
+
+def gguf_name(hf: str) -> str:
+    """The GGUF (llama.cpp) tensor name of an HF tensor name: the inverse of ``hf_name``.
+
+    Raises ValueError for a name llama.cpp's llama/qwen3 graph has no tensor for.
+    """
+    if m := _HF_BLOCK_RE.match(hf):
+        i, part, kind = m.groups()
+        if part in _HF_BLOCK:
+            return f"blk.{i}.{_HF_BLOCK[part]}.{kind}"
+    elif m := _HF_GLOBAL_RE.match(hf):
+        part, kind = m.groups()
+        return f"{_HF_GLOBAL[part]}.{kind}"
+    raise ValueError(f"tensor {hf!r} has no GGUF (llama.cpp) name")
+
+
+def permute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """llama.cpp's q/k row permutation (``convert_hf_to_gguf.LlamaModel.permute``), the inverse
+    of ``unpermute_qk``: GGUF row 2i + p = HF row p·d/2 + i, per head of d rows. Works on any
+    array whose rows are the weight's output rows (packed blocks, scales, LoRA B)."""
+    rows = w.shape[0]
+    if rows % (2 * n_heads):
+        raise ValueError(f"cannot permute {w.shape[0]} rows into {n_heads} heads of even size")
+    half = rows // n_heads // 2
+    return w.reshape(n_heads, 2, half, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def gguf_metadata(path: str | Path, prefix: str) -> list:
+    """The metadata fields of the GGUF at ``path`` whose key starts with ``prefix``, as
+    ``(key, value, GGUFValueType, element GGUFValueType or None)``: what ``GGUFWriter
+    .add_key_value`` takes to write them again unchanged (e.g. ``"tokenizer."``)."""
+    from gguf import GGUFValueType
+
+    out = []
+    for key, f in _reader(path).fields.items():
+        if not key.startswith(prefix):
+            continue
+        vtype = GGUFValueType(f.types[0])
+        sub = GGUFValueType(f.types[-1]) if vtype == GGUFValueType.ARRAY else None
+        value = f.contents()
+        if sub is not None and sub != GGUFValueType.STRING:
+            value = np.asarray(value).tolist()
+        out.append((key, value, vtype, sub))
+    return out

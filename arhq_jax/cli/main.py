@@ -21,6 +21,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.errors import JaxRuntimeError  # noqa: E402
 
+from arhq_jax.checkpoint import export_gguf, export_modelopt  # noqa: E402
 from arhq_jax.checkpoint import store as checkpoint  # noqa: E402
 from arhq_jax.cli.demo import METHODS as DEMO_METHODS  # noqa: E402
 from arhq_jax.cli.demo import run_demo  # noqa: E402
@@ -369,6 +370,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_kernel(le)
 
+    x = sub.add_parser(
+        "export",
+        help="write a quantized checkpoint in another engine's layout: modelopt (TensorRT-LLM, "
+        "NVFP4) or gguf (llama.cpp, MXFP4)",
+    )
+    x.add_argument("src", help="an arhq-jax checkpoint directory (quantize --out)")
+    x.add_argument("--to", required=True, choices=("modelopt", "gguf"))
+    x.add_argument("--out", required=True, help="modelopt: a directory; gguf: FILE.gguf")
+    x.add_argument(
+        "--tokenizer",
+        default=None,
+        help="gguf: a GGUF whose tokenizer metadata to copy (default: the checkpoint's source)",
+    )
+
     d = sub.add_parser(
         "demo", help="SmolLM2-135M: RTN vs SVDQuant vs ARHQ (r=32) vs the best-w4a4 preset, W4A4"
     )
@@ -702,6 +717,17 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+
+    if args.to == "modelopt":
+        if args.tokenizer is not None:
+            raise ValueError("--tokenizer is for --to gguf (modelopt copies the tokenizer files)")
+        print(export_modelopt.export_modelopt(args.src, args.out))
+    else:
+        print(export_gguf.export_gguf(args.src, args.out, tokenizer_gguf=args.tokenizer))
+    return 0
+
+
 def cmd_demo(args) -> int:
 
     run_demo(
@@ -723,6 +749,7 @@ COMMANDS = {
     "lm-eval": cmd_lm_eval,
     "convert": cmd_convert,
     "demo": cmd_demo,
+    "export": cmd_export,
 }
 
 
