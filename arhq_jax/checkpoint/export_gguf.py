@@ -1,10 +1,10 @@
-"""``arhq-jax export --to gguf``: an MXFP4 checkpoint as a llama.cpp GGUF (+ a GGUF LoRA adapter).
+"""``arhq-jax export --to gguf``: an MXFP4 or NVFP4 checkpoint as a llama.cpp GGUF (+ LoRA).
 
 The model file (``--out FILE.gguf``), as llama.cpp's ``convert_hf_to_gguf.py`` writes a Llama or
 Qwen3 model:
 
 - metadata: ``general.architecture`` (``llama`` / ``qwen3``), ``general.type`` ``model``,
-  ``general.name``, ``general.file_type`` (38, MOSTLY_MXFP4), ``general.quantization_version``,
+  ``general.name``, ``general.file_type`` (38 MXFP4, 39 NVFP4), ``general.quantization_version``,
   ``<arch>.context_length``, ``.embedding_length``, ``.block_count``, ``.feed_forward_length``,
   ``.rope.dimension_count``, ``.rope.freq_base``, ``.attention.head_count``,
   ``.attention.head_count_kv``, ``.attention.layer_norm_rms_epsilon``,
@@ -19,6 +19,16 @@ Qwen3 model:
   (arhq-jax packs element 2i in the low nibble of byte i: the nibbles are reordered, the codes
   and scale bytes are kept). ggml decodes ``kvalues[code] · 2^(e-128)`` with kvalues the doubled
   E2M1 values, i.e. ``value(code) · 2^(e-127)``: the OCP E8M0 bias, arhq-jax's decode exactly;
+- each compressed-tensors NVFP4 weight [N, K] (K a multiple of 64) is GGML type NVFP4 (40), as
+  llama.cpp's converter repacks ModelOpt checkpoints: per 64 elements 36 bytes, the four
+  16-element blocks' E4M3 scale bytes (unsigned: the sign bit is 0 in a block scale) then 4 × 8
+  bytes whose low nibbles hold elements 0..7 and high nibbles 8..15 of each block. ggml decodes
+  ``value(code) · s`` (kvalues doubled, the scale halved); the per-tensor factor is the F32
+  tensor ``<name>.scale`` (ModelOpt's ``weight_scale_2`` g, ``export_modelopt.weight_scale_2``)
+  that llama.cpp multiplies into the matmul output, and ``<name>.input_scale`` is 1 /
+  ``input_global_scale`` (W4A4 checkpoints). So llama.cpp computes (x · (v·s)ᵀ) · g where
+  arhq-jax computes x · (v · fl(s/gs))ᵀ: the block part is bit for bit the same, the tensor
+  scale agrees to 2^-22 relative;
 - norms in F32, the embedding, biases and a float lm_head in the checkpoint's dtype (F32, BF16
   or F16).
 
@@ -28,9 +38,9 @@ adapter: ``general.type`` ``adapter``, ``adapter.type`` ``lora``, ``adapter.lora
 llama.cpp scales a branch by alpha / r (r from the tensor) when alpha is not 0, else by 1; the
 branch is unscaled, so alpha is r when every rank is r, else 0.
 
-llama.cpp multiplies MXFP4 weights with 8-bit activations: a W4A4 MXFP4 checkpoint is served
-weight-only. NVFP4 checkpoints are refused: GGUF's NVFP4 type keeps the per-tensor scale in a
-separate tensor applied to the matmul output, which is not the compressed-tensors decode.
+llama.cpp's CPU and GPU kernels multiply these weights with 8-bit (or float) activations: a W4A4
+checkpoint is served weight-only. A checkpoint mixing MXFP4 and NVFP4, or holding other formats
+or layouts (arhq-jax's own, smoothing, int), is refused by name.
 """
 
 from __future__ import annotations
@@ -41,6 +51,7 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 
+import arhq_jax.checkpoint.export_modelopt as export_modelopt
 import arhq_jax.checkpoint.store as store
 from arhq_jax.linears.base import Dense
 from arhq_jax.linears.quantized import QuantLinear
@@ -51,7 +62,8 @@ from converters.gguf import gguf_metadata, gguf_name, permute_qk
 from converters.registry import source_kind
 
 MARKER = "arhq_jax.export"
-FILE_TYPE_MXFP4 = 38  # llama_ftype LLAMA_FTYPE_MOSTLY_MXFP4_MOE, the only MXFP4 file type
+# llama_ftype: LLAMA_FTYPE_MOSTLY_MXFP4_MOE (the only MXFP4 file type), LLAMA_FTYPE_MOSTLY_NVFP4
+FILE_TYPES = {"mxfp4": 38, "nvfp4": 39}
 QUANTIZATION_VERSION = 2
 BLOCK = 32
 ADAPTER_SUFFIX = ".lora.gguf"
@@ -106,25 +118,50 @@ def mxfp4_blocks(codes: np.ndarray, scales: np.ndarray) -> np.ndarray:
     return np.concatenate([e, qs], axis=-1).reshape(n, nb * 17)
 
 
-def _check_mxfp4(prefix: str, lin, src: Path) -> None:
+def nvfp4_blocks(codes: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """GGML NVFP4 bytes of a compressed-tensors NVFP4 weight.
+
+    Args:
+      codes: uint8 ``[N, K/2]``, element 2i in the low nibble of byte i (K a multiple of 64).
+      scales: float8_e4m3fn ``[N, K/16]`` block scales (non-negative).
+    Returns:
+      uint8 ``[N, K/64 · 36]``: per 64 elements the four scale bytes, then per 16-element block
+      8 bytes, byte j = element j | element j+8 << 4.
+    """
+    n = codes.shape[0]
+    c = np.asarray(elements.unpack_nibbles(jnp.asarray(codes)), np.uint8)
+    ns = c.shape[1] // 64
+    c = c.reshape(n, ns, 4, 16)
+    qs = (c[..., :8] | (c[..., 8:] << 4)).reshape(n, ns, 32)
+    d = (np.asarray(scales).view(np.uint8) & 0x7F).reshape(n, ns, 4)
+    return np.concatenate([d, qs], axis=-1).reshape(n, ns * 36)
+
+
+_FORMAT_OF = {"mxfp4": ("mxfp4", BLOCK), "nvfp4": ("nvfp4", 64)}
+
+
+def _format(prefix: str, lin, src: Path) -> str:
+    """ "mxfp4" or "nvfp4" for a linear GGUF can hold, else a one-line error naming it."""
     if not isinstance(lin, QuantLinear):
         raise ValueError(
-            f"{src}: {prefix} is a {type(lin).__name__}; export --to gguf writes MXFP4 "
-            "QuantLinears and float linears only"
+            f"{src}: {prefix} is a {type(lin).__name__}; export --to gguf writes MXFP4 and "
+            "NVFP4 QuantLinears and float linears only"
         )
     q = lin.w
-    if q.spec.name != "mxfp4":
+    if q.spec.name not in _FORMAT_OF or (q.spec.name == "nvfp4" and q.spec.convention != "ct"):
         raise ValueError(
-            f"{src}: {prefix} is {q.spec.label}; export --to gguf needs an MXFP4 checkpoint "
-            "(--format mxfp4); for NVFP4 use export --to modelopt"
+            f"{src}: {prefix} is {q.spec.label}; export --to gguf needs an MXFP4 (--format "
+            "mxfp4) or compressed-tensors NVFP4 checkpoint"
         )
     if lin.smooth is not None:
         raise ValueError(f"{src}: {prefix} has a smoothing divisor, which GGUF cannot express")
-    if len(q.shape) != 2 or q.axis != 1 or q.shape[1] % BLOCK:
+    fmt, k_multiple = _FORMAT_OF[q.spec.name]
+    if len(q.shape) != 2 or q.axis != 1 or q.shape[1] % k_multiple:
         raise ValueError(
-            f"{src}: {prefix}: MXFP4 weight {q.shape} (axis {q.axis}) needs blocks of 32 along "
-            "in_features with K a multiple of 32"
+            f"{src}: {prefix}: {fmt} weight {q.shape} (axis {q.axis}): GGUF's {fmt.upper()} "
+            f"needs K a multiple of {k_multiple}"
         )
+    return fmt
 
 
 def _float(arr) -> tuple[np.ndarray, object]:
@@ -159,7 +196,7 @@ def _tokenizer_source(hf: dict, src: Path, tokenizer_gguf) -> Path:
     return path
 
 
-def _model_fields(cfg, name: str) -> list:
+def _model_fields(cfg, name: str, fmt: str) -> list:
     from gguf import GGUFValueType as T
 
     arch = "llama" if cfg.family == "llama" else "qwen3"
@@ -167,7 +204,7 @@ def _model_fields(cfg, name: str) -> list:
         ("general.architecture", arch, T.STRING),
         ("general.type", "model", T.STRING),
         ("general.name", name, T.STRING),
-        ("general.file_type", FILE_TYPE_MXFP4, T.UINT32),
+        ("general.file_type", FILE_TYPES[fmt], T.UINT32),
         ("general.quantization_version", QUANTIZATION_VERSION, T.UINT32),
         (f"{arch}.vocab_size", cfg.vocab_size, T.UINT32),
         (f"{arch}.context_length", cfg.max_position_embeddings, T.UINT32),
@@ -186,8 +223,30 @@ def _model_fields(cfg, name: str) -> list:
     return [(k, v, t, None) for k, v, t in f]
 
 
+def _nvfp4_scales(params, src: Path) -> dict:
+    """``{gs bits: g}``: ModelOpt's ``weight_scale_2`` for every NVFP4 global scale, over the
+    block scales of every weight sharing it (q/k/v, gate/up)."""
+    shared: dict[int, list] = {}
+    for layer in params.layers:
+        for p in PROJECTIONS:
+            lin = getattr(layer, p)
+            if isinstance(lin, QuantLinear) and lin.w.spec.name == "nvfp4":
+                gs = np.asarray(lin.w.tensor_scale, np.float32).reshape(())
+                shared.setdefault(int(gs.view(np.uint32)), []).append(np.asarray(lin.w.scales))
+    if isinstance(params.lm_head, QuantLinear) and params.lm_head.w.spec.name == "nvfp4":
+        gs = np.asarray(params.lm_head.w.tensor_scale, np.float32).reshape(())
+        shared.setdefault(int(gs.view(np.uint32)), []).append(np.asarray(params.lm_head.w.scales))
+    out = {}
+    for bits, scales in shared.items():
+        gs = np.array(bits, np.uint32).view(np.float32)
+        flat = np.concatenate([x.reshape(-1) for x in scales])
+        out[bits] = export_modelopt.weight_scale_2(gs, flat)[0]
+    return out
+
+
 def gguf_tensors(cfg, params, src: Path):
-    """``(model, lora)``: lists of ``(gguf name, array, raw_dtype)``, in checkpoint order."""
+    """``(model, lora, fmt)``: lists of ``(gguf name, array, raw_dtype)`` in checkpoint order,
+    and the quantized format ("mxfp4" or "nvfp4")."""
     from gguf import GGMLQuantizationType
 
     if cfg.family not in ("llama", "qwen3"):
@@ -200,7 +259,8 @@ def gguf_tensors(cfg, params, src: Path):
         p = prefix.rsplit(".", 1)[-1]
         return permute_qk(x, heads[p]) if cfg.family == "llama" and p in heads else x
 
-    model, lora = [], []
+    model, lora, fmts = [], [], set()
+    g_of = _nvfp4_scales(params, src)
 
     def linear(prefix: str, lin) -> None:
         name = gguf_name(f"{prefix}.weight")
@@ -209,9 +269,22 @@ def gguf_tensors(cfg, params, src: Path):
             if lin.b is not None:
                 model.append((gguf_name(f"{prefix}.bias"), *_float(perm(prefix, lin.b))))
             return
-        _check_mxfp4(prefix, lin, src)
-        blocks = mxfp4_blocks(np.asarray(lin.w.codes), np.asarray(lin.w.scales))
-        model.append((name, perm(prefix, blocks), GGMLQuantizationType.MXFP4))
+        fmt = _format(prefix, lin, src)
+        fmts.add(fmt)
+        codes, scales = np.asarray(lin.w.codes), np.asarray(lin.w.scales)
+        if fmt == "mxfp4":
+            blocks = mxfp4_blocks(codes, scales)
+            model.append((name, perm(prefix, blocks), GGMLQuantizationType.MXFP4))
+        else:
+            blocks = nvfp4_blocks(codes, scales)
+            model.append((name, perm(prefix, blocks), GGMLQuantizationType.NVFP4))
+            gs = np.asarray(lin.w.tensor_scale, np.float32).reshape(())
+            g = g_of[int(gs.view(np.uint32))]
+            base = name[: -len(".weight")]
+            model.append((f"{base}.scale", np.array([g], np.float32), None))
+            if lin.act_scale is not None:
+                igs = np.float32(np.asarray(lin.act_scale, np.float32).reshape(()))
+                model.append((f"{base}.input_scale", np.array([1 / igs], np.float32), None))
         if lin.bias is not None:
             model.append((gguf_name(f"{prefix}.bias"), *_float(perm(prefix, lin.bias))))
         if lin.a is not None:
@@ -231,7 +304,10 @@ def gguf_tensors(cfg, params, src: Path):
     model.append((gguf_name(FINAL_NORM), np.asarray(params.final_norm).astype(np.float32), None))
     if params.lm_head is not None:
         linear("lm_head", params.lm_head)
-    return model, lora
+    if len(fmts) != 1:
+        what = "both MXFP4 and NVFP4" if fmts else "no quantized linear"
+        raise ValueError(f"{src}: the checkpoint has {what}; a GGUF export needs one of them")
+    return model, lora, fmts.pop()
 
 
 def _write(path: Path, arch: str, fields: list, tensors: list) -> None:
@@ -258,10 +334,11 @@ def _write(path: Path, arch: str, fields: list, tensors: list) -> None:
 
 def export_gguf(src, out, *, tokenizer_gguf=None) -> str:
     """Write ``out`` (and ``adapter_path(out)`` when the checkpoint has a LoRA branch) from the
-    MXFP4 checkpoint ``src`` (module doc). Returns a one-line summary.
+    MXFP4 or NVFP4 checkpoint ``src`` (module doc). Returns a one-line summary.
 
     Raises FileNotFoundError, ``CheckpointError``/ValueError naming the problem (not an arhq-jax
-    checkpoint, not MXFP4, no tokenizer source), FileExistsError for an ``out`` we did not write.
+    checkpoint, another format, no tokenizer source), FileExistsError for an ``out`` we did not
+    write.
     """
     from gguf import GGUFValueType as T
 
@@ -272,7 +349,7 @@ def export_gguf(src, out, *, tokenizer_gguf=None) -> str:
     hf = store.read_meta(src)
     tok = _tokenizer_source(hf, src, tokenizer_gguf)
     params, cfg, _ = store.load(src)
-    model, lora = gguf_tensors(cfg, params, src)
+    model, lora, fmt = gguf_tensors(cfg, params, src)
     tok_fields = gguf_metadata(tok, "tokenizer.")
     tokens = [f for f in tok_fields if f[0] == "tokenizer.ggml.tokens"]
     if not tokens:
@@ -283,8 +360,8 @@ def export_gguf(src, out, *, tokenizer_gguf=None) -> str:
             f"{cfg.vocab_size}; pass --tokenizer with the source model's GGUF"
         )
     arch = "llama" if cfg.family == "llama" else "qwen3"
-    _write(out, arch, _model_fields(cfg, src.name) + tok_fields, model)
-    line = f"wrote {out}: GGUF MXFP4 ({arch}, {len(model)} tensors)"
+    _write(out, arch, _model_fields(cfg, src.name, fmt) + tok_fields, model)
+    line = f"wrote {out}: GGUF {fmt.upper()} ({arch}, {len(model)} tensors)"
     if lora:
         ranks = {int(a.shape[0]) for n, a, _ in lora if n.endswith(".lora_a")}
         alpha = float(ranks.pop()) if len(ranks) == 1 else 0.0

@@ -1,10 +1,14 @@
-"""``export --to gguf`` read back by gguf-py (llama.cpp's Python package): its MXFP4 dequantizer
-(``gguf.quants.dequantize``) of every exported weight against arhq-jax's decode, bit for bit; the
+"""``export --to gguf`` read back by gguf-py (llama.cpp's Python package): its MXFP4 and NVFP4
+dequantizers (``gguf.quants.dequantize``) of every exported weight against arhq-jax's decode, bit
+for bit (NVFP4: the block part; the per-tensor ``.scale`` to 2^-22 relative); the
 LoRA adapter file's tensors against the checkpoint's PEFT factors; the metadata against the model
 config (through the project's GGUF reader) and the tokenizer source."""
 
 from __future__ import annotations
 
+import dataclasses
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -14,7 +18,7 @@ from arhq_jax.checkpoint import export_gguf as eg
 from arhq_jax.checkpoint import store as checkpoint
 from arhq_jax.cli.main import main
 from arhq_jax.models.config import PROJECTIONS
-from arhq_jax.models.params import linear_key
+from arhq_jax.models.params import linear_key, random_params
 from arhq_jax.numerics import formats
 from arhq_jax.run.config import QuantConfig
 from arhq_jax.run.quantize import quantize_model
@@ -25,6 +29,7 @@ gguf = pytest.importorskip("gguf")
 from gguf.quants import dequantize  # noqa: E402
 
 HEADS = {"q_proj": CFG.num_heads, "k_proj": CFG.num_kv_heads}
+CFG128 = dataclasses.replace(CFG, intermediate_size=128)
 
 
 def _tokenizer_gguf(path, vocab: int):
@@ -43,8 +48,9 @@ def _tokenizer_gguf(path, vocab: int):
 
 @pytest.fixture(scope="module")
 def ckpts(model, tmp_path_factory):
-    """MXFP4 checkpoints (SVDQuant r=4 with its LoRA branch; RTN without), an NVFP4 one, and a
-    tokenizer GGUF of the tiny vocabulary."""
+    """MXFP4 checkpoints (SVDQuant r=4 with its LoRA branch; RTN without), NVFP4 ones (W4A4 SVDQuant
+    r=4 of a model whose K are multiples of 64; RTN of the tiny Llama, intermediate size 96), an
+    int4 one, and a tokenizer GGUF of the tiny vocabulary."""
     params, ids = model
     root = tmp_path_factory.mktemp("gg")
     out = {"tok": _tokenizer_gguf(root / "tok.gguf", CFG.vocab_size)}
@@ -52,9 +58,15 @@ def ckpts(model, tmp_path_factory):
         ("svdquant", QuantConfig(method="svdquant", rank=4, w_fmt="mxfp4", act_fmt="mxfp4")),
         ("rtn", QuantConfig(method="rtn", w_fmt="mxfp4", act_fmt=None)),
         ("nvfp4", QuantConfig(method="rtn", act_fmt=None)),
+        ("int4", QuantConfig(method="rtn", w_fmt="int4", act_fmt=None)),
+        ("nvfp4-128", QuantConfig(method="svdquant", rank=4)),
     ):
-        q = quantize_model(params, CFG, ids, qcfg, batch_size=8, progress=False).params
-        checkpoint.save(root / name, q, CFG, quant=qcfg.to_dict(), source={"model": "x"})
+        cfg, p = CFG, params
+        if name == "nvfp4-128":
+            cfg = CFG128
+            p = random_params(cfg, jax.random.key(0), std=0.08)
+        q = quantize_model(p, cfg, ids, qcfg, batch_size=8, progress=False).params
+        checkpoint.save(root / name, q, cfg, quant=qcfg.to_dict(), source={"model": "x"})
         out[name] = (root / name, q)
     return out
 
@@ -158,8 +170,11 @@ def test_no_branch_no_adapter_and_ours_replaced(ckpts, tmp_path, capsys):
 def test_errors_are_one_line(ckpts, tmp_path, capsys):
     tok = ckpts["tok"]
     nv, _ = ckpts["nvfp4"]
-    with pytest.raises(ValueError, match="needs an MXFP4 checkpoint .* export --to modelopt"):
+    with pytest.raises(ValueError, match="down_proj: nvfp4 weight .* K a multiple of 64"):
         eg.export_gguf(nv, tmp_path / "a.gguf", tokenizer_gguf=tok)
+    i4, _ = ckpts["int4"]
+    with pytest.raises(ValueError, match="needs an MXFP4 .* or compressed-tensors NVFP4"):
+        eg.export_gguf(i4, tmp_path / "a.gguf", tokenizer_gguf=tok)
     mx, _ = ckpts["svdquant"]
     with pytest.raises(ValueError, match="source 'x' is not a GGUF file here.*--tokenizer"):
         eg.export_gguf(mx, tmp_path / "b.gguf")
@@ -182,3 +197,32 @@ def test_errors_are_one_line(ckpts, tmp_path, capsys):
     assert main([*argv, "--tokenizer", str(tok)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("arhq-jax export: error: ") and "\n" not in err
+
+
+def test_nvfp4_blocks_bit_for_bit_and_tensor_scale(ckpts, tmp_path):
+    src, q = ckpts["nvfp4-128"]
+    out = tmp_path / "n.gguf"
+    line = eg.export_gguf(src, out, tokenizer_gguf=ckpts["tok"])
+    assert "GGUF NVFP4 (llama" in line and "LoRA adapter" in line
+    r = gguf.GGUFReader(str(out))
+    assert r.fields["general.file_type"].contents() == 39
+    tensors = {t.name: t for t in r.tensors}
+    n = 0
+    for p, prefix, lin in _linears(q):
+        name = gguf_name(f"{prefix}.weight")
+        t = tensors[name]
+        assert t.tensor_type == gguf.GGMLQuantizationType.NVFP4
+        got = dequantize(t.data, t.tensor_type)  # v(code) · s, ggml's decode of the blocks
+        blocks = dataclasses.replace(lin.w, tensor_scale=jnp.float32(1))  # fl(s / 1) = s
+        ours = _perm(p, np.asarray(formats.dequantize(blocks, jnp.float32)))
+        np.testing.assert_array_equal(_canon(got), _canon(ours), err_msg=prefix)
+        base = name[: -len(".weight")]
+        g = tensors[f"{base}.scale"].data
+        assert g.dtype == np.float32 and g.shape == (1,)
+        full = _perm(p, np.asarray(formats.dequantize(lin.w, jnp.float32)))
+        eff = got.astype(np.float64) * float(g[0])  # llama.cpp scales the matmul output by g
+        assert np.all(np.abs(eff - full) <= 2.0**-22 * np.abs(full)), prefix
+        igs = float(np.asarray(lin.act_scale))
+        assert tensors[f"{base}.input_scale"].data[0] == np.float32(1 / np.float32(igs))
+        n += 1
+    assert n == 7 * CFG128.num_layers
