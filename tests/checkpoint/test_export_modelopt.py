@@ -191,6 +191,9 @@ def test_errors_are_one_line(ckpts, tmp_path, capsys):
     assert main(["export", str(src), "--to", "modelopt", "--out", str(tmp_path / "d")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("arhq-jax export: error: ") and "\n" not in err
+    argv = ["export", str(w4a4), "--to", "modelopt", "--out", str(tmp_path / "f")]
+    assert main([*argv, "--tokenizer", "x.gguf"]) == 2
+    assert "--tokenizer is for --to gguf" in capsys.readouterr().err
     out = tmp_path / "e"
     for _ in range(2):
         assert main(["export", str(w4a4), "--to", "modelopt", "--out", str(out)]) == 0
