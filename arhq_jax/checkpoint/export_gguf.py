@@ -375,4 +375,6 @@ def export_gguf(src, out, *, tokenizer_gguf=None) -> str:
         ]
         _write(adapter_path(out), arch, fields, lora)
         line += f" + LoRA adapter {adapter_path(out)} ({len(lora) // 2} pairs, alpha {alpha:g})"
+    elif adapter_path(out).is_file():  # ours (check_out): an earlier export's adapter, now stale
+        adapter_path(out).unlink()
     return line

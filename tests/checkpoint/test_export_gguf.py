@@ -159,8 +159,10 @@ def test_lora_adapter_file_holds_the_checkpoint_factors(ckpts, tmp_path):
 def test_no_branch_no_adapter_and_ours_replaced(ckpts, tmp_path, capsys):
     src, _ = ckpts["rtn"]
     out = tmp_path / "m.gguf"
+    eg.export_gguf(ckpts["svdquant"][0], out, tokenizer_gguf=ckpts["tok"])
+    assert (tmp_path / "m.lora.gguf").is_file()
     argv = ["export", str(src), "--to", "gguf", "--out", str(out), "--tokenizer", str(ckpts["tok"])]
-    for _ in range(2):  # the second run replaces the first (a file we wrote)
+    for _ in range(2):  # each run replaces the files we wrote, the stale adapter included
         assert main(argv) == 0
     assert "GGUF MXFP4 (llama" in capsys.readouterr().out
     assert not (tmp_path / "m.lora.gguf").exists()
