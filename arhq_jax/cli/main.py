@@ -373,7 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     x = sub.add_parser(
         "export",
         help="write a quantized checkpoint in another engine's layout: modelopt (TensorRT-LLM, "
-        "NVFP4) or gguf (llama.cpp, MXFP4)",
+        "NVFP4) or gguf (llama.cpp, MXFP4 or NVFP4)",
     )
     x.add_argument("src", help="an arhq-jax checkpoint directory (quantize --out)")
     x.add_argument("--to", required=True, choices=("modelopt", "gguf"))
