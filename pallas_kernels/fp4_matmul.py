@@ -37,7 +37,6 @@ from jax.experimental import pallas as pl
 
 import pallas_kernels.codecs as codecs
 from arhq_jax.numerics import formats
-from arhq_jax.numerics.elements import HIGHEST
 from arhq_jax.numerics.formats import smooth_input
 from pallas_kernels.act_quant import act_prepare_call, expand_blocks
 
@@ -54,6 +53,7 @@ def _gemm_kernel(
     has_bias: bool,
     w_fmt: str,
     bk: int,
+    interpret: bool,
 ):
     it = iter(refs)
     x_ref = next(it)
@@ -76,7 +76,7 @@ def _gemm_kernel(
     def body(kt, acc):
         # Weights: 3 integer ops per nibble to fp16 (codecs.e2m1_pair_f16), then one f32 multiply
         # by the block scale × 2^14 and the bf16 rounding (exact): bf16 tensor-core operands.
-        lo, hi = codecs.e2m1_pair_f16(c_ref[:, pl.ds(kt * h, h)])
+        lo, hi = codecs.e2m1_pair_f16_packed(c_ref[:, pl.ds(kt * h, h)], interpret=interpret)
         sb = sc_ref[:, pl.ds(kt * nb, nb)].astype(jnp.int32)
         if w_fmt == "nvfp4":
             sw = codecs.e4m3_value(sb) * codecs.F16_FOLD
@@ -97,16 +97,27 @@ def _gemm_kernel(
     if has_g:
         acc = acc * g_ref[...]
     if has_lr:
-        t = t_ref[0]
-        for i in range(1, t_ref.shape[0]):  # the partial sums of a K-parallel kernel 1
-            t = t + t_ref[i]
-        acc = acc + jax.lax.dot_general(
-            t,
-            b_ref[...].astype(jnp.float32),
-            dims,
-            precision=HIGHEST,
-            preferred_element_type=jnp.float32,
-        )
+        # The partial sums of a K-parallel kernel 1 (one per K slab: up to K/bk of them), summed
+        # in a loop: unrolled, a long K (e.g. 112 slabs) would hold them all live and spill.
+        nt = t_ref.shape[0]
+        if nt <= 4:
+            t = t_ref[0]
+            for i in range(1, nt):
+                t = t + t_ref[i]
+        else:
+            t = jax.lax.fori_loop(1, nt, lambda i, t: t + t_ref[i], t_ref[0])
+        # t·Bᵀ on the tensor cores: t (f32) and B as bf16 parts (three, or B's own bf16), and
+        # the products of parts i·j with i + j <= 2 (the dropped ones are < 2^-24 relative). An
+        # f32 dot at HIGHEST would be FMA instructions (Triton's IEEE f32 dot), which spill.
+        bv = b_ref[...]
+        t_parts = codecs.bf16_parts(t, 3)
+        b_parts = [bv] if bv.dtype == jnp.bfloat16 else codecs.bf16_parts(bv.astype(jnp.float32), 3)
+        for i, tp in enumerate(t_parts):
+            for j, bp in enumerate(b_parts):
+                if i + j <= 2:
+                    acc = acc + jax.lax.dot_general(
+                        tp, bp, dims, preferred_element_type=jnp.float32
+                    )
     if has_bias:
         acc = acc + bias_ref[...].astype(jnp.float32)
     o_ref[...] = acc.astype(o_ref.dtype)
@@ -407,6 +418,7 @@ def matmul_impl(
         has_bias=bias is not None,
         w_fmt=wfmt,
         bk=bk,
+        interpret=interpret,
     )
     y = pl.pallas_call(
         kernel,
