@@ -23,10 +23,14 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from arhq_jax.numerics.elements import div as _xla_div
 
 _F32_ONE_HALF_BITS = 0x3F000000  # bits of 0.5f
+_F32_TINY = 2.0**-126
+_F32_MAX = float(np.finfo(np.float32).max)
+_NV_DIVISOR = 2688.0  # formats.NVFP4_TENSOR_DIVISOR (6 · 448)
 
 
 def _bits(v: jax.Array) -> jax.Array:
@@ -59,6 +63,22 @@ def div_rn(x: jax.Array, y, *, interpret: bool) -> jax.Array:
         result_shape_dtypes=[jax.ShapeDtypeStruct(shape, jnp.float32)],
     )
     return q
+
+
+def nvfp4_scale_from_amax(t: jax.Array, ct: bool, *, interpret: bool) -> jax.Array:
+    """``formats.nvfp4_tensor_scale`` from the amax t (f32, finite, >= 0) inside a kernel, so
+    that only XLA's max-reduction runs before kernel 1 (no scalar fusions): "ct" gs =
+    fl(2688·fl(1/max(t, 2^-126))), 1 when that overflows; "modelopt" g = fl(t/2688), 1 for t = 0.
+    """
+    if ct:
+        gs = div_rn(1.0, jnp.maximum(t, _F32_TINY), interpret=interpret) * _NV_DIVISOR
+        return jnp.where(gs <= _F32_MAX, gs, 1.0)
+    return jnp.where(t > 0, div_rn(t, _NV_DIVISOR, interpret=interpret), 1.0)
+
+
+def nvfp4_decode(ts: jax.Array, ct: bool, *, interpret: bool) -> jax.Array:
+    """``formats.nvfp4_decode_scale`` inside a kernel: fl(1/gs) for "ct", g for "modelopt"."""
+    return div_rn(1.0, ts, interpret=interpret) if ct else ts
 
 
 def e2m1_value(code: jax.Array) -> jax.Array:
