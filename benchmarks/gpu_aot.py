@@ -383,8 +383,22 @@ def _t_in_xla(c: dict) -> bool:
 
 
 def k_trip(name: str, c: dict, tiles) -> int:
+    """K-loop trips of one program: the K tiles, divided among kernel 2's split-K slices."""
     kp = -(-c["K"] // tiles[2]) * tiles[2]
-    return max(1, kp // tiles[2])
+    split = resolve_split(c, tiles) if "gemm" in name else 1
+    return max(1, kp // tiles[2] // split)
+
+
+def resolve_split(c: dict, tiles) -> int:
+    """Kernel 2's split-K factor for this configuration (1 for kernels without split-K)."""
+    if "split_k" in c.get("kernel_kw", {}):
+        return c["kernel_kw"]["split_k"]
+    choose = getattr(fp4_matmul, "choose_split", None)
+    if choose is None:
+        return 1
+    bm, bn, bk = tiles
+    kp = -(-c["K"] // bk) * bk
+    return choose(-(-c["M"] // bm), -(-c["N"] // bn), kp // bk)
 
 
 def model_call(res: dict, c: dict, tiles, tgt: dict, launch_us: float, pallas: bool) -> dict:
@@ -494,6 +508,7 @@ def run_config(c: dict, mesh, tgt: dict, workdir: str, launch_us: float, reuse_x
     args = abstract_args(c, mesh)
     tiles = resolve_tiles(c)
     row["tiles"] = list(tiles)
+    row["split_k"] = resolve_split(c, tiles)
     t0 = time.time()
     try:
         res = compile_collect(pallas_fn(c), args, mesh, workdir)

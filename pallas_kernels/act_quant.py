@@ -92,7 +92,14 @@ def _quant_halves(xe, xo, g, act: str, interpret: bool):
 
 
 def _act_kernel(
-    *refs, has_s: bool, has_a: bool, act: str | None, form: str, bk: int, interpret: bool
+    *refs,
+    has_s: bool,
+    has_a: bool,
+    act: str | None,
+    form: str,
+    bk: int,
+    interpret: bool,
+    g_is_amax: bool = False,
 ):
     it = iter(refs)
     x_ref = next(it)
@@ -105,6 +112,8 @@ def _act_kernel(
     h = bk // 2
     nk = x_ref.shape[1] // bk
     g = g_ref[...] if g_ref is not None else None
+    if g is not None and g_is_amax:  # the tensor scale from max|x/s| (XLA's one reduction)
+        g = codecs.nvfp4_scale_from_amax(g, act == "nvfp4", interpret=interpret)
     hb = 8 if _is_nv(act) else 16
     nb = h // hb
 
@@ -172,6 +181,7 @@ def act_prepare_call(
     interpret: bool,
     rows: int | None = None,
     compiler_params=None,
+    g_is_amax: bool = False,
 ):
     """Run kernel 1 on padded operands.
 
@@ -182,7 +192,8 @@ def act_prepare_call(
         fl32(1/s) like ``formats.smooth_input``.
       a: ``[Kp, rp]`` down-projection (padding rows/columns 0) or None (rank 0).
       g: ``[1, 1]`` f32 nvfp4 activation tensor scale, in the convention of ``act`` (gs for
-        "nvfp4", g for "nvfp4-modelopt"); required for both.
+        "nvfp4", g for "nvfp4-modelopt"); required for both. With ``g_is_amax`` it is
+        max|x/s| instead and the kernel forms the scale (``codecs.nvfp4_scale_from_amax``).
       act: "nvfp4", "nvfp4-modelopt", "mxfp4" or None (W4A16).
       form: "bf16" or "packed" (W4A4 activation operand), "parts1" / "parts3" (W4A16: x/s as one
         bf16 array, or three whose f32 sum is exact) or "none" (t only).
@@ -248,6 +259,7 @@ def act_prepare_call(
         form=form,
         bk=bk,
         interpret=interpret,
+        g_is_amax=g_is_amax,
     )
     outs = pl.pallas_call(
         kernel,

@@ -23,10 +23,14 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from arhq_jax.numerics.elements import div as _xla_div
 
 _F32_ONE_HALF_BITS = 0x3F000000  # bits of 0.5f
+_F32_TINY = 2.0**-126
+_F32_MAX = float(np.finfo(np.float32).max)
+_NV_DIVISOR = 2688.0  # formats.NVFP4_TENSOR_DIVISOR (6 · 448)
 
 
 def _bits(v: jax.Array) -> jax.Array:
@@ -59,6 +63,22 @@ def div_rn(x: jax.Array, y, *, interpret: bool) -> jax.Array:
         result_shape_dtypes=[jax.ShapeDtypeStruct(shape, jnp.float32)],
     )
     return q
+
+
+def nvfp4_scale_from_amax(t: jax.Array, ct: bool, *, interpret: bool) -> jax.Array:
+    """``formats.nvfp4_tensor_scale`` from the amax t (f32, finite, >= 0) inside a kernel, so
+    that only XLA's max-reduction runs before kernel 1 (no scalar fusions): "ct" gs =
+    fl(2688·fl(1/max(t, 2^-126))), 1 when that overflows; "modelopt" g = fl(t/2688), 1 for t = 0.
+    """
+    if ct:
+        gs = div_rn(1.0, jnp.maximum(t, _F32_TINY), interpret=interpret) * _NV_DIVISOR
+        return jnp.where(gs <= _F32_MAX, gs, 1.0)
+    return jnp.where(t > 0, div_rn(t, _NV_DIVISOR, interpret=interpret), 1.0)
+
+
+def nvfp4_decode(ts: jax.Array, ct: bool, *, interpret: bool) -> jax.Array:
+    """``formats.nvfp4_decode_scale`` inside a kernel: fl(1/gs) for "ct", g for "modelopt"."""
+    return div_rn(1.0, ts, interpret=interpret) if ct else ts
 
 
 def e2m1_value(code: jax.Array) -> jax.Array:
@@ -119,6 +139,50 @@ def e2m1_pair_f16(byte: jax.Array) -> tuple[jax.Array, jax.Array]:
         jax.lax.bitcast_convert_type(lo, jnp.float16),
         jax.lax.bitcast_convert_type(hi, jnp.float16),
     )
+
+
+# The decode of ``e2m1_pair_f16`` on packed words, as PTX, for one 32-bit register $2 holding four
+# code bytes q = b3 b2 b1 b0 (Triton's ``pack=4`` for uint8). ``prmt`` moves b0, b1 into bytes 1
+# and 3 of t (b2, b3 likewise), so each byte's high nibble sits at bits 12-15 of a 16-bit half
+# (``t << 4`` brings the low nibble there); then per pair of nibbles (one f16x2 register) the
+# Marlin step
+#     f16x2 = (t & 0x80008000) | ((t & 0x70007000) >> 3)          (and, shr, lop3)
+# writes s 000 e1e0 m 000000000 into both halves. Outputs $0 = (b0, b1), $1 = (b2, b3) as f16x2.
+# jax's lowering takes one result per inline-asm op, so the low and high nibbles are two ops:
+# 10 + 8 instructions per 8 weights, against 4.5 per weight for the uint16 form plus the
+# per-byte extraction (prmt + cvt) that Triton emits for it.
+_E2M1_PACKED_PTX = """{{
+.reg .b32 t, m;
+prmt.b32 t, $2, 0, 0x1404;{shl}
+and.b32 m, t, 0x70007000;
+shr.b32 m, m, 3;
+lop3.b32 $0, t, 0x80008000, m, 0xEA;
+prmt.b32 t, $2, 0, 0x3424;{shl}
+and.b32 m, t, 0x70007000;
+shr.b32 m, m, 3;
+lop3.b32 $1, t, 0x80008000, m, 0xEA;
+}}"""
+E2M1_LO_PTX = _E2M1_PACKED_PTX.format(shl="\nshl.b32 t, t, 4;")
+E2M1_HI_PTX = _E2M1_PACKED_PTX.format(shl="")
+
+
+def e2m1_pair_f16_packed(byte: jax.Array, *, interpret: bool) -> tuple[jax.Array, jax.Array]:
+    """``e2m1_pair_f16`` of a uint8 tile: on GPU (``interpret=False``) the packed-word PTX
+    ``E2M1_LO_PTX`` / ``E2M1_HI_PTX`` (four bytes per 32-bit register, 2.25 instructions per
+    weight); in interpret mode the uint16 form. Same values: E2M1 × 2^-14 as float16."""
+    if interpret:
+        return e2m1_pair_f16(byte)
+    from jax.experimental.pallas import triton as pltriton
+
+    b = byte.astype(jnp.uint8)
+    out = [jax.ShapeDtypeStruct(byte.shape, jnp.float16)]
+    [lo] = pltriton.elementwise_inline_asm(
+        E2M1_LO_PTX, args=[b], constraints="=r,=r,r", pack=4, result_shape_dtypes=out
+    )
+    [hi] = pltriton.elementwise_inline_asm(
+        E2M1_HI_PTX, args=[b], constraints="=r,=r,r", pack=4, result_shape_dtypes=out
+    )
+    return lo, hi
 
 
 def bf16_parts(xs: jax.Array, n: int) -> list[jax.Array]:

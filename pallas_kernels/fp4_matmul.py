@@ -37,7 +37,6 @@ from jax.experimental import pallas as pl
 
 import pallas_kernels.codecs as codecs
 from arhq_jax.numerics import formats
-from arhq_jax.numerics.elements import HIGHEST
 from arhq_jax.numerics.formats import smooth_input
 from pallas_kernels.act_quant import act_prepare_call, expand_blocks
 
@@ -49,23 +48,27 @@ _K1_SPLIT_MAX_BLOCKS = 64  # with fewer row blocks than this, kernel 1 is parall
 
 def _gemm_kernel(
     *refs,
-    has_g: bool,
+    gx: str | None,
+    gw: str | None,
     has_lr: bool,
     has_bias: bool,
     w_fmt: str,
     bk: int,
+    interpret: bool,
+    split: int,
 ):
     it = iter(refs)
     x_ref = next(it)
     c_ref = next(it)
     sc_ref = next(it)
-    g_ref = next(it) if has_g else None
+    gx_ref = next(it) if gx else None
+    gw_ref = next(it) if gw else None
     t_ref = next(it) if has_lr else None
     b_ref = next(it) if has_lr else None
     bias_ref = next(it) if has_bias else None
     o_ref = next(it)
 
-    bm, bn = o_ref.shape
+    bm, bn = o_ref.shape[-2:]
     parts = x_ref.shape[0]
     h = bk // 2
     hb = 8 if w_fmt == "nvfp4" else 16  # bytes per scale block
@@ -76,7 +79,7 @@ def _gemm_kernel(
     def body(kt, acc):
         # Weights: 3 integer ops per nibble to fp16 (codecs.e2m1_pair_f16), then one f32 multiply
         # by the block scale × 2^14 and the bf16 rounding (exact): bf16 tensor-core operands.
-        lo, hi = codecs.e2m1_pair_f16(c_ref[:, pl.ds(kt * h, h)])
+        lo, hi = codecs.e2m1_pair_f16_packed(c_ref[:, pl.ds(kt * h, h)], interpret=interpret)
         sb = sc_ref[:, pl.ds(kt * nb, nb)].astype(jnp.int32)
         if w_fmt == "nvfp4":
             sw = codecs.e4m3_value(sb) * codecs.F16_FOLD
@@ -94,21 +97,49 @@ def _gemm_kernel(
         return acc
 
     acc = jax.lax.fori_loop(0, nk, body, jnp.zeros((bm, bn), jnp.float32))
-    if has_g:
-        acc = acc * g_ref[...]
+    # The nvfp4 tensor parts of the decode, formed here from the raw scalars (so that no XLA
+    # scalar kernel runs before the kernels): gx "amax-ct"/"amax-mo" (from max|x/s|), "ct"/"mo"
+    # (a given activation tensor scale), gw "ct"/"mo" (the weight's tensor scale).
+    g = None
+    if gx:
+        v = gx_ref[...]
+        if gx.startswith("amax"):
+            v = codecs.nvfp4_scale_from_amax(v, gx.endswith("ct"), interpret=interpret)
+        g = codecs.nvfp4_decode(v, gx.endswith("ct"), interpret=interpret)
+    if gw:
+        dw = codecs.nvfp4_decode(gw_ref[...], gw == "ct", interpret=interpret)
+        g = dw if g is None else g * dw
+    if g is not None:
+        acc = acc * g
+    # Split-K: this program's partial sum over one K slice; the low-rank term and the bias enter
+    # the partial of slice 0 only (the partials are summed after the kernel).
+    extra = jnp.zeros_like(acc)
     if has_lr:
-        t = t_ref[0]
-        for i in range(1, t_ref.shape[0]):  # the partial sums of a K-parallel kernel 1
-            t = t + t_ref[i]
-        acc = acc + jax.lax.dot_general(
-            t,
-            b_ref[...].astype(jnp.float32),
-            dims,
-            precision=HIGHEST,
-            preferred_element_type=jnp.float32,
-        )
+        # The partial sums of a K-parallel kernel 1 (one per K slab: up to K/bk of them), summed
+        # in a loop: unrolled, a long K (e.g. 112 slabs) would hold them all live and spill.
+        nt = t_ref.shape[0]
+        if nt <= 4:
+            t = t_ref[0]
+            for i in range(1, nt):
+                t = t + t_ref[i]
+        else:
+            t = jax.lax.fori_loop(1, nt, lambda i, t: t + t_ref[i], t_ref[0])
+        # t·Bᵀ on the tensor cores: t (f32) and B as bf16 parts (three, or B's own bf16), and
+        # the products of parts i·j with i + j <= 2 (the dropped ones are < 2^-24 relative). An
+        # f32 dot at HIGHEST would be FMA instructions (Triton's IEEE f32 dot), which spill.
+        bv = b_ref[...]
+        t_parts = codecs.bf16_parts(t, 3)
+        b_parts = [bv] if bv.dtype == jnp.bfloat16 else codecs.bf16_parts(bv.astype(jnp.float32), 3)
+        for i, tp in enumerate(t_parts):
+            for j, bp in enumerate(b_parts):
+                if i + j <= 2:
+                    extra = extra + jax.lax.dot_general(
+                        tp, bp, dims, preferred_element_type=jnp.float32
+                    )
     if has_bias:
-        acc = acc + bias_ref[...].astype(jnp.float32)
+        extra = extra + bias_ref[...].astype(jnp.float32)
+    if has_lr or has_bias:
+        acc = acc + (extra if split == 1 else jnp.where(pl.program_id(2) == 0, extra, 0.0))
     o_ref[...] = acc.astype(o_ref.dtype)
 
 
@@ -152,6 +183,28 @@ def choose_tiles(m: int, n: int, k_pad: int, block_m=None, block_n=None, block_k
     # weight tile (Triton splits the bm x bn MMA among the warps and replicates the B operand).
     num_warps = 8 if bm * bn >= 128 * 128 else 1 if bm * bn <= 16 * 32 else 4
     return bm, bn, bk, num_warps, 3
+
+
+SMS = 132  # streaming multiprocessors of an H100 / H200 SXM
+SPLIT_MIN_TILES = 4  # K tiles per split at least: the software pipeline needs a few to overlap
+
+
+def choose_split(row_blocks: int, col_blocks: int, k_tiles: int) -> int:
+    """Split-K factor for kernel 2: 1 when the (row, column) grid fills at least half the SMs (the
+    f32 partials and XLA's sum of them, a third launch, would cost more than the idle SMs); else
+    the smallest power of two that brings the programs to >= SMS, at most k_tiles /
+    SPLIT_MIN_TILES and dividing k_tiles."""
+    programs = row_blocks * col_blocks
+    split = 1
+    if 2 * programs >= SMS:
+        return split
+    while (
+        programs * split < SMS
+        and k_tiles % (2 * split) == 0
+        and k_tiles // (2 * split) >= SPLIT_MIN_TILES
+    ):
+        split *= 2
+    return split
 
 
 def _pow2_floor(v: int) -> int:
@@ -247,6 +300,7 @@ def fp4_lowrank_matmul(
     block_k: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    split_k: int | None = None,
 ) -> jax.Array:
     """y = Q_a(x/s)·deq(w)ᵀ + ((x/s)·a)·bᵀ (+ bias) with the two Pallas kernels.
 
@@ -269,6 +323,8 @@ def fp4_lowrank_matmul(
       interpret: run the kernels in Pallas interpret mode (CPU).
       block_m, block_n, block_k, num_warps, num_stages: tile overrides (powers of two; bk a
         multiple of 32; bm, bn >= 16 for Triton's dot). Defaults from ``choose_tiles``.
+      split_k: K slices that kernel 2 reduces in parallel (a power of two dividing the number of
+        K tiles; f32 partials summed by XLA: one more launch); None: ``choose_split``.
     Returns:
       y ``[..., N]`` in x's dtype (f32 accumulation throughout).
     Raises:
@@ -295,6 +351,12 @@ def fp4_lowrank_matmul(
     for name, v, lo in (("block_m", bm, 16), ("block_n", bn, 16), ("block_k", bk, 32)):
         if not _is_pow2(v) or v < lo:
             raise ValueError(f"{name} must be a power of two >= {lo}, got {v}")
+    nkt = _round_up(k, bk) // bk
+    split = choose_split(-(-m // bm), _round_up(n, bn) // bn, nkt) if split_k is None else split_k
+    if not _is_pow2(split) or nkt % split:
+        raise ValueError(
+            f"split_k must be a power of two dividing the {nkt} K tiles of {bk}, got {split}"
+        )
     _check_backend(interpret)
     return matmul_impl(
         x,
@@ -309,12 +371,15 @@ def fp4_lowrank_matmul(
         warps=(num_warps or nw, num_stages or ns),
         a16_bf16=a16_bf16,
         interpret=interpret,
+        split=split,
     )
 
 
-@functools.partial(jax.jit, static_argnames=("act", "tiles", "warps", "a16_bf16", "interpret"))
+@functools.partial(
+    jax.jit, static_argnames=("act", "tiles", "warps", "a16_bf16", "interpret", "split")
+)
 def matmul_impl(
-    x, w, a, b, smooth, bias, act_tensor_scale, *, act, tiles, warps, a16_bf16, interpret
+    x, w, a, b, smooth, bias, act_tensor_scale, *, act, tiles, warps, a16_bf16, interpret, split=1
 ):
     bm, bn, bk = tiles
     cparams = _compiler_params(interpret, *warps)
@@ -340,13 +405,17 @@ def matmul_impl(
 
     # The nvfp4 tensor parts of the decode (1/gs for "nvfp4", g for "nvfp4-modelopt") are applied
     # to the f32 accumulator: the block values code·s stay exact in bf16.
-    g_x, g = None, None
+    # Both kernels take the raw scalars and form the scales themselves: the only XLA kernel
+    # before them is the max|x/s| reduction of a dynamic nvfp4 activation scale.
+    g_x, gx_kind, gw_kind = None, None, None
     if act in _NV_LABELS:
-        g_x = _act_tensor_scale(x2, smooth, act_tensor_scale, act)
-        g = formats.nvfp4_decode_scale(g_x, act)
+        conv = "ct" if act == "nvfp4" else "mo"
+        if act_tensor_scale is not None:
+            g_x, gx_kind = jnp.asarray(act_tensor_scale, jnp.float32).reshape(()), conv
+        else:
+            g_x, gx_kind = _act_amax(x2, smooth), "amax-" + conv
     if wfmt == "nvfp4":
-        g_w = formats.nvfp4_decode_scale(jnp.asarray(w.tensor_scale).reshape(()), w.spec)
-        g = g_w if g is None else g * g_w
+        gw_kind = "ct" if w.spec.label == "nvfp4" else "mo"
 
     # Rows are independent (every output row depends only on its x row), so x and y are not
     # padded to bm rows: the edge blocks' loads and stores are masked (Triton) / padded and
@@ -376,51 +445,75 @@ def matmul_impl(
         rows=mp,
         # Kernel 1 holds x slabs, A slabs and three bf16 parts: 8 warps keep it out of spills.
         compiler_params=_compiler_params(interpret, 8, warps[1]),
+        g_is_amax=gx_kind is not None and gx_kind.startswith("amax"),
     )
     xin = prep["xa"][None] if act is not None else prep["xp"]
 
     nparts = xin.shape[0]
     args = [xin]
-    in_specs = [pl.BlockSpec((nparts, bm, kp), lambda i, j: (0, i, 0))]
+    # Split-K (``split`` > 1): program (i, j, s) reduces the K slice s of Kp/split columns and
+    # writes an f32 partial [split, M, Np]; XLA sums the partials (one small fusion).
+    ks = kp // split
+    in_specs = [pl.BlockSpec((nparts, bm, ks), lambda i, j, s: (0, i, s))]
     args += [codes, sbytes]
     in_specs += [
-        pl.BlockSpec((bn, kp // 2), lambda i, j: (j, 0)),
-        pl.BlockSpec((bn, kp // blk), lambda i, j: (j, 0)),
+        pl.BlockSpec((bn, ks // 2), lambda i, j, s: (j, s)),
+        pl.BlockSpec((bn, ks // blk), lambda i, j, s: (j, s)),
     ]
-    if g is not None:
-        args.append(g.reshape(1, 1))
-        in_specs.append(pl.BlockSpec((1, 1), lambda i, j: (0, 0)))
+    for v in (g_x, None if gw_kind is None else jnp.asarray(w.tensor_scale, jnp.float32)):
+        if v is not None:
+            args.append(v.reshape(1, 1))
+            in_specs.append(pl.BlockSpec((1, 1), lambda i, j, s: (0, 0)))
     if r:
         nt = prep["t"].shape[0]
         args += [prep["t"], _pad2(b, np_, rp)]
         in_specs += [
-            pl.BlockSpec((nt, bm, rp), lambda i, j: (0, i, 0)),
-            pl.BlockSpec((bn, rp), lambda i, j: (j, 0)),
+            pl.BlockSpec((nt, bm, rp), lambda i, j, s: (0, i, 0)),
+            pl.BlockSpec((bn, rp), lambda i, j, s: (j, 0)),
         ]
     if bias is not None:
         args.append(_pad2(bias.reshape(1, n), 1, np_))
-        in_specs.append(pl.BlockSpec((1, bn), lambda i, j: (0, j)))
+        in_specs.append(pl.BlockSpec((1, bn), lambda i, j, s: (0, j)))
     kernel = functools.partial(
         _gemm_kernel,
-        has_g=g is not None,
+        gx=gx_kind,
+        gw=gw_kind,
         has_lr=r > 0,
         has_bias=bias is not None,
         w_fmt=wfmt,
         bk=bk,
+        interpret=interpret,
+        split=split,
     )
+    if split == 1:
+        out_shape = jax.ShapeDtypeStruct((m, np_), x.dtype)
+        out_spec = pl.BlockSpec((bm, bn), lambda i, j, s: (i, j))
+    else:
+        out_shape = jax.ShapeDtypeStruct((split, m, np_), jnp.float32)
+        out_spec = pl.BlockSpec((None, bm, bn), lambda i, j, s: (s, i, j))
     y = pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct((m, np_), x.dtype),
-        grid=(mp // bm, np_ // bn),
+        out_shape=out_shape,
+        grid=(mp // bm, np_ // bn, split),
         in_specs=in_specs,
-        out_specs=pl.BlockSpec((bm, bn), lambda i, j: (i, j)),
+        out_specs=out_spec,
         interpret=interpret,
         compiler_params=cparams,
         name="arhq_fp4_lowrank_gemm",
     )(*args)
+    if split > 1:
+        y = jnp.sum(y, axis=0).astype(x.dtype)
     if np_ != n:
         y = y[:, :n]
     return y.reshape(*lead, n)
+
+
+def _act_amax(x2, smooth):
+    """max|x/s| over the finite elements (f32 scalar), as ``formats.nvfp4_tensor_scale``."""
+    a = jnp.abs(smooth_input(x2, smooth).astype(jnp.float32))
+    # (No ``initial=0``: x is not empty and the masked values are >= 0; with it XLA runs a
+    # second, scalar kernel for the maximum with 0.)
+    return jnp.max(jnp.where(jnp.isfinite(a), a, 0.0))
 
 
 def _act_tensor_scale(x2, smooth, static_scale, act: str):

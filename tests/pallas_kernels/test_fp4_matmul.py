@@ -18,6 +18,7 @@ import pallas_kernels.codecs as codecs
 from arhq_jax.linears.quantized import quant_matmul_ref, smooth_input
 from arhq_jax.numerics import formats
 from pallas_kernels.fp4_matmul import (
+    choose_split,
     choose_tiles,
     fp4_lowrank_matmul,
     matmul_impl,
@@ -229,6 +230,8 @@ CASES = [
     (128, 96, 200, 64, "mxfp4", None, False, False, "bfloat16", (64, 32, 64)),
     (7, 200, 320, 16, "nvfp4-modelopt", "nvfp4-modelopt", True, True, "float32", None),
     (128, 160, 320, 16, "nvfp4-modelopt", "nvfp4", False, False, "float32", (64, 32, 64)),
+    # 6 programs over 16 K tiles: split-K by 4 (choose_split)
+    (1, 96, 1024, 16, "mxfp4", "mxfp4", True, True, "float32", (16, 16, 64)),
 ]
 
 
@@ -315,8 +318,15 @@ def test_kernels_lower_to_triton(m, af, r):
         m, 256, 512, r, "nvfp4", smooth=True, bias=True, dtype=jnp.bfloat16
     )
     bm, bn, bk, nw, ns = choose_tiles(m, 256, 512)
+    split = 2 if m == 1 else 1  # split-K: the f32 partials of two K slices
     f = functools.partial(
-        matmul_impl, act=af, tiles=(bm, bn, bk), warps=(nw, ns), a16_bf16=False, interpret=False
+        matmul_impl,
+        act=af,
+        tiles=(bm, bn, bk),
+        warps=(nw, ns),
+        a16_bf16=False,
+        interpret=False,
+        split=split,
     )
     check = export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
     with gpu_lowering_context():
@@ -326,6 +336,9 @@ def test_kernels_lower_to_triton(m, af, r):
     text = exp.mlir_module()
     assert "arhq_fp4_lowrank_gemm" in text
     assert "arhq_act_prepare" in text  # t = (x/s)·A and the activation operand, at any M
+    # The weight decode is the packed-word PTX (four code bytes per register, pack=4).
+    ir2 = _triton_ir_strings(text)["arhq_fp4_lowrank_gemm"]
+    assert b"lop3.b32 $0, t, 0x80008000, m, 0xEA;" in ir2
     if af is not None and af.startswith("nvfp4"):
         # Every division of the nvfp4 quantizer is PTX div.rn.f32 (Triton's own f32 division,
         # arith.divf -> div.full.f32, is approximate and would move scales and ties).
@@ -398,3 +411,85 @@ def test_gpu_kernel1_packed_equals_formats_quantize(fmt):
     want = formats.quantize(x, fmt)
     np.testing.assert_array_equal(np.asarray(codes), np.asarray(want.codes))
     np.testing.assert_array_equal(_bytes(scales), _bytes(want.scales))
+
+
+def _run_ptx(asm: str, q: int, outs: int) -> list[int]:
+    """A tiny interpreter of the b32 instructions the packed decode uses (prmt, and, shr, shl,
+    lop3), written from the PTX ISA: runs ``asm`` on the input register q, returns $0..$outs-1."""
+    regs = {f"${outs}": q}
+    m32 = 0xFFFFFFFF
+
+    def val(tok: str) -> int:
+        return regs[tok] if tok in regs else int(tok.rstrip("U"), 0) & m32
+
+    for line in asm.splitlines():
+        line = line.strip().rstrip(";")
+        if not line or line[0] in "{}." or line.startswith(".reg"):
+            continue
+        op, rest = line.split(None, 1)
+        d, *a = [t.strip() for t in rest.split(",")]
+        v = [val(t) for t in a]
+        if op == "prmt.b32":  # bytes of {b, a}: 0-3 from a, 4-7 from b; selector nibble i
+            src = v[0] | (v[1] << 32)
+            r = 0
+            for i in range(4):
+                sel = (v[2] >> (4 * i)) & 7
+                r |= ((src >> (8 * sel)) & 0xFF) << (8 * i)
+        elif op == "and.b32":
+            r = v[0] & v[1]
+        elif op == "shr.b32":
+            r = v[0] >> v[1]
+        elif op == "shl.b32":
+            r = (v[0] << v[1]) & m32
+        elif op == "lop3.b32":  # bit i of the result: LUT[(a_i << 2) | (b_i << 1) | c_i]
+            r = 0
+            for i in range(32):
+                idx = (((v[0] >> i) & 1) << 2) | (((v[1] >> i) & 1) << 1) | ((v[2] >> i) & 1)
+                r |= ((v[3] >> idx) & 1) << i
+        else:
+            raise AssertionError(f"instruction not modelled: {op}")
+        regs[d] = r
+    return [regs[f"${i}"] for i in range(outs)]
+
+
+def test_packed_e2m1_ptx_matches_the_uint16_decode():
+    """The inline PTX of the GPU decode (four code bytes per register, f16x2 results), run by an
+    interpreter of its instructions over every byte in every position, equals e2m1_pair_f16 bit
+    for bit (the interpret-mode decode, itself checked against ml_dtypes above)."""
+    rng = np.random.default_rng(1)
+    lo_ref, hi_ref = jax.jit(codecs.e2m1_pair_f16)(np.arange(256, dtype=np.uint8))
+    lo_ref = np.asarray(lo_ref).view(np.uint16)
+    hi_ref = np.asarray(hi_ref).view(np.uint16)
+    words = [rng.permutation(256)[:4] for _ in range(64)] + [np.full(4, b) for b in range(256)]
+    for bs in words:
+        q = int(bs[0]) | int(bs[1]) << 8 | int(bs[2]) << 16 | int(bs[3]) << 24
+        for asm, ref in ((codecs.E2M1_LO_PTX, lo_ref), (codecs.E2M1_HI_PTX, hi_ref)):
+            r01, r23 = _run_ptx(asm, q, 2)
+            got = [r01 & 0xFFFF, r01 >> 16, r23 & 0xFFFF, r23 >> 16]
+            assert got == [int(ref[b]) for b in bs]
+
+
+@pytest.mark.parametrize(
+    "m,wf,af,split", [(1, "mxfp4", "mxfp4", 4), (7, "nvfp4", None, 2), (128, "nvfp4", "nvfp4", 8)]
+)
+def test_split_k_matches_jnp_path(m, wf, af, split):
+    """Kernel 2 with split-K (f32 partials over K slices, the low-rank term and bias in slice 0,
+    summed after): the jnp path at 1e-6, and the same as no split up to summation order."""
+    x, w, a, b, s, bb = make_case(m, 96, 1024, 16, wf, smooth=True, bias=True, seed=11)
+    run = functools.partial(fp4_lowrank_matmul, act_fmt=af, bias=bb, interpret=True)
+    y = run(x, w, a, b, s, block_k=64, split_k=split)
+    y_ref = quant_matmul_ref(x, w, a, b, s, af, bias=bb)
+    assert y.shape == (m, 96) and y.dtype == x.dtype
+    assert rel_err(y, y_ref) <= 1e-6
+    assert rel_err(y, run(x, w, a, b, s, block_k=64, split_k=1)) <= 1e-6
+    with pytest.raises(ValueError, match="split_k must be a power of two dividing the 16 K tiles"):
+        run(x, w, a, b, s, block_k=64, split_k=3)
+
+
+def test_choose_split_fills_the_sms_only_when_the_grid_does_not():
+    assert choose_split(1, 256, 32) == 1  # q/o decode, 16-wide tiles: 256 programs already
+    assert choose_split(1, 64, 32) == 4  # k/v decode: 64 programs -> 256
+    assert choose_split(1, 8, 32) == 8  # k/v at M = 128: at least 4 K tiles per slice
+    assert choose_split(1, 8, 8) == 2 and choose_split(1, 8, 6) == 1
+    assert choose_split(1, 112, 32) == 1  # gate/up at M = 128: over half the SMs busy already
+    assert choose_split(16, 8, 32) == 1  # k/v at M = 2048: 128 programs
