@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import arhq_jax.methods.fold_smoothing as fold_smoothing
 from arhq_jax.calibration import global_scales, stats
 from arhq_jax.calibration.calibrate import Calibration, LayerwiseRunner
 from arhq_jax.decomposition import decompose, rank_budget, refine, rotate
@@ -55,7 +56,9 @@ class RTNOptions(Options):
 
     setting: str = option(
         "raw",
-        "raw, or smooth: per-projection α-searched smoothing (docs/spec/methods.md §2.3)",
+        "raw; smooth: per-projection α-searched smoothing (docs/spec/methods.md §2.3); fold: "
+        "one α-searched vector per input group folded into the norms and v/up rows "
+        "(methods/fold_smoothing.py; exportable)",
         choices=SETTINGS,
     )
     # beyond ARHQ: arhq_jax/decomposition/rotate.py; the α search on the first batches
@@ -68,8 +71,8 @@ class RTNOptions(Options):
     )
     alpha_tokens: int | None = option(
         None,
-        "smooth setting: search α on the first calibration batches covering this many tokens "
-        "(default: all; the search dominates the quantize time)",
+        "smooth and fold settings: search α on the first calibration batches covering this "
+        "many tokens (default: all; the search dominates the quantize time)",
         type=POS,
     )
 
@@ -88,7 +91,7 @@ class RTNOptions(Options):
             raise ValueError(f"alpha_tokens must be a positive int or None, got {a!r}")
 
     def unused(self, common) -> tuple[str, ...]:
-        return () if self.setting == "smooth" else ("alpha_tokens",)
+        return () if self.setting in ("smooth", "fold") else ("alpha_tokens",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -394,7 +397,7 @@ class LowRankMethod(Method):
 
     def needs_calibration(self, qcfg) -> bool:
         return (
-            qcfg.setting == "smooth"
+            qcfg.setting in ("smooth", "fold")
             or (qcfg.method == "arhq" and qcfg.uses_branch)
             or qcfg.residual_quant == "gptq"
             or qcfg.static_act_scale
@@ -404,6 +407,13 @@ class LowRankMethod(Method):
 
     def streams(self, qcfg) -> bool:
         return not qcfg.rank_budget  # the rank budget's plan reads the whole model
+
+    def transform_layer(self, layer, calib, qcfg):
+        """The fold setting: per-group vectors searched on the float layer and folded into its
+        norms and v/up rows (``fold_smoothing``); the stages then quantize it as raw."""
+        if qcfg.setting != "fold":
+            return layer, {}
+        return fold_smoothing.fold_searched(layer, calib, qcfg)
 
     def plan(self, params, cfg, calib_ids, qcfg, *, batch_size=8, mesh=None):
         """``{(layer, proj): rank}`` of the rank budget (None without one)."""
