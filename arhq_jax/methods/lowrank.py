@@ -46,6 +46,7 @@ from arhq_jax.methods.base import (
 )
 from arhq_jax.methods.gptq_method import gptq_weight
 from arhq_jax.models.config import GROUP_OF
+from arhq_jax.models.params import has_bias
 from arhq_jax.numerics.formats import dequantize
 from arhq_jax.parallel import devices
 
@@ -117,6 +118,13 @@ class SVDQuantOptions(GPTQOptions, RTNOptions):
         "spread the factor budget of uniform --rank over the (layer, projection) pairs",
         action="store_true",
     )
+    bits_target: float | None = option(
+        None,
+        "choose each projection's rank (0, 4, 8, … 3×--rank) by the exact knapsack of "
+        "rank_budget.allocate_bits so that the stored bits per weight of the quantized "
+        "projections (codes, scales, global scales, factors) are at most this",
+        type=float_in(0, lo_open=True),
+    )
     refine_iters: int = option(
         0,
         "joint refinement of branch and quantized residual: at most this many iterations",
@@ -146,6 +154,14 @@ class SVDQuantOptions(GPTQOptions, RTNOptions):
             raise ValueError(f"refine_iters must be an int >= 0, got {v!r}")
         if not isinstance(self.rank_budget, bool):
             raise ValueError(f"rank_budget must be True or False, got {self.rank_budget!r}")
+        b = self.bits_target
+        if b is not None:
+            if isinstance(b, bool) or not isinstance(b, int | float) or not 0 < b < float("inf"):
+                raise ValueError(f"bits_target must be a finite number > 0, got {b!r}")
+            if self.rank_budget:
+                raise ValueError("give bits_target or rank_budget, not both")
+            if self.rank == 0:
+                raise ValueError("bits_target needs a low-rank branch (rank > 0: the grid's top/3)")
         if (self.rank_budget or self.refine_iters) and self.rank == 0:
             raise ValueError("rank_budget and refine_iters need a low-rank branch (rank > 0)")
         if (self.rank_budget or self.refine_iters) and self.setting == "smooth":
@@ -406,7 +422,8 @@ class LowRankMethod(Method):
         )
 
     def streams(self, qcfg) -> bool:
-        return not qcfg.rank_budget  # the rank budget's plan reads the whole model
+        # the rank budget's and the bit budget's plan reads the whole model
+        return not (qcfg.rank_budget or qcfg.bits_target is not None)
 
     def transform_layer(self, layer, calib, qcfg):
         """The fold setting: per-group vectors searched on the float layer and folded into its
@@ -417,7 +434,7 @@ class LowRankMethod(Method):
 
     def plan(self, params, cfg, calib_ids, qcfg, *, batch_size=8, mesh=None):
         """``{(layer, proj): rank}`` of the rank budget (None without one)."""
-        if not qcfg.rank_budget:
+        if not qcfg.rank_budget and qcfg.bits_target is None:
             return None
         return allocate_model_ranks(params, cfg, calib_ids, qcfg, batch_size, mesh)
 
@@ -504,6 +521,10 @@ class LowRankMethod(Method):
     def check_model(self, qcfg, cfg) -> None:
         if not qcfg.uses_branch:
             return
+        if qcfg.bits_target is not None:  # the weights alone within the target (before any work)
+            shapes, fixed = zip(*projection_bits(qcfg, cfg).values(), strict=True)
+            factor_bits = 8 * jnp.dtype(qcfg.factor_dtype or cfg.param_dtype).itemsize
+            rank_budget.bits_budget(shapes, fixed, factor_bits, qcfg.bits_target)
         for name, (out_f, in_f) in cfg.linear_shapes().items():
             if name in qcfg.projections and qcfg.rank > min(out_f, in_f):
                 raise ValueError(
@@ -551,18 +572,43 @@ def rank_grid(qcfg, step: int = 8) -> tuple[int, ...]:
     return tuple(sorted(set(range(0, 3 * qcfg.rank + 1, step)) | {qcfg.rank}))
 
 
+def projection_bits(qcfg, cfg) -> dict[str, tuple[tuple[int, int], int]]:
+    """``{proj: ((out, in), stored bits without a branch)}`` of every quantized projection of
+    one layer (``rank_budget.weight_bits``: codes, scales, global scales, the static activation
+    scale, the smooth setting's vector, a bias in the parameter dtype)."""
+    shapes = cfg.linear_shapes()
+    pbits = 8 * jnp.dtype(cfg.param_dtype).itemsize
+    return {
+        p: (
+            shapes[p],
+            rank_budget.weight_bits(
+                shapes[p],
+                qcfg.w_spec,
+                act_scale=qcfg.static_act_scale,
+                smooth=qcfg.setting == "smooth",
+                bias_bits=shapes[p][0] * pbits if has_bias(cfg, p) else 0,
+            ),
+        )
+        for p in qcfg.projections
+    }
+
+
 def allocate_model_ranks(params, cfg, calib_ids, qcfg, batch_size=8, mesh=None) -> dict:
     """``{(layer, proj): rank}`` minimising Σ J_i(r_i) (ARHQ's free tail objective on the float
     model, in the rotated space when ``qcfg.rotate``; SVDQuant's Σ_{j>r} σ_j²(W)) subject to the
-    stored factor values of uniform ``qcfg.rank`` (``rank_budget.allocate_ranks``). One parallel
+    stored factor values of uniform ``qcfg.rank`` (``rank_budget.allocate_ranks``), or, with
+    ``qcfg.bits_target``, to at most that many stored bits per weight over the quantized
+    projections (``rank_budget.allocate_bits``, ranks 0, 4, … 3× ``qcfg.rank``). One parallel
     calibration pass (absmax, then G with the static activation scale)."""
-    grid = rank_grid(qcfg)
+    bits = qcfg.bits_target is not None
+    grid = rank_grid(qcfg, step=4 if bits else 8)
     shapes_of = cfg.linear_shapes()
     runner = None
     if qcfg.method == "arhq":
         runner = LayerwiseRunner(params, cfg, calib_ids, batch_size=batch_size, mesh=mesh)
     calib = Calibration(runner, cfg)
-    objs, shapes, keys = [], [], []
+    objs, shapes, keys, fixed = [], [], [], []
+    fixed_of = projection_bits(qcfg, cfg)
     for li, layer in enumerate(params.layers):
         gs, scale = {}, None
         if runner is not None:
@@ -585,9 +631,13 @@ def allocate_model_ranks(params, cfg, calib_ids, qcfg, batch_size=8, mesh=None) 
                 objs.append(rank_budget.tail_objectives(w, gs[GROUP_OF[p]]["G"], grid, qcfg.eps))
             shapes.append(shapes_of[p])
             keys.append((li, p))
+            fixed.append(fixed_of[p][1])
         if runner is not None:
             runner.advance(layer)
-    ranks = rank_budget.allocate_ranks(
-        np.stack([np.asarray(o) for o in objs]), shapes, grid, qcfg.rank
-    )
+    objs = np.stack([np.asarray(o) for o in objs])
+    if bits:
+        factor_bits = 8 * jnp.dtype(qcfg.factor_dtype or cfg.param_dtype).itemsize
+        ranks = rank_budget.allocate_bits(objs, shapes, grid, fixed, factor_bits, qcfg.bits_target)
+    else:
+        ranks = rank_budget.allocate_ranks(objs, shapes, grid, qcfg.rank)
     return dict(zip(keys, ranks, strict=True))

@@ -351,6 +351,7 @@ class QuantConfig:
         setting = f"-{self.setting}" if self.setting is not None else ""
         # the beyond-ARHQ options of the low-rank methods (None elsewhere)
         extra = "-budget" if self.rank_budget else ""
+        extra += f"-b{self.bits_target:g}" if self.bits_target is not None else ""
         extra += f"-refine{self.refine_iters}" if self.refine_iters else ""
         extra += f"-rot{self.rotate}" if self.rotate else ""
         extra += "-aa" if self.act_aware else ""
