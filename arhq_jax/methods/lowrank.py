@@ -166,8 +166,6 @@ class SVDQuantOptions(GPTQOptions, RTNOptions):
             raise ValueError("rank_budget and refine_iters need a low-rank branch (rank > 0)")
         if (self.rank_budget or self.refine_iters) and self.setting == "smooth":
             raise ValueError("rank_budget and refine_iters are implemented for the raw setting")
-        if self.refine_iters and common.act_fmt is None:
-            raise ValueError("refine_iters needs an activation format (its objective has Q_a)")
         if not isinstance(self.refine_gptq, bool):
             raise ValueError(f"refine_gptq must be True or False, got {self.refine_gptq!r}")
         if self.refine_gptq and not (self.refine_iters and self.residual_quant == "gptq"):
@@ -595,7 +593,8 @@ def projection_bits(qcfg, cfg) -> dict[str, tuple[tuple[int, int], int]]:
 
 def allocate_model_ranks(params, cfg, calib_ids, qcfg, batch_size=8, mesh=None) -> dict:
     """``{(layer, proj): rank}`` minimising Σ J_i(r_i) (ARHQ's free tail objective on the float
-    model, in the rotated space when ``qcfg.rotate``; SVDQuant's Σ_{j>r} σ_j²(W)) subject to the
+    model, in the rotated space when ``qcfg.rotate``; SVDQuant's Σ_{j>r} σ_j²(W), of W H½ when
+    weight-only) subject to the
     stored factor values of uniform ``qcfg.rank`` (``rank_budget.allocate_ranks``), or, with
     ``qcfg.bits_target``, to at most that many stored bits per weight over the quantized
     projections (``rank_budget.allocate_bits``, ranks 0, 4, … 3× ``qcfg.rank``). One parallel
@@ -604,7 +603,9 @@ def allocate_model_ranks(params, cfg, calib_ids, qcfg, batch_size=8, mesh=None) 
     grid = rank_grid(qcfg, step=4 if bits else 8)
     shapes_of = cfg.linear_shapes()
     runner = None
-    if qcfg.method == "arhq":
+    # weight-only svdquant: the tails of W H½ (the weight-only output error), not of W
+    h_metric = qcfg.method == "svdquant" and qcfg.act_fmt is None
+    if qcfg.method == "arhq" or h_metric:
         runner = LayerwiseRunner(params, cfg, calib_ids, batch_size=batch_size, mesh=mesh)
     calib = Calibration(runner, cfg)
     objs, shapes, keys, fixed = [], [], [], []
@@ -619,7 +620,7 @@ def allocate_model_ranks(params, cfg, calib_ids, qcfg, batch_size=8, mesh=None) 
                 scale = {
                     g: global_scales.act_scale(global_scales.amax(am[g]["absmax"])) for g in groups
                 }
-            spec = stats_config(qcfg, g=True, absmax=False)
+            spec = stats_config(qcfg, g=not h_metric, absmax=False, h=h_metric)
             gs = calib.stats(layer, {g: spec for g in groups}, None, scale, qcfg.rotate)
         for p in qcfg.projections:
             w = getattr(layer, p).w.astype(jnp.float32)
@@ -628,7 +629,8 @@ def allocate_model_ranks(params, cfg, calib_ids, qcfg, batch_size=8, mesh=None) 
             if runner is None:
                 objs.append(rank_budget.svd_tail_objectives(w, grid))
             else:
-                objs.append(rank_budget.tail_objectives(w, gs[GROUP_OF[p]]["G"], grid, qcfg.eps))
+                m = gs[GROUP_OF[p]]["H" if h_metric else "G"]
+                objs.append(rank_budget.tail_objectives(w, m, grid, qcfg.eps or 1e-6))
             shapes.append(shapes_of[p])
             keys.append((li, p))
             fixed.append(fixed_of[p][1])
