@@ -105,3 +105,26 @@ def test_bits_target_errors(tmp_path, capsys):
     with pytest.raises(ValueError, match="needs a low-rank branch"):
         QuantConfig(method="svdquant", rank=0, bits_target=5.0)
     assert QuantConfig(method="arhq", bits_target=5.25).label().startswith("arhq-r32-b5.25")
+
+
+@pytest.mark.parametrize("name", ["best-w4a4-lean", "best-w4a16"])
+def test_lean_presets_export_within_their_bits(tmp_path, capsys, name):
+    """The 4.75-bit presets write a compressed-tensors NVFP4 (+ lora/) checkpoint of at most
+    4.75 stored bits per weight, with the recipe they name."""
+    from arhq_jax.checkpoint import store as checkpoint
+    from arhq_jax.run.config import PRESETS, preset
+
+    src = T.write_hf_dir(tmp_path / "src")
+    out = tmp_path / "ck"
+    rc = main(["quantize", "--model", str(src), "--preset", name, "--calib-tokens", "512",
+               "--calib-seq-len", "64", "--out", str(out)])  # fmt: skip
+    assert rc == 0, capsys.readouterr().err
+    bpw, ranks = checkpoint_bits(out)
+    assert bpw <= 4.75
+    hf = json.loads((out / "config.json").read_text())
+    assert hf["quantization_config"]["format"] == "nvfp4-pack-quantized"
+    assert {e["kind"] for e in hf["arhq_jax"]["modules"].values()} == {"ct-nvfp4"}
+    _, _, quant = checkpoint.load(out)
+    want = preset(name).to_dict()
+    for k in PRESETS[name]:
+        assert quant[k] == want[k], k
