@@ -100,6 +100,9 @@ def test_bits_target_errors(tmp_path, capsys):
     assert not (tmp_path / "x").exists()
     with pytest.raises(SystemExit):
         main(["quantize", "--model", str(src), "--bits-target", "nan", "--out", "z"])
+    for bad in (float("nan"), 0.0, -1.0, True):
+        with pytest.raises(ValueError, match="bits_target must be a finite number > 0"):
+            QuantConfig(method="arhq", bits_target=bad)
     with pytest.raises(ValueError, match="not both"):
         QuantConfig(method="arhq", bits_target=5.0, rank_budget=True)
     with pytest.raises(ValueError, match="needs a low-rank branch"):

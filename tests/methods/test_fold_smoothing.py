@@ -108,6 +108,22 @@ def test_an_untied_o_vector_is_refused():
         fs.fold_layer(params.layers[0], cfg, {"o": v["o"]})
     with pytest.raises(ValueError, match="finite and positive"):
         fs.fold_layer(params.layers[0], cfg, {"qkv": -np.ones(cfg.hidden_size)})
+    with pytest.raises(ValueError, match=r"group down must be \[128\]"):
+        fs.fold_layer(params.layers[0], cfg, {"down": np.ones(cfg.hidden_size)})
+    with pytest.raises(ValueError, match="unknown input group 'up'"):
+        fs.fold_layer(params.layers[0], cfg, {"up": np.ones(cfg.hidden_size)})
+
+
+def test_dead_channels_get_a_bounded_vector():
+    """m_x = 0 (a dead input channel) or m_w = 0 would give s → 0 or ∞ and γ / s out of the
+    checkpoint's range: s is clamped to [S_MIN, S_MAX]."""
+    m_x = np.array([0.0, 1.0, 1e9, 2.0], np.float32)
+    m_w = np.array([1.0, 0.0, 1.0, 0.5], np.float32)
+    s = np.asarray(fs.scales(m_x, m_w, np.asarray(ALPHAS, np.float32)))
+    assert s.shape == (21, 4) and np.isfinite(s).all()
+    assert s.min() >= fs.S_MIN and s.max() <= fs.S_MAX
+    assert s[20, 0] == np.float32(fs.S_MIN) and s[0, 1] == np.float32(fs.S_MAX)
+    np.testing.assert_allclose(s[10, 3], 2.0**0.5 / 0.5**0.5, rtol=1e-6)
 
 
 def test_o_candidates_are_tied_and_folding_them_is_exact(model):
