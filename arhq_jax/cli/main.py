@@ -251,7 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--preset",
         default=None,
         choices=tuple(PRESETS),
-        help="a named recipe (best-w4a4: NVFP4 W4A4 at <= 6 bits/weight); it sets method, "
+        help="a named recipe (best-w4a4: NVFP4 W4A4 at <= 6 bits/weight; best-w4a4-lean: "
+        "W4A4 at <= 4.75; best-w4a16: weight-only at <= 4.75); it sets method, "
         "setting, rank, formats, residual quantizer, refinement and sequential calibration, "
         "ignoring those flags",
     )

@@ -14,6 +14,10 @@ reverse scan to read the choice back). With the budget of uniform rank r (``unif
 r in the grid, the uniform choice is feasible, so the result is never worse than uniform on the
 summed objective.
 
+**A bit budget** (``allocate_bits``): the same knapsack with the budget of a target of stored
+bits per weight over the pairs, B·Σ out·in less the bits every quantized weight stores anyway
+(codes, block and global scales: ``weight_bits``), spent on factor values of ``factor_bits``.
+
 ``tail_objectives`` computes J_i(r) for a grid of ranks from W and G (one eigh and singular values
 only; the same clamp as ``decompose.arhq``), ``svd_tail_objectives`` the SVDQuant analogue.
 """
@@ -22,11 +26,13 @@ from __future__ import annotations
 
 import functools
 import math
+from fractions import Fraction
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from arhq_jax.numerics import formats
 from arhq_jax.numerics.elements import HIGHEST
 
 
@@ -145,3 +151,72 @@ def svd_tail_objectives(w, ranks) -> jax.Array:
     """SVDQuant's ``Σ_{j>r} σ_j²(W)`` ``[K]`` for each r of ``ranks``."""
     s2 = jnp.square(jnp.linalg.svd(jnp.asarray(w, jnp.float32), compute_uv=False))
     return _tails(s2, tuple(int(r) for r in ranks))
+
+
+# ----------------------------------------------------------------------------- a bit budget
+
+
+def weight_bits(shape, w_fmt, *, act_scale: bool = False, smooth: bool = False, bias_bits=0):
+    """Stored bits of one quantized projection ``[out, in]`` without its branch: the codes,
+    block scales, zero points and tensor scale of ``w_fmt`` (their shapes and dtypes from
+    ``jax.eval_shape(formats.quantize)``, as the checkpoint stores them), plus a 32-bit static
+    activation scale (``act_scale``), an f32 smoothing vector ``[in]`` (``smooth``) and
+    ``bias_bits`` (``out`` × the bias dtype's bits, or 0)."""
+    out_f, in_f = (int(v) for v in shape)
+    qt = jax.eval_shape(
+        lambda w: formats.quantize(w, w_fmt), jax.ShapeDtypeStruct((out_f, in_f), jnp.float32)
+    )
+    bits = sum(8 * math.prod(a.shape) * jnp.dtype(a.dtype).itemsize for a in jax.tree.leaves(qt))
+    return int(bits) + 32 * bool(act_scale) + 32 * in_f * bool(smooth) + int(bias_bits)
+
+
+def bits_per_weight(shapes, fixed_bits, ranks, factor_bits: int) -> float:
+    """Stored bits per weight of projections ``shapes`` [(out, in)] with ``fixed_bits`` each
+    (``weight_bits``) and rank-``ranks`` factors B ``[out, r]``, A ``[in, r]`` of
+    ``factor_bits``."""
+    total = sum(int(f) + int(r) * (int(o) + int(i)) * int(factor_bits)
+                for (o, i), f, r in zip(shapes, fixed_bits, ranks, strict=True))  # fmt: skip
+    return total / sum(int(o) * int(i) for o, i in shapes)
+
+
+def bits_budget(shapes, fixed_bits, factor_bits: int, bits_target: float) -> int:
+    """The budget (``rank_costs`` units of g factor values) left for the factors when the
+    stored bits per weight must be at most ``bits_target``: ⌊(B·Σ out·in − Σ fixed) /
+    (factor_bits·g)⌋, computed exactly (``Fraction``). ValueError when the weights without any
+    branch already exceed B."""
+    if isinstance(bits_target, bool) or not isinstance(bits_target, (int, float)):
+        raise ValueError(f"bits target must be a number, got {bits_target!r}")
+    if not math.isfinite(bits_target) or bits_target <= 0:
+        raise ValueError(f"bits target must be a finite number > 0, got {bits_target}")
+    n = sum(int(o) * int(i) for o, i in shapes)
+    fixed = sum(int(f) for f in fixed_bits)
+    spare = Fraction(bits_target) * n - fixed
+    if spare < 0:
+        raise ValueError(
+            f"bits target {bits_target:g} is below the {fixed / n:.4f} bits per weight that the "
+            "quantized weights store without a low-rank branch"
+        )
+    g = functools.reduce(math.gcd, [int(o) + int(i) for o, i in shapes])
+    return int(spare // (int(factor_bits) * g))
+
+
+def allocate_bits(objectives, shapes, ranks, fixed_bits, factor_bits: int, bits_target: float):
+    """Ranks per pair minimising Σ J_i(r_i) with at most ``bits_target`` stored bits per weight
+    over all pairs (``bits_budget``; the exact knapsack of ``allocate``).
+
+    Args:
+      objectives: ``[n, K]`` J_i at each of ``ranks`` (inf where not allowed; rank 0 must be
+        allowed, so that the all-zero choice is feasible).
+      shapes: n pairs ``(out, in)``; ranks: the candidate grid (ints, 0 first).
+      fixed_bits: n ints, each pair's stored bits without a branch (``weight_bits``).
+      factor_bits: bits of one stored factor value (16 for bf16).
+    Returns:
+      ``list[int]``, one rank per pair.
+    """
+    ranks = [int(r) for r in ranks]
+    if len(fixed_bits) != len(shapes):
+        raise ValueError(f"{len(fixed_bits)} fixed bit counts for {len(shapes)} pairs")
+    cost, _ = rank_costs(shapes, ranks)
+    budget = bits_budget(shapes, fixed_bits, factor_bits, bits_target)
+    choice, _ = allocate(objectives, cost, budget)
+    return [ranks[int(k)] for k in choice]

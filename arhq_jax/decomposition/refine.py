@@ -23,6 +23,15 @@ exactly from these three matrices (``objective``).
 (Holding the quantization error Δ = R − (W − L) fixed instead, as SVDQuant's refinement does,
 moves L so much that Δ changes completely and J does not decrease; holding R fixed does.)
 
+**Weight-only** (``act_fmt=None``: Q_a is the identity, E = 0, C = G = 0) the same alternation
+minimises ``J = ‖(W − R − L) H½‖²``: each branch step is ``L = [(W − R) H̃½]_r H̃⁻½``, the rank-r
+fit of the residual's quantization error in the metric of the input's second moment H, the
+branch chosen for weight-only serving (W4A16) instead of ARHQ's G.
+
+**Smoothing.** In the fold setting (``arhq_jax.methods.fold_smoothing``) the layer is folded
+before it is calibrated, so W and the moments are those of the smoothed space and the refinement
+runs unchanged there.
+
 The recorded objectives of accepted iterates are therefore non-increasing; the refinement can
 only improve on its starting split under J. The residual quantizer is a callable (RTN by default,
 ``formats.fake_quant`` of the weight format).
@@ -65,8 +74,9 @@ def init_moments(dim: int, dtype=jnp.float32) -> Moments:
 @functools.partial(jax.jit, static_argnames=("act_fmt",))
 def update_moments(m: Moments, x, act_fmt, mask=None, tensor_scale=None) -> Moments:
     """Add the tokens of ``x [..., D]``; E = x − Q_a(x) with the runtime quantizer ``act_fmt``
-    (``tensor_scale``: the static nvfp4 scale; None = dynamic over the chunk). Masked tokens are
-    zeroed first (they then contribute nothing)."""
+    (``tensor_scale``: the static nvfp4 scale; None = dynamic over the chunk), or E = 0 for
+    ``act_fmt=None`` (weight-only: C = G = 0, and J = ‖(W − R − L) H½‖² is the weight-only
+    output error). Masked tokens are zeroed first (they then contribute nothing)."""
     d = x.shape[-1]
     x = x.reshape(-1, d).astype(jnp.float32)
     if mask is not None:
@@ -75,7 +85,10 @@ def update_moments(m: Moments, x, act_fmt, mask=None, tensor_scale=None) -> Mome
         n = jnp.sum(mask).astype(jnp.int32)
     else:
         n = jnp.int32(x.shape[0])
-    e = x - fake_quant(x, act_fmt, tensor_scale=tensor_scale)
+    if act_fmt is None:
+        e = jnp.zeros_like(x)
+    else:
+        e = x - fake_quant(x, act_fmt, tensor_scale=tensor_scale)
     dt = m.xtx.dtype
     xd, ed = x.astype(dt), e.astype(dt)
     return Moments(m.xtx + _mm(xd.T, xd), m.xte + _mm(xd.T, ed), m.ete + _mm(ed.T, ed), m.count + n)

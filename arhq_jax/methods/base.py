@@ -22,7 +22,7 @@ from arhq_jax.methods.argtypes import POS, float_in
 # Formats the packed QuantLinear runs (weights and activations).
 LINEAR_FORMATS = ("nvfp4", "nvfp4-paper", "mxfp4", "int4", "int8", "int4-asym", "int8-asym")
 ALL_ACTS = (*LINEAR_FORMATS, None)
-SETTINGS = ("raw", "smooth")
+SETTINGS = ("raw", "smooth", "fold")
 RESIDUAL_QUANTS = ("rtn", "gptq")
 
 
@@ -102,6 +102,11 @@ class Method:
         """Whole-model decisions taken before the layer loop (e.g. the per-projection ranks of
         a rank budget), handed to ``quantize_stage`` as ``calib.plan``; default: None."""
         return None
+
+    def transform_layer(self, layer, calib, qcfg):
+        """A float-to-float transform of one decoder layer before its stages (e.g. folded
+        smoothing) → ``(layer, {proj: extra diagnostics})``; default: none."""
+        return layer, {}
 
     def quantize_stage(self, layer, groups, projs, calib, qcfg, layer_idx, timings):
         """Quantize ``projs`` (fed by input ``groups``) of ``layer`` → (layer, diagnostics).

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import arhq_jax.methods.fold_smoothing as fold_smoothing
 from arhq_jax.calibration import global_scales, stats
 from arhq_jax.calibration.calibrate import Calibration, LayerwiseRunner
 from arhq_jax.decomposition import decompose, rank_budget, refine, rotate
@@ -45,6 +46,7 @@ from arhq_jax.methods.base import (
 )
 from arhq_jax.methods.gptq_method import gptq_weight
 from arhq_jax.models.config import GROUP_OF
+from arhq_jax.models.params import has_bias
 from arhq_jax.numerics.formats import dequantize
 from arhq_jax.parallel import devices
 
@@ -55,7 +57,9 @@ class RTNOptions(Options):
 
     setting: str = option(
         "raw",
-        "raw, or smooth: per-projection α-searched smoothing (docs/spec/methods.md §2.3)",
+        "raw; smooth: per-projection α-searched smoothing (docs/spec/methods.md §2.3); fold: "
+        "one α-searched vector per input group folded into the norms and v/up rows "
+        "(methods/fold_smoothing.py; exportable)",
         choices=SETTINGS,
     )
     # beyond ARHQ: arhq_jax/decomposition/rotate.py; the α search on the first batches
@@ -68,8 +72,8 @@ class RTNOptions(Options):
     )
     alpha_tokens: int | None = option(
         None,
-        "smooth setting: search α on the first calibration batches covering this many tokens "
-        "(default: all; the search dominates the quantize time)",
+        "smooth and fold settings: search α on the first calibration batches covering this "
+        "many tokens (default: all; the search dominates the quantize time)",
         type=POS,
     )
 
@@ -88,7 +92,7 @@ class RTNOptions(Options):
             raise ValueError(f"alpha_tokens must be a positive int or None, got {a!r}")
 
     def unused(self, common) -> tuple[str, ...]:
-        return () if self.setting == "smooth" else ("alpha_tokens",)
+        return () if self.setting in ("smooth", "fold") else ("alpha_tokens",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,6 +117,13 @@ class SVDQuantOptions(GPTQOptions, RTNOptions):
         False,
         "spread the factor budget of uniform --rank over the (layer, projection) pairs",
         action="store_true",
+    )
+    bits_target: float | None = option(
+        None,
+        "choose each projection's rank (0, 4, 8, … 3×--rank) by the exact knapsack of "
+        "rank_budget.allocate_bits so that the stored bits per weight of the quantized "
+        "projections (codes, scales, global scales, factors) are at most this",
+        type=float_in(0, lo_open=True),
     )
     refine_iters: int = option(
         0,
@@ -143,12 +154,18 @@ class SVDQuantOptions(GPTQOptions, RTNOptions):
             raise ValueError(f"refine_iters must be an int >= 0, got {v!r}")
         if not isinstance(self.rank_budget, bool):
             raise ValueError(f"rank_budget must be True or False, got {self.rank_budget!r}")
+        b = self.bits_target
+        if b is not None:
+            if isinstance(b, bool) or not isinstance(b, int | float) or not 0 < b < float("inf"):
+                raise ValueError(f"bits_target must be a finite number > 0, got {b!r}")
+            if self.rank_budget:
+                raise ValueError("give bits_target or rank_budget, not both")
+            if self.rank == 0:
+                raise ValueError("bits_target needs a low-rank branch (rank > 0: the grid's top/3)")
         if (self.rank_budget or self.refine_iters) and self.rank == 0:
             raise ValueError("rank_budget and refine_iters need a low-rank branch (rank > 0)")
         if (self.rank_budget or self.refine_iters) and self.setting == "smooth":
             raise ValueError("rank_budget and refine_iters are implemented for the raw setting")
-        if self.refine_iters and common.act_fmt is None:
-            raise ValueError("refine_iters needs an activation format (its objective has Q_a)")
         if not isinstance(self.refine_gptq, bool):
             raise ValueError(f"refine_gptq must be True or False, got {self.refine_gptq!r}")
         if self.refine_gptq and not (self.refine_iters and self.residual_quant == "gptq"):
@@ -394,7 +411,7 @@ class LowRankMethod(Method):
 
     def needs_calibration(self, qcfg) -> bool:
         return (
-            qcfg.setting == "smooth"
+            qcfg.setting in ("smooth", "fold")
             or (qcfg.method == "arhq" and qcfg.uses_branch)
             or qcfg.residual_quant == "gptq"
             or qcfg.static_act_scale
@@ -403,11 +420,19 @@ class LowRankMethod(Method):
         )
 
     def streams(self, qcfg) -> bool:
-        return not qcfg.rank_budget  # the rank budget's plan reads the whole model
+        # the rank budget's and the bit budget's plan reads the whole model
+        return not (qcfg.rank_budget or qcfg.bits_target is not None)
+
+    def transform_layer(self, layer, calib, qcfg):
+        """The fold setting: per-group vectors searched on the float layer and folded into its
+        norms and v/up rows (``fold_smoothing``); the stages then quantize it as raw."""
+        if qcfg.setting != "fold":
+            return layer, {}
+        return fold_smoothing.fold_searched(layer, calib, qcfg)
 
     def plan(self, params, cfg, calib_ids, qcfg, *, batch_size=8, mesh=None):
         """``{(layer, proj): rank}`` of the rank budget (None without one)."""
-        if not qcfg.rank_budget:
+        if not qcfg.rank_budget and qcfg.bits_target is None:
             return None
         return allocate_model_ranks(params, cfg, calib_ids, qcfg, batch_size, mesh)
 
@@ -494,6 +519,10 @@ class LowRankMethod(Method):
     def check_model(self, qcfg, cfg) -> None:
         if not qcfg.uses_branch:
             return
+        if qcfg.bits_target is not None:  # the weights alone within the target (before any work)
+            shapes, fixed = zip(*projection_bits(qcfg, cfg).values(), strict=True)
+            factor_bits = 8 * jnp.dtype(qcfg.factor_dtype or cfg.param_dtype).itemsize
+            rank_budget.bits_budget(shapes, fixed, factor_bits, qcfg.bits_target)
         for name, (out_f, in_f) in cfg.linear_shapes().items():
             if name in qcfg.projections and qcfg.rank > min(out_f, in_f):
                 raise ValueError(
@@ -541,18 +570,46 @@ def rank_grid(qcfg, step: int = 8) -> tuple[int, ...]:
     return tuple(sorted(set(range(0, 3 * qcfg.rank + 1, step)) | {qcfg.rank}))
 
 
+def projection_bits(qcfg, cfg) -> dict[str, tuple[tuple[int, int], int]]:
+    """``{proj: ((out, in), stored bits without a branch)}`` of every quantized projection of
+    one layer (``rank_budget.weight_bits``: codes, scales, global scales, the static activation
+    scale, the smooth setting's vector, a bias in the parameter dtype)."""
+    shapes = cfg.linear_shapes()
+    pbits = 8 * jnp.dtype(cfg.param_dtype).itemsize
+    return {
+        p: (
+            shapes[p],
+            rank_budget.weight_bits(
+                shapes[p],
+                qcfg.w_spec,
+                act_scale=qcfg.static_act_scale,
+                smooth=qcfg.setting == "smooth",
+                bias_bits=shapes[p][0] * pbits if has_bias(cfg, p) else 0,
+            ),
+        )
+        for p in qcfg.projections
+    }
+
+
 def allocate_model_ranks(params, cfg, calib_ids, qcfg, batch_size=8, mesh=None) -> dict:
     """``{(layer, proj): rank}`` minimising Σ J_i(r_i) (ARHQ's free tail objective on the float
-    model, in the rotated space when ``qcfg.rotate``; SVDQuant's Σ_{j>r} σ_j²(W)) subject to the
-    stored factor values of uniform ``qcfg.rank`` (``rank_budget.allocate_ranks``). One parallel
+    model, in the rotated space when ``qcfg.rotate``; SVDQuant's Σ_{j>r} σ_j²(W), of W H½ when
+    weight-only) subject to the
+    stored factor values of uniform ``qcfg.rank`` (``rank_budget.allocate_ranks``), or, with
+    ``qcfg.bits_target``, to at most that many stored bits per weight over the quantized
+    projections (``rank_budget.allocate_bits``, ranks 0, 4, … 3× ``qcfg.rank``). One parallel
     calibration pass (absmax, then G with the static activation scale)."""
-    grid = rank_grid(qcfg)
+    bits = qcfg.bits_target is not None
+    grid = rank_grid(qcfg, step=4 if bits else 8)
     shapes_of = cfg.linear_shapes()
     runner = None
-    if qcfg.method == "arhq":
+    # weight-only svdquant: the tails of W H½ (the weight-only output error), not of W
+    h_metric = qcfg.method == "svdquant" and qcfg.act_fmt is None
+    if qcfg.method == "arhq" or h_metric:
         runner = LayerwiseRunner(params, cfg, calib_ids, batch_size=batch_size, mesh=mesh)
     calib = Calibration(runner, cfg)
-    objs, shapes, keys = [], [], []
+    objs, shapes, keys, fixed = [], [], [], []
+    fixed_of = projection_bits(qcfg, cfg)
     for li, layer in enumerate(params.layers):
         gs, scale = {}, None
         if runner is not None:
@@ -563,7 +620,7 @@ def allocate_model_ranks(params, cfg, calib_ids, qcfg, batch_size=8, mesh=None) 
                 scale = {
                     g: global_scales.act_scale(global_scales.amax(am[g]["absmax"])) for g in groups
                 }
-            spec = stats_config(qcfg, g=True, absmax=False)
+            spec = stats_config(qcfg, g=not h_metric, absmax=False, h=h_metric)
             gs = calib.stats(layer, {g: spec for g in groups}, None, scale, qcfg.rotate)
         for p in qcfg.projections:
             w = getattr(layer, p).w.astype(jnp.float32)
@@ -572,12 +629,17 @@ def allocate_model_ranks(params, cfg, calib_ids, qcfg, batch_size=8, mesh=None) 
             if runner is None:
                 objs.append(rank_budget.svd_tail_objectives(w, grid))
             else:
-                objs.append(rank_budget.tail_objectives(w, gs[GROUP_OF[p]]["G"], grid, qcfg.eps))
+                m = gs[GROUP_OF[p]]["H" if h_metric else "G"]
+                objs.append(rank_budget.tail_objectives(w, m, grid, qcfg.eps or 1e-6))
             shapes.append(shapes_of[p])
             keys.append((li, p))
+            fixed.append(fixed_of[p][1])
         if runner is not None:
             runner.advance(layer)
-    ranks = rank_budget.allocate_ranks(
-        np.stack([np.asarray(o) for o in objs]), shapes, grid, qcfg.rank
-    )
+    objs = np.stack([np.asarray(o) for o in objs])
+    if bits:
+        factor_bits = 8 * jnp.dtype(qcfg.factor_dtype or cfg.param_dtype).itemsize
+        ranks = rank_budget.allocate_bits(objs, shapes, grid, fixed, factor_bits, qcfg.bits_target)
+    else:
+        ranks = rank_budget.allocate_ranks(objs, shapes, grid, qcfg.rank)
     return dict(zip(keys, ranks, strict=True))

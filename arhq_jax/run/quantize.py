@@ -127,12 +127,16 @@ def quantize_layer(layer, li: int, stages, calib: Calibration, qcfg: QuantConfig
     loop (``arhq_jax.run.stream``)."""
     method = qcfg.method_impl
     diags = []
+    t0 = time.perf_counter()
+    with jax.enable_x64(qcfg.stats_dtype == "float64"):  # e.g. folded smoothing
+        layer, extra = method.transform_layer(layer, calib, qcfg)
+    timings["calibration_s"] += time.perf_counter() - t0
     for groups in stages:
         projs = [p for g in groups for p in INPUT_GROUPS[g] if p in qcfg.projections]
         # f64 statistics (and the decompositions that read them) need x64 switched on.
         with jax.enable_x64(qcfg.stats_dtype == "float64"):
             layer, d = method.quantize_stage(layer, groups, projs, calib, qcfg, li, timings)
-        diags += d
+        diags += [{**x, **extra.get(x.get("proj"), {})} for x in d]
         bar.update(1)
     return layer, diags
 

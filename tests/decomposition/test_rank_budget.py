@@ -78,3 +78,64 @@ def test_errors():
         RB.allocate(np.zeros((1, 1)), np.full((1, 1), 5), 3)
     with pytest.raises(ValueError, match="candidate ranks"):
         RB.allocate_ranks(np.zeros((1, 2)), [(4, 4)], [0, 2], 1)
+
+
+# ----------------------------------------------------------------------------- a bit budget
+
+
+def _bpw(shapes, fixed, ranks, fbits):
+    """Stored bits per weight counted by hand (exact, in integers)."""
+    tot = sum(f + r * (o + i) * fbits for (o, i), f, r in zip(shapes, fixed, ranks, strict=True))
+    return tot, sum(o * i for o, i in shapes)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_allocate_bits_equals_brute_force(seed):
+    """The lowest Σ J over every rank choice whose stored bits per weight are <= B (brute force
+    over all 4^4 choices), and the DP's choice is within B."""
+    rng = np.random.default_rng(seed)
+    shapes = [(48, 32), (16, 32), (32, 80), (64, 32)]
+    ranks = [0, 4, 8, 12]
+    fixed = [int(o * i * 4.5) + 64 for o, i in shapes]
+    obj = np.sort(rng.uniform(0, 10, (4, 4)), axis=1)[:, ::-1].astype(np.float32)
+    fb = 16
+    base = sum(fixed) / sum(o * i for o, i in shapes)
+    target = float(base + rng.uniform(0.1, 3.0))
+    got = RB.allocate_bits(obj, shapes, ranks, fixed, fb, target)
+    tot, n = _bpw(shapes, fixed, got, fb)
+    assert tot <= target * n
+    best = np.inf
+    for combo in itertools.product(range(4), repeat=4):
+        t, _ = _bpw(shapes, fixed, [ranks[k] for k in combo], fb)
+        if t <= target * n:
+            best = min(best, sum(float(obj[i, k]) for i, k in enumerate(combo)))
+    mine = sum(float(obj[i, ranks.index(r)]) for i, r in enumerate(got))
+    np.testing.assert_allclose(mine, best, rtol=1e-6)
+    assert RB.bits_per_weight(shapes, fixed, got, fb) == tot / n
+
+
+def test_bits_budget_is_exact_at_the_boundary():
+    shapes = [(16, 16), (16, 48)]  # in + out: 32, 64 -> g = 32
+    fixed = [1000, 3000]
+    n = 16 * 16 + 16 * 48
+    # exactly room for 5 units of 32 bf16 values: B·n = 4000 + 5·32·16
+    b = (4000 + 5 * 32 * 16) / n
+    assert RB.bits_budget(shapes, fixed, 16, b) == 5
+    assert RB.bits_budget(shapes, fixed, 16, np.nextafter(b, 0)) == 4
+    with pytest.raises(ValueError, match="below the 3.9062 bits per weight"):
+        RB.bits_budget(shapes, fixed, 16, 3.5)
+    for bad in (0.0, -1.0, float("nan"), float("inf"), True, "5"):
+        with pytest.raises(ValueError, match="bits target must be"):
+            RB.bits_budget(shapes, fixed, 16, bad)
+
+
+def test_weight_bits_counts_the_stored_arrays():
+    # nvfp4: 4-bit codes, an E4M3 scale per 16, an f32 global scale (+ the static act scale)
+    assert RB.weight_bits((64, 96), "nvfp4") == 64 * 96 * 4 + 64 * 6 * 8 + 32
+    assert RB.weight_bits((64, 96), "nvfp4", act_scale=True) == 64 * 96 * 4 + 64 * 6 * 8 + 64
+    # smoothing vector f32 [in], a bf16 bias [out]
+    assert RB.weight_bits((64, 96), "nvfp4", smooth=True, bias_bits=64 * 16) == (
+        64 * 96 * 4 + 64 * 6 * 8 + 32 + 96 * 32 + 64 * 16
+    )
+    # mxfp4: an E8M0 scale per 32; K padded to the block
+    assert RB.weight_bits((8, 40), "mxfp4") - 32 == 8 * 64 * 4 + 8 * 2 * 8

@@ -132,3 +132,26 @@ def test_act_aware_map_completes_the_square_against_float64():
         assert j_lam(t + 1e-2 * rng.standard_normal(t.shape)) > j_lam(t)
     # Quantizing the target rather than M lowers the deployed error J on this outlier data.
     assert _j64(x, xq, w, r2, b, a) < _j64(x, xq, w, r1, b, a)
+
+
+def test_weight_only_moments_and_refinement_against_float64():
+    """act_fmt=None: E = 0, so C = G = 0 and J = E‖x (W − R − BAᵀ)ᵀ‖² (the W4A16 output error,
+    X in place of Q(X)); the refinement lowers it, starting from the plain SVD branch."""
+    x, _, w = _data(5)
+    m = refine.init_moments(x.shape[1])
+    for chunk in np.array_split(x, 3):
+        m = refine.update_moments(m, jnp.asarray(chunk, jnp.float32), None)
+    mom = refine.finalize_moments(m)
+    assert not np.asarray(mom["C"]).any() and not np.asarray(mom["G"]).any()
+    np.testing.assert_allclose(np.asarray(mom["H"]), x.T @ x / len(x), rtol=1e-5, atol=1e-5)
+    start = decompose.svdquant(w, 4)
+    out = refine.refine(w, start.b, start.a, mom, refine.rtn_quantizer("nvfp4"), 6)
+    objs = out.objectives
+    assert len(objs) >= 2 and all(b < a for a, b in zip(objs, objs[1:], strict=False))
+    b, a = (np.asarray(t, np.float64) for t in (out.b, out.a))
+    r = np.asarray(fake_quant(jnp.asarray(out.residual, jnp.float32), "nvfp4"), np.float64)
+    np.testing.assert_allclose(objs[-1], _j64(x, x, w, r, b, a), rtol=1e-3)
+    b0, a0 = (np.asarray(t, np.float64) for t in (start.b, start.a))
+    r0 = np.asarray(fake_quant(jnp.asarray(w - b0 @ a0.T, jnp.float32), "nvfp4"), np.float64)
+    np.testing.assert_allclose(objs[0], _j64(x, x, w, r0, b0, a0), rtol=1e-3)
+    assert objs[-1] < 0.9 * objs[0]  # the H-metric branch fits the quantization error
