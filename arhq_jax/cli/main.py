@@ -21,6 +21,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.errors import JaxRuntimeError  # noqa: E402
 
+from arhq_jax.checkpoint import model_card  # noqa: E402
 from arhq_jax.checkpoint import store as checkpoint  # noqa: E402
 from arhq_jax.cli.demo import METHODS as DEMO_METHODS  # noqa: E402
 from arhq_jax.cli.demo import run_demo  # noqa: E402
@@ -52,7 +53,7 @@ from arhq_jax.run.config import (  # noqa: E402
     QuantConfig,  # noqa: E402
     preset,
 )
-from arhq_jax.run.quantize import quantize_model, summarize  # noqa: E402
+from arhq_jax.run.quantize import quantize_model  # noqa: E402
 from arhq_jax.run.stream import quantize_stream  # noqa: E402
 from converters import (
     convert,  # noqa: E402
@@ -494,6 +495,12 @@ def cmd_quantize(args) -> int:
         )
         quant = {**qcfg.to_dict(), "source_model": args.model, "calib_source": corpus.source}
         source = {"model": str(args.model)}
+        card = model_card.Card(
+            command=["arhq-jax", *getattr(args, "argv", ["quantize"])],
+            preset=args.preset,
+            generation_config=model_card.source_generation_config(args.model),
+            out=args.out,
+        )
         # One process streams disk to disk; several (jax.distributed) and whole-model recipes
         # quantize in memory (process 0 writes; a killed run starts over).
         single = jax.process_count() == 1
@@ -508,6 +515,7 @@ def cmd_quantize(args) -> int:
                 batch_size=args.batch_size,
                 mesh=mesh,
                 hidden_on_host=args.hidden_on_host,
+                card=card,
             )
             if res.resumed_from:
                 print(f"resumed a killed run after its layer {res.resumed_from - 1}")
@@ -540,8 +548,15 @@ def cmd_quantize(args) -> int:
             diags, timings, tokens = r.projections, r.timings, r.calib_tokens
             quant.update(calib_tokens=tokens, timings=timings)
             source["fingerprint"] = checkpoint.fingerprint(cfg, params)
+            card.diagnostics = diags
             nbytes = checkpoint.save(
-                args.out, r.params, cfg, quant=quant, tokenizer=src.tokenizer, source=source
+                args.out,
+                r.params,
+                cfg,
+                quant=quant,
+                tokenizer=src.tokenizer,
+                source=source,
+                card=card,
             )
             del params, r
         fp_bytes = src.nbytes()
@@ -550,7 +565,10 @@ def cmd_quantize(args) -> int:
         f"{qcfg.label()}: calibration {t['calibration_s']:.1f}s, decomposition "
         f"{t['decomposition_s']:.1f}s, packing {t['packing_s']:.1f}s on {tokens} tokens"
     )
-    print(f"diagnostics (means over projections): {summarize(diags)}")
+    table = model_card.diagnostics_text(diags)
+    if table:
+        print(f"per-projection diagnostics over the {cfg.num_layers} layers (all in "
+              f"{Path(args.out) / model_card.DIAGNOSTICS_FILE}):\n{table}")  # fmt: skip
     print(
         f"saved {args.out}: {nbytes / 2**20:.1f} MiB vs {fp_bytes / 2**20:.1f} MiB unquantized "
         f"({cfg.param_dtype}), ratio {nbytes / fp_bytes:.3f}"
@@ -743,6 +761,7 @@ def main(argv=None) -> int:
     """
 
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded in provenance.json
     try:
         return COMMANDS[args.cmd](args)
     except (ValueError, OSError) as e:

@@ -460,6 +460,7 @@ def quantize_stream(
     progress: bool = True,
     on_layer=None,
     max_shard_bytes: int = checkpoint_writer.DEFAULT_SHARD_BYTES,
+    card=None,
 ) -> StreamResult:
     """Quantize ``src`` layer by layer into the checkpoint directory ``out``.
 
@@ -473,6 +474,8 @@ def quantize_stream(
         of the run key).
       on_layer: called with the layer index after each layer is committed (tests kill a run
         there).
+      card: a ``model_card.Card`` for the model card and provenance (its diagnostics are the
+        run's, filled in here).
 
     Returns:
       A ``StreamResult``. The work directory is removed once the checkpoint is in place.
@@ -551,12 +554,14 @@ def quantize_stream(
     quant = {**(quant or {}), "calib_tokens": 0 if runner is None else runner.num_tokens}
     quant["timings"] = timings
     source = {**(source or {}), "fingerprint": fp}
-    nbytes = _assemble(src, work, head, out, quant, source, max_shard_bytes)
+    if card is not None:
+        card = dataclasses.replace(card, diagnostics=work.state["diags"])
+    nbytes = _assemble(src, work, head, out, quant, source, max_shard_bytes, card)
     work.remove()
     return StreamResult(work.state["diags"], timings, quant["calib_tokens"], nbytes, start)
 
 
-def _assemble(src, work: _Work, head, out, quant, source, max_shard_bytes) -> int:
+def _assemble(src, work: _Work, head, out, quant, source, max_shard_bytes, card=None) -> int:
     """The checkpoint from the source's dense tensors and the work directory's layers."""
     cfg = src.cfg
     pdt = jnp.dtype(cfg.param_dtype)
@@ -584,4 +589,4 @@ def _assemble(src, work: _Work, head, out, quant, source, max_shard_bytes) -> in
         elif not cfg.tie_word_embeddings:
             w.add_blocks(LM_HEAD, pdt, shape, src.row_blocks(LM_HEAD))
             w.add_encoded("lm_head", {"kind": "dense", "dtype": pdt.name}, [], [])
-        return w.finish(cfg, quant=quant, tokenizer=src.tokenizer, source=source)
+        return w.finish(cfg, quant=quant, tokenizer=src.tokenizer, source=source, card=card)
