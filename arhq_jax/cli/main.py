@@ -43,6 +43,7 @@ from arhq_jax.methods.argtypes import float_in, int_at_least  # noqa: E402
 from arhq_jax.models.generate import generate  # noqa: E402
 from arhq_jax.parallel import distributed  # noqa: E402
 from arhq_jax.parallel.layer_sharding import model_mesh  # noqa: E402
+from arhq_jax.run import preflight  # noqa: E402
 from arhq_jax.run.config import (  # noqa: E402
     ACT_SCALES,
     COMMON_FIELDS,
@@ -440,6 +441,14 @@ def _check_groups(args, cfg) -> None:
             )
 
 
+def _check_model(args, qcfg, cfg) -> None:
+    """The recipe and the sequence lengths against the model's config (cheap: before the load
+    when the config can be read alone)."""
+    qcfg.check_model(cfg)
+    _check_groups(args, cfg)
+    _positions(args, cfg, args.calib_seq_len, f"--calib-seq-len {args.calib_seq_len}")
+
+
 def cmd_quantize(args) -> int:
 
     common = {
@@ -473,6 +482,22 @@ def cmd_quantize(args) -> int:
         checkpoint.check_out(args.out)  # refuse a foreign --out before any work
     if args.calib_text is not None:
         check_text_file(args.calib_text)
+    # Pre-flight, before the model loads: the config from config.json or the GGUF header (no
+    # tensor decoded), the recipe against it, and the run's estimated cost.
+    pre = preflight.peek_config(args.model)
+    if pre is not None:
+        _check_model(args, qcfg, pre)
+        if args.calib_tokens >= args.calib_seq_len:  # else calibration_ids names the problem
+            est = preflight.estimate(
+                pre,
+                qcfg,
+                args.calib_tokens // args.calib_seq_len * args.calib_seq_len,
+                args.calib_seq_len,
+                batch_size=args.batch_size,
+                hidden_on_host=args.hidden_on_host,
+                streamed=jax.process_count() == 1 and qcfg.method_impl.streams(qcfg),
+            )
+            print(est.line(pre, args.calib_tokens), file=sys.stderr)
     t0 = time.perf_counter()
     with open_source(args.model, require_tokenizer=True) as src:
         cfg = src.cfg
@@ -481,9 +506,8 @@ def cmd_quantize(args) -> int:
             f"layer) in {time.perf_counter() - t0:.1f}s",
             file=sys.stderr,
         )
-        qcfg.check_model(cfg)
-        _check_groups(args, cfg)
-        _positions(args, cfg, args.calib_seq_len, f"--calib-seq-len {args.calib_seq_len}")
+        if pre is None:  # an orbax directory: its config comes with the load
+            _check_model(args, qcfg, cfg)
         corpus = load_corpus(src.tokenizer, args.calib_text, None)
         what = "calibration text" + (f" {args.calib_text}" if args.calib_text else "")
         ids = calibration_ids(

@@ -50,7 +50,6 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
 
 from arhq_jax import __version__
 from arhq_jax.calibration.calibrate import Calibration, LayerwiseRunner, data_mesh
@@ -70,6 +69,7 @@ from arhq_jax.models.params import (
 from arhq_jax.parallel.devices import Spread
 from arhq_jax.parallel.layer_sharding import data_size
 from arhq_jax.run.config import QuantConfig
+from arhq_jax.run.progress import LayerProgress
 from arhq_jax.run.quantize import layer_stages, quantize_layer
 from arhq_jax.storage.atomic import atomic_write
 from converters.lazy import LazySource
@@ -513,12 +513,8 @@ def quantize_stream(
         timings["calibration_s"] += time.perf_counter() - t0
     calib = Calibration(runner, cfg, None, Spread.for_mesh(mesh, devices))
     stages = layer_stages(qcfg)
-    bar = tqdm(
-        total=cfg.num_layers * len(stages),
-        initial=start * len(stages),
-        desc=f"quantize {qcfg.label()}",
-        disable=not progress,
-        unit="stage",
+    bar = LayerProgress(
+        cfg.num_layers, len(stages), initial=start, desc=qcfg.label(), disable=not progress
     )
     # Overlap: a reader thread decodes layer li+1 from the source and a writer thread writes and
     # commits layer li (and the hidden states after it) while layer li+1 is quantized. A layer is
