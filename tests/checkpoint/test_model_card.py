@@ -153,9 +153,10 @@ def test_bits_per_weight_of_rtn_w4a4(model, tmp_path):
     bpw = model_card.bits_per_weight(out, hf["arhq_jax"]["modules"], CFG5, "lora")
     assert bpw["linears"] == n_lin and bpw["branch"] == 0.0
     assert bpw["total"] == pytest.approx(want, rel=1e-12)
-    assert f"{want:.3f} ({want:.3f} quantized base + 0.000 low-rank branch)" in (
-        out / "README.md"
-    ).read_text()
+    assert (
+        f"{want:.3f} ({want:.3f} quantized base + 0.000 low-rank branch)"
+        in (out / "README.md").read_text()
+    )
     assert not (out / "lora").exists()
 
 
