@@ -30,10 +30,12 @@ import dataclasses
 import json
 import math
 import shlex
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import numpy as np
 
+from arhq_jax import __version__
 from arhq_jax.models.config import PROJECTIONS, ModelConfig
 from arhq_jax.storage.jsonio import read_json
 from converters.safetensors_io import read_header
@@ -75,13 +77,9 @@ class Card:
 
 def package_version() -> str:
     """arhq-jax's installed version (``importlib.metadata``), else the package's own."""
-    from importlib.metadata import PackageNotFoundError, version
-
     try:
         return version("arhq-jax")
     except PackageNotFoundError:
-        from arhq_jax import __version__
-
         return __version__
 
 

@@ -25,6 +25,8 @@ from arhq_jax.checkpoint import model_card  # noqa: E402
 from arhq_jax.checkpoint import store as checkpoint  # noqa: E402
 from arhq_jax.cli.demo import METHODS as DEMO_METHODS  # noqa: E402
 from arhq_jax.cli.demo import run_demo  # noqa: E402
+from arhq_jax.evaluation import ref_cache  # noqa: E402
+from arhq_jax.evaluation import report as eval_results  # noqa: E402
 from arhq_jax.evaluation.corpora import (  # noqa: E402
     PAPER_SEQ_LEN,
     check_text_file,
@@ -310,7 +312,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-chunks", type=_POS, default=None, help="default: all for wikitext2/c4, 40 for pydoc"
     )
     e.add_argument("--batch-size", type=_POS, default=2)
-    e.add_argument("--json", action="store_true", help="print one JSON object")
+    e.add_argument(
+        "--json", action="store_true", help="print one JSON object (every field the text shows)"
+    )
+    e.add_argument(
+        "--results",
+        default=None,
+        metavar="FILE",
+        help="also write the results as JSON to FILE (atomically; an existing FILE is replaced "
+        "only if eval wrote it)",
+    )
     _add_weights_only(e)
     _add_allow_long(e)
     _add_kernel(e)
@@ -611,6 +622,8 @@ def cmd_eval(args) -> int:
     for f, what in ((args.text, "text file"), (args.data_file, "dataset file")):
         if f is not None:
             check_text_file(f, what)
+    if args.results is not None:
+        eval_results.check_writable(args.results)  # before the model loads
     raw = read_dataset(args.dataset, args.data_file) if paper else None  # before the model
     m = _load(args)
     _positions(args, m.cfg, seq_len, f"--seq-len {seq_len}")
@@ -625,6 +638,14 @@ def cmd_eval(args) -> int:
     models = {} if quant is None else {"quantized": params}
     # Eval pads the last batch to the batch size: more rows than chunks would be padding only.
     n_chunks = len(make_chunks(tokens, seq_len, max_chunks)) if len(tokens) >= seq_len else 1
+    text_source = (
+        f"--text {args.text}"
+        if args.text
+        else f"--dataset {args.dataset}"
+        if paper or args.data_file is not None
+        else "the pydoc evaluation text"
+    )
+    info: dict = {}
     res = evaluate_models(
         models,
         m.params,
@@ -633,28 +654,49 @@ def cmd_eval(args) -> int:
         seq_len=seq_len,
         max_chunks=max_chunks,
         batch_size=min(args.batch_size, n_chunks),
-        source=(
-            f"--text {args.text}"
-            if args.text
-            else f"--dataset {args.dataset}"
-            if paper or args.data_file is not None
-            else "the pydoc evaluation text"
-        ),
+        source=text_source,
         allow_long=args.allow_long,
+        **_reference_cache(m),
+        info=info,
     )
     r = res["quantized" if quant is not None else "float"]
     if quant is None:
         r = {**r, "kl": 0.0, "top1": 1.0}
+    doc = eval_results.document(
+        r,
+        res["float"],
+        model=args.model,
+        quantized=args.quantized,
+        weights_only=args.weights_only,
+        text=text_source,
+        seq_len=seq_len,
+        chunks=n_chunks,
+        reference=info.get("reference"),
+    )
     if args.json:
-        print(json.dumps({k: r[k] for k in ("ppl", "kl", "top1", "tokens")}, allow_nan=False))
+        print(json.dumps(doc, allow_nan=False))
     else:
-        what = args.quantized or args.model
-        what += " (weights only)" if args.weights_only else ""
-        print(
-            f"{what}: ppl {r['ppl']:.4f}  KL {r['kl']:.5f}  top-1 {r['top1']:.4f}  "
-            f"({r['tokens']} predicted tokens; float ppl {res['float']['ppl']:.4f})"
-        )
+        print(eval_results.text_line(doc))
+    if args.results is not None:
+        eval_results.write(args.results, doc)
     return 0
+
+
+def _reference_cache(m) -> dict:
+    """``evaluate_models``' cache arguments for the float model ``m`` (evaluation.ref_cache):
+    its identity is its weights' fingerprint and dtypes; none when the cache is off."""
+    root = ref_cache.cache_dir()
+    if root is None:
+        return {}
+    identity = {
+        "fingerprint": checkpoint.fingerprint(m.cfg, m.params),
+        "dtypes": [str(m.cfg.param_dtype), str(m.cfg.dtype)],
+    }
+
+    def warn(msg):
+        print(f"arhq-jax eval: warning: {msg}", file=sys.stderr)
+
+    return {"ref_identity": identity, "cache_root": root, "warn": warn}
 
 
 def cmd_generate(args) -> int:

@@ -27,10 +27,15 @@ calibration and 7 s of decomposition; the run measured 28.6 s and 6.6 s.
 from __future__ import annotations
 
 import dataclasses
+import struct
 import time
+
+import jax
+import jax.numpy as jnp
 
 from arhq_jax.models import config_from_hf
 from arhq_jax.models.config import INPUT_GROUPS, ModelConfig
+from converters.gguf import gguf_hf_config, gguf_tensors
 from converters.hf import check_config_values, read_hf_config
 from converters.registry import source_kind
 
@@ -51,8 +56,6 @@ def peek_config(source) -> ModelConfig | None:
             raise ValueError(f"{path / 'config.json'}: {e}") from None
         return check_config_values(cfg, path / "config.json")
     if kind == "gguf":
-        from converters.gguf import gguf_hf_config, gguf_tensors
-
         header = _gguf_header(path)
         if header is None:  # a version this reader does not know: the library's parser
             return gguf_tensors(path)[0]
@@ -96,8 +99,6 @@ def _gguf_header(path) -> _Header | None:
     """The key-value metadata and tensor names of a GGUF v2/v3 file, read directly (seconds
     faster than ``GGUFReader``, which parses every token of the vocabulary); None for another
     version. A truncated or malformed header is a ValueError naming the file."""
-    import struct
-
     try:
         with open(path, "rb") as f:
             data = f.read(16 * 2**20)
@@ -212,9 +213,6 @@ def count_params(cfg: ModelConfig) -> tuple[int, int]:
 
 def measure_rate(n: int = 1024, reps: int = 3) -> float:
     """FLOP/s of one ``n × n`` f32 matmul on the default device (best of ``reps``)."""
-    import jax
-    import jax.numpy as jnp
-
     a = jnp.ones((n, n), jnp.float32)
     f = jax.jit(jnp.dot)
     f(a, a).block_until_ready()  # compile
@@ -242,8 +240,6 @@ def estimate(
     if rate is None:
         rate = measure_rate()
     if platform is None:
-        import jax
-
         platform = jax.default_backend()
     shapes = cfg.linear_shapes()
     total, linear = count_params(cfg)
