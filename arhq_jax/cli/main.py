@@ -420,6 +420,14 @@ def _positions(args, cfg, n: int, what: str) -> None:
         print(f"arhq-jax {args.cmd}: warning: {warning}", file=sys.stderr)
 
 
+def _check_quantized_args(args) -> None:
+    """The cheap checks of ``--quantized`` / ``--weights-only``, before the model loads."""
+    if args.quantized is None and args.weights_only:
+        raise ValueError("--weights-only applies to a --quantized checkpoint")
+    if args.quantized is not None and not Path(args.quantized).is_dir():
+        raise FileNotFoundError(f"quantized checkpoint not found: {args.quantized}")
+
+
 def _quantized(args, m):
 
     if args.quantized is None:
@@ -624,6 +632,7 @@ def cmd_eval(args) -> int:
             check_text_file(f, what)
     if args.results is not None:
         eval_results.check_writable(args.results)  # before the model loads
+    _check_quantized_args(args)
     raw = read_dataset(args.dataset, args.data_file) if paper else None  # before the model
     m = _load(args)
     _positions(args, m.cfg, seq_len, f"--seq-len {seq_len}")
@@ -701,6 +710,7 @@ def _reference_cache(m) -> dict:
 
 def cmd_generate(args) -> int:
 
+    _check_quantized_args(args)
     m = _load(args)
     params, _ = _quantized(args, m)
     text = args.prompt

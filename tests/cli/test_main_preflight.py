@@ -68,3 +68,11 @@ def test_plan_line_comes_before_the_load(models, no_load, capsys):
     plan = [line for line in err if line.startswith("plan: ")]
     assert len(plan) == 1
     assert "plan: llama, 2 layers," in plan[0] and "1024 calibration tokens" in plan[0]
+
+
+@pytest.mark.parametrize("cmd", [["eval"], ["generate", "--prompt", "x"]])
+def test_eval_and_generate_flag_errors_before_the_load(models, no_load, capsys, cmd, tmp_path):
+    rc = cli.main([*cmd, "--model", str(models["hf"]), "--weights-only"])
+    assert rc == 2 and "--weights-only applies to a --quantized" in capsys.readouterr().err
+    rc = cli.main([*cmd, "--model", str(models["hf"]), "--quantized", str(tmp_path / "none")])
+    assert rc == 2 and "quantized checkpoint not found" in capsys.readouterr().err
