@@ -503,7 +503,7 @@ def cmd_quantize(args) -> int:
         check_text_file(args.calib_text)
     # Pre-flight, before the model loads: the config from config.json or the GGUF header (no
     # tensor decoded), the recipe against it, and the run's estimated cost.
-    pre = preflight.peek_config(args.model)
+    pre = preflight.peek_config(args.model, require_tokenizer=True)
     if pre is not None:
         _check_model(args, qcfg, pre)
         if args.calib_tokens >= args.calib_seq_len:  # else calibration_ids names the problem

@@ -37,17 +37,20 @@ from arhq_jax.models import config_from_hf
 from arhq_jax.models.config import INPUT_GROUPS, ModelConfig
 from converters.gguf import gguf_hf_config, gguf_tensors
 from converters.hf import check_config_values, read_hf_config
-from converters.registry import source_kind
+from converters.registry import check_tokenizer, source_kind
 
 CALIB_EFFICIENCY = 0.5
 DECOMP_EFFICIENCY = 0.25
 
 
-def peek_config(source) -> ModelConfig | None:
+def peek_config(source, *, require_tokenizer: bool = False) -> ModelConfig | None:
     """The model config of ``source`` (``"smollm2"``, an HF directory, a ``.gguf``) from its
     ``config.json`` or GGUF header, decoding no tensor; None for an orbax directory (its config
-    comes with its arrays). A missing or malformed source is the loader's own error."""
+    comes with its arrays). A missing or malformed source, or (``require_tokenizer``) one without
+    a tokenizer, is the loader's own error."""
     kind, path = source_kind(source)
+    if require_tokenizer and kind != "gguf":  # (a GGUF's: from the header below)
+        check_tokenizer(kind, path)
     if kind == "hf":
         d = read_hf_config(path)
         try:
@@ -58,7 +61,11 @@ def peek_config(source) -> ModelConfig | None:
     if kind == "gguf":
         header = _gguf_header(path)
         if header is None:  # a version this reader does not know: the library's parser
+            if require_tokenizer:
+                check_tokenizer(kind, path)
             return gguf_tensors(path)[0]
+        if require_tokenizer and "tokenizer.ggml.model" not in header.fields:
+            check_tokenizer(kind, path)  # (its own message; GGUFReader confirms)
         try:
             cfg = config_from_hf(gguf_hf_config(header, path))
         except (ValueError, TypeError) as e:

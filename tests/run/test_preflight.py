@@ -103,3 +103,15 @@ def test_eta_leaves_the_first_layer_out():
     assert "ETA after layer 6 (layer 5 compiles)" in resumed.status()
     bar.close()
     resumed.close()
+
+
+def test_peek_requires_a_tokenizer_when_asked(tmp_path):
+    g = T.write_gguf(tmp_path / "m.gguf")  # no tokenizer metadata
+    assert preflight.peek_config(g) is not None
+    with pytest.raises(ValueError, match=r"m.gguf has no tokenizer \(no tokenizer.ggml.model"):
+        preflight.peek_config(g, require_tokenizer=True)
+    bare = T.write_hf_dir(tmp_path / "bare", with_tokenizer=False)
+    with pytest.raises(ValueError, match="bare has no tokenizer"):
+        preflight.peek_config(bare, require_tokenizer=True)
+    full = T.write_hf_dir(tmp_path / "full")
+    assert preflight.peek_config(full, require_tokenizer=True) == T.config()
