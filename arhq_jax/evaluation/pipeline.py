@@ -7,6 +7,7 @@ float logits of a chunk are computed once), and the result rows.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -167,25 +168,26 @@ def evaluate_models(
             return _scores({"float": entry.sums}, n_pred, source)
     models = {k: replicate(v, mesh) for k, v in models.items()}
     place = functools.partial(shard_batch, mesh=mesh)
-    recorded = None
+    record = cache is not None and entry is None
+    keep = record and 4 * int(np.prod(shape)) <= ref_cache.max_bytes()
     if entry is not None and entry.logits is not None:
         ref_fn = _cached_reference(entry.logits, bs, place)
     else:
         ref_fn = functools.partial(fwd, replicate(ref, mesh), cfg)
-        if cache is not None and entry is None and 4 * int(np.prod(shape)) <= ref_cache.max_bytes():
-            ref_fn, recorded = _recording(ref_fn)
-    sums = ev.score_chunks(
-        chunks,
-        {"float": None, **{k: functools.partial(fwd, v, cfg) for k, v in models.items()}},
-        ref_fn,
-        batch_size=bs,
-        place=place,
-        progress=progress,
-    )
-    out = _scores(sums, n_pred, source)
-    if cache is not None and entry is None:
-        logits = None if recorded is None else np.concatenate(recorded)[: len(chunks)]
-        cache.save(sums["float"], n_pred, logits)
+    with cache.logits_writer(shape) if keep else contextlib.nullcontext() as put:
+        if put is not None:
+            ref_fn = _recording(ref_fn, put, bs)
+        sums = ev.score_chunks(
+            chunks,
+            {"float": None, **{k: functools.partial(fwd, v, cfg) for k, v in models.items()}},
+            ref_fn,
+            batch_size=bs,
+            place=place,
+            progress=progress,
+        )
+        out = _scores(sums, n_pred, source)  # (no entry is written for a non-finite score)
+    if record:
+        cache.save(sums["float"], n_pred, logits=keep)
     return out
 
 
@@ -208,16 +210,18 @@ def _cached_reference(logits: np.ndarray, batch_size: int, place):
     return fn
 
 
-def _recording(fn):
-    """``fn`` that also keeps each batch's logits on the host (f32) → ``(fn, list)``."""
-    kept: list[np.ndarray] = []
+def _recording(fn, put, batch_size: int):
+    """``fn`` that also hands each batch's logits (f32, on the host) to ``put(start, rows)``,
+    batch by batch in ``score_chunks``' order."""
+    calls = [0]
 
     def rec(ids):
         x = fn(ids)
-        kept.append(np.asarray(jax.device_get(x), np.float32))
+        put(calls[0] * batch_size, np.asarray(jax.device_get(x), np.float32))
+        calls[0] += 1
         return x
 
-    return rec, kept
+    return rec
 
 
 def _scores(sums: dict, n_pred: int, source: str) -> dict[str, dict]:

@@ -10,6 +10,7 @@ batch layout, the JAX backend and versions. An entry is two files in the cache d
     <key>.json   format, key, the chunk shape, the float model's summed scores (NLL, KL 0,
                  top-1) and predicted tokens, and the logits' shape, dtype and sha256 (or null)
     <key>.npy    the float logits ``[n_chunks, L, V]`` f32, when they fit ``max_bytes``
+                 (written batch by batch into a memory map: the host holds one batch)
 
 With the logits the float model is never run again (its KL and top-1 against each checkpoint
 come from them); without (too large), a float-only evaluation is answered from the scores and
@@ -24,6 +25,7 @@ named ``ref-<64 hex>.{json,npy}`` are ever written or replaced there.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -140,14 +142,32 @@ class RefCache:
             return None
         return arr
 
-    def save(self, sums: np.ndarray, n_pred: int, logits: np.ndarray | None) -> None:
-        """Write the entry (the logits first, the JSON naming their sha256 last)."""
+    @contextlib.contextmanager
+    def logits_writer(self, shape: tuple[int, int, int]):
+        """Yield ``put(start, rows)`` that writes f32 logit rows ``[k, L, V]`` at chunk
+        ``start`` straight into a temporary ``.npy`` beside the entry (host memory: one batch);
+        the file becomes the entry's logits when the block ends without error (``save`` then
+        records its sha256), and is removed otherwise."""
         self.root.mkdir(parents=True, exist_ok=True)
-        sha = None
-        if logits is not None:
-            with atomic_file(self.logits_path) as tmp:
-                with open(tmp, "wb") as f:
-                    np.save(f, np.ascontiguousarray(logits, np.float32), allow_pickle=False)
+        with atomic_file(self.logits_path) as tmp:
+            held = {"arr": np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=shape)}
+
+            def put(start: int, rows) -> None:
+                rows = np.asarray(rows, np.float32)[: shape[0] - start]
+                held["arr"][start : start + len(rows)] = rows
+
+            yield put
+            held.pop("arr").flush()  # (the map closes with its last reference)
+
+    def save(self, sums: np.ndarray, n_pred: int, logits: bool) -> None:
+        """Write the entry's JSON: the scores and, when ``logits`` (just written by
+        ``logits_writer``), the logits' shape and sha256; else stale logits of this key go."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        sha = shape = None
+        if logits:
+            arr = np.load(self.logits_path, mmap_mode="r", allow_pickle=False)
+            shape = [int(x) for x in arr.shape]
+            del arr
             sha = _sha256(self.logits_path)
         elif self.logits_path.is_file() and not self.logits_path.is_symlink():
             self.logits_path.unlink()  # ours (the name is this key's): stale logits go
@@ -157,7 +177,7 @@ class RefCache:
             "key": self.key,
             "sums": [float(x) for x in np.asarray(sums, np.float64)],
             "n_pred": int(n_pred),
-            "logits_shape": None if logits is None else [int(x) for x in logits.shape],
+            "logits_shape": shape,
             "logits_sha256": sha,
         }
         atomic_write(self.meta_path, json.dumps(meta, indent=1, sort_keys=True) + "\n")
