@@ -40,14 +40,22 @@ def models(tmp_path_factory):
         (["--rotate", "64"], "rotated recipes"),
     ],
 )
-@pytest.mark.parametrize("kind", ["hf", "gguf"])
-def test_errors_before_the_model_loads(models, no_load, capsys, flags, message, kind):
-    argv = ["quantize", "--model", str(models[kind]), "--out", str(models["dir"] / "o"), *flags]
+def test_errors_before_the_model_loads(models, no_load, capsys, flags, message):
+    argv = ["quantize", "--model", str(models["hf"]), "--out", str(models["dir"] / "o"), *flags]
     rc = cli.main(argv)
     err = capsys.readouterr().err
     assert rc == 2, err
     assert message in err and err.count("\n") == 1, err
     assert not (models["dir"] / "o").exists()
+
+
+def test_gguf_without_tokenizer_before_the_load(models, no_load, capsys):
+    """The tiny GGUF has no tokenizer metadata: named from its header, before the load."""
+    argv = ["quantize", "--model", str(models["gguf"]), "--out", str(models["dir"] / "o")]
+    assert cli.main([*argv, "--rank", "65"]) == 2
+    err = capsys.readouterr().err
+    assert "m.gguf has no tokenizer (no tokenizer.ggml.model metadata)" in err
+    assert err.count("\n") == 1
 
 
 def test_missing_and_corrupt_models_before_the_load(models, no_load, capsys, tmp_path):
