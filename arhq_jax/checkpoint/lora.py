@@ -29,8 +29,9 @@ _PREFIX = "base_model.model."
 _PATTERN_KEY = re.compile(r"\^?[A-Za-z0-9_.]{1,400}\$?")
 
 
-def adapter_config(ranks: dict[str, int]) -> dict:
-    """PEFT's LoraConfig as saved, for ``{module name: rank}``."""
+def adapter_config(ranks: dict[str, int], base_model: str | None = None) -> dict:
+    """PEFT's LoraConfig as saved, for ``{module name: rank}``; ``base_model`` (the source
+    model's name or path, as the user gave it) is recorded as ``base_model_name_or_path``."""
     short = {m.rsplit(".", 1)[-1] for m in ranks}
     uniform = len(set(ranks.values())) == 1
     r = max(ranks.values())
@@ -39,7 +40,7 @@ def adapter_config(ranks: dict[str, int]) -> dict:
     cfg = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": None,
+        "base_model_name_or_path": base_model,
         "r": r,
         "lora_alpha": r,
         "target_modules": targets,
@@ -86,10 +87,10 @@ class AdapterWriter:
         self._w.add(name, x)
         self.nbytes += x.nbytes
 
-    def close(self) -> int:
+    def close(self, base_model: str | None = None) -> int:
         self._w.close({"format": "pt"})
         (self.d / ADAPTER_CONFIG).write_text(
-            json.dumps(adapter_config(self.ranks), indent=1, sort_keys=True) + "\n"
+            json.dumps(adapter_config(self.ranks, base_model), indent=1, sort_keys=True) + "\n"
         )
         return self.nbytes
 

@@ -9,6 +9,11 @@ a directory this program wrote: a manifest of the same format whose every entry 
 (size and sha256), every file listed, no other directory than those holding listed files;
 anything else is refused before any work starts, untouched. On failure the temporary directory
 is removed; one left by a killed run (its marker names a dead process) is removed by the next run.
+
+Every file the program writes is listed, the model card (``README.md``) included, so a user's
+edit of it or a file added beside it makes the directory no longer ours: it is refused rather
+than replaced, because replacing it would delete the user's work. (Tolerating unlisted files
+would not be safe either: the replace removes the old directory as a whole.)
 """
 
 from __future__ import annotations

@@ -163,6 +163,7 @@ def save(
     tokenizer=None,
     source: dict | None = None,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    card=None,
 ) -> int:
     """Write ``params`` (float or quantized) as a checkpoint directory ``path``.
 
@@ -172,6 +173,8 @@ def save(
       source: ``{"model": str, "fingerprint": fingerprint(cfg, float_params)}`` of the model the
         checkpoint was made from (checked on load), or None.
       max_shard_bytes: shard ``model.safetensors`` past this many bytes.
+      card: a ``model_card.Card`` (command, preset, diagnostics…): then ``provenance.json``,
+        ``diagnostics.json`` and the ``README.md`` model card are written too.
 
     Returns:
       The bytes of the stored tensors (model and adapter).
@@ -188,7 +191,7 @@ def save(
         w.add(FINAL_NORM, to_numpy(params.final_norm))
         if params.lm_head is not None:
             w.add_linear("lm_head", params.lm_head)
-        return w.finish(cfg, quant=quant, tokenizer=tokenizer, source=source)
+        return w.finish(cfg, quant=quant, tokenizer=tokenizer, source=source, card=card)
 
 
 def check_out(path) -> None:

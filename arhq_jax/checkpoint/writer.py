@@ -9,12 +9,14 @@ every file's bytes: tensor order, shards, the ``config.json`` entries and the Lo
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 from pathlib import Path
 
 import jax
 import numpy as np
 
+import arhq_jax.checkpoint.model_card as model_card
 import arhq_jax.checkpoint.nvfp4_pack as ct_nvfp4
 import arhq_jax.checkpoint.out_dir as out_dir
 from arhq_jax.checkpoint.lora import AdapterWriter
@@ -49,6 +51,7 @@ def writing(path, max_shard_bytes: int = DEFAULT_SHARD_BYTES):
     touched). Raises FileExistsError for a foreign ``path``."""
     with out_dir.replacing(path, FORMAT, FORMAT_VERSION) as tmp:
         w = CheckpointWriter(tmp, max_shard_bytes)
+        w.out = Path(path)  # the model card's default name for the directory
         try:
             yield w
         except BaseException:
@@ -118,12 +121,16 @@ class CheckpointWriter:
         if kind != "dense":
             self.kinds["quantized"] = self.kinds.get("quantized", 0) + 1
 
-    def finish(self, cfg: ModelConfig, *, quant=None, tokenizer=None, source=None) -> int:
-        """Close the shards, write the adapter, config.json and tokenizer → tensor bytes."""
+    def finish(
+        self, cfg: ModelConfig, *, quant=None, tokenizer=None, source=None, card=None
+    ) -> int:
+        """Close the shards, write the adapter, config.json, tokenizer, generation config and,
+        given a ``model_card.Card``, the provenance, diagnostics and model card → tensor
+        bytes."""
         _close_shards(self.tmp, self.shards)
         nbytes = self.nbytes
         if self._adapter is not None:
-            nbytes += self._adapter.close()
+            nbytes += self._adapter.close(base_model=(source or {}).get("model"))
         hf = config_to_hf(cfg)
         recipe = {k: v for k, v in (quant or {}).items() if k not in RUN_ONLY_KEYS}
         hf["arhq_jax"] = {
@@ -144,6 +151,13 @@ class CheckpointWriter:
         (self.tmp / CONFIG_FILE).write_text(json.dumps(hf, indent=1, sort_keys=True) + "\n")
         if tokenizer is not None:
             tokenizer.save_pretrained(str(self.tmp))
+        if card is not None and card.out is None:
+            card = dataclasses.replace(card, out=str(getattr(self, "out", self.tmp.name)))
+        layout = "compressed-tensors" if qc and qc["quant_method"] != OWN_QUANT_METHOD else "own"
+        model_card.write_files(
+            self.tmp, cfg, hf, quant=quant, source=source, card=card, nbytes=nbytes,
+            lora_dir=LORA_DIR, layout=layout if qc else "float",
+        )  # fmt: skip
         self.finished = True
         return nbytes
 

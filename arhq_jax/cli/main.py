@@ -21,10 +21,12 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.errors import JaxRuntimeError  # noqa: E402
 
-from arhq_jax.checkpoint import export_gguf, export_modelopt  # noqa: E402
+from arhq_jax.checkpoint import export_gguf, export_modelopt, model_card  # noqa: E402
 from arhq_jax.checkpoint import store as checkpoint  # noqa: E402
 from arhq_jax.cli.demo import METHODS as DEMO_METHODS  # noqa: E402
 from arhq_jax.cli.demo import run_demo  # noqa: E402
+from arhq_jax.evaluation import ref_cache  # noqa: E402
+from arhq_jax.evaluation import report as eval_results  # noqa: E402
 from arhq_jax.evaluation.corpora import (  # noqa: E402
     PAPER_SEQ_LEN,
     check_text_file,
@@ -43,6 +45,7 @@ from arhq_jax.methods.argtypes import float_in, int_at_least  # noqa: E402
 from arhq_jax.models.generate import generate  # noqa: E402
 from arhq_jax.parallel import distributed  # noqa: E402
 from arhq_jax.parallel.layer_sharding import model_mesh  # noqa: E402
+from arhq_jax.run import preflight  # noqa: E402
 from arhq_jax.run.config import (  # noqa: E402
     ACT_SCALES,
     COMMON_FIELDS,
@@ -53,7 +56,7 @@ from arhq_jax.run.config import (  # noqa: E402
     QuantConfig,  # noqa: E402
     preset,
 )
-from arhq_jax.run.quantize import quantize_model, summarize  # noqa: E402
+from arhq_jax.run.quantize import quantize_model  # noqa: E402
 from arhq_jax.run.stream import quantize_stream  # noqa: E402
 from converters import (
     convert,  # noqa: E402
@@ -310,7 +313,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-chunks", type=_POS, default=None, help="default: all for wikitext2/c4, 40 for pydoc"
     )
     e.add_argument("--batch-size", type=_POS, default=2)
-    e.add_argument("--json", action="store_true", help="print one JSON object")
+    e.add_argument(
+        "--json", action="store_true", help="print one JSON object (every field the text shows)"
+    )
+    e.add_argument(
+        "--results",
+        default=None,
+        metavar="FILE",
+        help="also write the results as JSON to FILE (atomically; an existing FILE is replaced "
+        "only if eval wrote it)",
+    )
     _add_weights_only(e)
     _add_allow_long(e)
     _add_kernel(e)
@@ -423,6 +435,14 @@ def _positions(args, cfg, n: int, what: str) -> None:
         print(f"arhq-jax {args.cmd}: warning: {warning}", file=sys.stderr)
 
 
+def _check_quantized_args(args) -> None:
+    """The cheap checks of ``--quantized`` / ``--weights-only``, before the model loads."""
+    if args.quantized is None and args.weights_only:
+        raise ValueError("--weights-only applies to a --quantized checkpoint")
+    if args.quantized is not None and not Path(args.quantized).is_dir():
+        raise FileNotFoundError(f"quantized checkpoint not found: {args.quantized}")
+
+
 def _quantized(args, m):
 
     if args.quantized is None:
@@ -453,6 +473,14 @@ def _check_groups(args, cfg) -> None:
                 f"{flag} {g} is larger than the model's largest projection input ({largest}); "
                 "use 'row' for one group per row"
             )
+
+
+def _check_model(args, qcfg, cfg) -> None:
+    """The recipe and the sequence lengths against the model's config (cheap: before the load
+    when the config can be read alone)."""
+    qcfg.check_model(cfg)
+    _check_groups(args, cfg)
+    _positions(args, cfg, args.calib_seq_len, f"--calib-seq-len {args.calib_seq_len}")
 
 
 def cmd_quantize(args) -> int:
@@ -488,6 +516,22 @@ def cmd_quantize(args) -> int:
         checkpoint.check_out(args.out)  # refuse a foreign --out before any work
     if args.calib_text is not None:
         check_text_file(args.calib_text)
+    # Pre-flight, before the model loads: the config from config.json or the GGUF header (no
+    # tensor decoded), the recipe against it, and the run's estimated cost.
+    pre = preflight.peek_config(args.model, require_tokenizer=True)
+    if pre is not None:
+        _check_model(args, qcfg, pre)
+        if args.calib_tokens >= args.calib_seq_len:  # else calibration_ids names the problem
+            est = preflight.estimate(
+                pre,
+                qcfg,
+                args.calib_tokens // args.calib_seq_len * args.calib_seq_len,
+                args.calib_seq_len,
+                batch_size=args.batch_size,
+                hidden_on_host=args.hidden_on_host,
+                streamed=jax.process_count() == 1 and qcfg.method_impl.streams(qcfg),
+            )
+            print(est.line(pre, args.calib_tokens), file=sys.stderr)
     t0 = time.perf_counter()
     with open_source(args.model, require_tokenizer=True) as src:
         cfg = src.cfg
@@ -496,9 +540,8 @@ def cmd_quantize(args) -> int:
             f"layer) in {time.perf_counter() - t0:.1f}s",
             file=sys.stderr,
         )
-        qcfg.check_model(cfg)
-        _check_groups(args, cfg)
-        _positions(args, cfg, args.calib_seq_len, f"--calib-seq-len {args.calib_seq_len}")
+        if pre is None:  # an orbax directory: its config comes with the load
+            _check_model(args, qcfg, cfg)
         corpus = load_corpus(src.tokenizer, args.calib_text, None)
         what = "calibration text" + (f" {args.calib_text}" if args.calib_text else "")
         ids = calibration_ids(
@@ -510,6 +553,12 @@ def cmd_quantize(args) -> int:
         )
         quant = {**qcfg.to_dict(), "source_model": args.model, "calib_source": corpus.source}
         source = {"model": str(args.model)}
+        card = model_card.Card(
+            command=["arhq-jax", *getattr(args, "argv", ["quantize"])],
+            preset=args.preset,
+            generation_config=model_card.source_generation_config(args.model),
+            out=args.out,
+        )
         # One process streams disk to disk; several (jax.distributed) and whole-model recipes
         # quantize in memory (process 0 writes; a killed run starts over).
         single = jax.process_count() == 1
@@ -524,6 +573,7 @@ def cmd_quantize(args) -> int:
                 batch_size=args.batch_size,
                 mesh=mesh,
                 hidden_on_host=args.hidden_on_host,
+                card=card,
             )
             if res.resumed_from:
                 print(f"resumed a killed run after its layer {res.resumed_from - 1}")
@@ -556,8 +606,15 @@ def cmd_quantize(args) -> int:
             diags, timings, tokens = r.projections, r.timings, r.calib_tokens
             quant.update(calib_tokens=tokens, timings=timings)
             source["fingerprint"] = checkpoint.fingerprint(cfg, params)
+            card.diagnostics = diags
             nbytes = checkpoint.save(
-                args.out, r.params, cfg, quant=quant, tokenizer=src.tokenizer, source=source
+                args.out,
+                r.params,
+                cfg,
+                quant=quant,
+                tokenizer=src.tokenizer,
+                source=source,
+                card=card,
             )
             del params, r
         fp_bytes = src.nbytes()
@@ -566,7 +623,10 @@ def cmd_quantize(args) -> int:
         f"{qcfg.label()}: calibration {t['calibration_s']:.1f}s, decomposition "
         f"{t['decomposition_s']:.1f}s, packing {t['packing_s']:.1f}s on {tokens} tokens"
     )
-    print(f"diagnostics (means over projections): {summarize(diags)}")
+    table = model_card.diagnostics_text(diags)
+    if table:
+        print(f"per-projection diagnostics over the {cfg.num_layers} layers (all in "
+              f"{Path(args.out) / model_card.DIAGNOSTICS_FILE}):\n{table}")  # fmt: skip
     print(
         f"saved {args.out}: {nbytes / 2**20:.1f} MiB vs {fp_bytes / 2**20:.1f} MiB unquantized "
         f"({cfg.param_dtype}), ratio {nbytes / fp_bytes:.3f}"
@@ -585,6 +645,9 @@ def cmd_eval(args) -> int:
     for f, what in ((args.text, "text file"), (args.data_file, "dataset file")):
         if f is not None:
             check_text_file(f, what)
+    if args.results is not None:
+        eval_results.check_writable(args.results)  # before the model loads
+    _check_quantized_args(args)
     raw = read_dataset(args.dataset, args.data_file) if paper else None  # before the model
     m = _load(args)
     _positions(args, m.cfg, seq_len, f"--seq-len {seq_len}")
@@ -599,6 +662,14 @@ def cmd_eval(args) -> int:
     models = {} if quant is None else {"quantized": params}
     # Eval pads the last batch to the batch size: more rows than chunks would be padding only.
     n_chunks = len(make_chunks(tokens, seq_len, max_chunks)) if len(tokens) >= seq_len else 1
+    text_source = (
+        f"--text {args.text}"
+        if args.text
+        else f"--dataset {args.dataset}"
+        if paper or args.data_file is not None
+        else "the pydoc evaluation text"
+    )
+    info: dict = {}
     res = evaluate_models(
         models,
         m.params,
@@ -607,32 +678,54 @@ def cmd_eval(args) -> int:
         seq_len=seq_len,
         max_chunks=max_chunks,
         batch_size=min(args.batch_size, n_chunks),
-        source=(
-            f"--text {args.text}"
-            if args.text
-            else f"--dataset {args.dataset}"
-            if paper or args.data_file is not None
-            else "the pydoc evaluation text"
-        ),
+        source=text_source,
         allow_long=args.allow_long,
+        **_reference_cache(m),
+        info=info,
     )
     r = res["quantized" if quant is not None else "float"]
     if quant is None:
         r = {**r, "kl": 0.0, "top1": 1.0}
+    doc = eval_results.document(
+        r,
+        res["float"],
+        model=args.model,
+        quantized=args.quantized,
+        weights_only=args.weights_only,
+        text=text_source,
+        seq_len=seq_len,
+        chunks=n_chunks,
+        reference=info.get("reference"),
+    )
     if args.json:
-        print(json.dumps({k: r[k] for k in ("ppl", "kl", "top1", "tokens")}, allow_nan=False))
+        print(json.dumps(doc, allow_nan=False))
     else:
-        what = args.quantized or args.model
-        what += " (weights only)" if args.weights_only else ""
-        print(
-            f"{what}: ppl {r['ppl']:.4f}  KL {r['kl']:.5f}  top-1 {r['top1']:.4f}  "
-            f"({r['tokens']} predicted tokens; float ppl {res['float']['ppl']:.4f})"
-        )
+        print(eval_results.text_line(doc))
+    if args.results is not None:
+        eval_results.write(args.results, doc)
     return 0
+
+
+def _reference_cache(m) -> dict:
+    """``evaluate_models``' cache arguments for the float model ``m`` (evaluation.ref_cache):
+    its identity is its weights' fingerprint and dtypes; none when the cache is off."""
+    root = ref_cache.cache_dir()
+    if root is None:
+        return {}
+    identity = {
+        "fingerprint": checkpoint.fingerprint(m.cfg, m.params),
+        "dtypes": [str(m.cfg.param_dtype), str(m.cfg.dtype)],
+    }
+
+    def warn(msg):
+        print(f"arhq-jax eval: warning: {msg}", file=sys.stderr)
+
+    return {"ref_identity": identity, "cache_root": root, "warn": warn}
 
 
 def cmd_generate(args) -> int:
 
+    _check_quantized_args(args)
     m = _load(args)
     params, _ = _quantized(args, m)
     text = args.prompt
@@ -771,6 +864,7 @@ def main(argv=None) -> int:
     """
 
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded in provenance.json
     try:
         return COMMANDS[args.cmd](args)
     except (ValueError, OSError) as e:

@@ -7,13 +7,16 @@ float logits of a chunk are computed once), and the result rows.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
 
+import jax
 import numpy as np
 
 import arhq_jax.evaluation.metrics as ev
+import arhq_jax.evaluation.ref_cache as ref_cache
 from arhq_jax.calibration.calibrate import data_mesh, replicate, shard_batch
 from arhq_jax.models.config import ModelConfig, Params
 
@@ -112,6 +115,10 @@ def evaluate_models(
     progress: bool = True,
     source: str = "evaluation text",
     allow_long: bool = False,
+    ref_identity: dict | None = None,
+    cache_root=None,
+    warn=None,
+    info: dict | None = None,
 ) -> dict[str, dict]:
     """Perplexity, KL from ``ref`` and top-1 agreement of each model (and ppl of ``ref``).
 
@@ -120,6 +127,12 @@ def evaluate_models(
     the reference. ``source`` names the text in errors; ``seq_len`` beyond the model's
     ``max_position_embeddings`` is a ValueError unless ``allow_long``; so are token ids outside
     the vocabulary and a non-finite score (``check_finite_scores``).
+
+    Given ``ref_identity`` (the float model's identity: its fingerprint and dtypes) and
+    ``cache_root`` (``ref_cache.cache_dir()``), the float reference is cached there
+    (``evaluation.ref_cache``): a hit gives the same numbers without running ``ref``, a
+    corrupted entry is reported through ``warn`` and recomputed. ``info`` (a dict, if given)
+    receives ``"reference"``: ``"cache"`` or ``"computed"``.
     """
     if (
         isinstance(batch_size, bool)
@@ -137,19 +150,82 @@ def evaluate_models(
     chunks = ev.make_chunks(eval_tokens, seq_len, max_chunks)
     check_token_ids(chunks, cfg.vocab_size, source)
     fwd = ev.jitted_forward()
-    ref = replicate(ref, mesh)
-    models = {k: replicate(v, mesh) for k, v in models.items()}
     ndev = mesh.devices.size
-    sums = ev.score_chunks(
-        chunks,
-        {"float": None, **{k: functools.partial(fwd, v, cfg) for k, v in models.items()}},
-        functools.partial(fwd, ref, cfg),
-        batch_size=max(ndev, -(-batch_size // ndev) * ndev),
-        place=lambda b: shard_batch(b, mesh),
-        progress=progress,
-    )
-    names = list(sums)
+    bs = max(ndev, -(-batch_size // ndev) * ndev)
     n_pred = len(chunks) * (seq_len - 1)
+    cache = entry = None
+    shape = (len(chunks), seq_len, cfg.vocab_size)
+    if ref_identity is not None and cache_root is not None:
+        key = ref_cache.reference_key(ref_identity, chunks, bs, ndev)
+        cache = ref_cache.RefCache(cache_root, key, warn)
+        entry = cache.load(shape)
+    if info is not None:
+        info["reference"] = "computed"
+    if entry is not None and (not models or entry.logits is not None):
+        if info is not None:
+            info["reference"] = "cache"
+        if not models:
+            return _scores({"float": entry.sums}, n_pred, source)
+    models = {k: replicate(v, mesh) for k, v in models.items()}
+    place = functools.partial(shard_batch, mesh=mesh)
+    record = cache is not None and entry is None
+    keep = record and 4 * int(np.prod(shape)) <= ref_cache.max_bytes()
+    if entry is not None and entry.logits is not None:
+        ref_fn = _cached_reference(entry.logits, bs, place)
+    else:
+        ref_fn = functools.partial(fwd, replicate(ref, mesh), cfg)
+    with cache.logits_writer(shape) if keep else contextlib.nullcontext() as put:
+        if put is not None:
+            ref_fn = _recording(ref_fn, put, bs)
+        sums = ev.score_chunks(
+            chunks,
+            {"float": None, **{k: functools.partial(fwd, v, cfg) for k, v in models.items()}},
+            ref_fn,
+            batch_size=bs,
+            place=place,
+            progress=progress,
+        )
+        out = _scores(sums, n_pred, source)  # (no entry is written for a non-finite score)
+    if record:
+        cache.save(sums["float"], n_pred, logits=keep)
+    return out
+
+
+def _cached_reference(logits: np.ndarray, batch_size: int, place):
+    """A reference ``logits_fn`` replaying cached logits ``[n, L, V]`` batch by batch, in the
+    order ``score_chunks`` asks for them (the last batch padded with its last row, as the ids
+    are)."""
+    calls = [0]
+
+    def fn(ids):
+        start = calls[0] * batch_size
+        calls[0] += 1
+        rows = np.asarray(logits[start : start + batch_size])
+        if len(rows) < batch_size:
+            rows = np.concatenate([rows, np.repeat(rows[-1:], batch_size - len(rows), axis=0)])
+        if rows.shape[:2] != tuple(ids.shape):
+            raise ValueError(f"cached reference has rows {rows.shape[:2]} for ids {ids.shape}")
+        return place(rows)
+
+    return fn
+
+
+def _recording(fn, put, batch_size: int):
+    """``fn`` that also hands each batch's logits (f32, on the host) to ``put(start, rows)``,
+    batch by batch in ``score_chunks``' order."""
+    calls = [0]
+
+    def rec(ids):
+        x = fn(ids)
+        put(calls[0] * batch_size, np.asarray(jax.device_get(x), np.float32))
+        calls[0] += 1
+        return x
+
+    return rec
+
+
+def _scores(sums: dict, n_pred: int, source: str) -> dict[str, dict]:
+    names = list(sums)
     out = {}
     for n in names:
         nll, kl, agree = sums[n] / n_pred

@@ -9,7 +9,9 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 from collections.abc import Sequence
+from pathlib import Path
 
 from arhq_jax.storage.atomic import atomic_write  # noqa: F401 (public here too)
 
@@ -104,3 +106,81 @@ def plot_snr_by_layer(path, snr_rows: Sequence[dict], title: str) -> None:
 def _mean(xs) -> float:
     xs = list(xs)
     return sum(xs) / len(xs)
+
+
+# ----------------------------------------------------------------------------- eval results
+
+RESULTS_FORMAT = "arhq-jax-eval-results"
+
+
+def document(
+    r: dict,
+    float_row: dict,
+    *,
+    model: str,
+    quantized: str | None,
+    weights_only: bool,
+    text: str,
+    seq_len: int,
+    chunks: int,
+    reference: str | None,
+) -> dict:
+    """``eval``'s result as one JSON object: every field its text line shows (what was scored,
+    ppl, KL, top-1, predicted tokens, the float ppl) and what it was scored on."""
+    return {
+        "format": RESULTS_FORMAT,
+        "model": str(model),
+        "quantized": None if quantized is None else str(quantized),
+        "weights_only": bool(weights_only),
+        "ppl": r["ppl"],
+        "kl": r["kl"],
+        "top1": r["top1"],
+        "tokens": r["tokens"],
+        "float_ppl": float_row["ppl"],
+        "text": text,
+        "seq_len": seq_len,
+        "chunks": chunks,
+        "float_reference": reference,
+    }
+
+
+def text_line(doc: dict) -> str:
+    """``eval``'s one line of text for ``document``'s object."""
+    what = doc["quantized"] or doc["model"]
+    what += " (weights only)" if doc["weights_only"] else ""
+    cached = " (cached)" if doc.get("float_reference") == "cache" else ""
+    return (
+        f"{what}: ppl {doc['ppl']:.4f}  KL {doc['kl']:.5f}  top-1 {doc['top1']:.4f}  "
+        f"({doc['tokens']} predicted tokens; float ppl {doc['float_ppl']:.4f}{cached})"
+    )
+
+
+def check_writable(path) -> None:
+    """Raise unless ``path`` may receive a results file: its directory exists and ``path`` is
+    absent or a results file ``write`` wrote (a JSON object of ``RESULTS_FORMAT``); anything
+    else is never overwritten (FileExistsError), checked before any work."""
+    p = Path(path)
+    parent = p.parent if str(p.parent) else Path(".")
+    if not parent.is_dir():
+        raise FileNotFoundError(f"--results {path}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PermissionError(f"--results {path}: {parent} is not writable")
+    if not p.exists() and not p.is_symlink():
+        return
+    if p.is_symlink() or not p.is_file():
+        raise FileExistsError(f"--results {path} exists and is not a regular file; not replacing")
+    try:
+        doc = json.loads(p.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        doc = None
+    if not isinstance(doc, dict) or doc.get("format") != RESULTS_FORMAT:
+        raise FileExistsError(
+            f"--results {path} exists and was not written by arhq-jax eval; not overwriting it"
+        )
+
+
+def write(path, doc: dict) -> None:
+    """Write ``doc`` to ``path`` atomically (after ``check_writable`` again: the file may have
+    appeared meanwhile)."""
+    check_writable(path)
+    atomic_write(path, json.dumps(doc, indent=2, allow_nan=False) + "\n")

@@ -169,7 +169,7 @@ def common_to_hf(cfg: ModelConfig) -> dict:
     def ids(x):
         return list(x) if isinstance(x, tuple) else x
 
-    return {
+    out = {
         "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.hidden_size,
         "intermediate_size": cfg.intermediate_size,
@@ -180,6 +180,9 @@ def common_to_hf(cfg: ModelConfig) -> dict:
         "hidden_act": "silu",
         "rms_norm_eps": cfg.rms_norm_eps,
         "rope_parameters": rope,
+        # transformers 4.x reads the top-level rope_theta (10000 when absent) and rope_scaling,
+        # 5.x rope_parameters (which wins here too, parse_rope): both carry the same values.
+        "rope_theta": float(cfg.rope_theta),
         "max_position_embeddings": cfg.max_position_embeddings,
         "tie_word_embeddings": cfg.tie_word_embeddings,
         "attention_bias": cfg.attention_bias,
@@ -189,3 +192,6 @@ def common_to_hf(cfg: ModelConfig) -> dict:
         "dtype": cfg.param_dtype,
         "use_cache": True,
     }
+    if cfg.rope_type != "default":  # transformers 4.x's form of the same scaling
+        out["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
+    return out

@@ -19,12 +19,12 @@ import time
 
 import jax
 import numpy as np
-from tqdm.auto import tqdm
 
 from arhq_jax.calibration.calibrate import Calibration, LayerwiseRunner, data_mesh
 from arhq_jax.models.config import INPUT_GROUPS, ModelConfig, Params
 from arhq_jax.parallel.devices import Spread
 from arhq_jax.run.config import QuantConfig
+from arhq_jax.run.progress import LayerProgress
 
 
 @dataclasses.dataclass
@@ -94,12 +94,7 @@ def quantize_model(
     calib = Calibration(runner, cfg, plan, spread)
     stages = layer_stages(qcfg)
     layers, diags = [], []
-    bar = tqdm(
-        total=cfg.num_layers * len(stages),
-        desc=f"quantize {qcfg.label()}",
-        disable=not progress,
-        unit="stage",
-    )
+    bar = LayerProgress(cfg.num_layers, len(stages), desc=qcfg.label(), disable=not progress)
     for li, fp_layer in enumerate(params.layers):
         layer, d = quantize_layer(fp_layer, li, stages, calib, qcfg, timings, bar)
         diags += d

@@ -50,7 +50,6 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
 
 from arhq_jax import __version__
 from arhq_jax.calibration.calibrate import Calibration, LayerwiseRunner, data_mesh
@@ -70,6 +69,7 @@ from arhq_jax.models.params import (
 from arhq_jax.parallel.devices import Spread
 from arhq_jax.parallel.layer_sharding import data_size
 from arhq_jax.run.config import QuantConfig
+from arhq_jax.run.progress import LayerProgress
 from arhq_jax.run.quantize import layer_stages, quantize_layer
 from arhq_jax.storage.atomic import atomic_write
 from converters.lazy import LazySource
@@ -460,6 +460,7 @@ def quantize_stream(
     progress: bool = True,
     on_layer=None,
     max_shard_bytes: int = checkpoint_writer.DEFAULT_SHARD_BYTES,
+    card=None,
 ) -> StreamResult:
     """Quantize ``src`` layer by layer into the checkpoint directory ``out``.
 
@@ -473,6 +474,8 @@ def quantize_stream(
         of the run key).
       on_layer: called with the layer index after each layer is committed (tests kill a run
         there).
+      card: a ``model_card.Card`` for the model card and provenance (its diagnostics are the
+        run's, filled in here).
 
     Returns:
       A ``StreamResult``. The work directory is removed once the checkpoint is in place.
@@ -510,12 +513,8 @@ def quantize_stream(
         timings["calibration_s"] += time.perf_counter() - t0
     calib = Calibration(runner, cfg, None, Spread.for_mesh(mesh, devices))
     stages = layer_stages(qcfg)
-    bar = tqdm(
-        total=cfg.num_layers * len(stages),
-        initial=start * len(stages),
-        desc=f"quantize {qcfg.label()}",
-        disable=not progress,
-        unit="stage",
+    bar = LayerProgress(
+        cfg.num_layers, len(stages), initial=start, desc=qcfg.label(), disable=not progress
     )
     # Overlap: a reader thread decodes layer li+1 from the source and a writer thread writes and
     # commits layer li (and the hidden states after it) while layer li+1 is quantized. A layer is
@@ -551,12 +550,14 @@ def quantize_stream(
     quant = {**(quant or {}), "calib_tokens": 0 if runner is None else runner.num_tokens}
     quant["timings"] = timings
     source = {**(source or {}), "fingerprint": fp}
-    nbytes = _assemble(src, work, head, out, quant, source, max_shard_bytes)
+    if card is not None:
+        card = dataclasses.replace(card, diagnostics=work.state["diags"])
+    nbytes = _assemble(src, work, head, out, quant, source, max_shard_bytes, card)
     work.remove()
     return StreamResult(work.state["diags"], timings, quant["calib_tokens"], nbytes, start)
 
 
-def _assemble(src, work: _Work, head, out, quant, source, max_shard_bytes) -> int:
+def _assemble(src, work: _Work, head, out, quant, source, max_shard_bytes, card=None) -> int:
     """The checkpoint from the source's dense tensors and the work directory's layers."""
     cfg = src.cfg
     pdt = jnp.dtype(cfg.param_dtype)
@@ -584,4 +585,4 @@ def _assemble(src, work: _Work, head, out, quant, source, max_shard_bytes) -> in
         elif not cfg.tie_word_embeddings:
             w.add_blocks(LM_HEAD, pdt, shape, src.row_blocks(LM_HEAD))
             w.add_encoded("lm_head", {"kind": "dense", "dtype": pdt.name}, [], [])
-        return w.finish(cfg, quant=quant, tokenizer=src.tokenizer, source=source)
+        return w.finish(cfg, quant=quant, tokenizer=src.tokenizer, source=source, card=card)

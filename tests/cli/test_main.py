@@ -32,7 +32,7 @@ def test_quantize_eval_generate_convert(tiny_dir, tmp_path, capsys):
                "--json"])  # fmt: skip
     assert rc == 0
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert set(res) == {"ppl", "kl", "top1", "tokens"}
+    assert {"ppl", "kl", "top1", "tokens", "float_ppl", "quantized", "weights_only"} <= set(res)
     assert res["tokens"] == 2 * 127 and res["kl"] > 0 and 0 <= res["top1"] <= 1
 
     rc = main(["generate", *common, "--quantized", str(ck), "--prompt", "def f(x):",

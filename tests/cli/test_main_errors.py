@@ -63,12 +63,14 @@ def _flip(data: bytes, start: int, stop: int) -> bytes:
 
 
 def _error(capsys, cmd: str) -> str:
-    """The single error line; every other stderr line is an informational 'loaded ...' one."""
+    """The single error line; every other stderr line is an informational 'loaded ...' or
+    'plan: ...' (quantize's pre-flight estimate) one."""
     err = capsys.readouterr().err
     assert "Traceback" not in err
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert lines and lines[-1].startswith(f"arhq-jax {cmd}: error: "), err
-    assert all(ln.startswith(("loaded ", f"arhq-jax {cmd}: warning: ")) for ln in lines[:-1]), err
+    info = ("loaded ", "plan: ", f"arhq-jax {cmd}: warning: ")
+    assert all(ln.startswith(info) for ln in lines[:-1]), err
     return lines[-1]
 
 
