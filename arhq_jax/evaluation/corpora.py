@@ -342,6 +342,8 @@ def read_calib_documents(source: CalibSource, field: str = "text", chat: bool = 
     ``eval.pydoc_corpus``). ValueError / OSError naming the source."""
     name = source.name
     if name == "pydoc":
+        if chat:
+            raise ValueError("--chat-template does not apply to the pydoc corpus")
         return None
     if name in ("wikitext2", "c4"):
         rows = _hub_rows(name, "train", "a local file (--calib-dataset FILE.parquet or .jsonl)")
