@@ -129,8 +129,6 @@ def calibration_tokens(tokenizer, recipe: dict, vocab_size: int | None, read=Non
     chat = recipe_file.run_setting(recipe, "chat_template")
     spec = recipe.get("calib_dataset")
     if spec is None:  # the pydoc part or one plain text file, as before recipes
-        if chat:
-            raise ValueError("--chat-template needs --calib-dataset")
         text = recipe.get("calib_text")
         corpus = load_corpus(tokenizer, text, None)
         what = "calibration text" + (f" {text}" if text else "")
@@ -153,6 +151,8 @@ def read_calibration(recipe: dict):
         corpora.check_text_file(recipe["calib_text"])
     spec = recipe.get("calib_dataset")
     if spec is None:
+        if recipe_file.run_setting(recipe, "chat_template"):
+            raise ValueError("--chat-template needs --calib-dataset")
         return None
     field = recipe_file.run_setting(recipe, "calib_field")
     chat = recipe_file.run_setting(recipe, "chat_template")

@@ -264,6 +264,7 @@ def test_cli_errors_of_the_new_flags_are_one_line(d, tmp_path, capsys):
         (["--calib-dataset", "a.csv"], "give pydoc, wikitext2, c4"),
         (["--calib-dataset", "pydoc", "--chat-template"], "does not apply to the pydoc corpus"),
         (["--save-recipe", str(bad)], "exists; give a new file name"),
+        (["--chat-template"], "--chat-template needs --calib-dataset"),
     ):
         rc = main(["quantize", "--model", hf, *argv, "--out", str(tmp_path / "o")])
         err = capsys.readouterr().err.strip().splitlines()
