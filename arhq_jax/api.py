@@ -242,7 +242,6 @@ def run_quantize(
                 hidden_on_host=hidden_on_host,
                 progress=progress,
             )
-            params = None
             result = Model(
                 None, cfg, src.tokenizer, qcfg, Path(out), res.projections, res.timings,
                 res.calib_tokens, res.nbytes, src.nbytes(), res.resumed_from,
