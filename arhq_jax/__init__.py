@@ -1,15 +1,26 @@
 """arhq-jax: low-bit post-training quantization of LLMs in JAX/Pallas (ARHQ and baselines)."""
 
+import importlib
+import importlib.metadata
 import importlib.util
-import os
 
-# jax's CPU eigh/SVD/Cholesky call scipy's OpenBLAS, whose worker threads busy-wait: on a shared or
-# oversubscribed CPU a 576×576 Cholesky then takes ~1 s instead of ~1 ms. One thread is the
-# robust default; it must be set before scipy loads (jax imports it at the first linalg op), and
-# an explicit user setting wins.
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+# The installed distribution's version (pyproject.toml); a source tree that is not installed
+# reports "0+unknown". Importing the package changes nothing in the process (no environment
+# variables): the ``arhq-jax`` command sets its own thread settings (cli/main.py).
+try:
+    __version__ = importlib.metadata.version("arhq-jax")
+except importlib.metadata.PackageNotFoundError:
+    __version__ = "0+unknown"
 
-__version__ = "0.1.0"
+__all__ = ["__version__", "load", "quantize"]
+
+
+def __getattr__(name: str):
+    """``arhq_jax.quantize`` / ``arhq_jax.load`` (``arhq_jax.api``), imported on first use, so
+    ``import arhq_jax`` stays cheap (no jax)."""
+    if name in ("quantize", "load"):
+        return getattr(importlib.import_module("arhq_jax.api"), name)
+    raise AttributeError(f"module 'arhq_jax' has no attribute {name!r}")
 
 
 def _register_lm_eval() -> None:

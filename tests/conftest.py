@@ -4,7 +4,13 @@ directory (``tiny_dir``)."""
 
 from __future__ import annotations
 
-import jax
+import os
+
+# As the CLI does (cli/main.py): one OpenBLAS thread, set before scipy loads (its busy-waiting
+# workers make a small Cholesky take ~1 s on the shared CPU); importing arhq_jax no longer sets it.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import jax  # noqa: E402
 import numpy as np
 import pytest
 from _tiny import CFG

@@ -65,6 +65,7 @@ LAYERS = {
         *("storage", "numerics", "linears", "models", "calibration", "checkpoint", "converters"),
     },
 }
+LAYERS["api"] = set(LAYERS)  # the one-call API (arhq_jax/api.py): over every unit but the CLI
 LAYERS["cli"] = set(LAYERS)  # the shell may import every other unit
 
 

@@ -12,15 +12,13 @@ import sys
 import time
 from pathlib import Path
 
-# OpenBLAS (scipy's LAPACK, which jax's CPU Cholesky/eigh call) busy-waits its worker threads;
-# on a shared or oversubscribed CPU that makes a 576×576 Cholesky take ~1 s instead of ~1 ms.
-# Must be set before scipy loads its OpenBLAS (jax imports scipy lazily, at the first linalg op).
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.errors import JaxRuntimeError  # noqa: E402
 
+import arhq_jax.api as api  # noqa: E402
+import arhq_jax.run.recipe_file as recipe_file  # noqa: E402
+from arhq_jax import __version__  # noqa: E402
 from arhq_jax.checkpoint import export_gguf, export_modelopt, model_card  # noqa: E402
 from arhq_jax.checkpoint import store as checkpoint  # noqa: E402
 from arhq_jax.cli.demo import METHODS as DEMO_METHODS  # noqa: E402
@@ -35,7 +33,6 @@ from arhq_jax.evaluation.corpora import (  # noqa: E402
 )
 from arhq_jax.evaluation.metrics import make_chunks  # noqa: E402
 from arhq_jax.evaluation.pipeline import (  # noqa: E402
-    calibration_ids,
     evaluate_models,  # noqa: E402
     load_corpus,
 )
@@ -45,24 +42,17 @@ from arhq_jax.methods.argtypes import float_in, int_at_least  # noqa: E402
 from arhq_jax.models.generate import generate  # noqa: E402
 from arhq_jax.parallel import distributed  # noqa: E402
 from arhq_jax.parallel.layer_sharding import model_mesh  # noqa: E402
-from arhq_jax.run import preflight  # noqa: E402
 from arhq_jax.run.config import (  # noqa: E402
     ACT_SCALES,
-    COMMON_FIELDS,
     DEFAULT,
     LINEAR_FORMATS,
     MODULES,
     PRESETS,
-    QuantConfig,  # noqa: E402
-    preset,
 )
-from arhq_jax.run.quantize import quantize_model  # noqa: E402
-from arhq_jax.run.stream import quantize_stream  # noqa: E402
 from converters import (
     convert,  # noqa: E402
     load_model,  # noqa: E402
 )
-from converters.lazy import open_source  # noqa: E402
 from converters.registry import _hf_tokenizer  # noqa: E402
 
 
@@ -191,6 +181,7 @@ def _add_method_options(p) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     ap = _Parser(prog="arhq-jax", description=__doc__.splitlines()[0])
+    ap.add_argument("--version", action="version", version=f"arhq-jax {__version__}")
     sub = ap.add_subparsers(dest="cmd", required=True)
 
     q = sub.add_parser("quantize", help="calibrate and quantize a model, save a checkpoint")
@@ -227,8 +218,41 @@ def build_parser() -> argparse.ArgumentParser:
     _add_method_options(q)
     q.add_argument("--modules", default="all", choices=tuple(MODULES))
     q.add_argument("--calib-text", default=None, help="text file (default: pydoc part)")
-    q.add_argument("--calib-tokens", type=_POS, default=16384)
-    q.add_argument("--calib-seq-len", type=_SEQ_LEN, default=512)
+    q.add_argument(  # calibration sources (evaluation/corpora.py; docs/recipes.md)
+        "--calib-dataset",
+        default=None,
+        metavar="SOURCES",
+        help="calibration text: pydoc, wikitext2 or c4 (train data through `datasets`, online "
+        "only), or a .txt/.jsonl/.json/.parquet file; several comma-separated, with equal "
+        "shares or NAME:SHARE (a.txt:0.7,b.jsonl:0.3)",
+    )
+    q.add_argument(
+        "--calib-field", default=None, help="the text field of .jsonl/.parquet rows (default: text)"
+    )
+    q.add_argument(
+        "--chat-template",
+        action="store_true",
+        default=None,
+        help="render each calibration record through the tokenizer's chat template (a string "
+        "as one user turn, a list of {role, content} messages as the conversation)",
+    )
+    q.add_argument(
+        "--recipe",
+        default=None,
+        metavar="FILE",
+        help="a YAML recipe of these settings (docs/recipes.md); flags given explicitly "
+        "override its keys",
+    )
+    q.add_argument(
+        "--save-recipe",
+        default=None,
+        metavar="FILE",
+        help="write the run's resolved recipe (YAML) to this new file",
+    )
+    q.add_argument("--calib-tokens", type=_POS, default=recipe_file.RUN_DEFAULTS["calib_tokens"])
+    q.add_argument(
+        "--calib-seq-len", type=_SEQ_LEN, default=recipe_file.RUN_DEFAULTS["calib_seq_len"]
+    )
     q.add_argument(
         "--sequential",
         action=argparse.BooleanOptionalAction,
@@ -256,10 +280,15 @@ def build_parser() -> argparse.ArgumentParser:
         choices=tuple(PRESETS),
         help="a named recipe (best-w4a4: NVFP4 W4A4 at <= 6 bits/weight; best-w4a4-lean: "
         "W4A4 at <= 4.75; best-w4a16: weight-only at <= 4.75); it sets method, "
-        "setting, rank, formats, residual quantizer, refinement and sequential calibration, "
-        "ignoring those flags",
+        "setting, rank, formats, residual quantizer, refinement and sequential calibration; "
+        "flags given explicitly override its fields",
     )
-    q.add_argument("--batch-size", type=_POS, default=8, help="calibration sequences per forward")
+    q.add_argument(
+        "--batch-size",
+        type=_POS,
+        default=recipe_file.RUN_DEFAULTS["batch_size"],
+        help="calibration sequences per forward",
+    )
     _add_allow_long(q)
     q.add_argument("--out", required=True, help="checkpoint directory to write")
     # one process per host through jax.distributed (docs/distributed.md).
@@ -463,167 +492,90 @@ def _no_gpu() -> bool:
     return jax.default_backend() != "gpu"
 
 
-def _check_groups(args, cfg) -> None:
+def _check_groups(recipe: dict, cfg) -> None:
     """A group size is at most the largest input size of the model's projections (beyond it,
     one group per row is 'row'); a larger one would only pad every row to it."""
     largest = max(i for _, i in cfg.linear_shapes().values())
-    for flag, g in (("--group-size", args.group_size), ("--act-group-size", args.act_group_size)):
+    for key in ("group_size", "act_group_size"):
+        g = recipe.get(key)
         if g is not None and g > largest:
             raise ValueError(
-                f"{flag} {g} is larger than the model's largest projection input ({largest}); "
-                "use 'row' for one group per row"
+                f"--{key.replace('_', '-')} {g} is larger than the model's largest projection "
+                f"input ({largest}); use 'row' for one group per row"
             )
 
 
-def _check_model(args, qcfg, cfg) -> None:
-    """The recipe and the sequence lengths against the model's config (cheap: before the load
-    when the config can be read alone)."""
-    qcfg.check_model(cfg)
-    _check_groups(args, cfg)
-    _positions(args, cfg, args.calib_seq_len, f"--calib-seq-len {args.calib_seq_len}")
+def _given(argv) -> set[str]:
+    """The ``quantize`` settings given explicitly on the command line (argparse names)."""
+    ap = build_parser()
+    sub = next(a for a in ap._actions if isinstance(a, argparse._SubParsersAction))
+    for a in sub.choices["quantize"]._actions:
+        a.default = argparse.SUPPRESS
+    return set(vars(ap.parse_args(argv))) - {"cmd"}
+
+
+def quantize_recipe(args) -> dict:
+    """The run's recipe: ``--recipe``'s keys, overridden by the flags given explicitly (their
+    values as argparse parsed them); a flag left out and absent from the recipe takes its
+    default. An explicit calibration source replaces the recipe's."""
+    recipe = recipe_file.read_recipe(args.recipe) if args.recipe else {}
+    given = getattr(args, "given", None)
+    keys = recipe_file.recipe_keys()
+    explicit = {
+        k: getattr(args, k)
+        for k in keys
+        if hasattr(args, k) and (k in given if given is not None else getattr(args, k) is not None)
+    }
+    if "calib_dataset" in explicit and "calib_text" in explicit:
+        raise ValueError("give --calib-text or --calib-dataset, not both")
+    if {"calib_dataset", "calib_text"} & set(explicit):
+        recipe.pop("calib_dataset", None)
+        recipe.pop("calib_text", None)
+    return {**recipe, **explicit}
 
 
 def cmd_quantize(args) -> int:
 
-    common = {
-        "method": args.method,
-        "w_fmt": args.format,
-        "act_fmt": args.act_format,
-        "modules": args.modules,
-        "sequential": args.sequential,
-        "stats_dtype": args.stats_dtype,
-        "group_size": args.group_size,
-        "act_group_size": args.act_group_size,
-        "act_scale": args.act_scale,
-        "fused_w_scale": args.fused_w_scale,
-    }
-    assert set(common) == set(COMMON_FIELDS)
+    recipe = quantize_recipe(args)
+    if args.save_recipe is not None:
+        recipe_file.check_new_file(args.save_recipe)
     # Before any JAX computation: afterwards jax.devices() are the devices of every process.
     distributed.initialize(args.coordinator, args.num_processes, args.process_id)
     mesh = model_mesh(model=args.model_shards) if args.model_shards > 1 else None
-    # The method options the user gave (a flag left out is None: the method's default).
-    given = {k: getattr(args, k) for k in REGISTRY.all_options() if getattr(args, k) is not None}
-    if args.preset is not None:
-        qcfg = preset(args.preset, stats_dtype=args.stats_dtype)
-    else:
-        qcfg = QuantConfig(**common, **given)
-    if qcfg.rotate:
-        raise ValueError(
-            "checkpoints of rotated recipes (--rotate) are not supported yet: the online rotation "
-            "has no checkpoint encoding"
-        )
-    if distributed.is_writer():
-        checkpoint.check_out(args.out)  # refuse a foreign --out before any work
-    if args.calib_text is not None:
-        check_text_file(args.calib_text)
-    # Pre-flight, before the model loads: the config from config.json or the GGUF header (no
-    # tensor decoded), the recipe against it, and the run's estimated cost.
-    pre = preflight.peek_config(args.model, require_tokenizer=True)
-    if pre is not None:
-        _check_model(args, qcfg, pre)
-        if args.calib_tokens >= args.calib_seq_len:  # else calibration_ids names the problem
-            est = preflight.estimate(
-                pre,
-                qcfg,
-                args.calib_tokens // args.calib_seq_len * args.calib_seq_len,
-                args.calib_seq_len,
-                batch_size=args.batch_size,
-                hidden_on_host=args.hidden_on_host,
-                streamed=jax.process_count() == 1 and qcfg.method_impl.streams(qcfg),
-            )
-            print(est.line(pre, args.calib_tokens), file=sys.stderr)
-    t0 = time.perf_counter()
-    with open_source(args.model, require_tokenizer=True) as src:
-        cfg = src.cfg
-        print(
-            f"loaded {args.model} ({cfg.family}, {cfg.num_layers} layers; tensors read layer by "
-            f"layer) in {time.perf_counter() - t0:.1f}s",
-            file=sys.stderr,
-        )
-        if pre is None:  # an orbax directory: its config comes with the load
-            _check_model(args, qcfg, cfg)
-        corpus = load_corpus(src.tokenizer, args.calib_text, None)
-        what = "calibration text" + (f" {args.calib_text}" if args.calib_text else "")
-        ids = calibration_ids(
-            corpus.calib,
-            args.calib_tokens,
-            args.calib_seq_len,
-            source=what,
-            vocab_size=cfg.vocab_size,
-        )
-        quant = {**qcfg.to_dict(), "source_model": args.model, "calib_source": corpus.source}
-        source = {"model": str(args.model)}
-        card = model_card.Card(
+
+    def log(kind: str, message: str) -> None:
+        head = "" if kind == "info" else f"arhq-jax quantize: {kind}: "
+        print(head + message, file=sys.stderr)
+
+    res = api.run_quantize(
+        args.model,
+        recipe,
+        args.out,
+        mesh=mesh,
+        hidden_on_host=args.hidden_on_host,
+        log=log,
+        check_model_extra=lambda cfg: _check_groups(recipe, cfg),
+        allow_long=args.allow_long,
+        return_params=False,
+        card=model_card.Card(
             command=["arhq-jax", *getattr(args, "argv", ["quantize"])],
-            preset=args.preset,
+            preset=recipe.get("preset"),
             generation_config=model_card.source_generation_config(args.model),
             out=args.out,
-        )
-        # One process streams disk to disk; several (jax.distributed) and whole-model recipes
-        # quantize in memory (process 0 writes; a killed run starts over).
-        single = jax.process_count() == 1
-        if single and qcfg.method_impl.streams(qcfg):
-            res = quantize_stream(
-                src,
-                ids,
-                qcfg,
-                args.out,
-                quant=quant,
-                source=source,
-                batch_size=args.batch_size,
-                mesh=mesh,
-                hidden_on_host=args.hidden_on_host,
-                card=card,
-            )
-            if res.resumed_from:
-                print(f"resumed a killed run after its layer {res.resumed_from - 1}")
-            diags, timings, tokens, nbytes = (
-                res.projections,
-                res.timings,
-                res.calib_tokens,
-                res.nbytes,
-            )
-        else:
-            if single:
-                print(
-                    f"arhq-jax quantize: warning: {qcfg.label()} reads the whole model before its "
-                    "layers: loaded in memory, not streamed (a killed run starts over)",
-                    file=sys.stderr,
-                )
-            params = src.load_params()
-            r = quantize_model(
-                params,
-                cfg,
-                ids,
-                qcfg,
-                batch_size=args.batch_size,
-                mesh=mesh,
-                hidden_on_host=args.hidden_on_host,
-            )
-            if not distributed.is_writer():  # every process holds the same model; 0 writes it
-                print(f"{distributed.describe()}: quantized; process 0 writes {args.out}")
-                return 0
-            diags, timings, tokens = r.projections, r.timings, r.calib_tokens
-            quant.update(calib_tokens=tokens, timings=timings)
-            source["fingerprint"] = checkpoint.fingerprint(cfg, params)
-            card.diagnostics = diags
-            nbytes = checkpoint.save(
-                args.out,
-                r.params,
-                cfg,
-                quant=quant,
-                tokenizer=src.tokenizer,
-                source=source,
-                card=card,
-            )
-            del params, r
-        fp_bytes = src.nbytes()
-    t = timings
+        ),
+    )
+    if not distributed.is_writer():  # every process holds the same model; 0 writes it
+        print(f"{distributed.describe()}: quantized; process 0 writes {args.out}")
+        return 0
+    if res.resumed_from:
+        print(f"resumed a killed run after its layer {res.resumed_from - 1}")
+    qcfg, cfg, t = res.recipe, res.cfg, res.timings
+    nbytes, fp_bytes = res.nbytes, res.source_nbytes
     print(
         f"{qcfg.label()}: calibration {t['calibration_s']:.1f}s, decomposition "
-        f"{t['decomposition_s']:.1f}s, packing {t['packing_s']:.1f}s on {tokens} tokens"
+        f"{t['decomposition_s']:.1f}s, packing {t['packing_s']:.1f}s on {res.calib_tokens} tokens"
     )
-    table = model_card.diagnostics_text(diags)
+    table = model_card.diagnostics_text(res.diagnostics)
     if table:
         print(f"per-projection diagnostics over the {cfg.num_layers} layers (all in "
               f"{Path(args.out) / model_card.DIAGNOSTICS_FILE}):\n{table}")  # fmt: skip
@@ -632,6 +584,10 @@ def cmd_quantize(args) -> int:
         f"({cfg.param_dtype}), ratio {nbytes / fp_bytes:.3f}"
     )
     print(f"layout: {checkpoint.describe(args.out)}")
+    if args.save_recipe is not None:
+        resolved = recipe_file.resolved_recipe(qcfg, recipe)
+        recipe_file.write_recipe(args.save_recipe, resolved, f"arhq-jax {__version__} recipe")
+        print(f"wrote recipe {args.save_recipe}")
     return 0
 
 
@@ -865,6 +821,14 @@ def main(argv=None) -> int:
 
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded in provenance.json
+    if args.cmd == "quantize":
+        args.given = _given(argv)  # which settings override a --recipe
+    # OpenBLAS (scipy's LAPACK, which jax's CPU Cholesky/eigh call) busy-waits its worker
+    # threads; on a shared or oversubscribed CPU a 576×576 Cholesky then takes ~1 s instead of
+    # ~1 ms. The CLI owns its process, so it sets one thread (a user's setting wins); the
+    # library leaves the process alone. It must be set before scipy loads (jax imports it at
+    # the first linalg op), so here, before any command runs.
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     try:
         return COMMANDS[args.cmd](args)
     except (ValueError, OSError) as e:

@@ -13,6 +13,7 @@ as attributes (``qcfg.rank``); an option of another method reads as None.
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 
 from arhq_jax.methods import REGISTRY
 from arhq_jax.methods.base import (  # noqa: F401 (public here too)
@@ -24,6 +25,7 @@ from arhq_jax.methods.base import (  # noqa: F401 (public here too)
     option_fields,
 )
 from arhq_jax.models.config import INPUT_GROUPS, PROJECTIONS, ModelConfig
+from arhq_jax.models.params import linear_key
 from arhq_jax.numerics.formats import resolve_format
 
 # The methods registered at import (``REGISTRY`` is the live list).
@@ -51,6 +53,13 @@ COMMON_FIELDS = (
     "act_scale",
     "fused_w_scale",
 )
+# Per-module control (``ignore``, ``overrides``): projections left in float, and weight formats
+# per module pattern. Only for the methods whose projections are quantized independently of
+# their neighbours (a smoothing folded across a group, a whole-model plan or rotation could not
+# leave one projection out).
+MODULE_FIELDS = ("ignore", "overrides")
+PER_MODULE_METHODS = ("rtn", "svdquant", "arhq", "gptq")
+OVERRIDE_KEYS = ("match", "format")
 
 
 def method_formats(method: str) -> MethodFormats:
@@ -99,6 +108,12 @@ class QuantConfig:
         does not apply is an error.
       options: the method's ``Options`` (e.g. ``ARHQOptions(rank=32, ...)``); built from the
         keyword options when not given (``QuantConfig(method="arhq", rank=16)``).
+      ignore: module name patterns (shell-style, e.g. ``"layers.0.*"``, ``"*.down_proj"``,
+        matched against ``model.layers.3.mlp.down_proj`` with or without ``model.``) of the
+        projections left in float.
+      overrides: ``(pattern, weight format)`` pairs (from ``[{"match": ..., "format": ...}]``):
+        the matching projections' weights in that format (the last match wins); the other
+        settings are the recipe's. Both only for ``PER_MODULE_METHODS``.
     """
 
     method: str
@@ -112,6 +127,8 @@ class QuantConfig:
     act_scale: str | None
     fused_w_scale: bool | None
     options: Options
+    ignore: tuple[str, ...]
+    overrides: tuple[tuple[str, str], ...]
 
     def __init__(
         self,
@@ -127,6 +144,8 @@ class QuantConfig:
         act_scale: str | None = None,
         fused_w_scale: bool | None = None,
         options: Options | None = None,
+        ignore=(),
+        overrides=(),
         **method_options,
     ):
         m = REGISTRY[method]  # ValueError naming the registered methods
@@ -159,6 +178,68 @@ class QuantConfig:
         ):
             put(k, v)
         self._resolve(m, given)
+        put("ignore", _ignore_patterns(ignore))
+        put("overrides", _override_rules(overrides))
+        self._resolve_modules()
+
+    def _resolve_modules(self) -> None:
+        """Check ``ignore`` / ``overrides`` and build the recipe of each override's format."""
+        variants = {}
+        if self.ignore or self.overrides:
+            if self.method not in PER_MODULE_METHODS or self.rank_budget or self.rotate:
+                raise ValueError(
+                    f"ignore/overrides apply to {', '.join(PER_MODULE_METHODS)} (without "
+                    f"rank_budget or rotate); not to {self.label()}"
+                )
+        for i, (_, fmt) in enumerate(self.overrides):
+            if fmt not in variants and fmt != self.w_fmt:
+                try:
+                    variants[fmt] = self._with_weight_format(fmt)
+                except ValueError as e:
+                    raise ValueError(f"overrides[{i}] format {fmt}: {e}") from None
+        self.__dict__["_variants"] = variants  # not a field: equality and hash ignore it
+
+    def _with_weight_format(self, fmt: str) -> QuantConfig:
+        """This recipe with weights in ``fmt`` (the int group size and the fused nvfp4 weight
+        scale carried over where they still apply, else the method's defaults)."""
+        same_kind = resolve_format(fmt).is_int and self.w_spec.is_int
+        both_nvfp4 = resolve_format(fmt).name == self.w_spec.name == "nvfp4"
+        return QuantConfig(
+            self.method,
+            w_fmt=fmt,
+            act_fmt=self.act_fmt,
+            modules=self.modules,
+            sequential=self.sequential,
+            stats_dtype=self.stats_dtype,
+            group_size=self.group_size if same_kind else None,
+            act_group_size=self.act_group_size,
+            act_scale=self.act_scale,
+            fused_w_scale=self.fused_w_scale if both_nvfp4 else None,
+            options=self.options,
+        )
+
+    def module_recipe(self, layer_idx: int, proj: str) -> QuantConfig | None:
+        """The recipe of projection ``proj`` of layer ``layer_idx``: None when ``ignore`` leaves
+        it in float, else this recipe with the last matching override's weight format."""
+        name = linear_key(layer_idx, proj)
+        if any(_matches(p, name) for p in self.ignore):
+            return None
+        fmt = self.w_fmt
+        for pattern, f in self.overrides:
+            if _matches(pattern, name):
+                fmt = f
+        return self if fmt == self.w_fmt else self.__dict__["_variants"][fmt]
+
+    def split_projections(self, layer_idx: int, projs) -> list[tuple[QuantConfig, list[str]]]:
+        """``projs`` of layer ``layer_idx`` grouped by their recipe (``module_recipe``), ignored
+        ones left out, in order of first appearance: ``[(self, projs)]`` without ignore or
+        overrides."""
+        out: dict[int, tuple[QuantConfig, list[str]]] = {}
+        for p in projs:
+            q = self.module_recipe(layer_idx, p)
+            if q is not None:
+                out.setdefault(id(q), (q, []))[1].append(p)
+        return list(out.values())
 
     def _resolve(self, m, given: set) -> None:
         mf = m.formats
@@ -203,9 +284,10 @@ class QuantConfig:
 
     def replace(self, **changes) -> QuantConfig:
         """A copy with common fields and/or options changed (``qcfg.replace(rank=8)``)."""
-        kw = {k: getattr(self, k) for k in COMMON_FIELDS}
-        opts = {k: v for k, v in changes.items() if k not in COMMON_FIELDS}
-        kw.update({k: v for k, v in changes.items() if k in COMMON_FIELDS})
+        fields = (*COMMON_FIELDS, *MODULE_FIELDS)
+        kw = {k: getattr(self, k) for k in fields}
+        opts = {k: v for k, v in changes.items() if k not in fields}
+        kw.update({k: v for k, v in changes.items() if k in fields})
         if kw["method"] != self.method:
             return QuantConfig(**kw, **opts)
         return QuantConfig(**kw, options=self.options, **opts)
@@ -317,19 +399,36 @@ class QuantConfig:
 
     def check_model(self, cfg: ModelConfig) -> None:
         """Reject a recipe that does not fit ``cfg`` (a rank, or SERQ's r, above a quantized
-        projection's size)."""
+        projection's size; an ignore or override pattern that names none of its projections)."""
         self.method_impl.check_model(self, cfg)
+        names = [linear_key(i, p) for i in range(cfg.num_layers) for p in self.projections]
+        for what, patterns in (
+            ("ignore", self.ignore),
+            ("overrides", [m for m, _ in self.overrides]),
+        ):
+            for i, pattern in enumerate(patterns):
+                if not any(_matches(pattern, n) for n in names):
+                    raise ValueError(
+                        f"{what}[{i}] {pattern!r} matches none of the quantized projections "
+                        f"(e.g. {names[0]!r}; patterns are shell-style: 'layers.0.*', "
+                        "'*.down_proj')"
+                    )
 
     def to_dict(self) -> dict:
         """The recipe as flat data: the common fields and the options that apply here."""
         skip = set(self.options.unused(self))
         opts = {k: v for k, v in dataclasses.asdict(self.options).items() if k not in skip}
-        return {**{k: getattr(self, k) for k in COMMON_FIELDS}, **opts}
+        out = {**{k: getattr(self, k) for k in COMMON_FIELDS}, **opts}
+        if self.ignore:  # recorded only when given: recipes without them read as before
+            out["ignore"] = list(self.ignore)
+        if self.overrides:
+            out["overrides"] = [{"match": m, "format": f} for m, f in self.overrides]
+        return out
 
     @classmethod
     def from_dict(cls, d: dict) -> QuantConfig:
         """The inverse of ``to_dict`` (ValueError for a key that is not a setting)."""
-        unknown = set(d) - set(COMMON_FIELDS) - _all_option_names()
+        unknown = set(d) - set(COMMON_FIELDS) - set(MODULE_FIELDS) - _all_option_names()
         if unknown:
             raise ValueError(f"unknown quantization settings: {sorted(unknown)}")
         return cls(**d)
@@ -431,6 +530,46 @@ def _not_an_option(name: str, method: str) -> str:
     if not owners:
         return f"unknown option {name!r} for {method}"
     return f"option {name} does not apply to {method} (it is an option of {', '.join(owners)})"
+
+
+def _matches(pattern: str, name: str) -> bool:
+    """A module pattern (shell-style, case-sensitive) against an HF prefix
+    ``model.layers.3.mlp.down_proj``, with or without its leading ``model.``."""
+    return fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(
+        name.removeprefix("model."), pattern
+    )
+
+
+def _ignore_patterns(ignore) -> tuple[str, ...]:
+    if isinstance(ignore, str) or not isinstance(ignore, list | tuple):
+        raise ValueError(f"ignore must be a list of module name patterns, got {ignore!r}")
+    for i, p in enumerate(ignore):
+        if not isinstance(p, str) or not p:
+            raise ValueError(f"ignore[{i}] must be a non-empty string, got {p!r}")
+    return tuple(ignore)
+
+
+def _override_rules(overrides) -> tuple[tuple[str, str], ...]:
+    """``[{"match": pattern, "format": fmt}, ...]`` (or ``(pattern, fmt)`` pairs) → pairs."""
+    if isinstance(overrides, str) or not isinstance(overrides, list | tuple):
+        raise ValueError(f"overrides must be a list of {{match, format}}, got {overrides!r}")
+    out = []
+    for i, o in enumerate(overrides):
+        if isinstance(o, tuple) and len(o) == 2:
+            o = {"match": o[0], "format": o[1]}
+        if not isinstance(o, dict):
+            raise ValueError(f"overrides[{i}] must be a mapping {{match, format}}, got {o!r}")
+        extra = sorted(set(o) - set(OVERRIDE_KEYS))
+        if extra:
+            raise ValueError(
+                f"overrides[{i}]: unknown key {extra[0]!r}; supported: {', '.join(OVERRIDE_KEYS)}"
+            )
+        for k in OVERRIDE_KEYS:
+            if not isinstance(o.get(k), str) or not o[k]:
+                raise ValueError(f"overrides[{i}].{k} must be a non-empty string, got {o.get(k)!r}")
+        _one_of(f"overrides[{i}].format", o["format"], LINEAR_FORMATS)
+        out.append((o["match"], o["format"]))
+    return tuple(out)
 
 
 def _one_of(what: str, value, allowed) -> None:

@@ -128,9 +128,20 @@ def quantize_layer(layer, li: int, stages, calib: Calibration, qcfg: QuantConfig
     timings["calibration_s"] += time.perf_counter() - t0
     for groups in stages:
         projs = [p for g in groups for p in INPUT_GROUPS[g] if p in qcfg.projections]
-        # f64 statistics (and the decompositions that read them) need x64 switched on.
-        with jax.enable_x64(qcfg.stats_dtype == "float64"):
-            layer, d = method.quantize_stage(layer, groups, projs, calib, qcfg, li, timings)
+        parts = qcfg.split_projections(li, projs)  # [(qcfg, projs)] without ignore/overrides
+        if len(parts) == 1 and parts[0][0] is qcfg and parts[0][1] == projs:
+            # f64 statistics (and the decompositions that read them) need x64 switched on.
+            with jax.enable_x64(qcfg.stats_dtype == "float64"):
+                layer, d = method.quantize_stage(layer, groups, projs, calib, qcfg, li, timings)
+        else:  # per-module recipes: every part calibrated on the stage's input layer
+            new, d = {}, []
+            for q, ps in parts:
+                gs = tuple(g for g in groups if set(INPUT_GROUPS[g]) & set(ps))
+                with jax.enable_x64(qcfg.stats_dtype == "float64"):
+                    out, dp = method.quantize_stage(layer, gs, ps, calib, q, li, timings)
+                new.update({p: getattr(out, p) for p in ps})
+                d += dp
+            layer = layer.replace(**new) if new else layer
         diags += [{**x, **extra.get(x.get("proj"), {})} for x in d]
         bar.update(1)
     return layer, diags

@@ -6,6 +6,7 @@ from __future__ import annotations
 import _tiny_cli as T
 import pytest
 
+import arhq_jax.api as api
 import arhq_jax.cli.main as cli
 
 
@@ -18,8 +19,10 @@ def no_load(monkeypatch):
     def refuse(*a, **k):
         raise _Loaded("the model was loaded")
 
-    monkeypatch.setattr(cli, "open_source", refuse)
-    monkeypatch.setattr(cli, "load_model", refuse)
+    for module in (cli, api):  # the CLI's commands and the API it runs for quantize
+        for name in ("open_source", "load_model"):
+            if hasattr(module, name):
+                monkeypatch.setattr(module, name, refuse)
 
 
 @pytest.fixture(scope="module")
