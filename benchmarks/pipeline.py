@@ -8,7 +8,10 @@ All calibrate on the same tokens (the pydoc calibration part, sequences of 512).
 ``arhq-jax quantize`` runs: ``quantize_stream`` from the lazy source (``open_source``) to a
 checkpoint directory, disk to disk; ``memory`` is ``quantize_model`` on the loaded model (nothing
 written); the torch side is ``benchmarks/torch_reference.py`` (hooks + per-linear eigh/SVD).
-Each path runs in a fresh process, compilation included, as in the CLI. Printed per path: the
+Each path (and torch) runs in a fresh process, compilation included, as in the CLI: one after
+the other, or all at the same time with ``--concurrent``, so that on a shared machine each sees
+the same load (run one after the other, a change of the others' load between the runs moves the
+ratios by up to 2x). Printed per path: the
 phase times, the wall time, the CPU seconds of the process (all threads; on a shared machine they
 move far less with the load than wall seconds), the ratio torch / arhq-jax of the phases (torch's
 calibration + decomposition over arhq-jax's calibration + decomposition + packing), of the wall
@@ -99,17 +102,47 @@ def _cpu() -> float:
     return ru.ru_utime + ru.ru_stime
 
 
+def _table(out: dict, paths) -> None:
+    """Each path's and torch's phases, wall, CPU seconds, cores used, load, calibration's
+    fraction of the matmul peak and the ratio torch / path, one row each."""
+    cols = ("calib", "decomp", "pack", "phases", "wall", "CPU s", "cores", "load", "%peak", "x")
+    print(f"{'':8}" + "".join(f"{c:>9}" for c in cols))
+    rows = [(p, out[p]) for p in paths] + ([("torch", out["torch"])] if "torch" in out else [])
+    for name, r in rows:
+        t = r.get("timings", r)
+        ph = _phases(t)
+        load = r.get("loadavg_before", [float("nan")])[0]
+        vals = (t["calibration_s"], t["decomposition_s"], t.get("packing_s", 0.0), ph)
+        vals += (r["wall_s"], r["cpu_s"], r["cpu_s"] / r["wall_s"], load)
+        vals += (100 * r["calib_frac_peak"], r.get("ratio_phases", 1.0))
+        print(f"{name:8}" + "".join(f"{v:9.2f}" for v in vals))
+
+
 def _child(args) -> int:
     """One path, in this (fresh) process: load, quantize, the figures to ``<child-dir>/<path>.json``
-    (the ids from ``<child-dir>/ids.npy``)."""
-    from arhq_jax.run.config import QuantConfig
-    from arhq_jax.run.quantize import quantize_model, summarize
-    from arhq_jax.run.stream import quantize_stream
+    (the ids from ``<child-dir>/ids.npy``); ``torch``: the torch implementation."""
     from converters import load_model
-    from converters.lazy import open_source
 
     d = Path(args.child_dir)
     ids = np.load(d / "ids.npy")
+    if args.child == "torch":
+        from benchmarks import torch_reference
+
+        m = load_model(args.model)
+        model = torch_reference.torch_model(m.cfg, m.params)
+        t0, c0 = time.perf_counter(), _cpu()
+        _, tt = torch_reference.quantize(model, ids, rank=args.rank, batch_size=args.batch_size)
+        wall, cpu = time.perf_counter() - t0, _cpu() - c0
+        doc = {"timings": tt, "wall_s": wall, "cpu_s": cpu, "cores": cpu / wall}
+        doc["loadavg_after"] = os.getloadavg()
+        (d / "torch.json").write_text(json.dumps(doc))
+        return 0
+
+    from arhq_jax.run.config import QuantConfig
+    from arhq_jax.run.quantize import quantize_model, summarize
+    from arhq_jax.run.stream import quantize_stream
+    from converters.lazy import open_source
+
     qcfg = QuantConfig(method="arhq", rank=args.rank, w_fmt="nvfp4-paper", act_fmt="nvfp4-paper")
     t0 = time.perf_counter()
     if args.child == "memory":
@@ -134,12 +167,36 @@ def _child(args) -> int:
         "timings": res.timings,
         "wall_s": wall,
         "cpu_s": cpu,
+        "cores": cpu / wall,  # CPU seconds per wall second: what the process got of the machine
+        "loadavg_after": os.getloadavg(),
         "load_s": load_s,
         "loader": "load_model" if args.child == "memory" else "open_source",
         "diagnostics": summarize(res.projections),
     }
     (d / f"{args.child}.json").write_text(json.dumps(doc))
     return 0
+
+
+def _run_children(names, tmp: str, args, source, rank: int, concurrent: bool) -> dict:
+    """Each of ``names`` in a fresh process (as a user's CLI run: its compilations are its own),
+    one after the other, or all at once with ``concurrent`` (then they share whatever load the
+    machine has, so their ratios hold under a changing load) → {name: its figures}."""
+    procs, load0 = {}, {}
+    for name in names:
+        cmd = [sys.executable, __file__, "--child", name, "--child-dir", tmp]
+        cmd += ["--model", str(source), "--rank", str(rank), "--batch-size", str(args.batch_size)]
+        load0[name] = os.getloadavg()
+        procs[name] = subprocess.Popen(cmd)
+        if not concurrent:
+            procs[name].wait()
+    out = {}
+    for name, proc in procs.items():
+        if proc.wait() != 0:  # e.g. killed for memory: the others' figures are still reported
+            print(f"pipeline.py: the {name} run failed (exit status {proc.returncode})")
+            continue
+        out[name] = {**json.loads((Path(tmp) / f"{name}.json").read_text())}
+        out[name]["loadavg_before"] = load0[name]
+    return out
 
 
 def main(argv=None) -> int:
@@ -151,9 +208,14 @@ def main(argv=None) -> int:
     ap.add_argument("--rank", type=int, default=32)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--skip-torch", action="store_true")
+    ap.add_argument(
+        "--concurrent",
+        action="store_true",
+        help="run the paths and torch at the same time (a shared machine: equal load for each)",
+    )
     ap.add_argument("--tiny", action="store_true", help="smoke run: tiny random model, few tokens")
     ap.add_argument("--json", default=None, help="also write the figures to this file")
-    ap.add_argument("--child", choices=("stream", "memory"), help=argparse.SUPPRESS)
+    ap.add_argument("--child", choices=("stream", "memory", "torch"), help=argparse.SUPPRESS)
     ap.add_argument("--child-dir", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
@@ -179,9 +241,10 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     m = load_model(source)
     load_s = time.perf_counter() - t0
-    cfg, params = m.cfg, m.params
+    cfg = m.cfg
     corpus = bench_tiny.tiny_corpus() if args.tiny else load_corpus(m.tokenizer)
     ids = calibration_ids(corpus.calib, n_calib, seq_len)
+    del m, corpus
     n_tok = int(ids.size)
     peak = matmul_peak(peak_n)
     ref_peak = max(peak.values())
@@ -192,18 +255,18 @@ def main(argv=None) -> int:
         "layers": cfg.num_layers,
         "peak_gflops": peak,
         "load_s": {"load_model": load_s},
+        "concurrent": args.concurrent,
         "uptime_before": load_before,
+        "loadavg_before": os.getloadavg(),
     }
     print(f"load_model({out['model']}): {load_s:.1f}s")
     paths = ("stream", "memory") if args.path == "both" else (args.path,)
     np.save(Path(tmp.name) / "ids.npy", ids)
+    names = paths + (() if args.skip_torch else ("torch",))
+    got = _run_children(names, tmp.name, args, source, rank, args.concurrent)
+    paths = tuple(p for p in paths if p in got)
     for path in paths:
-        # Each path in a fresh process, as a user's CLI run: its compilations are its own.
-        got = Path(tmp.name) / f"{path}.json"
-        cmd = [sys.executable, __file__, "--child", path, "--child-dir", tmp.name]
-        cmd += ["--model", str(source), "--rank", str(rank), "--batch-size", str(args.batch_size)]
-        subprocess.run(cmd, check=True)
-        r = json.loads(got.read_text())
+        r = got[path]
         jt = r["timings"]
         cal = (fl["forward"] + fl["g_jax"]) / jt["calibration_s"] / 1e9
         out[path] = {**r, "phases_s": _phases(jt), "calib_frac_peak": cal / ref_peak}
@@ -218,43 +281,48 @@ def main(argv=None) -> int:
             f"calibration {cal:.0f} GFLOP/s = {cal / ref_peak:.0%} of peak"
         )
         print(f"  diagnostics (means over projections): {r['diagnostics']}")
-    if not args.skip_torch:
-        from benchmarks import torch_reference
-
-        model = torch_reference.torch_model(cfg, params)
-        t0, c0 = time.perf_counter(), _cpu()
-        _, tt = torch_reference.quantize(model, ids, rank=rank, batch_size=args.batch_size)
-        torch_wall, torch_cpu = time.perf_counter() - t0, _cpu() - c0
+    if "torch" in got:
+        r = got["torch"]
+        tt = r.pop("timings")
         cal_t = (fl["forward"] + fl["g_torch"]) / tt["calibration_s"] / 1e9
-        out["torch"] = {
-            **tt,
-            "wall_s": torch_wall,
-            "cpu_s": torch_cpu,
-            "calib_frac_peak": cal_t / ref_peak,
-        }
+        out["torch"] = {**tt, **r, "calib_frac_peak": cal_t / ref_peak}
         print(
             f"torch: calibration {tt['calibration_s']:.1f}s, decomposition "
-            f"{tt['decomposition_s']:.1f}s (wall {torch_wall:.1f}s, CPU {torch_cpu:.1f}s); "
+            f"{tt['decomposition_s']:.1f}s (wall {r['wall_s']:.1f}s, CPU {r['cpu_s']:.1f}s); "
             f"calibration {cal_t:.0f} "
             f"GFLOP/s = {cal_t / ref_peak:.0%} of peak"
         )
         torch_phases = tt["calibration_s"] + tt["decomposition_s"]
         for path in paths:
             r = out[path]
+            jt = r["timings"]
             r["ratio_phases"] = torch_phases / r["phases_s"]
-            r["ratio_wall"] = torch_wall / r["wall_s"]
-            r["ratio_cpu"] = torch_cpu / r["cpu_s"]
+            r["ratio_calibration"] = tt["calibration_s"] / jt["calibration_s"]
+            # torch's decomposition step also fake-quantizes the residual: our packing's work
+            r["ratio_decomposition"] = tt["decomposition_s"] / (
+                jt["decomposition_s"] + jt["packing_s"]
+            )
+            r["ratio_wall"] = out["torch"]["wall_s"] / r["wall_s"]
+            r["ratio_cpu"] = out["torch"]["cpu_s"] / r["cpu_s"]
             print(
-                f"ratio torch / arhq-jax {path}: {r['ratio_phases']:.2f}x (phases), "
-                f"{r['ratio_wall']:.2f}x (wall), {r['ratio_cpu']:.2f}x (CPU seconds)"
+                f"ratio torch / arhq-jax {path}: {r['ratio_phases']:.2f}x (phases: calibration "
+                f"{r['ratio_calibration']:.2f}x, decomposition + packing "
+                f"{r['ratio_decomposition']:.2f}x), {r['ratio_wall']:.2f}x (wall), "
+                f"{r['ratio_cpu']:.2f}x (CPU seconds)"
             )
     if len(paths) == 2:
         s, mem = out["stream"], out["memory"]
+        out["stream_over_memory"] = {
+            "phases": s["phases_s"] / mem["phases_s"],
+            "cpu": s["cpu_s"] / mem["cpu_s"],
+        }
         print(
             f"stream / memory: phases {s['phases_s'] / mem['phases_s']:.3f}, CPU seconds "
             f"{s['cpu_s'] / mem['cpu_s']:.3f}"
         )
     out["uptime_after"] = uptime()
+    out["loadavg_after"] = os.getloadavg()
+    _table(out, paths)
     print(
         f"f32 matmul peak: jnp {peak['jnp']:.0f}, torch {peak['torch']:.0f} GFLOP/s; "
         f"model FLOPs: forward {fl['forward'] / 1e12:.2f} T, G {fl['g_jax'] / 1e12:.2f} T "
@@ -264,7 +332,7 @@ def main(argv=None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
     tmp.cleanup()
-    return 0
+    return 0 if len(got) == len(names) else 1  # a failed run fails the script (and its smoke test)
 
 
 if __name__ == "__main__":
