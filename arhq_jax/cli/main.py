@@ -233,6 +233,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     q.add_argument("--stats-dtype", default="float32", choices=("float32", "float64"))
     q.add_argument(
+        "--dtype",
+        default=None,
+        choices=checkpoint.STORAGE_DTYPES,
+        help="storage dtype of the checkpoint's float tensors (embedding, norms, dense weights, "
+        "biases, low-rank factors) and its declared dtype; default: the source's as stored "
+        "(bfloat16 for a bf16 safetensors model, float32 for SmolLM2's GGUF). Quantization "
+        "itself runs in float32",
+    )
+    q.add_argument(
         "--act-scale",
         default=None,
         choices=ACT_SCALES,
@@ -480,6 +489,9 @@ def cmd_quantize(args) -> int:
             f"layer) in {time.perf_counter() - t0:.1f}s",
             file=sys.stderr,
         )
+        storage = checkpoint.source_storage(args.model)
+        dtype = args.dtype or storage.dtype
+        qcfg = checkpoint.with_factor_dtype(qcfg, dtype)  # factors stored as the residual saw
         qcfg.check_model(cfg)
         _check_groups(args, cfg)
         _positions(args, cfg, args.calib_seq_len, f"--calib-seq-len {args.calib_seq_len}")
@@ -508,6 +520,7 @@ def cmd_quantize(args) -> int:
                 batch_size=args.batch_size,
                 mesh=mesh,
                 hidden_on_host=args.hidden_on_host,
+                dtype=dtype,
             )
             if res.resumed_from:
                 print(f"resumed a killed run after its layer {res.resumed_from - 1}")
@@ -541,19 +554,27 @@ def cmd_quantize(args) -> int:
             quant.update(calib_tokens=tokens, timings=timings)
             source["fingerprint"] = checkpoint.fingerprint(cfg, params)
             nbytes = checkpoint.save(
-                args.out, r.params, cfg, quant=quant, tokenizer=src.tokenizer, source=source
+                args.out,
+                r.params,
+                cfg,
+                quant=quant,
+                tokenizer=src.tokenizer,
+                source=source,
+                dtype=dtype,
             )
             del params, r
-        fp_bytes = src.nbytes()
+        fp_bytes = storage.nbytes or src.nbytes()
     t = timings
     print(
         f"{qcfg.label()}: calibration {t['calibration_s']:.1f}s, decomposition "
         f"{t['decomposition_s']:.1f}s, packing {t['packing_s']:.1f}s on {tokens} tokens"
     )
-    print(f"diagnostics (means over projections): {summarize(diags)}")
+    means = ", ".join(f"{k} {v:.4g}" for k, v in summarize(diags).items())
+    print(f"diagnostics (means over projections): {means or 'none'}")
+    what = storage.what if storage.nbytes else f"{cfg.param_dtype}, unquantized"
     print(
-        f"saved {args.out}: {nbytes / 2**20:.1f} MiB vs {fp_bytes / 2**20:.1f} MiB unquantized "
-        f"({cfg.param_dtype}), ratio {nbytes / fp_bytes:.3f}"
+        f"saved {args.out}: {nbytes / 2**20:.1f} MiB ({dtype}) vs the source's "
+        f"{fp_bytes / 2**20:.1f} MiB ({what}), ratio {nbytes / fp_bytes:.3f}"
     )
     print(f"layout: {checkpoint.describe(args.out)}")
     return 0

@@ -460,6 +460,7 @@ def quantize_stream(
     progress: bool = True,
     on_layer=None,
     max_shard_bytes: int = checkpoint_writer.DEFAULT_SHARD_BYTES,
+    dtype: str | None = None,
 ) -> StreamResult:
     """Quantize ``src`` layer by layer into the checkpoint directory ``out``.
 
@@ -473,6 +474,9 @@ def quantize_stream(
         of the run key).
       on_layer: called with the layer index after each layer is committed (tests kill a run
         there).
+      dtype: the checkpoint's storage dtype of the float parameters (``CheckpointWriter``);
+        None keeps ``src.cfg.param_dtype``. The layers are quantized and kept in the work
+        directory in the source's f32 whatever it is.
 
     Returns:
       A ``StreamResult``. The work directory is removed once the checkpoint is in place.
@@ -551,17 +555,17 @@ def quantize_stream(
     quant = {**(quant or {}), "calib_tokens": 0 if runner is None else runner.num_tokens}
     quant["timings"] = timings
     source = {**(source or {}), "fingerprint": fp}
-    nbytes = _assemble(src, work, head, out, quant, source, max_shard_bytes)
+    nbytes = _assemble(src, work, head, out, quant, source, max_shard_bytes, dtype)
     work.remove()
     return StreamResult(work.state["diags"], timings, quant["calib_tokens"], nbytes, start)
 
 
-def _assemble(src, work: _Work, head, out, quant, source, max_shard_bytes) -> int:
+def _assemble(src, work: _Work, head, out, quant, source, max_shard_bytes, dtype=None) -> int:
     """The checkpoint from the source's dense tensors and the work directory's layers."""
     cfg = src.cfg
     pdt = jnp.dtype(cfg.param_dtype)
     shape = (cfg.vocab_size, cfg.hidden_size)
-    with checkpoint_writer.writing(out, max_shard_bytes) as w:
+    with checkpoint_writer.writing(out, max_shard_bytes, dtype) as w:
         w.add_blocks(EMBED, pdt, shape, src.row_blocks(EMBED))
         for i, record in enumerate(work.state["layers"]):
             lora_file = work.file("lora", i)
