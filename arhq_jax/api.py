@@ -58,6 +58,8 @@ class Model:
       timings, calib_tokens, nbytes, source_nbytes: the run's time split, its calibration
         tokens, the checkpoint's bytes and the float model's bytes.
       resumed_from: the first layer this run quantized (> 0: a killed run was resumed).
+      dtype, storage: the checkpoint's storage dtype of its float tensors, and how the source
+        was stored (``checkpoint.store.SourceStorage``; None for a model given in memory).
     """
 
     params: Params
@@ -71,6 +73,8 @@ class Model:
     nbytes: int = 0
     source_nbytes: int = 0
     resumed_from: int = 0
+    dtype: str | None = None
+    storage: object = None
 
     def generate(self, prompt: str, max_new_tokens: int = 64, *, chat: bool = False, **kw) -> str:
         """The continuation of ``prompt`` (greedy unless ``temperature`` etc. are given, as
@@ -231,6 +235,9 @@ def run_quantize(
     # Pre-flight, before the model loads: the config from config.json or the GGUF header (no
     # tensor decoded), the recipe against it, and the run's estimated cost.
     pre = preflight.peek_config(model, require_tokenizer=True)
+    storage = checkpoint.source_storage(model)
+    dtype = recipe_file.run_setting(recipe, "dtype") or storage.dtype
+    qcfg = checkpoint.with_factor_dtype(qcfg, dtype)  # factors stored as the residual saw them
     streamed = out is not None and jax.process_count() == 1 and qcfg.method_impl.streams(qcfg)
     if pre is not None:
         checks(pre)
@@ -273,10 +280,11 @@ def run_quantize(
                 hidden_on_host=hidden_on_host,
                 progress=progress,
                 card=card,
+                dtype=dtype,
             )
             result = Model(
                 None, cfg, src.tokenizer, qcfg, Path(out), res.projections, res.timings,
-                res.calib_tokens, res.nbytes, src.nbytes(), res.resumed_from,
+                res.calib_tokens, res.nbytes, storage.nbytes or src.nbytes(), res.resumed_from,
             )  # fmt: skip
         else:
             if single and out is not None:
@@ -299,8 +307,10 @@ def run_quantize(
                 hidden_on_host,
                 progress,
                 card,
+                dtype,
             )
-            result.source_nbytes = src.nbytes()
+            result.source_nbytes = storage.nbytes or src.nbytes()
+    result.storage, result.dtype = storage, dtype
     if result.params is None and return_params:  # streamed: the checkpoint is the result
         result.params = checkpoint.load(out)[0]
     return result
@@ -314,6 +324,9 @@ def _in_memory(model, qcfg, recipe, read, out, mesh, hidden_on_host, progress, l
     name = str(getattr(model, "source", "params"))
     quant = {**qcfg.to_dict(), "source_model": name, "calib_source": calib_source}
     batch_size = recipe_file.run_setting(recipe, "batch_size")
+    dtype = recipe_file.run_setting(recipe, "dtype")  # None: the loaded parameters' dtype
+    if dtype is not None:
+        qcfg = checkpoint.with_factor_dtype(qcfg, dtype)
     res = _quantize_loaded(
         model,
         qcfg,
@@ -326,13 +339,14 @@ def _in_memory(model, qcfg, recipe, read, out, mesh, hidden_on_host, progress, l
         hidden_on_host,
         progress,
         card,
+        dtype,
     )
     res.source_nbytes = sum(int(x.nbytes) for x in jax.tree.leaves(model.params))
     return res
 
 
 def _quantize_loaded(model, qcfg, ids, quant, source, out, batch_size, mesh, hidden_on_host,
-                     progress, card=None):  # fmt: skip
+                     progress, card=None, dtype=None):  # fmt: skip
     """``quantize_model`` on a loaded model, then ``checkpoint.save`` (process 0) when ``out``
     is given: the files the streamed run writes, byte for byte."""
     cfg = model.cfg
@@ -353,7 +367,14 @@ def _quantize_loaded(model, qcfg, ids, quant, source, out, batch_size, mesh, hid
         if card is not None:
             card = dataclasses.replace(card, diagnostics=r.projections)
         nbytes = checkpoint.save(
-            out, r.params, cfg, quant=quant, tokenizer=model.tokenizer, source=source, card=card
+            out,
+            r.params,
+            cfg,
+            quant=quant,
+            tokenizer=model.tokenizer,
+            source=source,
+            card=card,
+            dtype=dtype,
         )
     return Model(
         r.params, cfg, model.tokenizer, qcfg, None if out is None else Path(out), r.projections,

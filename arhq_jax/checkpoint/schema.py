@@ -135,6 +135,67 @@ def to_numpy(x) -> np.ndarray:
     return np.asarray(jax.device_get(x))
 
 
+def cast_param(x, dtype: str | None, name: str) -> np.ndarray:
+    """A float parameter tensor (embedding, norm, dense weight, bias) in the checkpoint's storage
+    ``dtype`` (round to nearest even; None keeps its dtype). Raises ValueError when a finite value
+    does not fit the dtype (e.g. beyond float16's 65504), naming the tensor."""
+    x = to_numpy(x)
+    if dtype is None or x.dtype.name == dtype or not _is_float(x.dtype):
+        return x
+    with np.errstate(over="ignore"):  # an overflow is the named error below
+        y = x.astype(jnp.dtype(dtype))
+    overflow = np.isfinite(x.astype(np.float32)) & ~np.isfinite(y.astype(np.float32))
+    if overflow.any():
+        raise ValueError(
+            f"{name}: {int(overflow.sum())} values overflow {dtype} (store it in a wider dtype: "
+            "--dtype float32)"
+        )
+    return y
+
+
+def _is_float(dt) -> bool:
+    return np.dtype(dt).name in _FLOAT_DTYPES
+
+
+def cast_encoded(prefix: str, entry: dict, tensors, dtype: str | None):
+    """An encoded linear's parameter tensors in the storage ``dtype``: a ``dense`` linear's
+    weight and bias (and its entry's dtype), the bias of a ``ct-nvfp4`` linear and of a
+    ``QuantLinear`` in arhq-jax's own layout (also inside FPRAG's split lm_head). Codes, scales,
+    global scales and the own layout's other arrays (smoothing, rotation, SERQ's vectors) are
+    left as they are. → ``(entry, tensors)``, the inputs unchanged when ``dtype`` is None."""
+    if dtype is None:
+        return entry, tensors
+    entry = dict(entry)
+    names: set[str] = set()
+    if entry.get("kind") == "dense":
+        entry["dtype"] = dtype
+        names = {f"{prefix}.weight", f"{prefix}.bias"}
+    elif entry.get("kind") == "ct-nvfp4":
+        names = {f"{prefix}.bias"}
+    else:
+        entry = _cast_own_biases(prefix, entry, dtype, names)
+    out = [(n, cast_param(x, dtype, n) if n in names else x) for n, x in tensors]
+    return entry, out
+
+
+def _cast_own_biases(prefix: str, entry: dict, dtype: str, names: set) -> dict:
+    """An ``arhq``-kind entry with its QuantLinears' ``bias`` entries set to ``dtype``; the
+    tensor names to cast are added to ``names``."""
+    kind, fields = entry.get("kind"), entry.get("fields")
+    if not isinstance(fields, dict):
+        return entry
+    if kind == "quant" and fields.get("bias") is not None:
+        names.add(f"{prefix}.bias")
+        fields = {**fields, "bias": {"array": {**fields["bias"]["array"], "dtype": dtype}}}
+    elif kind == "out_split":
+        parts = [
+            _cast_own_biases(f"{prefix}.parts.{i}", e, dtype, names)
+            for i, e in enumerate(fields["parts"])
+        ]
+        fields = {**fields, "parts": parts}
+    return {**entry, "fields": fields}
+
+
 def _array_entry(x: np.ndarray) -> dict:
     return {"array": {"dtype": x.dtype.name, "shape": list(x.shape)}}
 

@@ -51,6 +51,7 @@ from arhq_jax.checkpoint.writer import (
     LORA_DIR,
     OWN_LAYOUT_MODEL_TYPE,
     OWN_QUANT_METHOD,
+    STORAGE_DTYPES,
     WEIGHTS_FILE,
     quantization_config,
     writing,
@@ -70,6 +71,7 @@ from arhq_jax.models.params import (
 from arhq_jax.storage.jsonio import read_json
 from arhq_jax.storage.paths import files_in, links_in
 from converters.hf import check_config_values, check_index_matches, index_shards, weight_files
+from converters.registry import source_kind
 from converters.safetensors_io import SafetensorsReader
 
 MANIFEST = out_dir.MANIFEST
@@ -79,6 +81,7 @@ NORMS = ("input_norm", "post_norm")
 __all__ = [
     "CheckpointError",
     "FORMAT_VERSION",
+    "STORAGE_DTYPES",
     "check_out",
     "describe",
     "fingerprint",
@@ -86,7 +89,9 @@ __all__ = [
     "load",
     "read_meta",
     "save",
+    "source_storage",
     "tree_nbytes",
+    "with_factor_dtype",
 ]
 
 
@@ -138,6 +143,79 @@ def _float_tensors(cfg: ModelConfig, params: Params):
         yield LM_HEAD, params.lm_head.w
 
 
+# ----------------------------------------------------------------------------- storage dtype
+
+# A source tensor's stored type → the float dtype that holds its values exactly. GGUF's
+# block-quantized types (Q4_1, Q8_0, K-quants...) decode to products of f16 scales and small
+# integers, which float16 and bfloat16 do not hold in general: float32 (as ggml decodes them).
+_SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+_GGUF_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceStorage:
+    """How a source model is stored: ``dtype``, the float dtype holding most of its parameters
+    (each tensor's stored type mapped to the float dtype that holds it exactly; a tie is
+    float32), the checkpoint's default storage dtype; ``nbytes``, the bytes of its tensors as
+    stored (None when not known: an orbax directory); ``what``, its types for messages."""
+
+    dtype: str
+    nbytes: int | None
+    what: str
+
+
+def source_storage(source) -> SourceStorage:
+    """``SourceStorage`` of a model source as ``--model`` names it ("smollm2", a HF directory,
+    a ``.gguf`` file, an orbax directory); read from the file headers only.
+
+    A bf16 safetensors model gives bfloat16, a float16 one float16; SmolLM2's GGUF (Q4_1
+    projections, a Q8_0 embedding, F32 norms) gives float32."""
+    kind, path = source_kind(source)
+    counts: dict[str, int] = {}
+    types: dict[str, int] = {}
+    nbytes = 0
+    if kind == "hf":
+        with SafetensorsReader(weight_files(path)) as r:
+            for name in r.names():
+                info = r.info(name)
+                n = int(np.prod(info.shape))
+                dt = _SAFETENSORS_DTYPES.get(info.dtype, "float32")
+                counts[dt] = counts.get(dt, 0) + n
+                types[info.dtype] = types.get(info.dtype, 0) + n
+                nbytes += info.end - info.begin
+        what = "safetensors"
+    elif kind == "gguf":
+        from gguf import GGUFReader
+
+        for t in GGUFReader(str(path)).tensors:
+            n, tname = int(t.n_elements), t.tensor_type.name
+            dt = _GGUF_DTYPES.get(tname, "float32")
+            counts[dt] = counts.get(dt, 0) + n
+            types[tname] = types.get(tname, 0) + n
+            nbytes += int(t.n_bytes)
+        what = "GGUF"
+    else:
+        return SourceStorage("float32", None, "orbax")
+    top = max(counts.values(), default=0)
+    best = [dt for dt, n in counts.items() if n == top]
+    dtype = best[0] if len(best) == 1 else "float32"
+    listed = ", ".join(sorted(types, key=lambda k: -types[k]))
+    return SourceStorage(dtype, nbytes, f"{what} {listed}")
+
+
+def with_factor_dtype(qcfg, dtype: str):
+    """The recipe with its low-rank factors stored in ``dtype`` (the checkpoint's storage dtype)
+    when it has factors and leaves their dtype open (``factor_dtype`` None, which would keep
+    the f32 of the quantized model): the method then recomputes the residual from the rounded
+    factors, so the checkpoint holds exactly the model the residual was fitted to. A recipe
+    with its own ``factor_dtype`` (the best-w4a4 preset: bfloat16) keeps it; so does float32."""
+    if dtype == "float32" or getattr(qcfg, "factor_dtype", None) is not None:
+        return qcfg
+    if not hasattr(qcfg.options, "factor_dtype") or "factor_dtype" in qcfg.options.unused(qcfg):
+        return qcfg
+    return qcfg.replace(factor_dtype=dtype)
+
+
 # ----------------------------------------------------------------------------- save
 
 
@@ -164,6 +242,7 @@ def save(
     source: dict | None = None,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     card=None,
+    dtype: str | None = None,
 ) -> int:
     """Write ``params`` (float or quantized) as a checkpoint directory ``path``.
 
@@ -175,6 +254,8 @@ def save(
       max_shard_bytes: shard ``model.safetensors`` past this many bytes.
       card: a ``model_card.Card`` (command, preset, diagnostics…): then ``provenance.json``,
         ``diagnostics.json`` and the ``README.md`` model card are written too.
+      dtype: storage dtype of the float parameters (embedding, norms, dense weights, biases;
+        ``writer.CheckpointWriter``), declared in ``config.json``; None keeps ``params``'.
 
     Returns:
       The bytes of the stored tensors (model and adapter).
@@ -184,7 +265,7 @@ def save(
 
     if len(params.layers) != cfg.num_layers:
         raise ValueError(f"params have {len(params.layers)} layers, config says {cfg.num_layers}")
-    with writing(path, max_shard_bytes) as w:
+    with writing(path, max_shard_bytes, dtype) as w:
         w.add(EMBED, to_numpy(params.embed))
         for i, layer in enumerate(params.layers):
             w.add_layer(i, layer)
@@ -335,7 +416,10 @@ def load(
     cfg_file = path / CONFIG_FILE
     view = _hf_view(hf, cfg_file)
     try:
-        cfg = config_from_hf(view, param_dtype=meta["param_dtype"], dtype=meta["dtype"])
+        # The models run in f32 or bf16; a float16 checkpoint's parameters are read as stored
+        # and computed in its compute dtype (``dtype``).
+        cfg = config_from_hf(view, param_dtype=meta["dtype"], dtype=meta["dtype"])
+        cfg = cfg.replace(param_dtype=meta["param_dtype"])
         check_config_values(cfg, cfg_file)
     except (ValueError, TypeError, KeyError) as e:
         raise CheckpointError(f"{cfg_file}: {e}") from None

@@ -20,7 +20,7 @@ import arhq_jax.checkpoint.model_card as model_card
 import arhq_jax.checkpoint.nvfp4_pack as ct_nvfp4
 import arhq_jax.checkpoint.out_dir as out_dir
 from arhq_jax.checkpoint.lora import AdapterWriter
-from arhq_jax.checkpoint.schema import encode_linear, to_numpy
+from arhq_jax.checkpoint.schema import cast_encoded, cast_param, encode_linear, to_numpy
 from arhq_jax.models import config_to_hf
 from arhq_jax.models.config import PROJECTIONS, Layer, ModelConfig
 from arhq_jax.models.params import linear_key, norm_key
@@ -33,6 +33,7 @@ WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 LORA_DIR = "lora"
 DEFAULT_SHARD_BYTES = 5 * 2**30  # transformers' default max_shard_size
+STORAGE_DTYPES = ("float32", "bfloat16", "float16")
 # config.json's model_type for arhq-jax's own layout: transformers (and vLLM, which reads configs
 # through it) refuse an unknown model type with an error naming it, where an unknown
 # quant_method is only a warning followed by a model with every projection randomly initialised.
@@ -45,12 +46,13 @@ RUN_ONLY_KEYS = ("timings",)
 
 
 @contextlib.contextmanager
-def writing(path, max_shard_bytes: int = DEFAULT_SHARD_BYTES):
+def writing(path, max_shard_bytes: int = DEFAULT_SHARD_BYTES, dtype: str | None = None):
     """Yield a ``CheckpointWriter`` into a temporary directory that becomes ``path`` once the
     block ends after ``finish`` (``out_dir.replacing``: nothing half-written, nothing foreign
-    touched). Raises FileExistsError for a foreign ``path``."""
+    touched); ``dtype``: the storage dtype of the float parameters (``CheckpointWriter``).
+    Raises FileExistsError for a foreign ``path``."""
     with out_dir.replacing(path, FORMAT, FORMAT_VERSION) as tmp:
-        w = CheckpointWriter(tmp, max_shard_bytes)
+        w = CheckpointWriter(tmp, max_shard_bytes, dtype)
         w.out = Path(path)  # the model card's default name for the directory
         try:
             yield w
@@ -66,10 +68,20 @@ class CheckpointWriter:
     """A checkpoint written tensor by tensor, in checkpoint order: the embedding, each layer
     (norms, then projections), the final norm, the lm_head; then ``finish`` (config, adapter,
     tokenizer). Only the tensor being added is in memory; big dense tensors can come in row
-    blocks (``add_blocks``). ``save`` and the streaming quantizer both write through it."""
+    blocks (``add_blocks``). ``save`` and the streaming quantizer both write through it.
 
-    def __init__(self, tmp: Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES):
-        self.tmp, self.max_shard_bytes = Path(tmp), max_shard_bytes
+    ``dtype`` ("float32", "bfloat16", "float16"; None: as given) is the storage dtype of the float
+    parameters: the embedding, the norms, dense weights (an unquantized lm_head) and biases are
+    rounded to it here, and ``config.json`` declares it (``dtype``, ``arhq_jax.param_dtype``).
+    The model is quantized in f32 before; the low-rank factors come in the dtype the method
+    stored them in (its ``factor_dtype``), the codes and scales in their formats' dtypes."""
+
+    def __init__(
+        self, tmp: Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES, dtype: str | None = None
+    ):
+        if dtype is not None and dtype not in STORAGE_DTYPES:
+            raise ValueError(f"storage dtype {dtype!r}; supported: {', '.join(STORAGE_DTYPES)}")
+        self.tmp, self.max_shard_bytes, self.dtype = Path(tmp), max_shard_bytes, dtype
         self.shards: list[SafetensorsWriter] = []
         self.modules: dict = {}
         self.kinds: dict = {}
@@ -86,12 +98,19 @@ class CheckpointWriter:
         return self.shards[-1]
 
     def add(self, name: str, arr) -> None:
-        """One tensor (numpy or jax array)."""
+        """One float parameter (the embedding, a norm), in the storage dtype."""
+        self._add(name, cast_param(arr, self.dtype, name))
+
+    def _add(self, name: str, arr) -> None:
         arr = np.asarray(arr)
         self._shard(arr.nbytes).add(name, arr)
 
     def add_blocks(self, name: str, dtype, shape, blocks) -> None:
-        """One tensor of ``dtype`` / ``shape`` from consecutive row blocks (``blocks``)."""
+        """One float parameter of ``shape`` (the embedding, a dense lm_head) from consecutive row
+        blocks (``blocks``, in ``dtype``), stored in the storage dtype."""
+        if self.dtype is not None:
+            dtype = self.dtype
+            blocks = (cast_param(b, dtype, name) for b in blocks)
         nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
         self._shard(nbytes).add_chunks(name, dtype, shape, blocks)
 
@@ -108,9 +127,11 @@ class CheckpointWriter:
         self.add_encoded(prefix, enc.entry, enc.tensors, enc.lora)
 
     def add_encoded(self, prefix: str, entry: dict, tensors, lora) -> None:
-        """A linear already encoded: its ``config.json`` entry, model tensors, adapter tensors."""
+        """A linear already encoded: its ``config.json`` entry, model tensors, adapter tensors
+        (its float parameters rounded to the storage dtype: ``schema.cast_encoded``)."""
+        entry, tensors = cast_encoded(prefix, entry, tensors, self.dtype)
         for name, arr in tensors:
-            self.add(name, arr)
+            self._add(name, arr)
         for name, arr in lora:
             if self._adapter is None:
                 self._adapter = AdapterWriter(self.tmp / LORA_DIR)
@@ -131,7 +152,9 @@ class CheckpointWriter:
         nbytes = self.nbytes
         if self._adapter is not None:
             nbytes += self._adapter.close(base_model=(source or {}).get("model"))
-        hf = config_to_hf(cfg)
+        if self.dtype is not None:
+            cfg = cfg.replace(param_dtype=self.dtype)
+        hf = config_to_hf(cfg)  # "dtype": the parameters' (what transformers loads them in)
         recipe = {k: v for k, v in (quant or {}).items() if k not in RUN_ONLY_KEYS}
         hf["arhq_jax"] = {
             "format": FORMAT,

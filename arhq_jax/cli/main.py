@@ -261,6 +261,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     q.add_argument("--stats-dtype", default="float32", choices=("float32", "float64"))
     q.add_argument(
+        "--dtype",
+        default=None,
+        choices=checkpoint.STORAGE_DTYPES,
+        help="storage dtype of the checkpoint's float tensors (embedding, norms, dense weights, "
+        "biases, low-rank factors) and its declared dtype; default: the source's as stored "
+        "(bfloat16 for a bf16 safetensors model, float32 for SmolLM2's GGUF). Quantization "
+        "itself runs in float32",
+    )
+    q.add_argument(
         "--act-scale",
         default=None,
         choices=ACT_SCALES,
@@ -570,7 +579,7 @@ def cmd_quantize(args) -> int:
     if res.resumed_from:
         print(f"resumed a killed run after its layer {res.resumed_from - 1}")
     qcfg, cfg, t = res.recipe, res.cfg, res.timings
-    nbytes, fp_bytes = res.nbytes, res.source_nbytes
+    nbytes, fp_bytes, storage = res.nbytes, res.source_nbytes, res.storage
     print(
         f"{qcfg.label()}: calibration {t['calibration_s']:.1f}s, decomposition "
         f"{t['decomposition_s']:.1f}s, packing {t['packing_s']:.1f}s on {res.calib_tokens} tokens"
@@ -579,9 +588,10 @@ def cmd_quantize(args) -> int:
     if table:
         print(f"per-projection diagnostics over the {cfg.num_layers} layers (all in "
               f"{Path(args.out) / model_card.DIAGNOSTICS_FILE}):\n{table}")  # fmt: skip
+    what = storage.what if storage.nbytes else f"{cfg.param_dtype}, unquantized"
     print(
-        f"saved {args.out}: {nbytes / 2**20:.1f} MiB vs {fp_bytes / 2**20:.1f} MiB unquantized "
-        f"({cfg.param_dtype}), ratio {nbytes / fp_bytes:.3f}"
+        f"saved {args.out}: {nbytes / 2**20:.1f} MiB ({res.dtype}) vs the source's "
+        f"{fp_bytes / 2**20:.1f} MiB ({what}), ratio {nbytes / fp_bytes:.3f}"
     )
     print(f"layout: {checkpoint.describe(args.out)}")
     if args.save_recipe is not None:

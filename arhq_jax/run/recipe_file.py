@@ -19,6 +19,7 @@ from pathlib import Path
 
 import yaml
 
+from arhq_jax.checkpoint.store import STORAGE_DTYPES
 from arhq_jax.methods import REGISTRY
 from arhq_jax.methods.argtypes import int_at_least
 from arhq_jax.run.config import (
@@ -43,6 +44,7 @@ RUN_DEFAULTS = {
     "batch_size": 8,
     "calib_field": "text",
     "chat_template": False,
+    "dtype": None,  # the checkpoint's storage dtype; None: the source's as stored
 }
 # QuantConfig's common field of each flag (``--format`` is ``w_fmt``).
 FIELD_OF = {
@@ -168,6 +170,7 @@ def _keys() -> dict:
             "calib_text": _str,
             "calib_field": _str,
             "chat_template": _bool,
+            "dtype": _choice(STORAGE_DTYPES),
         }
     )
     return keys
@@ -274,6 +277,8 @@ def resolved_recipe(qcfg: QuantConfig, recipe: dict) -> dict:
             out[key] = v
     for k in ("calib_tokens", "calib_seq_len", "batch_size"):
         out[k] = run_setting(recipe, k)
+    if run_setting(recipe, "dtype") is not None:
+        out["dtype"] = recipe["dtype"]
     for k in CALIB_KEYS:
         if k in recipe and recipe[k] != RUN_DEFAULTS.get(k):
             out[k] = recipe[k]

@@ -461,6 +461,7 @@ def quantize_stream(
     on_layer=None,
     max_shard_bytes: int = checkpoint_writer.DEFAULT_SHARD_BYTES,
     card=None,
+    dtype: str | None = None,
 ) -> StreamResult:
     """Quantize ``src`` layer by layer into the checkpoint directory ``out``.
 
@@ -476,6 +477,9 @@ def quantize_stream(
         there).
       card: a ``model_card.Card`` for the model card and provenance (its diagnostics are the
         run's, filled in here).
+      dtype: the checkpoint's storage dtype of the float parameters (``CheckpointWriter``);
+        None keeps ``src.cfg.param_dtype``. The layers are quantized and kept in the work
+        directory in the source's f32 whatever it is.
 
     Returns:
       A ``StreamResult``. The work directory is removed once the checkpoint is in place.
@@ -552,17 +556,19 @@ def quantize_stream(
     source = {**(source or {}), "fingerprint": fp}
     if card is not None:
         card = dataclasses.replace(card, diagnostics=work.state["diags"])
-    nbytes = _assemble(src, work, head, out, quant, source, max_shard_bytes, card)
+    nbytes = _assemble(src, work, head, out, quant, source, max_shard_bytes, card, dtype)
     work.remove()
     return StreamResult(work.state["diags"], timings, quant["calib_tokens"], nbytes, start)
 
 
-def _assemble(src, work: _Work, head, out, quant, source, max_shard_bytes, card=None) -> int:
+def _assemble(
+    src, work: _Work, head, out, quant, source, max_shard_bytes, card=None, dtype=None
+) -> int:
     """The checkpoint from the source's dense tensors and the work directory's layers."""
     cfg = src.cfg
     pdt = jnp.dtype(cfg.param_dtype)
     shape = (cfg.vocab_size, cfg.hidden_size)
-    with checkpoint_writer.writing(out, max_shard_bytes) as w:
+    with checkpoint_writer.writing(out, max_shard_bytes, dtype) as w:
         w.add_blocks(EMBED, pdt, shape, src.row_blocks(EMBED))
         for i, record in enumerate(work.state["layers"]):
             lora_file = work.file("lora", i)
