@@ -213,6 +213,7 @@ def test_quantize_dtype_overrides_the_source_dtype(tmp_path, capsys):
     src = _bf16_source(tmp_path / "src", "llama")
     out = tmp_path / "ck"
     rc = main(["quantize", "--model", str(src), "--method", "rtn", "--act-format", "none",
+               "--calib-seq-len", "64", "--calib-tokens", "256",
                "--dtype", "float32", "--out", str(out)])  # fmt: skip
     assert rc == 0
     text = capsys.readouterr().out

@@ -48,4 +48,11 @@ def test_eval_uses_the_checkpoints_tokenizer(tmp_path, capsys):
     other.save_pretrained(str(b))
     text = "The quick brown fox jumps over the lazy dog."
     assert other(text)["input_ids"] != T.tokenizer()(text)["input_ids"]  # they do differ
-    assert _eval(b, ckpt, capsys) == _eval(a, ckpt, capsys)
+    # the same scores; the line also names the --model given and whether the float reference
+    # came from the cache (the second eval's does)
+    run = ("model", "float_reference")
+    got_b, got_a = (
+        {k: v for k, v in r.items() if k not in run}
+        for r in (_eval(b, ckpt, capsys), _eval(a, ckpt, capsys))
+    )
+    assert got_b == got_a
