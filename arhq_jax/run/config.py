@@ -467,54 +467,37 @@ class QuantConfig:
 # sequential calibration. Rotation hurt, the rank budget traded KL for perplexity, the
 # activation-aware residual target and GPTQ inside the refinement raised perplexity, act-order
 # lowered KL but raised perplexity, smoothing is not combined with the refinement; none is in.
+_BEST_W4A4 = dict(
+    method="arhq",
+    setting="raw",
+    rank=32,
+    w_fmt="nvfp4",
+    act_fmt="nvfp4",
+    factor_dtype="bfloat16",
+    residual_quant="gptq",
+    mse_clip=True,
+    refine_iters=3,
+    sequential=True,
+)
 PRESETS = {
-    "best-w4a4": dict(
-        method="arhq",
-        setting="raw",
-        rank=32,
-        w_fmt="nvfp4",
-        act_fmt="nvfp4",
-        factor_dtype="bfloat16",
-        residual_quant="gptq",
-        mse_clip=True,
-        refine_iters=3,
-        sequential=True,
-    ),
+    "best-w4a4": _BEST_W4A4,
     # best-w4a4-lean: the same recipe at most 4.75 stored bits per weight. The smoothing is the
     # exportable one (one α-searched vector per input group folded into the norms and v/up rows,
     # methods/fold_smoothing.py), and the ranks (0, 4, … 24) come from the bit budget's knapsack
     # on ARHQ's tails, so that codes + scales + global scales + bf16 factors <= 4.75 bits/w.
-    "best-w4a4-lean": dict(
-        method="arhq",
-        setting="fold",
-        rank=8,
-        bits_target=4.75,
-        w_fmt="nvfp4",
-        act_fmt="nvfp4",
-        factor_dtype="bfloat16",
-        residual_quant="gptq",
-        mse_clip=True,
-        refine_iters=3,
-        sequential=True,
-    ),
+    "best-w4a4-lean": {**_BEST_W4A4, "setting": "fold", "rank": 8, "bits_target": 4.75},
     # best-w4a16: weight-only serving (FP4 Marlin on Hopper/Ada reads no activation scale), at
     # most 4.75 bits/w. Every choice is made under the weight-only objective E‖x(W − Ŵ)ᵀ‖², i.e.
     # in the metric of H = XᵀX/N, not ARHQ's G: the ranks from the tails of W H½, GPTQ under H
     # with searched block scales, and the refinement's branch steps L = [(W − R) H̃½]_r H̃⁻½
     # (the weight-only moments of decomposition/refine.py).
-    "best-w4a16": dict(
-        method="svdquant",
-        setting="raw",
-        rank=8,
-        bits_target=4.75,
-        w_fmt="nvfp4",
-        act_fmt=None,
-        factor_dtype="bfloat16",
-        residual_quant="gptq",
-        mse_clip=True,
-        refine_iters=3,
-        sequential=True,
-    ),
+    "best-w4a16": {
+        **_BEST_W4A4,
+        "method": "svdquant",
+        "rank": 8,
+        "bits_target": 4.75,
+        "act_fmt": None,
+    },
 }
 
 
