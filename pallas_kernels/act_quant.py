@@ -125,10 +125,12 @@ def _act_kernel(
             xe = xe * codecs.div_rn(1.0, s_ref[:, pl.ds(k0, h, stride=2)], interpret=interpret)
             xo = xo * codecs.div_rn(1.0, s_ref[:, pl.ds(k0 + 1, h, stride=2)], interpret=interpret)
         if has_a and a_ref.dtype == jnp.bfloat16:
-            # bf16 tensor cores: x_s as three bf16 parts (exact sum) times bf16 A (exact).
+            # bf16 tensor cores: x_s as three bf16 parts (exact sum) times bf16 A (exact); one
+            # part when x_s is x itself in bf16 (no smoothing: the other two parts are zero).
             ae = a_ref[pl.ds(k0, h, stride=2), :]
             ao = a_ref[pl.ds(k0 + 1, h, stride=2), :]
-            for pe, po in zip(codecs.bf16_parts(xe, 3), codecs.bf16_parts(xo, 3), strict=True):
+            n_t = 1 if x_ref.dtype == jnp.bfloat16 and not has_s else 3
+            for pe, po in zip(codecs.bf16_parts(xe, n_t), codecs.bf16_parts(xo, n_t), strict=True):
                 t = t + jnp.dot(pe, ae, preferred_element_type=jnp.float32)
                 t = t + jnp.dot(po, ao, preferred_element_type=jnp.float32)
         elif has_a:

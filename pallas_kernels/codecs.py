@@ -185,6 +185,110 @@ def e2m1_pair_f16_packed(byte: jax.Array, *, interpret: bool) -> tuple[jax.Array
     return lo, hi
 
 
+# The nvfp4 weight decode straight to bf16 with the block scale applied (Marlin's bf16 form): per
+# pair of nibbles, (t & 0x80008000) | ((t & 0x70007000) >> 6) puts e1e0 in the low bits of the
+# bf16 exponent and m on top of the mantissa, i.e. E2M1 × 2^-126 (codes ±1 as the bf16 subnormal
+# 0.5 · 2^-126), and ``mul.rn.bf16x2`` by the prescaled block scale S · 2^119 (``$3``, ``$4``: two
+# per register, in the order of the code bytes) gives E2M1 · S · 2^-7: exact (at most 6
+# significant bits) and normal (>= 2^-17), so the bf16 MMA takes the registers as they are and
+# only the multiply sees a subnormal input (PTX half-precision arithmetic keeps subnormals; the
+# bf16 forms have no .ftz). 2^7 (``BF16_FOLD``) is undone on the accumulator. 10 + 8 + 4
+# instructions per 8 weights, and no f32 conversions.
+_E2M1_SCALED_PTX = """{{
+.reg .b32 t, m;
+prmt.b32 t, $2, 0, 0x1404;{shl}
+and.b32 m, t, 0x70007000;
+shr.b32 m, m, 6;
+lop3.b32 t, t, 0x80008000, m, 0xEA;
+mul.rn.bf16x2 $0, t, $3;
+prmt.b32 t, $2, 0, 0x3424;{shl}
+and.b32 m, t, 0x70007000;
+shr.b32 m, m, 6;
+lop3.b32 t, t, 0x80008000, m, 0xEA;
+mul.rn.bf16x2 $1, t, $4;
+}}"""
+E2M1_LO_SCALED_PTX = _E2M1_SCALED_PTX.format(shl="\nshl.b32 t, t, 4;")
+E2M1_HI_SCALED_PTX = _E2M1_SCALED_PTX.format(shl="")
+# mxfp4: the block scale 2^(b - 127) spans more than one bf16 multiplier can carry, so two
+# power-of-two multipliers (``e8m0_bf16_factors``: $3, $4 then $5, $6) bring E2M1 × 2^-126 to
+# E2M1 × 2^(b - 127), exact and normal for b >= 2 (every intermediate is normal or the final
+# value): 10 + 8 + 8 instructions per 8 weights.
+_E2M1_SCALED2_PTX = _E2M1_SCALED_PTX.replace(
+    "mul.rn.bf16x2 $0, t, $3;", "mul.rn.bf16x2 t, t, $3;\nmul.rn.bf16x2 $0, t, $5;"
+).replace("mul.rn.bf16x2 $1, t, $4;", "mul.rn.bf16x2 t, t, $4;\nmul.rn.bf16x2 $1, t, $6;")
+E2M1_LO_SCALED2_PTX = _E2M1_SCALED2_PTX.format(shl="\nshl.b32 t, t, 4;")
+E2M1_HI_SCALED2_PTX = _E2M1_SCALED2_PTX.format(shl="")
+BF16_FOLD = 2.0**7  # e2m1_pair_bf16_scaled yields E2M1 · S · 2^-7
+_BF16_PRESCALE = 2.0**119  # S · 2^119 <= 448 · 2^119 < 2^128: a finite bf16
+
+
+def e4m3_bf16_prescaled(byte: jax.Array) -> jax.Array:
+    """Non-negative E4M3 scale byte (int32) -> S · 2^119 as bfloat16 (exact: 4 significant bits,
+    in [2^110, 2^128)), the multiplier of ``E2M1_LO_SCALED_PTX``.
+
+    ``byte << 7`` read as fp16 bits is S · 2^-8 exactly (E4M3's exponent and mantissa fields land
+    on fp16's low exponent bits and top mantissa bits; bias 15 instead of 7), subnormal bytes
+    included (fp16 subnormal (m << 7) · 2^-24 = m · 2^-9 · 2^-8). Widened to f32 (exact), × 2^127
+    (normal) and rounded to bf16 (exact): four ops, no selects.
+    """
+    s16 = jax.lax.bitcast_convert_type((byte << 7).astype(jnp.uint16), jnp.float16)
+    return (s16.astype(jnp.float32) * (_BF16_PRESCALE * 2.0**8)).astype(jnp.bfloat16)
+
+
+def e8m0_bf16_factors(byte: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """E8M0 scale byte b (int32) -> the two bf16 powers of two 2^a, 2^c (a = min(b - 1, 126),
+    c = max(b - 127, 0), a + c = b - 1) by which ``E2M1_LO_SCALED2_PTX`` multiplies E2M1 × 2^-126:
+    both normal for every b, and the intermediate E2M1 × 2^(a - 126) is the final value (b < 127)
+    or E2M1 itself (b >= 127). Built as bf16 bits."""
+    a = jnp.minimum(byte - 1, 126) + 127
+    c = jnp.maximum(byte - 127, 0) + 127
+    return tuple(
+        jax.lax.bitcast_convert_type((v << 7).astype(jnp.uint16), jnp.bfloat16) for v in (a, c)
+    )
+
+
+def e2m1_pair_bf16_scaled(
+    byte: jax.Array, scale: jax.Array, *, interpret: bool, scale2: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array]:
+    """The nvfp4 weight operand: low and high nibbles of a uint8 tile as bf16 E2M1 · S · 2^-7,
+    given ``scale`` = ``e4m3_bf16_prescaled`` of each byte's block (bf16, byte's shape).
+
+    With ``scale2`` (mxfp4: ``scale``, ``scale2`` = ``e8m0_bf16_factors``) the result is
+    E2M1 × scale × scale2 × 2^-126 = E2M1 × 2^(b - 127).
+
+    On GPU one inline-PTX op per nibble (``E2M1_LO_SCALED_PTX`` / ``E2M1_HI_SCALED_PTX``, or the
+    ``SCALED2`` forms; four bytes and four scales per asm instance); in interpret mode the same
+    values from the fp16 decode in f32 (no bf16 subnormal, which XLA:CPU would flush). All
+    products are exact (powers of two, or at most 6 significant bits), so both give the same
+    bits.
+    """
+    if interpret:
+        # scale · 2^-112 × (E2M1 · 2^-14) = E2M1 · scale · 2^-126, as the PTX computes it
+        s = scale.astype(jnp.float32) * (2.0**-112)
+        lo, hi = e2m1_pair_f16(byte)
+        lo, hi = lo.astype(jnp.float32) * s, hi.astype(jnp.float32) * s
+        if scale2 is not None:
+            s2 = scale2.astype(jnp.float32)
+            lo, hi = lo * s2, hi * s2
+        return lo.astype(jnp.bfloat16), hi.astype(jnp.bfloat16)
+    from jax.experimental.pallas import triton as pltriton
+
+    b = byte.astype(jnp.uint8)
+    out = [jax.ShapeDtypeStruct(byte.shape, jnp.bfloat16)]
+    if scale2 is None:
+        asms, args, cons = (E2M1_LO_SCALED_PTX, E2M1_HI_SCALED_PTX), [b, scale], "=r,=r,r,r,r"
+    else:
+        asms = (E2M1_LO_SCALED2_PTX, E2M1_HI_SCALED2_PTX)
+        args, cons = [b, scale, scale2], "=r,=r,r,r,r,r,r"
+    res = []
+    for asm in asms:
+        [v] = pltriton.elementwise_inline_asm(
+            asm, args=args, constraints=cons, pack=4, result_shape_dtypes=out
+        )
+        res.append(v)
+    return res[0], res[1]
+
+
 def bf16_parts(xs: jax.Array, n: int) -> list[jax.Array]:
     """f32 ``xs`` -> ``n`` bf16 arrays whose f32 sum is xs (exactly for n = 3: 3 × 8 significant
     bits cover f32's 24; each remainder xs - Σ parts is exact in f32)."""

@@ -77,17 +77,20 @@ def _gemm_kernel(
     dims = (((1,), (1,)), ((), ()))
 
     def body(kt, acc):
-        # Weights: 3 integer ops per nibble to fp16 (codecs.e2m1_pair_f16), then one f32 multiply
-        # by the block scale × 2^14 and the bf16 rounding (exact): bf16 tensor-core operands.
-        lo, hi = codecs.e2m1_pair_f16_packed(c_ref[:, pl.ds(kt * h, h)], interpret=interpret)
+        codes = c_ref[:, pl.ds(kt * h, h)]
         sb = sc_ref[:, pl.ds(kt * nb, nb)].astype(jnp.int32)
         if w_fmt == "nvfp4":
-            sw = codecs.e4m3_value(sb) * codecs.F16_FOLD
-        else:  # 2^(b - 127) · 2^14, built as f32 bits (b = 0 gives 2^-113, still normal)
-            sw = jax.lax.bitcast_convert_type((sb + 14) << 23, jnp.float32)
-        sw = expand_blocks(sw, hb)
-        w_lo = (lo.astype(jnp.float32) * sw).astype(jnp.bfloat16)
-        w_hi = (hi.astype(jnp.float32) * sw).astype(jnp.bfloat16)
+            # Decode and block scale in one PTX op per nibble, straight to bf16 (E2M1 · S · 2^-7,
+            # exact and normal; codecs.e2m1_pair_bf16_scaled): no f32 conversions in the loop.
+            sw = expand_blocks(codecs.e4m3_bf16_prescaled(sb), hb)
+            w_lo, w_hi = codecs.e2m1_pair_bf16_scaled(codes, sw, interpret=interpret)
+        else:
+            # mxfp4: the same decode times two bf16 powers of two (codecs.e8m0_bf16_factors: one
+            # cannot carry 2^(b - 127) over E8M0's range), E2M1 × 2^(b - 127) exactly.
+            m1, m2 = codecs.e8m0_bf16_factors(sb)
+            w_lo, w_hi = codecs.e2m1_pair_bf16_scaled(
+                codes, expand_blocks(m1, hb), scale2=expand_blocks(m2, hb), interpret=interpret
+            )
         k0 = kt * bk
         for p in range(parts):  # W4A16 f32 x/s: three bf16 parts whose sum is exact
             xe = x_ref[p, :, pl.ds(k0, h)]
@@ -109,6 +112,8 @@ def _gemm_kernel(
     if gw:
         dw = codecs.nvfp4_decode(gw_ref[...], gw == "ct", interpret=interpret)
         g = dw if g is None else g * dw
+    if w_fmt == "nvfp4":  # the bf16 weights are value × 2^-7: 2^7 into g (exact, a power of 2)
+        g = g * codecs.BF16_FOLD
     if g is not None:
         acc = acc * g
     # Split-K: this program's partial sum over one K slice; the low-rank term and the bias enter
@@ -183,6 +188,34 @@ def choose_tiles(m: int, n: int, k_pad: int, block_m=None, block_n=None, block_k
     # weight tile (Triton splits the bm x bn MMA among the warps and replicates the B operand).
     num_warps = 8 if bm * bn >= 128 * 128 else 1 if bm * bn <= 16 * 32 else 4
     return bm, bn, bk, num_warps, 3
+
+
+def kernel_tiles(
+    m: int,
+    n: int,
+    k_pad: int,
+    *,
+    three_parts: bool,
+    w_fmt: str,
+    block_m=None,
+    block_n=None,
+    block_k=None,
+    num_stages=None,
+):
+    """The tiles a call runs with (``choose_tiles`` and the W4A16 three-part adjustments): the
+    same function for the kernel and for ``benchmarks/gpu_aot.py``'s model. Returns (bm, bn, bk,
+    warps, stages). ``three_parts``: W4A16 with x/s as three bf16 operand parts."""
+    bm, bn, bk, nw, ns = choose_tiles(m, n, k_pad, block_m, block_n, block_k)
+    if three_parts and block_k is None:
+        # Three bf16 operand tiles: smaller K tiles keep the pipelined tiles in shared memory
+        # (prefill) and the decode warp's operands in registers (the mxfp4 decode holds two
+        # multiplier tiles: at bn >= 32 a 128-wide K tile spills).
+        cap = 64 if bm >= 64 or (w_fmt == "mxfp4" and bn >= 32) else 128
+        if bk > cap and k_pad % cap == 0:
+            bk = cap
+    if three_parts and bm >= 64 and bk > 64 and num_stages is None:
+        ns = min(ns, 2)  # an explicit large K tile: fewer pipeline stages fit in smem
+    return bm, bn, bk, nw, ns
 
 
 SMS = 132  # streaming multiprocessors of an H100 / H200 SXM
@@ -338,16 +371,11 @@ def fp4_lowrank_matmul(
     m = int(np.prod(x.shape[:-1]))
     if m == 0:
         return jnp.zeros((*x.shape[:-1], n), x.dtype)
-    bm, bn, bk, nw, ns = choose_tiles(m, n, w.codes.shape[1] * 2, block_m, block_n, block_k)
     three_parts = act is None and not a16_bf16 and not (x.dtype == jnp.bfloat16 and smooth is None)
-    if three_parts and block_k is None:
-        # W4A16 f32 x/s is three bf16 operand tiles: smaller K tiles keep the pipelined tiles in
-        # shared memory (prefill) and the decode warp's operands in registers.
-        cap = 64 if bm >= 64 else 128
-        if bk > cap and (w.codes.shape[1] * 2) % cap == 0:
-            bk = cap
-    if three_parts and bm >= 64 and bk > 64 and num_stages is None:
-        ns = min(ns, 2)  # an explicit large K tile: fewer pipeline stages fit in smem
+    bm, bn, bk, nw, ns = kernel_tiles(
+        m, n, w.codes.shape[1] * 2, three_parts=three_parts, w_fmt=w.spec.name,
+        block_m=block_m, block_n=block_n, block_k=block_k, num_stages=num_stages,
+    )  # fmt: skip
     for name, v, lo in (("block_m", bm, 16), ("block_n", bn, 16), ("block_k", bk, 32)):
         if not _is_pow2(v) or v < lo:
             raise ValueError(f"{name} must be a power of two >= {lo}, got {v}")

@@ -141,7 +141,7 @@ def test_kernel1_split_k_equals_row_programs(act, form):
     )
     split, rows = run(split=True), run(split=False)
     assert split["t"].shape == (4, 48, 16) and rows["t"].shape == (1, 48, 16)
-    key = "xa" if form == "bf16" else "xp"
+    key = "xp" if form.startswith("parts") else "xa"
     np.testing.assert_array_equal(np.asarray(split[key])[..., :40, :], rows[key][..., :40, :])
     t_split = np.asarray(split["t"]).sum(0)[:40]
     assert rel_err(t_split, np.asarray(rows["t"][0])[:40]) <= 1e-6
@@ -232,6 +232,9 @@ CASES = [
     (128, 160, 320, 16, "nvfp4-modelopt", "nvfp4", False, False, "float32", (64, 32, 64)),
     # 6 programs over 16 K tiles: split-K by 4 (choose_split)
     (1, 96, 1024, 16, "mxfp4", "mxfp4", True, True, "float32", (16, 16, 64)),
+    # served layout: bf16 x without smoothing (kernel 1's t from one bf16 part)
+    (16, 96, 256, 32, "nvfp4", "nvfp4", False, False, "bfloat16", None),
+    (16, 96, 256, 32, "nvfp4", None, False, False, "bfloat16", None),
 ]
 
 
@@ -336,9 +339,10 @@ def test_kernels_lower_to_triton(m, af, r):
     text = exp.mlir_module()
     assert "arhq_fp4_lowrank_gemm" in text
     assert "arhq_act_prepare" in text  # t = (x/s)·A and the activation operand, at any M
-    # The weight decode is the packed-word PTX (four code bytes per register, pack=4).
+    # The weight decode is the packed-word PTX (four code bytes per register, pack=4) that also
+    # multiplies by the block scale (bf16x2): nvfp4 weights here.
     ir2 = _triton_ir_strings(text)["arhq_fp4_lowrank_gemm"]
-    assert b"lop3.b32 $0, t, 0x80008000, m, 0xEA;" in ir2
+    assert b"mul.rn.bf16x2 $0, t, $3;" in ir2
     if af is not None and af.startswith("nvfp4"):
         # Every division of the nvfp4 quantizer is PTX div.rn.f32 (Triton's own f32 division,
         # arith.divf -> div.full.f32, is approximate and would move scales and ties).
@@ -413,10 +417,11 @@ def test_gpu_kernel1_packed_equals_formats_quantize(fmt):
     np.testing.assert_array_equal(_bytes(scales), _bytes(want.scales))
 
 
-def _run_ptx(asm: str, q: int, outs: int) -> list[int]:
+def _run_ptx(asm: str, q: int, outs: int, extra: tuple[int, ...] = ()) -> list[int]:
     """A tiny interpreter of the b32 instructions the packed decode uses (prmt, and, shr, shl,
-    lop3), written from the PTX ISA: runs ``asm`` on the input register q, returns $0..$outs-1."""
-    regs = {f"${outs}": q}
+    lop3, mul.rn.bf16x2), written from the PTX ISA: runs ``asm`` on the input registers
+    q, *extra ($outs, $outs+1, ...), returns $0..$outs-1."""
+    regs = {f"${outs + i}": v for i, v in enumerate((q, *extra))}
     m32 = 0xFFFFFFFF
 
     def val(tok: str) -> int:
@@ -446,6 +451,15 @@ def _run_ptx(asm: str, q: int, outs: int) -> list[int]:
             for i in range(32):
                 idx = (((v[0] >> i) & 1) << 2) | (((v[1] >> i) & 1) << 1) | ((v[2] >> i) & 1)
                 r |= ((v[3] >> idx) & 1) << i
+        elif op == "mul.rn.bf16x2":  # per 16-bit half, bf16 with subnormals, round to even
+            halves = np.array([v[0], v[1]], np.uint32)
+            bf = ml_dtypes.bfloat16
+            lo = (halves & 0xFFFF).astype(np.uint16).view(bf).astype(np.float64)
+            hi = (halves >> 16).astype(np.uint16).view(bf).astype(np.float64)
+            # the f64 product of two bf16 values is exact; one rounding to bf16
+            with np.errstate(over="ignore"):  # inf where the product overflows, as PTX
+                p = np.array([lo[0] * lo[1], hi[0] * hi[1]]).astype(bf).view(np.uint16)
+            r = int(p[0]) | (int(p[1]) << 16)
         else:
             raise AssertionError(f"instruction not modelled: {op}")
         regs[d] = r
@@ -467,6 +481,72 @@ def test_packed_e2m1_ptx_matches_the_uint16_decode():
             r01, r23 = _run_ptx(asm, q, 2)
             got = [r01 & 0xFFFF, r01 >> 16, r23 & 0xFFFF, r23 >> 16]
             assert got == [int(ref[b]) for b in bs]
+
+
+def test_nvfp4_bf16_scaled_decode_is_exact():
+    """The nvfp4 weight operand: every (byte, scale byte) pair decodes to bf16 E2M1 · S · 2^-7
+    exactly (against ml_dtypes), and the scaled inline PTX, run by the interpreter (bf16
+    subnormals kept, as PTX does) over random words and scales, gives the same bits."""
+    sb = np.arange(127, dtype=np.int32)  # non-negative, non-NaN e4m3 bytes
+    e4 = sb.astype(np.uint8).view(ml_dtypes.float8_e4m3fn).astype(np.float64)
+    pre = np.asarray(jax.jit(codecs.e4m3_bf16_prescaled)(sb))
+    np.testing.assert_array_equal(pre.astype(np.float64), e4 * 2.0**119)
+    b = np.arange(256, dtype=np.uint8)
+    lo, hi = jax.jit(codecs.e2m1_pair_bf16_scaled, static_argnames="interpret")(
+        np.repeat(b[:, None], 127, 1), np.repeat(pre[None, :], 256, 0), interpret=True
+    )
+    f4 = lambda n: n.view(ml_dtypes.float4_e2m1fn).astype(np.float64)  # noqa: E731
+    want_lo = f4((b & 15).astype(np.uint8))[:, None] * e4[None, :] / codecs.BF16_FOLD
+    want_hi = f4((b >> 4).astype(np.uint8))[:, None] * e4[None, :] / codecs.BF16_FOLD
+    np.testing.assert_array_equal(np.asarray(lo, np.float64), want_lo)
+    np.testing.assert_array_equal(np.asarray(hi, np.float64), want_hi)
+    np.testing.assert_array_equal(np.signbit(np.asarray(lo, np.float64)[:, 0]), (b & 8) > 0)
+    rng = np.random.default_rng(4)
+    lo16, hi16 = np.asarray(lo).view(np.uint16), np.asarray(hi).view(np.uint16)
+    words = [rng.integers(0, 256, 4) for _ in range(300)] + [np.full(4, v) for v in range(256)]
+    for bs in words:
+        si = rng.integers(0, 127, 4)
+        sv = pre[si].view(np.uint16).astype(np.int64)
+        q = int(bs[0]) | int(bs[1]) << 8 | int(bs[2]) << 16 | int(bs[3]) << 24
+        extra = (int(sv[0] | sv[1] << 16), int(sv[2] | sv[3] << 16))
+        for asm, ref in ((codecs.E2M1_LO_SCALED_PTX, lo16), (codecs.E2M1_HI_SCALED_PTX, hi16)):
+            r01, r23 = _run_ptx(asm, q, 2, extra)
+            got = [r01 & 0xFFFF, r01 >> 16, r23 & 0xFFFF, r23 >> 16]
+            assert got == [int(ref[bb, i]) for bb, i in zip(bs, si, strict=True)]
+
+
+def test_mxfp4_bf16_scaled_decode_is_exact():
+    """The mxfp4 weight operand: every byte at every E8M0 scale b in [2, 254] decodes to bf16
+    E2M1 × 2^(b - 127) (against ml_dtypes; inf where the value itself overflows), and the two-
+    multiplier inline PTX, run by the interpreter, gives the same bits."""
+    sb = np.arange(2, 255, dtype=np.int32)
+    m1, m2 = jax.jit(codecs.e8m0_bf16_factors)(sb)
+    np.testing.assert_array_equal(
+        np.asarray(m1, np.float64) * np.asarray(m2, np.float64) * 2.0**-126, 2.0 ** (sb - 127.0)
+    )
+    b = np.arange(256, dtype=np.uint8)
+    rep = lambda v: np.repeat(np.asarray(v)[None, :], 256, 0)  # noqa: E731
+    lo, hi = jax.jit(codecs.e2m1_pair_bf16_scaled, static_argnames="interpret")(
+        np.repeat(b[:, None], sb.size, 1), rep(m1), scale2=rep(m2), interpret=True
+    )
+    f4 = lambda n: n.view(ml_dtypes.float4_e2m1fn).astype(np.float64)  # noqa: E731
+    with np.errstate(over="ignore"):
+        for got, nib in ((lo, b & 15), (hi, b >> 4)):
+            want = f4(nib.astype(np.uint8))[:, None] * 2.0 ** (sb[None, :] - 127.0)
+            want = want.astype(ml_dtypes.bfloat16).astype(np.float64)  # inf where it overflows
+            np.testing.assert_array_equal(np.asarray(got, np.float64), want)
+    rng = np.random.default_rng(5)
+    lo16, hi16 = np.asarray(lo).view(np.uint16), np.asarray(hi).view(np.uint16)
+    f1, f2 = np.asarray(m1).view(np.uint16), np.asarray(m2).view(np.uint16)
+    for _ in range(400):
+        bs, si = rng.integers(0, 256, 4), rng.integers(0, sb.size, 4)
+        q = int(bs[0]) | int(bs[1]) << 8 | int(bs[2]) << 16 | int(bs[3]) << 24
+        pair = lambda v: (int(v[0]) | int(v[1]) << 16, int(v[2]) | int(v[3]) << 16)  # noqa: E731
+        (a0, a1), (c0, c1) = pair(f1[si]), pair(f2[si])
+        for asm, ref in ((codecs.E2M1_LO_SCALED2_PTX, lo16), (codecs.E2M1_HI_SCALED2_PTX, hi16)):
+            r01, r23 = _run_ptx(asm, q, 2, (a0, a1, c0, c1))
+            got = [r01 & 0xFFFF, r01 >> 16, r23 & 0xFFFF, r23 >> 16]
+            assert got == [int(ref[bb, i]) for bb, i in zip(bs, si, strict=True)]
 
 
 @pytest.mark.parametrize(
