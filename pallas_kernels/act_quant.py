@@ -51,8 +51,10 @@ def block_amax(xe: jax.Array, xo: jax.Array, per_block: int) -> jax.Array:
     return jnp.maximum(me, mo)
 
 
-def _quant_halves(xe, xo, g, act: str, interpret: bool):
-    """Quantize one slab given as even/odd halves. Returns (codes_e, codes_o, scale f32, byte).
+def _quant_halves(xe, xo, g, act: str, interpret: bool, values: bool = False):
+    """Quantize one slab given as even/odd halves. Returns (codes_e, codes_o, scale f32, byte), or
+    with ``values`` the E2M1 values instead of the codes (``codecs.e2m1_round``: the same values
+    up to the sign of zero, without forming the codes; what the bf16 operand needs).
 
     ``act`` is a format label: "nvfp4" (compressed-tensors convention, g = gs), "nvfp4-modelopt"
     (g is the decode multiplier) or "mxfp4". Bit for bit as ``formats.block_params`` /
@@ -81,14 +83,18 @@ def _quant_halves(xe, xo, g, act: str, interpret: bool):
         safe_d = jnp.where(live, d, 1.0)
         ve = jnp.clip(codecs.div_rn(xe, safe_d, interpret=interpret), -6.0, 6.0)
         vo = jnp.clip(codecs.div_rn(xo, safe_d, interpret=interpret), -6.0, 6.0)
+        if values:
+            qe, qo = codecs.e2m1_round(ve), codecs.e2m1_round(vo)
+            return jnp.where(live, qe, 0.0), jnp.where(live, qo, 0.0), s, byte
         ce = codecs.e2m1_code(ve, xe if ct else None)
         co = codecs.e2m1_code(vo, xo if ct else None)
         return jnp.where(live, ce, 0), jnp.where(live, co, 0), s, byte
     byte = codecs.e8m0_floor_byte(amax)
     inv = expand_blocks(jax.lax.bitcast_convert_type((254 - byte) << 23, jnp.float32), hb)
-    ce = codecs.e2m1_code(jnp.clip(xe * inv, -6.0, 6.0))
-    co = codecs.e2m1_code(jnp.clip(xo * inv, -6.0, 6.0))
-    return ce, co, codecs.e8m0_value(byte), byte
+    ve, vo = jnp.clip(xe * inv, -6.0, 6.0), jnp.clip(xo * inv, -6.0, 6.0)
+    if values:
+        return codecs.e2m1_round(ve), codecs.e2m1_round(vo), codecs.e8m0_value(byte), byte
+    return codecs.e2m1_code(ve), codecs.e2m1_code(vo), codecs.e8m0_value(byte), byte
 
 
 def _act_kernel(
@@ -147,13 +153,14 @@ def _act_kernel(
                 xp_ref[p, :, pl.ds(k0, h)] = pe
                 xp_ref[p, :, pl.ds(k0 + h, h)] = po
         elif act is not None:
-            ce, co, s, byte = _quant_halves(xe, xo, g, act, interpret)
-            if form == "bf16":
+            if form == "bf16":  # values code × block scale, exact in bf16: no codes formed
+                qe, qo, s, _ = _quant_halves(xe, xo, g, act, interpret, values=True)
                 (xa_ref,) = outs
                 sx = expand_blocks(s, hb)
-                xa_ref[:, pl.ds(k0, h)] = (codecs.e2m1_value(ce) * sx).astype(xa_ref.dtype)
-                xa_ref[:, pl.ds(k0 + h, h)] = (codecs.e2m1_value(co) * sx).astype(xa_ref.dtype)
+                xa_ref[:, pl.ds(k0, h)] = (qe * sx).astype(xa_ref.dtype)
+                xa_ref[:, pl.ds(k0 + h, h)] = (qo * sx).astype(xa_ref.dtype)
             else:
+                ce, co, s, byte = _quant_halves(xe, xo, g, act, interpret)
                 c_ref, sc_ref = outs
                 c_ref[:, pl.ds(kt * h, h)] = (ce | (co << 4)).astype(jnp.uint8)
                 sc_ref[:, pl.ds(kt * nb, nb)] = byte.astype(jnp.uint8)

@@ -117,6 +117,26 @@ def e2m1_code(v: jax.Array, sign_of: jax.Array | None = None) -> jax.Array:
     return m | jnp.where(_bits(v) < 0, 8, 0)
 
 
+def e2m1_round(v: jax.Array) -> jax.Array:
+    """f32 value already clipped to [-6, 6] -> the E2M1 value it encodes to, without the code:
+    ``e2m1_value(e2m1_code(v))`` up to the sign of zero, in a few float ops.
+
+    The grid has step 0.5 on [0, 2), 1 on [2, 4) and 2 on [4, 6], so |v| / step rounded to the
+    nearest integer, ties to even, times step is the nearest grid value; an even multiple of the
+    step is exactly a grid value with an even mantissa bit, so the ties match E2M1's (0.25 -> 0,
+    0.75 -> 1, 1.25 -> 1, 1.75 -> 2, 2.5 -> 2, 3.5 -> 4, 5 -> 4). |v| / step is exact (a power of
+    two) and below 2^23. The rounding is ``floor(y + 0.5)`` with the odd ties moved down, as in
+    ``e4m3_round``.
+    """
+    a = jnp.abs(v)
+    step = jnp.where(a < 2.0, 0.5, jnp.where(a < 4.0, 1.0, 2.0))
+    y = a * jnp.where(a < 2.0, 2.0, jnp.where(a < 4.0, 1.0, 0.5))
+    r = jnp.floor(y + 0.5)
+    r = jnp.where(((r - y) == 0.5) & ((r.astype(jnp.int32) & 1) == 1), r - 1.0, r)
+    q = r * step
+    return jnp.where(v < 0, -q, q)
+
+
 F16_FOLD = 2.0**14  # e2m1_pair_f16 yields E2M1 × 2^-14: fold 2^14 into the block scale
 
 

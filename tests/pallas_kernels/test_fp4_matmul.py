@@ -79,6 +79,11 @@ def test_codecs_match_ml_dtypes():
     x = np.concatenate([rng.uniform(-6, 6, 20000), mids, -mids, [0.0, -0.0, 6, -6]])
     x = x.astype(np.float32)
     np.testing.assert_array_equal(np.asarray(jax.jit(codecs.e2m1_code)(x)), npq.e2m1_codes(x))
+    # The value-only rounding of kernel 1's bf16 operand: the values of the ml_dtypes codes.
+    near = np.concatenate([np.nextafter(mids, 0), np.nextafter(mids, 7)]).astype(np.float32)
+    x2 = np.concatenate([x, near, -near])
+    want_v = npq.E2M1[npq.e2m1_codes(x2)]
+    np.testing.assert_array_equal(np.asarray(jax.jit(codecs.e2m1_round)(x2)), want_v)
 
     e = np.arange(255, dtype=np.int32)
     e8 = e.astype(np.uint8).view(ml_dtypes.float8_e8m0fnu).astype(np.float32)
