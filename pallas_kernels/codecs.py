@@ -147,9 +147,10 @@ def e2m1_pair_f16(byte: jax.Array) -> tuple[jax.Array, jax.Array]:
     The nibble's bits s e1 e0 m are moved into the fp16 pattern s 000 e1e0 m 000000000: the fp16
     exponent field is e (bias 15) and the top mantissa bit m, so the value is 2^(e-15)·(1 + m/2)
     for e >= 1 and the subnormal 0.5·2^-14 for code 1, i.e. exactly E2M1 × 2^-14 (the Marlin
-    decode, with fp16 in place of bf16: the fp16 subnormal of code 1 is a normal f32/bf16 after the
-    conversion, while a bf16 subnormal would be flushed by XLA:CPU and by the tensor cores). The
-    caller multiplies by the block scale × ``F16_FOLD`` in f32 (exact: at most 6 significant bits).
+    decode, with fp16 in place of bf16: the fp16 subnormal of code 1 is a normal f32 after the
+    conversion, while a bf16 subnormal would be flushed by XLA:CPU). It is the interpret-mode
+    decode of ``e2m1_pair_bf16_scaled``, which multiplies it by the block scale in f32 (exact: at
+    most 6 significant bits); the GPU form is the inline PTX below.
     """
     b = byte.astype(jnp.uint16)
     sign, mag = jnp.uint16(0x8000), jnp.uint16(0x0E00)
@@ -161,50 +162,14 @@ def e2m1_pair_f16(byte: jax.Array) -> tuple[jax.Array, jax.Array]:
     )
 
 
-# The decode of ``e2m1_pair_f16`` on packed words, as PTX, for one 32-bit register $2 holding four
-# code bytes q = b3 b2 b1 b0 (Triton's ``pack=4`` for uint8). ``prmt`` moves b0, b1 into bytes 1
-# and 3 of t (b2, b3 likewise), so each byte's high nibble sits at bits 12-15 of a 16-bit half
-# (``t << 4`` brings the low nibble there); then per pair of nibbles (one f16x2 register) the
-# Marlin step
-#     f16x2 = (t & 0x80008000) | ((t & 0x70007000) >> 3)          (and, shr, lop3)
-# writes s 000 e1e0 m 000000000 into both halves. Outputs $0 = (b0, b1), $1 = (b2, b3) as f16x2.
-# jax's lowering takes one result per inline-asm op, so the low and high nibbles are two ops:
-# 10 + 8 instructions per 8 weights, against 4.5 per weight for the uint16 form plus the
-# per-byte extraction (prmt + cvt) that Triton emits for it.
-_E2M1_PACKED_PTX = """{{
-.reg .b32 t, m;
-prmt.b32 t, $2, 0, 0x1404;{shl}
-and.b32 m, t, 0x70007000;
-shr.b32 m, m, 3;
-lop3.b32 $0, t, 0x80008000, m, 0xEA;
-prmt.b32 t, $2, 0, 0x3424;{shl}
-and.b32 m, t, 0x70007000;
-shr.b32 m, m, 3;
-lop3.b32 $1, t, 0x80008000, m, 0xEA;
-}}"""
-E2M1_LO_PTX = _E2M1_PACKED_PTX.format(shl="\nshl.b32 t, t, 4;")
-E2M1_HI_PTX = _E2M1_PACKED_PTX.format(shl="")
-
-
-def e2m1_pair_f16_packed(byte: jax.Array, *, interpret: bool) -> tuple[jax.Array, jax.Array]:
-    """``e2m1_pair_f16`` of a uint8 tile: on GPU (``interpret=False``) the packed-word PTX
-    ``E2M1_LO_PTX`` / ``E2M1_HI_PTX`` (four bytes per 32-bit register, 2.25 instructions per
-    weight); in interpret mode the uint16 form. Same values: E2M1 × 2^-14 as float16."""
-    if interpret:
-        return e2m1_pair_f16(byte)
-    from jax.experimental.pallas import triton as pltriton
-
-    b = byte.astype(jnp.uint8)
-    out = [jax.ShapeDtypeStruct(byte.shape, jnp.float16)]
-    [lo] = pltriton.elementwise_inline_asm(
-        E2M1_LO_PTX, args=[b], constraints="=r,=r,r", pack=4, result_shape_dtypes=out
-    )
-    [hi] = pltriton.elementwise_inline_asm(
-        E2M1_HI_PTX, args=[b], constraints="=r,=r,r", pack=4, result_shape_dtypes=out
-    )
-    return lo, hi
-
-
+# The weight decode on packed words, as PTX: Triton's ``pack=4`` for uint8 hands one 32-bit register
+# $2 holding four code bytes q = b3 b2 b1 b0. ``prmt`` moves b0, b1 into bytes 1 and 3 of t (b2, b3
+# likewise), so each byte's high nibble sits at bits 12-15 of a 16-bit half (``t << 4`` brings the
+# low nibble there); then one register holds a pair of nibbles, decoded by the Marlin step below.
+# jax's lowering takes one result per inline-asm op, so the low and high nibbles are two ops; the
+# outputs are $0 = (b0, b1), $1 = (b2, b3), two 16-bit values each (earlier kernels stopped at the
+# fp16 pattern E2M1 × 2^-14 of ``e2m1_pair_f16``, shift 3, and converted in f32 afterwards).
+#
 # The nvfp4 weight decode straight to bf16 with the block scale applied (Marlin's bf16 form): per
 # pair of nibbles, (t & 0x80008000) | ((t & 0x70007000) >> 6) puts e1e0 in the low bits of the
 # bf16 exponent and m on top of the mantissa, i.e. E2M1 × 2^-126 (codes ±1 as the bf16 subnormal

@@ -5,13 +5,14 @@
 
 Kernel 2 has grid (Mp/bm, Np/bn) and a K loop inside the program (Triton: no scratch memory, the
 accumulator is the ``fori_loop`` carry). Per K tile it loads the packed weight tile ``[bn, bk/2]``
-and its scale bytes and decodes each byte's two nibbles with 3 integer ops per nibble into fp16
-bit patterns E2M1 × 2^-14 (``codecs.e2m1_pair_f16``, the Marlin decode), multiplies by the block
-scale × 2^14 in f32 and rounds to bf16 (exact: at most 6 significant bits), then runs two bf16
-tensor-core dots per activation part, x_even·w_loᵀ + x_odd·w_hiᵀ (docs/spec/kernels.md §3, no
-interleave). The epilogue multiplies by the tensor parts of the nvfp4 decodes
-(fl(1/gs_x)·fl(1/gs_w), or g_x·g_w for nvfp4-modelopt; applied to the f32 accumulator because they
-are not exact in bf16), adds t·Bᵀ (t summed over kernel 1's K-slab partials) and the bias while the
+and its scale bytes and decodes each byte's two nibbles and applies the block scale in one
+inline-PTX op per nibble and four bytes (``codecs.e2m1_pair_bf16_scaled``: the Marlin decode into
+bf16's exponent, then ``mul.rn.bf16x2``; nvfp4 as E2M1·S·2^-7, mxfp4 as E2M1·2^(b-127); exact, at
+most 6 significant bits, and normal), then runs two bf16 tensor-core dots per activation part,
+x_even·w_loᵀ + x_odd·w_hiᵀ (docs/spec/kernels.md §3, no interleave). The epilogue multiplies by the
+tensor parts of the nvfp4 decodes (fl(1/gs_x)·fl(1/gs_w), or g_x·g_w for nvfp4-modelopt, times the
+2^7 of the nvfp4 weights; applied to the f32 accumulator because they are not exact in bf16), adds
+t·Bᵀ (t summed over kernel 1's K-slab partials) and the bias while the
 tile is in registers, and stores the output once.
 
 Both modes take their activation operand from kernel 1 in per-slab [even | odd] order, as bf16:
