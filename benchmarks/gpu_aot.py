@@ -9,7 +9,8 @@ puts a ptxas wrapper in front of the real one (it adds ``-v`` and keeps the PTX 
 report of every kernel in ``$PTXAS_KEEP_DIR``) and runs this script.
 
 For every configuration (the projections of Llama-3-8B and Qwen3-4B at M ∈ {1, 16, 128, 2048},
-nvfp4 and mxfp4, W4A4 and W4A16, rank 32, as ``benchmarks/fp4_kernels.py`` runs them, plus the
+nvfp4 and mxfp4, W4A4 and W4A16, rank 32, as ``benchmarks/fp4_kernels.py`` runs them; Llama-3-8B's
+*served* projections at M ∈ {1, 16}, q/k/v and gate/up fused as vLLM fuses them (``SERVED``); the
 GPU tests' cases) it compiles the Pallas path and the unfused XLA path (``quant_matmul_ref``) and
 reports per Pallas kernel: registers, spill bytes, shared memory, whether it uses tensor-core
 instructions (mma / wgmma), its K-loop body and the PTX instructions per weight of that loop, and
@@ -33,7 +34,9 @@ throttling, and anything that only running on a GPU would show.
 Output: ``<out>_<target>.json`` (written after every configuration) and ``<out>_<target>.md`` (the
 table); the last line printed is the JSON summary
 ``{"configs", "errors", "spill_configs", "no_mma_configs", "decode_roofline_min",
-"decode_roofline_median", "prefill_vs_xla_min", ...}``.
+"decode_roofline_median", "prefill_vs_xla_min", "decode_roofline_min_unfused",
+"decode_roofline_median_unfused", ...}`` (decode over the served rows; ``_unfused`` over the
+per-projection rows).
 
     .venv-aot/bin/python benchmarks/gpu_aot.py --targets h100,h200
     .venv-aot/bin/python benchmarks/gpu_aot.py --quick        # a few configurations
