@@ -4,7 +4,9 @@ The straightforward way: forward hooks on every ``nn.Linear`` of the decoder acc
 ``G = EᵀE`` in f32 with ``E = x − Q_a(x)`` (Q_a = the nvfp4-paper activation fake-quantizer,
 spec/formats.md §4); then per linear the reference's steps (methods.md §2.2): eigh + clamp, both
 roots, thin SVD of W G½, B = U_r Σ_r, A = G⁻½ V_r, and the residual fake-quantized (1-D blocks).
-One G per linear (no sharing across q/k/v), torch threads = the machine's cores.
+Linears that read the same input tensor (q/k/v; gate/up) share one G and its eigh, as arhq-jax's
+input groups do (the same work, no more: a G per linear computed q/k/v's Gram and
+eigendecomposition three times). Torch threads = the machine's cores.
 """
 
 from __future__ import annotations
@@ -49,12 +51,18 @@ def quantize(model, ids: np.ndarray, rank: int = 32, batch_size: int = 8, eps: f
     torch.set_num_threads(os.cpu_count())
     mods = model.model.layers.named_modules()
     linears = {n: m for n, m in mods if isinstance(m, torch.nn.Linear)}
-    gram = {n: torch.zeros(m.in_features, m.in_features) for n, m in linears.items()}
+    gram, leader, last = {}, {}, {"x": None, "name": None}
 
     def hook(name):
         def fn(_mod, inp):
+            if inp[0] is last["x"]:  # q/k/v, gate/up: the input (and G) of the one before
+                leader[name] = leader[last["name"]]
+                return
+            last["x"], last["name"], leader[name] = inp[0], name, name
             x = inp[0].reshape(-1, inp[0].shape[-1]).float()
             e = x - fake_quant(x)
+            if name not in gram:
+                gram[name] = torch.zeros(x.shape[1], x.shape[1])
             gram[name].addmm_(e.T, e)
 
         return fn
@@ -64,15 +72,20 @@ def quantize(model, ids: np.ndarray, rank: int = 32, batch_size: int = 8, eps: f
     ids = torch.from_numpy(np.asarray(ids, np.int64))
     for start in range(0, len(ids), batch_size):
         model.model(input_ids=ids[start : start + batch_size])  # the head is not needed
+        last["x"] = None  # a tensor's identity holds within one forward only
     t1 = time.perf_counter()
     for h in handles:
         h.remove()
+    roots = {}  # leader → (G½, G⁻½): one eigh per input group
     out = {}
     for name, lin in linears.items():
-        g = gram[name] / ids.numel()
-        lam, u = torch.linalg.eigh(0.5 * (g + g.T))
-        root = lam.clamp_min(eps).sqrt()
-        g_half, g_inv_half = (u * root) @ u.T, (u / root) @ u.T
+        lead = leader[name]
+        if lead not in roots:
+            g = gram[lead] / ids.numel()
+            lam, u = torch.linalg.eigh(0.5 * (g + g.T))
+            root = lam.clamp_min(eps).sqrt()
+            roots[lead] = ((u * root) @ u.T, (u / root) @ u.T)
+        g_half, g_inv_half = roots[lead]
         w = lin.weight.float()
         um, s, vt = torch.linalg.svd(w @ g_half, full_matrices=False)
         b, a = um[:, :rank] * s[:rank], g_inv_half @ vt[:rank].T

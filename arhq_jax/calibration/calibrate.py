@@ -81,10 +81,13 @@ def _cast(rows: jax.Array, cfg: ModelConfig) -> jax.Array:
 @functools.partial(jax.jit, static_argnames=("cfg", "capture"))
 def layer_pass(layer: Layer, cfg: ModelConfig, h: jax.Array, capture: bool):
     """One decoder layer on calibration hidden states ``h [b, L, H]`` (jit-compiled): ``(h_out,
-    captured)``, the inputs of every input group when ``capture`` (the runner's only layer run)."""
+    captured)``, the inputs of every input group when ``capture`` (the runner's only layer run).
+    The attention skips the causally masked key blocks (``transformer.CAUSAL_BLOCK``)."""
     b, t = h.shape[:2]
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    h_out, _, captured = transformer.layer_forward(layer, cfg, h, positions, capture=capture)
+    h_out, _, captured = transformer.layer_forward(
+        layer, cfg, h, positions, capture=capture, causal_block=transformer.CAUSAL_BLOCK
+    )
     return h_out, captured
 
 

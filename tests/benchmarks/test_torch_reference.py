@@ -39,3 +39,45 @@ def test_torch_split_equals_arhq_jax():
     split = decompose.arhq(w, g, 4)
     ref = np.asarray(split.b, np.float64) @ np.asarray(split.a, np.float64).T
     assert np.linalg.norm(branch.numpy() - ref) <= 1e-4 * np.linalg.norm(w)
+
+
+def test_torch_quantize_is_optimal_under_each_linears_own_g():
+    """Sharing G within an input group changes nothing: every linear's split reaches the ARHQ
+    optimum Σ_{i>r} σ_i(W G½)² of the G of its own input, accumulated here by a plain hook per
+    linear in f64 (q/k/v and gate/up read one tensor, o and down their own)."""
+    import tiny_models
+
+    model = tiny_models.hf_model("llama3")
+    ids = np.random.default_rng(2).integers(0, 256, (4, 32))
+    out, timings = torch_reference.quantize(model, ids, rank=4, batch_size=2)
+    assert set(timings) == {"calibration_s", "decomposition_s"}
+    linears = {
+        n: m for n, m in model.model.layers.named_modules() if isinstance(m, torch.nn.Linear)
+    }
+    assert set(out) == set(linears) and len(out) == 14
+    grams = {n: np.zeros((m.in_features,) * 2) for n, m in linears.items()}
+
+    def hook(name):
+        def fn(_mod, inp):
+            x = inp[0].reshape(-1, inp[0].shape[-1]).float()
+            e = (x - torch_reference.fake_quant(x)).double().numpy()
+            grams[name] += e.T @ e
+
+        return fn
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in linears.items()]
+    with torch.no_grad():
+        for start in range(0, len(ids), 2):
+            model.model(input_ids=torch.from_numpy(ids[start : start + 2]))
+    for h in handles:
+        h.remove()
+    for name, lin in linears.items():
+        g = grams[name] / ids.size
+        lam, u = np.linalg.eigh(g)
+        g_half = (u * np.sqrt(np.maximum(lam, 1e-6))) @ u.T
+        w = lin.weight.detach().double().numpy()
+        sig = np.linalg.svd(w @ g_half, compute_uv=False)
+        b, a, _ = (t.double().numpy() for t in out[name])
+        got = np.linalg.norm((w - b @ a.T) @ g_half) ** 2
+        best = np.sum(sig[4:] ** 2)
+        assert best <= got <= best * (1 + 1e-3) + 1e-6 * sig[0] ** 2, name

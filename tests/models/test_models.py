@@ -367,3 +367,22 @@ def test_forward_rejects_bad_shapes():
     with pytest.raises(ValueError, match=r"\[B, T\]"):
         forward(params, cfg, _ids()[0])
     assert math.isfinite(float(jnp.abs(forward(params, cfg, _ids())).max()))
+
+
+@pytest.mark.parametrize("block", [8, 16, 64])
+def test_causal_block_attention_equals_the_full_square(block):
+    """Query blocks that skip the keys past their end give the full masked square's output
+    (40 tokens: uneven last blocks; left padding masks keys too; GQA 6/2 heads)."""
+    from arhq_jax.models.transformer import attention, attention_bias
+
+    rng = np.random.default_rng(block)
+    q, k, v = (rng.standard_normal((3, 40, n, 8)).astype(np.float32) * 2 for n in (6, 2, 2))
+    valid = np.ones((3, 40), bool)
+    valid[1, :5] = False  # left padding
+    bias = attention_bias(jnp.asarray(valid), 40, 0, jnp.float32)
+    full = np.asarray(attention(q, k, v, bias, 8**-0.5))
+    got = np.asarray(attention(q, k, v, bias, 8**-0.5, causal_block=block))
+    real = np.repeat(valid[:, :, None], 48, axis=2)  # padded queries' outputs are meaningless
+    np.testing.assert_allclose(got[real], full[real], rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="as many keys"):
+        attention(q[:, :20], k, v, bias[:, :20], 1.0, causal_block=8)
