@@ -391,7 +391,7 @@ def docstrings_corpus() -> list[str]:
     """The ``docstrings`` calibration source: one document per module of ``DOCSTRING_MODULES``,
     its docstring then ``name: docstring`` of each public member defined in it (sorted by name;
     docstrings of 40 characters or less left out), as ``inspect.getdoc`` cleans them. Offline
-    and deterministic for a given Python version (about 118k SmolLM2 tokens on 3.11)."""
+    and deterministic for a given Python version (377k characters on 3.11.7)."""
     import importlib
     import inspect
 
