@@ -222,9 +222,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--calib-dataset",
         default=None,
         metavar="SOURCES",
-        help="calibration text: pydoc, wikitext2 or c4 (train data through `datasets`, online "
-        "only), or a .txt/.jsonl/.json/.parquet file; several comma-separated, with equal "
-        "shares or NAME:SHARE (a.txt:0.7,b.jsonl:0.3)",
+        help="calibration text: pydoc, docstrings (standard-library docstrings, offline), "
+        "wikitext2 or c4 (train data through `datasets`, online only), or a "
+        ".txt/.jsonl/.json/.parquet file; several comma-separated, with equal shares or "
+        "NAME:SHARE (a.txt:0.7,b.jsonl:0.3)",
     )
     q.add_argument(
         "--calib-field", default=None, help="the text field of .jsonl/.parquet rows (default: text)"

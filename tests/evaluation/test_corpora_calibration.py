@@ -6,6 +6,7 @@ that the same ids give the same calibration statistics is tests/test_api.py's.""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -103,7 +104,7 @@ def test_a_short_source_is_named(tmp_path):
     "spec, needle",
     [
         ("", "expected a name or file"),
-        ("a.csv", "give pydoc, wikitext2, c4 or a .txt/.jsonl/.json/.parquet file"),
+        ("a.csv", "give pydoc, wikitext2, c4, docstrings or a .txt/.jsonl/.json/.parquet file"),
         ("a.txt:0.5,b.txt", "a share for every source or none"),
         ("a.txt:0", "the share must be > 0"),
         ("a.txt:-1", "the share must be > 0"),
@@ -232,3 +233,57 @@ def test_pydoc_source_is_the_default_calibration_part():
     np.testing.assert_array_equal(_ids("pydoc", tok, 512, 64), ref)
     with pytest.raises(ValueError, match="does not apply to the pydoc corpus"):
         _ids("pydoc", tok, 512, 64, chat=True)
+
+
+def test_docstrings_source_is_the_modules_docstrings_and_no_licence():
+    """``docstrings``: one document per listed module, each starting with the module's docstring
+    and holding ``name: doc`` of its public members (``inspect.cleandoc`` of ``__doc__``, the
+    reference); the same on every call; no 8-word run of the GPL-3 text (the held-out second text
+    of the benchmarks) and no licence boilerplate."""
+    import inspect
+    import json as json_mod
+    import textwrap
+
+    assert corpora.parse_calib_sources("pydoc:0.5,docstrings:0.5") == [
+        CalibSource("pydoc", 0.5),
+        CalibSource("docstrings", 0.5),
+    ]
+    docs = corpora.read_calib_documents(CalibSource("docstrings"))
+    assert docs == corpora.docstrings_corpus()
+    assert len(docs) == len(corpora.DOCSTRING_MODULES)
+    i = corpora.DOCSTRING_MODULES.index("json")
+    assert docs[i].startswith(inspect.cleandoc(json_mod.__doc__))
+    assert "dumps: " + inspect.cleandoc(json_mod.dumps.__doc__) in docs[i]
+    assert "textwrap" not in docs[i]  # members of other modules are left out
+    j = corpora.DOCSTRING_MODULES.index("textwrap")
+    assert "dedent: " + inspect.cleandoc(textwrap.dedent.__doc__) in docs[j]
+    text = corpora.DOC_JOIN.join(docs)
+    assert 300_000 < len(text) < 2_000_000  # ample for a 16k-token share, 4 chars a token
+    for word in ("WARRANT", "COPYRIGHT", "RIGHTS RESERVED", "LICENSE", "LICENCE"):
+        assert word not in text.upper()
+
+    gpl = Path("/usr/share/common-licenses/GPL-3")
+    if gpl.is_file():
+
+        def runs(s):
+            w = s.split()
+            return {" ".join(w[k : k + 8]) for k in range(len(w) - 7)}
+
+        assert not runs(text) & runs(gpl.read_text(encoding="utf-8"))
+
+
+class CharTokenizer:
+    """One id per character (its code point mod 1000)."""
+
+    chat_template = None
+
+    def __call__(self, text):
+        return {"input_ids": [ord(c) % 1000 for c in text]}
+
+
+def test_docstrings_source_calibrates_as_its_joined_text():
+    docs = corpora.docstrings_corpus()
+    tok = CharTokenizer()
+    ids = _ids("docstrings", tok, 4 * 16, 16)
+    want = np.asarray(tok(corpora.DOC_JOIN.join(docs))["input_ids"][: 4 * 16]).reshape(4, 16)
+    np.testing.assert_array_equal(ids, want)
