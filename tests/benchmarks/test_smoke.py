@@ -26,6 +26,7 @@ SMOKE = {
     "decompose.py": ["--tiny"],
     "explore_w4a4.py": ["--tiny", "--out", "{tmp}/explore.jsonl"],
     "forward.py": ["--tiny"],
+    "pareto.py": ["--tiny", "--out", "{tmp}"],
     "pipeline.py": ["--tiny", "--json", "{tmp}/pipeline.json"],
     "recipe_digests.py": ["--tiny", "--only", "rtn", "--out", "{tmp}/digests.json"],
     "scale.py": ["--tiny", "--results", "{tmp}/scale.json"],
