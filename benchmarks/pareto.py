@@ -34,6 +34,7 @@ import os
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # see arhq_jax/cli/main.py
 
 import argparse  # noqa: E402
+import json  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -267,6 +268,34 @@ def table_rows(rows: list[dict]) -> list[dict]:
     return sorted(rows, key=lambda r: (key[r["setting"]], r["name"] == "float", r["bits"]))
 
 
+def summary_rows(rows: list[dict]) -> list[dict]:
+    """One row per quantized model and its W4A16 twin: bits and ratios of both settings side by
+    side, by W4A4 bits (weight-only recipes by their W4A16 bits), float last."""
+    out: dict[str, dict] = {}
+    for r in rows:
+        d = out.setdefault(r["name"], {"name": r["name"]})
+        tag = "4" if r["setting"] == "W4A4" else "16"
+        for k in ("bits", "ratio", "ratio2"):
+            d[f"{k}_{tag}"] = r.get(k)
+    return sorted(
+        out.values(),
+        key=lambda d: (d["name"] == "float", d.get("bits_4") or d["bits_16"], d["name"]),
+    )
+
+
+def _summary_columns(meta) -> tuple:
+    two = bool(meta.get("second_text"))
+    text2 = Path(meta["second_text"]).name if two else ""
+    cols = [("name", "method", "s")]
+    for tag, s in (("4", "W4A4"), ("16", "W4A16")):
+        cols += [
+            (f"bits_{tag}", f"{s} bits/w", ".3f"),
+            (f"ratio_{tag}", f"{s} × float, pydoc", ".3f"),
+        ]
+        cols += [(f"ratio2_{tag}", f"{s} × float, {text2}", ".3f")] if two else []
+    return tuple(cols)
+
+
 def write_results(out: Path, name: str, rows, meta, total_s: float) -> bool:
     """``name``.json, .md and .png under ``out``; returns whether the PNG was written."""
     meta = {**meta, "total_s": round(total_s, 1)}
@@ -287,7 +316,13 @@ def write_results(out: Path, name: str, rows, meta, total_s: float) -> bool:
         "none, 'W4A4 checkpoint' = the W4A4 model served weight-only. quantize s: wall time of "
         f"quantize_model, compilation included ({meta['devices']}).\n"
     )
-    md = f"**{title}**\n\n" + report.markdown_table(table_rows(rows), _columns(meta)) + notes
+    md = (
+        f"**{title}**\n\n"
+        + report.markdown_table(summary_rows(rows), _summary_columns(meta))
+        + "\n\n"
+        + report.markdown_table(table_rows(rows), _columns(meta))
+        + notes
+    )
     report.atomic_write(out / f"{name}.md", md)
     try:
         import matplotlib  # noqa: F401
@@ -354,7 +389,6 @@ def plot(path: Path, rows: list[dict], meta: dict) -> None:
                             textcoords="offset points",
                             color=color,
                         )
-            ax.set_yscale("log")
             ax.set_title(f"{setting}, {text}")
             ax.set_xlabel("stored bits per weight (seven projections)")
             ax.set_ylabel("perplexity / float")
@@ -377,6 +411,19 @@ def plot(path: Path, rows: list[dict], meta: dict) -> None:
     report.atomic_write(path, buf.getvalue())
 
 
+def rewrite(src: Path, out: Path, name: str) -> int:
+    """The table and the plot of an earlier run, from its JSON (its rows and meta unchanged)."""
+    try:
+        doc = json.loads(src.read_text(encoding="utf-8"))
+        rows, meta = doc["rows"], doc["meta"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        print(f"pareto.py: error: cannot read results {src}: {e}", file=sys.stderr)
+        return 2
+    png = write_results(out, name, rows, meta, meta.get("total_s", 0.0))
+    print(f"wrote {out}/{name}.{{json,md{',png' if png else ''}}}")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2")
@@ -393,7 +440,14 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     ap.add_argument("--name", default="pareto", help="results file stem (.json/.md/.png)")
     ap.add_argument("--tiny", action="store_true", help="smoke run: tiny random model (bench_tiny)")
+    ap.add_argument(
+        "--from-json",
+        default=None,
+        help="only rewrite the table and the plot (<out>/<name>.md/.png) from this results JSON",
+    )
     args = ap.parse_args(argv)
+    if args.from_json is not None:
+        return rewrite(Path(args.from_json), Path(args.out), args.name)
 
     t_start = time.perf_counter()
     try:

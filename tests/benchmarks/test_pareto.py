@@ -111,9 +111,14 @@ def test_ratios_and_scores_are_consistent(run):
 def test_outputs_written(run):
     tmp, doc = run
     md = (tmp / "pareto.md").read_text()
-    assert md.count("| arhq r8 |") == 2 and "× float²" in md
+    assert md.count("| arhq r8 |") == 3 and "× float²" in md  # the summary and both settings
     png = (tmp / "pareto.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    # --from-json rewrites the same table (and a plot) from the JSON alone
+    again = tmp / "again"
+    assert pareto.main(["--from-json", str(tmp / "pareto.json"), "--out", str(again)]) == 0
+    assert (again / "pareto.md").read_text() == md
+    assert (again / "pareto.png").read_bytes()[:8] == png[:8]
 
 
 @pytest.mark.parametrize("method", sorted(pareto.SAME_WEIGHTS))
