@@ -56,3 +56,9 @@ def tiny_hf_dir(path: str | Path, seed: int = 0) -> Path:
     """The tiny model written as a HF directory at ``path`` (a source for ``open_source``)."""
     m = tiny_model(seed)
     return save_hf_dir(m.cfg, m.params, path)
+
+
+def byte_tokenizer(text: str) -> dict:
+    """The tiny model's stand-in for a tokenizer: a text's UTF-8 bytes modulo the vocabulary
+    (what ``metrics.load_text_tokens`` calls), so a ``--tiny`` run can read a real text file."""
+    return {"input_ids": [b % CFG.vocab_size for b in text.encode("utf-8")]}

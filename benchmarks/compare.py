@@ -24,9 +24,11 @@ import os
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # see arhq_jax/cli/main.py
 
 import argparse  # noqa: E402
+import dataclasses  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 # The repository root first on sys.path, never benchmarks/ itself (python puts a script's folder
@@ -35,6 +37,7 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "benchm
 sys.path.insert(0, str(ROOT))
 
 import jax  # noqa: E402
+import numpy as np  # noqa: E402
 
 from arhq_jax.checkpoint.store import tree_nbytes  # noqa: E402
 from arhq_jax.evaluation import report  # noqa: E402
@@ -271,6 +274,62 @@ def projection_bits(params, cfg) -> float:
     return 8 * nbytes / n
 
 
+@dataclasses.dataclass
+class Bench:
+    """What every row of a benchmark run shares: the float model loaded once, the calibration ids
+    drawn once, the evaluation texts, and the float model's scores on them."""
+
+    model: Any  # converters.registry.LoadedModel
+    corpus: Any  # arhq_jax.evaluation.pipeline.Corpus
+    calib: np.ndarray  # [n, calib_seq_len] calibration ids
+    eval_kw: dict  # evaluate_models' chunking of both texts
+    second: np.ndarray | None  # the second text's token ids, or None
+    fp: dict  # the float model's ppl/tokens (and ppl2, kl2, top1_2, tokens2 with a second text)
+    second_source: str = "second text"  # how errors name the second text
+
+    def score(self, models: dict, progress: bool = False) -> dict:
+        """``{name: ppl, kl, top1, tokens}`` on the pydoc evaluation part, with ``ppl2, kl2,
+        top1_2`` on the second text when there is one."""
+        m, kw = self.model, {**self.eval_kw, "progress": progress}
+        out = evaluate_models(models, m.params, m.cfg, self.corpus.eval, **kw)
+        if self.second is not None:
+            kw2 = {**kw, "source": self.second_source}
+            sc2 = evaluate_models(models, m.params, m.cfg, self.second, **kw2)
+            for name in models:
+                out[name].update(_second(sc2[name]))
+        return out
+
+
+def load_bench(args) -> Bench:
+    """The model (``args.model``, or the tiny random one under ``args.tiny``, which also sets
+    the tiny sizes in ``args``), the calibration ids and the float scores on the pydoc
+    evaluation part and on ``args.second_text`` (if given; under ``--tiny`` its UTF-8 bytes
+    are the token ids). Raises OSError/ValueError for a second text that is missing, not
+    UTF-8, blank or too short for one evaluation chunk."""
+    from converters import load_model
+
+    if args.tiny:  # the tiny random model, a few chunks
+        from benchmarks import bench_tiny
+
+        m, corpus = bench_tiny.tiny_model(), bench_tiny.tiny_corpus()
+        tokenizer = bench_tiny.byte_tokenizer
+        args.calib_tokens, args.calib_seq_len = bench_tiny.CALIB_TOKENS, bench_tiny.SEQ_LEN
+        args.seq_len, args.max_chunks = bench_tiny.SEQ_LEN, 2
+    else:
+        m = load_model(args.model)
+        corpus, tokenizer = load_corpus(m.tokenizer), m.tokenizer
+    calib = calibration_ids(corpus.calib, args.calib_tokens, args.calib_seq_len)
+    eval_kw = dict(seq_len=args.seq_len, max_chunks=args.max_chunks, progress=False)
+    fp = evaluate_models({}, m.params, m.cfg, corpus.eval, **eval_kw)["float"]
+    second = None
+    if args.second_text is not None:
+        kw2 = {**eval_kw, "source": f"second text {args.second_text}"}
+        second = load_text_tokens(tokenizer, args.second_text)
+        fp2 = evaluate_models({}, m.params, m.cfg, second, **kw2)["float"]
+        fp.update(ppl2=fp2["ppl"], kl2=0.0, top1_2=1.0, tokens2=fp2["tokens"])
+    return Bench(m, corpus, calib, eval_kw, second, fp, f"second text {args.second_text}")
+
+
 def _formats(q: QuantConfig) -> str:
     w = q.w_fmt
     if q.group_size is not None and F.resolve_format(q.w_fmt).is_int:
@@ -314,44 +373,14 @@ def main(argv=None) -> int:
     ap.add_argument("--tiny", action="store_true", help="smoke run: tiny random model (bench_tiny)")
     args = ap.parse_args(argv)
 
-    from converters import load_model
-
     t_start = time.perf_counter()
-    if args.tiny:  # two rows on the tiny random model, a few chunks, results in --out
-        from benchmarks import bench_tiny
-
-        m, corpus = bench_tiny.tiny_model(), bench_tiny.tiny_corpus()
-        args.calib_tokens, args.calib_seq_len = bench_tiny.CALIB_TOKENS, bench_tiny.SEQ_LEN
-        args.seq_len, args.max_chunks = bench_tiny.SEQ_LEN, 2
-    else:
-        m = load_model(args.model)
-        corpus = load_corpus(m.tokenizer)
-    calib = calibration_ids(corpus.calib, args.calib_tokens, args.calib_seq_len)
-    eval_kw = dict(seq_len=args.seq_len, max_chunks=args.max_chunks, progress=False)
-    fp = evaluate_models({}, m.params, m.cfg, corpus.eval, **eval_kw)["float"]
-    second = None
-    if args.second_text is not None:
-        kw2 = {**eval_kw, "source": f"second text {args.second_text}"}
-        try:
-            second = load_text_tokens(m.tokenizer, args.second_text)
-            fp2 = evaluate_models({}, m.params, m.cfg, second, **kw2)["float"]
-        except (OSError, ValueError) as e:  # missing, not UTF-8, blank or too short
-            print(f"compare.py: error: {e}", file=sys.stderr)
-            return 2
-        fp.update(ppl2=fp2["ppl"], kl2=0.0, top1_2=1.0, tokens2=fp2["tokens"])
-
-    def score(models: dict, progress: bool = False) -> dict:
-        """``{name: ppl, kl, top1, tokens}`` on the pydoc evaluation part, with ``ppl2, kl2,
-        top1_2`` on the second text when there is one."""
-        out = evaluate_models(
-            models, m.params, m.cfg, corpus.eval, **{**eval_kw, "progress": progress}
-        )
-        if second is not None:
-            sc2 = evaluate_models(models, m.params, m.cfg, second, **{**kw2, "progress": progress})
-            for name in models:
-                out[name].update(_second(sc2[name]))
-        return out
-
+    try:
+        bench = load_bench(args)
+    except (OSError, ValueError) as e:  # second text missing, not UTF-8, blank or too short
+        print(f"compare.py: error: {e}", file=sys.stderr)
+        return 2
+    m, calib, fp, score = bench.model, bench.calib, bench.fp, bench.score
+    corpus, second = bench.corpus, bench.second
     fp_bits = 8 * jax.numpy.dtype(m.cfg.param_dtype).itemsize
     rows = [
         {

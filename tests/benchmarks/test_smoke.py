@@ -27,6 +27,7 @@ SMOKE = {
     "explore_w4a4.py": ["--tiny", "--out", "{tmp}/explore.jsonl"],
     "forward.py": ["--tiny"],
     "layer_profile.py": ["--tiny"],
+    "pareto.py": ["--tiny", "--out", "{tmp}"],
     "pipeline.py": ["--tiny", "--json", "{tmp}/pipeline.json"],
     "recipe_digests.py": ["--tiny", "--only", "rtn", "--out", "{tmp}/digests.json"],
     "scale.py": ["--tiny", "--results", "{tmp}/scale.json"],
