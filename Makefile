@@ -34,8 +34,8 @@ TESTS_3 := tests/linears/test_weights_only.py
 
 test: $(STAMP)-test
 	@failed=""; \
-	$(PY) -m pytest -q $(TESTS_1) --ignore=$(TESTS_3) || failed="$$failed 1"; \
-	$(PY) -m pytest -q $(TESTS_2) || failed="$$failed 2"; \
+	$(PY) -m pytest -q --durations=10 $(TESTS_1) --ignore=$(TESTS_3) || failed="$$failed 1"; \
+	$(PY) -m pytest -q --durations=10 $(TESTS_2) || failed="$$failed 2"; \
 	$(PY) -m pytest -q $(TESTS_3) || failed="$$failed 3"; \
 	if [ -n "$$failed" ]; then echo "make test: pytest process(es)$$failed failed"; exit 1; fi
 
