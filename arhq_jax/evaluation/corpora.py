@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
+import importlib
+import inspect
 import json
 import random
 import stat
@@ -392,9 +394,6 @@ def docstrings_corpus() -> list[str]:
     its docstring then ``name: docstring`` of each public member defined in it (sorted by name;
     docstrings of 40 characters or less left out), as ``inspect.getdoc`` cleans them. Offline
     and deterministic for a given Python version (377k characters on 3.11.7)."""
-    import importlib
-    import inspect
-
     docs = []
     for name in DOCSTRING_MODULES:
         mod = importlib.import_module(name)
