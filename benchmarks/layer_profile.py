@@ -66,21 +66,9 @@ def main(argv=None) -> int:
     from arhq_jax.run.config import QuantConfig
 
     if args.tiny:
-        from arhq_jax.models.config import ModelConfig
         from arhq_jax.models.params import random_params
+        from benchmarks.bench_tiny import CFG as cfg
 
-        cfg = ModelConfig(
-            family="llama",
-            vocab_size=64,
-            hidden_size=64,
-            intermediate_size=128,
-            num_layers=1,
-            num_heads=4,
-            num_kv_heads=2,
-            head_dim=16,
-            rms_norm_eps=1e-5,
-            rope_theta=10000.0,
-        )
         layer = random_params(cfg, jax.random.key(0), std=0.1).layers[0]
         b, t, reps, rank, peak_n = 2, 64, 1, 4, 256
     else:
